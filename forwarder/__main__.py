@@ -1,0 +1,7 @@
+"""Entry point for ``python -m forwarder``."""
+
+import sys
+
+from forwarder.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""Command line: ``forwarder <command>``; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# command -> (module, one-line help). Each module offers `add_arguments(parser)` and
+# `run(args) -> int`; modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "send": ("forwarder.send_cli", "send files to a peer now, like storescu (no daemon, no outbox)"),
+    "run": ("forwarder.daemon", "run the forwarding daemon"),
+    "health": ("forwarder.health", "exit 0 when the daemon behind the config is alive and healthy"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forwarder",
+        description="Forward DICOM files dropped into folders to DICOM peers with C-STORE.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from forwarder import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``forwarder`` command line; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in COMMANDS:
+        _parser().parse_args(args)  # prints usage or --help/--version and exits
+        return 2
+    name, rest = args[0], args[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"forwarder {name}", description=help_text)
+    module.add_arguments(parser)
+    ns = parser.parse_args(rest)
+    try:
+        return int(module.run(ns))
+    except KeyboardInterrupt:
+        return 130
