@@ -1,0 +1,333 @@
+"""Inspect a DICOM file without decoding it: UIDs, transfer syntax, and whether it is complete."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "DicomInfo",
+    "InvalidDicom",
+    "MissingUID",
+    "NotDicom",
+    "Truncated",
+    "inspect",
+]
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_BE = "1.2.840.10008.1.2.2"
+
+_SOP_CLASS = 0x00080016
+_SOP_INSTANCE = 0x00080018
+_STUDY = 0x0020000D
+_META_SOP_CLASS = 0x00020002
+_META_SOP_INSTANCE = 0x00020003
+_META_TS = 0x00020010
+_WANTED = frozenset({_SOP_CLASS, _SOP_INSTANCE, _STUDY})
+
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+# Explicit VRs with a 2-byte reserved field and a 4-byte length
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_ALL_VRS = _LONG_VRS | frozenset(
+    {
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT",
+        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    }
+)  # fmt: skip
+_MAX_DEPTH = 64
+
+
+class InvalidDicom(ValueError):
+    """The file cannot be sent as it is; ``reason`` is one line for the operator."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class NotDicom(InvalidDicom):
+    """Not a DICOM file (no DICM marker and no recognisable data set)."""
+
+
+class Truncated(InvalidDicom):
+    """The encoded lengths run past the end of the file: still being written, or cut short."""
+
+
+class MissingUID(InvalidDicom):
+    """SOP Class UID or SOP Instance UID is missing."""
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What the sender needs to know about one file, read from its header only."""
+
+    path: Path
+    size: int
+    mtime_ns: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    study_uid: str | None
+    dataset_offset: int  # where the data set starts (after preamble and file meta)
+    has_meta: bool  # preamble + DICM + group 0002 present
+
+
+class _Reader:
+    """Walks encoded elements by their lengths, seeking over values it does not need."""
+
+    def __init__(self, fp: BinaryIO, path: Path, end: int) -> None:
+        self.fp = fp
+        self.path = path
+        self.end = end
+
+    def read(self, n: int) -> bytes:
+        data = self.fp.read(n)
+        if len(data) != n:
+            raise Truncated(self.path, f"file ends inside an element at byte {self.fp.tell()}")
+        return data
+
+    def skip(self, n: int) -> None:
+        pos = self.fp.tell() + n
+        if pos > self.end:
+            raise Truncated(
+                self.path,
+                f"an element of {n} bytes at byte {self.fp.tell()} runs past the end of the "
+                f"file ({self.end} bytes)",
+            )
+        self.fp.seek(pos)
+
+    def header(self, explicit: bool, little: bool) -> tuple[int, bytes | None, int]:
+        """Read one element header: (tag, VR or None, length)."""
+        raw = self.read(8)
+        e = "<" if little else ">"
+        group, elem = struct.unpack(e + "HH", raw[:4])
+        tag = group << 16 | elem
+        if group == 0xFFFE:  # items and delimiters never have a VR
+            return tag, None, struct.unpack(e + "L", raw[4:])[0]
+        if not explicit:
+            return tag, None, struct.unpack(e + "L", raw[4:])[0]
+        vr = raw[4:6]
+        if vr in _LONG_VRS:
+            return tag, vr, struct.unpack(e + "L", self.read(4))[0]
+        if vr not in _ALL_VRS:
+            raise NotDicom(self.path, f"invalid VR {vr!r} at byte {self.fp.tell() - 8}")
+        return tag, vr, struct.unpack(e + "H", raw[6:])[0]
+
+    def dataset(
+        self,
+        explicit: bool,
+        little: bool,
+        *,
+        wanted: Iterable[int] = (),
+        until: int | None = None,
+        depth: int = 0,
+        stop_after: int | None = None,
+    ) -> dict[int, bytes]:
+        """Walk a data set to `until` (an end offset) or to an item delimiter.
+
+        Returns the raw values of the `wanted` tags at this level.
+        """
+        if depth > _MAX_DEPTH:
+            raise NotDicom(self.path, "sequences nested too deeply")
+        wanted = frozenset(wanted)
+        found: dict[int, bytes] = {}
+        limit = self.end if until is None else until
+        while self.fp.tell() < limit:
+            tag, vr, length = self.header(explicit, little)
+            if tag == _ITEM_END:  # end of an undefined-length item
+                return found
+            if stop_after is not None and tag > stop_after:
+                return found
+            if length == _UNDEFINED:
+                # SQ, or encapsulated pixel data / UN: items until the sequence delimiter.
+                # The contents of an undefined-length UN are implicit VR little endian.
+                inner_explicit = explicit and vr != b"UN"
+                inner_little = little or vr == b"UN"
+                self.items(inner_explicit, inner_little, depth + 1)
+            elif tag in wanted:
+                if self.fp.tell() + length > self.end:
+                    raise Truncated(self.path, f"element {tag:08X} runs past the end of the file")
+                found[tag] = self.read(length)
+            else:
+                self.skip(length)
+        if self.fp.tell() != limit:
+            raise Truncated(self.path, "an element runs past the end of its container")
+        return found
+
+    def items(self, explicit: bool, little: bool, depth: int) -> None:
+        while True:
+            tag, _, length = self.header(explicit, little)
+            if tag == _SEQ_END:
+                return
+            if tag != _ITEM:
+                raise NotDicom(self.path, f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+            if length == _UNDEFINED:
+                # ends at its item delimiter; a missing one shows up as Truncated on the
+                # next header read
+                self.dataset(explicit, little, until=self.end, depth=depth)
+            else:
+                self.skip(length)
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    text = value.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
+    return text or None
+
+
+def _guess_encoding(head: bytes) -> tuple[bool, bool] | None:
+    """(explicit, little) for a raw data set without file meta, or None if not DICOM-like."""
+    if len(head) < 8:
+        return None
+    group_le = struct.unpack("<H", head[:2])[0]
+    group_be = struct.unpack(">H", head[:2])[0]
+    if 0x0002 <= group_le <= 0x0010 or group_le == 0x0000:
+        little = True
+    elif 0x0002 <= group_be <= 0x0010:
+        little = False
+    else:
+        return None
+    explicit = head[4:6] in _ALL_VRS
+    if not little and not explicit:
+        return None  # implicit VR big endian does not exist
+    return explicit, little
+
+
+def _ts_encoding(ts: str) -> tuple[bool, bool, bool]:
+    """(explicit, little, deflated) for a transfer syntax; compressed ones are explicit LE."""
+    if ts == IMPLICIT_LE:
+        return False, True, False
+    if ts == EXPLICIT_BE:
+        return True, False, False
+    return True, True, ts == DEFLATED_LE
+
+
+def _inflate_check(fp: BinaryIO, path: Path, prefix_size: int = 1 << 16) -> bytes:
+    """Inflate a deflated data set chunk by chunk; return its first bytes.
+
+    Raises Truncated when the deflate stream does not end, NotDicom when it is corrupt.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    prefix = bytearray()
+    try:
+        while chunk := fp.read(1 << 20):
+            out = inflater.decompress(chunk, 1 << 20)
+            while True:
+                if len(prefix) < prefix_size:
+                    prefix += out[: prefix_size - len(prefix)]
+                if not inflater.unconsumed_tail:
+                    break
+                out = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+    except zlib.error as exc:
+        raise NotDicom(path, f"corrupt deflated data set: {exc}") from exc
+    if not inflater.eof:
+        raise Truncated(path, "the deflated data set ends before its deflate stream does")
+    return bytes(prefix)
+
+
+def inspect(path: Path | str) -> DicomInfo:
+    """Read the file meta and header of a DICOM file and check that it is complete.
+
+    Only element headers are read; values are skipped with seeks, so pixel data is never
+    read (a deflated data set is inflated in chunks to prove it ends).
+
+    Raises
+    ------
+    NotDicom
+        Not DICOM at all.
+    Truncated
+        An element's length runs past the end of the file (still being written, or cut).
+    MissingUID
+        No SOP Class UID or SOP Instance UID.
+    OSError
+        The file cannot be opened or read (vanished, permissions).
+    """
+    path = Path(path)
+    with open(path, "rb") as fp:
+        st = os.fstat(fp.fileno())
+        size = st.st_size
+        reader = _Reader(fp, path, size)
+        head = fp.read(132)
+        meta: dict[int, bytes] = {}
+        has_meta = False
+        if len(head) == 132 and head[128:132] == b"DICM":
+            has_meta = True
+            fp.seek(132)
+        else:
+            fp.seek(0)
+        if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in _ALL_VRS):
+            meta = _read_meta(reader)
+            ts = _text(meta.get(_META_TS))
+            if ts is None:
+                raise NotDicom(path, "file meta has no Transfer Syntax UID (0002,0010)")
+        else:
+            guess = _guess_encoding(head)
+            if guess is None:
+                if size == 0:
+                    raise Truncated(path, "empty file")
+                raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
+            explicit, little = guess
+            ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
+        offset = fp.tell()
+        explicit, little, deflated = _ts_encoding(ts)
+        if deflated:
+            prefix = _inflate_check(fp, path)
+            sub = _Reader(io.BytesIO(prefix), path, len(prefix))
+            try:
+                found = sub.dataset(True, True, wanted=_WANTED, stop_after=_STUDY)
+            except Truncated:  # the prefix is only the first part of the data set
+                found = {}
+        else:
+            found = reader.dataset(explicit, little, wanted=_WANTED)
+            if offset == size:
+                raise Truncated(path, "file meta only, no data set")
+    sop_class = _text(found.get(_SOP_CLASS)) or _text(meta.get(_META_SOP_CLASS))
+    sop_instance = _text(found.get(_SOP_INSTANCE)) or _text(meta.get(_META_SOP_INSTANCE))
+    if not sop_class:
+        raise MissingUID(path, "no SOP Class UID (0008,0016)")
+    if not sop_instance:
+        raise MissingUID(path, "no SOP Instance UID (0008,0018)")
+    return DicomInfo(
+        path=path,
+        size=size,
+        mtime_ns=st.st_mtime_ns,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        transfer_syntax=ts,
+        study_uid=_text(found.get(_STUDY)),
+        dataset_offset=offset,
+        has_meta=has_meta,
+    )
+
+
+def _read_meta(reader: _Reader) -> dict[int, bytes]:
+    """Read group 0002 (always explicit VR little endian); leaves the file at the data set."""
+    found: dict[int, bytes] = {}
+    fp = reader.fp
+    while True:
+        pos = fp.tell()
+        peek = fp.read(2)
+        fp.seek(pos)
+        if len(peek) < 2 or struct.unpack("<H", peek)[0] != 0x0002:
+            return found
+        tag, _, length = reader.header(True, True)
+        if length == _UNDEFINED:
+            raise NotDicom(reader.path, "undefined length in the file meta")
+        if pos + length > reader.end:
+            raise Truncated(reader.path, "the file meta runs past the end of the file")
+        found[tag] = reader.read(length)

@@ -1,0 +1,415 @@
+"""``forwarder send``: storescu's interface over the forwarder's sending engine."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from forwarder.config import ConfigError, load_settings
+from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
+from forwarder.dicomfile import inspect as inspect_file
+from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult, client_tls_context
+from forwarder.status import Action
+
+__all__ = ["add_arguments", "collect_files", "main", "run"]
+
+LOGGER = logging.getLogger("forwarder.send")
+
+# Exit codes, after DCMTK's dcmsend where it has one (argparse's own usage errors exit 2).
+EXIT_OK = 0
+EXIT_NO_INPUT_FILES = 20
+EXIT_INVALID_INPUT_FILE = 21  # some files were not DICOM / truncated / missing UIDs
+EXIT_NO_VALID_INPUT_FILES = 22
+EXIT_CANNOT_WRITE_REPORT = 43
+EXIT_CONFIG = 78
+EXIT_ASSOCIATION_FAILED = 61  # some files could not be sent: no association
+EXIT_STORE_FAILED = 62  # some stores failed (peer refused, or no response)
+
+_DICOMDIR = "1.2.840.10008.1.3.10"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """storescu's options, same spelling and defaults, plus the forwarder's own."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Send DICOM files to a Storage SCP with C-STORE, like pynetdicom's storescu, "
+        "but checking every response status."
+    )
+    parser.epilog = (
+        "exit status: 0 all sent (warnings included); 20 no input files; 21 some input files\n"
+        "invalid (the rest sent); 22 no valid input files; 43 cannot write the report;\n"
+        "61 association failed for some files; 62 some stores failed; 78 bad config;\n"
+        "2 bad command line."
+    )
+    parser.add_argument("args", nargs="+", metavar="ADDR PORT PATH",
+                        help="peer address and port (unless --destination), then files/folders")
+    gen = parser.add_argument_group("General Options")
+    gen.add_argument("-q", "--quiet", action="store_true", help="quiet mode, prints no warnings or errors")
+    gen.add_argument("-v", "--verbose", action="store_true", help="verbose mode, prints processing details")
+    gen.add_argument("-d", "--debug", action="store_true", help="debug mode, prints debugging information")
+    gen.add_argument("-ll", "--log-level", metavar="[l]evel",
+                     choices=["critical", "error", "warning", "info", "debug"],
+                     help="use level l for the logger (critical, error, warning, info, debug)")
+    inp = parser.add_argument_group("Input Options")
+    inp.add_argument("-r", "--recurse", action="store_true", help="recursively search the given directory")
+    net = parser.add_argument_group("Network Options")
+    net.add_argument("-aet", "--calling-aet", metavar="[a]etitle", default=None,
+                     help="set my calling AE title (default: STORESCU)")
+    net.add_argument("-aec", "--called-aet", metavar="[a]etitle", default=None,
+                     help="set called AE title of peer (default: ANY-SCP)")
+    net.add_argument("-ta", "--acse-timeout", metavar="[s]econds", type=float, default=None,
+                     help="timeout for ACSE messages (default: 30)")
+    net.add_argument("-td", "--dimse-timeout", metavar="[s]econds", type=float, default=None,
+                     help="timeout for DIMSE messages (default: 30)")
+    net.add_argument("-tn", "--network-timeout", metavar="[s]econds", type=float, default=None,
+                     help="timeout for the network (default: 30)")
+    net.add_argument("--connect-timeout", metavar="[s]econds", type=float, default=None,
+                     help="timeout for the TCP connection (default: 10)")
+    net.add_argument("-pdu", "--max-pdu", metavar="[n]umber of bytes", type=int, default=None,
+                     help="set max receive pdu to n bytes (default: 16382; 0 = unlimited)")
+    net.add_argument("--associations", metavar="N", type=int, default=None,
+                     help="send over N associations in parallel (default: 1)")
+    ts = parser.add_argument_group("Transfer Syntax Options")
+    grp = ts.add_mutually_exclusive_group()
+    grp.add_argument("-xe", "--request-little", dest="restrict", action="store_const",
+                     const=EXPLICIT_LE, help="request explicit VR little endian TS only")
+    grp.add_argument("-xb", "--request-big", dest="restrict", action="store_const",
+                     const=EXPLICIT_BE, help="request explicit VR big endian TS only")
+    grp.add_argument("-xi", "--request-implicit", dest="restrict", action="store_const",
+                     const=IMPLICIT_LE, help="request implicit VR little endian TS only")
+    misc = parser.add_argument_group("Miscellaneous Options")
+    misc.add_argument("-cx", "--required-contexts", "--single-context", action="store_true",
+                      help="only request the presentation contexts required for the input "
+                           "files (always the case here; accepted for compatibility)")
+    misc.add_argument("--report", metavar="FILE", type=Path,
+                      help="write one row per file (path, SOP Instance UID, status, outcome, "
+                           "reason); .json for JSON, otherwise CSV")
+    misc.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    tls = parser.add_argument_group("TLS Options")
+    tls.add_argument("--tls", action="store_true", help="use TLS")
+    tls.add_argument("--tls-ca", metavar="FILE", help="CA certificates to verify the peer with")
+    tls.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="our private key (PEM)")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="the name to verify in the peer's certificate (default: ADDR)")
+    tls.add_argument("--tls-no-verify", action="store_true",
+                     help="do not verify the peer's certificate chain or name (testing only)")
+    cfg = parser.add_argument_group("Config Options")
+    cfg.add_argument("--config", metavar="FILE", type=Path,
+                     default=os.environ.get("FORWARDER_CONFIG") or None,
+                     help="forwarder config file (with --destination)")
+    cfg.add_argument("--destination", metavar="NAME",
+                     help="take the peer from this configured destination instead of ADDR PORT")
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING
+    if args.verbose:
+        level = logging.INFO
+    if args.debug:
+        level = logging.DEBUG
+    if args.log_level:
+        level = getattr(logging, args.log_level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname).1s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.CRITICAL + 1 if args.quiet else level)
+    # pynetdicom's own logging is very chatty at INFO; show it only with -d
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    # pydicom logs codec tracebacks itself; the forwarder reports one line per file instead
+    logging.getLogger("pydicom").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
+
+
+def collect_files(paths: Iterable[str], recurse: bool) -> tuple[list[Path], list[str]]:
+    """The files to send, sorted and de-duplicated, and one line per unusable path."""
+    found: set[Path] = set()
+    errors: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            found.add(p.resolve())
+        elif p.is_dir():
+            if recurse:
+                for root, dirs, names in os.walk(p):
+                    dirs.sort()
+                    found.update(Path(root, n).resolve() for n in names)
+            else:
+                found.update(c.resolve() for c in p.iterdir() if c.is_file())
+        else:
+            errors.append(f"{raw}: no such file or directory")
+    return sorted(found), errors
+
+
+@dataclass
+class _Row:
+    path: Path
+    sop_instance_uid: str = ""
+    status: int | None = None
+    outcome: str = ""
+    reason: str = ""
+
+
+def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
+    """Build the peer from ADDR PORT or --destination; returns it and the file arguments."""
+    if args.destination:
+        settings = load_settings(args.config, require_destinations=True)
+        try:
+            dest = settings.destination(args.destination)
+        except KeyError as exc:
+            raise ConfigError(str(args.config), [f"--destination: {exc.args[0]}"]) from exc
+        base = Peer.from_destination(dest)
+        files = list(args.args)
+    else:
+        if len(args.args) < 3:
+            raise SystemExit("forwarder send: error: ADDR PORT PATH... required (or --destination)")
+        addr, port_text, *files = args.args
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise SystemExit(f"forwarder send: error: PORT must be a number, got {port_text!r}") from None
+        base = Peer(host=addr, port=port)
+    tls = base.tls
+    server_name = base.tls_server_name
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = client_tls_context(
+            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, verify=not args.tls_no_verify
+        )
+        server_name = args.tls_server_name or base.host
+    peer = Peer(
+        host=base.host,
+        port=base.port,
+        called_aet=args.called_aet or base.called_aet,
+        calling_aet=args.calling_aet or base.calling_aet,
+        max_pdu=base.max_pdu if args.max_pdu is None else args.max_pdu,
+        connect_timeout=args.connect_timeout or base.connect_timeout,
+        acse_timeout=args.acse_timeout or base.acse_timeout,
+        dimse_timeout=args.dimse_timeout or base.dimse_timeout,
+        network_timeout=args.network_timeout or base.network_timeout,
+        tls=tls,
+        tls_server_name=server_name,
+        name=base.name,
+    )
+    return peer, files
+
+
+class _Progress:
+    """A one-line progress bar on a terminal: files, MB, rate, ETA."""
+
+    def __init__(self, total: int, total_bytes: int, stream: TextIO | None) -> None:
+        self.total, self.total_bytes, self.stream = total, total_bytes, stream
+        self.done = self.bytes = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def update(self, size: int) -> None:
+        with self.lock:
+            self.done += 1
+            self.bytes += size
+            now = time.monotonic()
+            if self.stream is None or (now - self.last < 0.1 and self.done < self.total):
+                return
+            self.last = now
+            elapsed = max(now - self.start, 1e-6)
+            rate = self.done / elapsed
+            eta = (self.total - self.done) / rate if rate else 0
+            width = 30
+            fill = int(width * self.done / max(self.total, 1))
+            self.stream.write(
+                f"\r[{'#' * fill}{' ' * (width - fill)}] {self.done}/{self.total} files "
+                f"{self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB "
+                f"{rate:.0f} inst/s ETA {eta:.0f}s "
+            )
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _send_all(
+    peer: Peer,
+    infos: Sequence[DicomInfo],
+    restrict: str | None,
+    workers: int,
+    progress: _Progress,
+) -> dict[Path, StoreResult | AssociationFailed]:
+    """Send over `workers` associations; each takes the next chunk of files from a shared list."""
+    results: dict[Path, StoreResult | AssociationFailed] = {}
+    lock = threading.Lock()
+    chunk = 64
+    position = 0
+
+    def take() -> list[DicomInfo]:
+        nonlocal position
+        with lock:
+            part = list(infos[position : position + chunk])
+            position += len(part)
+            return part
+
+    def work() -> None:
+        with Sender(peer, restrict=restrict) as sender:
+            while batch := take():
+                sent: set[Path] = set()
+                try:
+                    for result in sender.send(batch):
+                        _log_result(result)
+                        with lock:
+                            results[result.info.path] = result
+                        sent.add(result.info.path)
+                        progress.update(result.info.size)
+                except AssociationFailed as exc:
+                    LOGGER.error(f"Association with {peer.label} failed: {exc.classification.meaning}")
+                    with lock:
+                        for info in batch:
+                            if info.path not in sent:
+                                results[info.path] = exc
+                                progress.update(info.size)
+
+    if workers <= 1:
+        work()
+    else:
+        threads = [threading.Thread(target=work, name=f"send-{n}") for n in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return results
+
+
+def _log_result(result: StoreResult) -> None:
+    cls = result.classification
+    info = result.info
+    if cls.status is not None:
+        LOGGER.info(f"Sending file: {info.path}")
+        LOGGER.info(f"Received Store Response (Status: 0x{cls.status:04X} - {cls.meaning})")
+    if cls.action is Action.WARNING:
+        LOGGER.warning(f"{info.path}: {cls.describe()}")
+    elif not cls.delivered:
+        LOGGER.error(f"{info.path}: not stored: {cls.describe()}")
+
+
+def _write_report(path: Path, rows: Sequence[_Row]) -> None:
+    data = [
+        {
+            "path": str(r.path),
+            "sop_instance_uid": r.sop_instance_uid,
+            "status": "" if r.status is None else f"0x{r.status:04X}",
+            "outcome": r.outcome,
+            "reason": r.reason,
+        }
+        for r in rows
+    ]
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return
+    with open(path, "w", newline="", encoding="utf-8") as fp:
+        writer = csv.DictWriter(fp, fieldnames=list(data[0]) if data else ["path"])
+        writer.writeheader()
+        writer.writerows(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``forwarder send``; returns the exit status."""
+    _setup_logging(args)
+    try:
+        peer, paths = _peer(args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            LOGGER.error(f"{exc.source}: {line}")
+        return EXIT_CONFIG
+    files, missing = collect_files(paths, args.recurse)
+    for line in missing:
+        LOGGER.error(line)
+    if not files:
+        LOGGER.error("No input files")
+        return EXIT_NO_INPUT_FILES
+
+    rows: dict[Path, _Row] = {}
+    infos: list[DicomInfo] = []
+    for path in files:
+        row = rows[path] = _Row(path)
+        try:
+            info = inspect_file(path)
+        except InvalidDicom as exc:
+            row.outcome, row.reason = "skipped", exc.reason
+            LOGGER.error(f"{path}: skipped: {exc.reason}")
+            continue
+        except OSError as exc:
+            row.outcome, row.reason = "skipped", f"cannot read: {exc.strerror}"
+            LOGGER.error(f"{path}: skipped: cannot read: {exc.strerror}")
+            continue
+        row.sop_instance_uid = info.sop_instance_uid
+        if info.sop_class_uid == _DICOMDIR:
+            row.outcome, row.reason = "skipped", "a DICOMDIR is not a storage instance"
+            LOGGER.warning(f"{path}: skipped: a DICOMDIR is not a storage instance")
+            continue
+        infos.append(info)
+
+    show = sys.stderr.isatty() and not args.quiet and not args.no_progress
+    progress = _Progress(len(infos), sum(i.size for i in infos), sys.stderr if show else None)
+    workers = max(1, min(args.associations or 1, 16, max(len(infos), 1)))
+    results = _send_all(peer, infos, args.restrict, workers, progress) if infos else {}
+    progress.finish()
+
+    assoc_failed = store_failed = False
+    for path, res in results.items():
+        row = rows[path]
+        if isinstance(res, AssociationFailed):
+            row.outcome, row.reason = "failed", f"association failed: {res.classification.meaning}"
+            assoc_failed = True
+            continue
+        cls = res.classification
+        row.status = cls.status
+        if cls.action is Action.SENT:
+            row.outcome = "sent"
+        elif cls.action is Action.WARNING:
+            row.outcome, row.reason = "warning", cls.meaning
+        else:
+            row.outcome, row.reason = "failed", cls.meaning
+            store_failed = True
+
+    counts = {k: 0 for k in ("sent", "warning", "failed", "skipped")}
+    for row in rows.values():
+        counts[row.outcome or "failed"] += 1
+    if not args.quiet:
+        print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    if args.report is not None:
+        try:
+            _write_report(args.report, list(rows.values()))
+        except OSError as exc:
+            LOGGER.error(f"{args.report}: cannot write the report: {exc.strerror}")
+            return EXIT_CANNOT_WRITE_REPORT
+    if not infos:
+        return EXIT_NO_VALID_INPUT_FILES
+    if assoc_failed:
+        return EXIT_ASSOCIATION_FAILED
+    if store_failed:
+        return EXIT_STORE_FAILED
+    if counts["skipped"]:
+        return EXIT_INVALID_INPUT_FILE
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m forwarder.send_cli``: the same as ``forwarder send``."""
+    parser = argparse.ArgumentParser(prog="forwarder send")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

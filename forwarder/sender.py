@@ -1,0 +1,551 @@
+"""Send DICOM files to one peer over C-STORE: associations, contexts, streaming, outcomes."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.presentation import build_context
+
+from forwarder.config import Destination
+from forwarder.contexts import (
+    MAX_CONTEXTS,
+    ContextSpec,
+    candidates,
+    split_by_contexts,
+)
+from forwarder.dicomfile import DEFLATED_LE, DicomInfo
+from forwarder.status import Action, Classification, classify_association, classify_status
+
+__all__ = [
+    "AssociationFailed",
+    "Peer",
+    "Sender",
+    "StoreResult",
+    "client_tls_context",
+]
+
+LOGGER = logging.getLogger("forwarder.sender")
+
+# P-DATA primitives queued ahead of the socket per association. pynetdicom's own send_msg
+# queues a whole file (up to ~70 MB for a 100 MB file); this bounds it to a few PDUs.
+_MAX_QUEUED_PDUS = 4
+# DUL reactor poll delay while a batch is in flight, and while an association lingers idle.
+_BUSY_LOOP_DELAY = 0.0002
+_IDLE_LOOP_DELAY = 0.005
+# Largest PDU we ever send, whatever the peer allows (0 = unlimited would put a whole file
+# in one PDV, read into memory at once).
+_SEND_PDU_CAP = 1 << 20
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where and how to associate: address, AE titles, limits and timeouts."""
+
+    host: str
+    port: int
+    called_aet: str = "ANY-SCP"
+    calling_aet: str = "STORESCU"
+    max_pdu: int = 16382
+    connect_timeout: float | None = 10.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 30.0
+    tls: ssl.SSLContext | None = None
+    tls_server_name: str | None = None
+    name: str = ""
+
+    @classmethod
+    def from_destination(cls, dest: Destination) -> Peer:
+        """Build a peer from a configured destination (TLS context included)."""
+        tls = None
+        server_name = None
+        if dest.tls is not None:
+            tls = client_tls_context(
+                ca=dest.tls.ca, cert=dest.tls.cert, key=dest.tls.key, verify=dest.tls.verify
+            )
+            server_name = dest.tls.server_name or dest.host
+        return cls(
+            host=dest.host,
+            port=dest.port,
+            called_aet=dest.called_aet,
+            calling_aet=dest.calling_aet,
+            max_pdu=dest.max_pdu,
+            connect_timeout=dest.connect_timeout,
+            acse_timeout=dest.acse_timeout,
+            dimse_timeout=dest.dimse_timeout,
+            network_timeout=dest.network_timeout,
+            tls=tls,
+            tls_server_name=server_name,
+            name=dest.name,
+        )
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.called_aet}@{self.host}:{self.port}"
+
+
+def client_tls_context(
+    *,
+    ca: Path | str | None = None,
+    cert: Path | str | None = None,
+    key: Path | str | None = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """A client (server-authenticating) TLS context; verifies chain and host name by default."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    if cert:
+        ctx.load_cert_chain(str(cert), str(key) if key else None)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of sending one file once."""
+
+    info: DicomInfo
+    classification: Classification
+    transfer_syntax: str | None = None  # what it went out as
+    how: str = ""  # "as is", "convert", "decompress", or "" when not sent
+    seconds: float = 0.0
+
+    @property
+    def delivered(self) -> bool:
+        return self.classification.delivered
+
+
+class AssociationFailed(Exception):
+    """No association could be established; ``classification`` says why and what to do."""
+
+    def __init__(self, classification: Classification) -> None:
+        self.classification = classification
+        super().__init__(classification.describe())
+
+
+@dataclass
+class _Assoc:
+    assoc: Any
+    proposed: frozenset[ContextSpec]
+    accepted: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # class -> ids
+    msg_id: int = 0
+    paused: bool = False
+
+
+def _tune_socket(event: Any) -> None:
+    """EVT_CONN_OPEN: TCP_NODELAY, and TCP_QUICKACK re-armed around every receive.
+
+    pynetdicom never sets TCP_NODELAY, so small stores wait on Nagle + delayed ACK; peers
+    that leave Nagle on (Debian's DCMTK) stall on every response unless we ACK at once.
+    """
+    asock = event.assoc.dul.socket
+    raw = asock.socket
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        return
+
+    def _arm() -> None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        except OSError:
+            pass
+
+    original = asock.recv
+
+    def recv(nr_bytes: int) -> bytearray:
+        _arm()
+        data: bytearray = original(nr_bytes)
+        _arm()
+        return data
+
+    _arm()
+    asock.recv = recv
+
+
+class Sender:
+    """Send files to one peer, many per association; one Sender per thread.
+
+    The association is kept open between calls to :meth:`send` (release it with
+    :meth:`release` after an idle linger), re-established after an abort or a timeout,
+    and re-negotiated when a batch needs presentation contexts it does not have.
+    """
+
+    def __init__(
+        self,
+        peer: Peer,
+        *,
+        restrict: str | None = None,
+        stop: threading.Event | None = None,
+        on_event: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.peer = peer
+        self.restrict = restrict
+        self.stop = stop or threading.Event()
+        self._on_event = on_event
+        self._current: _Assoc | None = None
+        self._seen: dict[ContextSpec, None] = {}  # proposed before, most recent last
+        self.associations = 0  # how many were established (for stats and tests)
+        self._ae = AE(ae_title=peer.calling_aet)
+        self._ae.acse_timeout = peer.acse_timeout
+        self._ae.dimse_timeout = peer.dimse_timeout
+        self._ae.network_timeout = peer.network_timeout
+        self._ae.connection_timeout = peer.connect_timeout
+        self._ae.maximum_pdu_size = peer.max_pdu
+
+    # -- association handling -------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._current is not None and bool(self._current.assoc.is_established)
+
+    def _log(self, level: int, msg: str) -> None:
+        LOGGER.log(level, msg)
+        if self._on_event is not None:
+            self._on_event(logging.getLevelName(level), msg)
+
+    def _associate(self, specs: Sequence[ContextSpec]) -> _Assoc:
+        self._ae.requested_contexts = []
+        for spec in specs:
+            self._ae.add_requested_context(spec.sop_class, list(spec.transfer_syntaxes))
+        kwargs: dict[str, Any] = {
+            "ae_title": self.peer.called_aet,
+            "max_pdu": self.peer.max_pdu,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, _tune_socket)],
+        }
+        if self.peer.tls is not None:
+            kwargs["tls_args"] = (self.peer.tls, self.peer.tls_server_name or self.peer.host)
+        self._log(logging.INFO, f"Requesting Association with {self.peer.label}")
+        assoc = self._ae.associate(self.peer.host, self.peer.port, **kwargs)
+        if not assoc.is_established:
+            prim = assoc.acceptor.primitive
+            if prim is not None and getattr(prim, "result", None) == 0:
+                # accepted at ACSE level, but not one presentation context: pynetdicom aborts
+                self._log(logging.ERROR, "No accepted presentation contexts")
+                return _Assoc(assoc, frozenset(specs))
+            raise AssociationFailed(_association_outcome(assoc))
+        self.associations += 1
+        current = _Assoc(assoc, frozenset(specs))
+        for cx in assoc.accepted_contexts:
+            current.accepted.setdefault(str(cx.abstract_syntax), []).append(
+                (int(cx.context_id), str(cx.transfer_syntax[0]))
+            )
+        if assoc.acceptor.maximum_length == 0 or assoc.acceptor.maximum_length > _SEND_PDU_CAP:
+            assoc.acceptor.maximum_length = _SEND_PDU_CAP
+        assoc.dul._run_loop_delay = _IDLE_LOOP_DELAY
+        self._log(logging.INFO, "Association Accepted")
+        return current
+
+    def release(self) -> None:
+        """Release the current association, if any (abort it if release fails)."""
+        current, self._current = self._current, None
+        if current is None:
+            return
+        assoc = current.assoc
+        self._resume(current)
+        if assoc.is_established:
+            self._log(logging.INFO, "Releasing Association")
+            try:
+                assoc.release()
+            except Exception:  # pragma: no cover - pynetdicom internals
+                assoc.abort()
+        elif not assoc.is_aborted and not assoc.is_released:
+            assoc.abort()
+
+    def abort(self) -> None:
+        """Abort the current association at once (shutdown with work in flight)."""
+        current, self._current = self._current, None
+        if current is not None:
+            self._resume(current)
+            current.assoc.abort()
+
+    def close(self) -> None:
+        self.release()
+
+    def __enter__(self) -> Sender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _pause(self, current: _Assoc) -> None:
+        """Stop the association reactor from taking our responses off the DIMSE queue.
+
+        pynetdicom pauses it around each send_c_store, racily: a reactor that wakes between
+        two stores steals the next response ("unexpected C-STORE service message") and the
+        store then waits out the whole DIMSE timeout. We pause once per batch instead, and
+        only trust the pause once the reactor has been seen parked for a few milliseconds.
+        """
+        if current.paused:
+            return
+        assoc = current.assoc
+        assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 5.0
+        parked_since: float | None = None
+        while time.monotonic() < deadline and not assoc._kill:
+            if assoc._is_paused:
+                now = time.monotonic()
+                parked_since = parked_since or now
+                if now - parked_since >= 0.003:
+                    break
+            else:
+                parked_since = None
+            time.sleep(0.0001)
+        current.paused = True
+        assoc.dul._run_loop_delay = _BUSY_LOOP_DELAY
+
+    def _resume(self, current: _Assoc) -> None:
+        if current.paused:
+            current.assoc.dul._run_loop_delay = _IDLE_LOOP_DELAY
+            current.assoc._reactor_checkpoint.set()
+            current.paused = False
+
+    def _ensure(self, specs: Sequence[ContextSpec]) -> _Assoc:
+        """An established association that proposed every context in `specs`."""
+        current = self._current
+        if current is not None and current.assoc.is_established:
+            if set(specs) <= current.proposed:
+                return current
+        self.release()
+        for spec in specs:
+            self._seen.pop(spec, None)
+            self._seen[spec] = None
+        # Propose what earlier batches needed too (room permitting), so that a daemon
+        # sending a mix of classes keeps one association instead of renegotiating.
+        wanted = list(specs)
+        for spec in reversed(self._seen):
+            if len(wanted) >= MAX_CONTEXTS:
+                break
+            if spec not in wanted:
+                wanted.append(spec)
+        self._current = self._associate(wanted)
+        return self._current
+
+    # -- sending --------------------------------------------------------------------
+
+    def send(self, items: Iterable[DicomInfo]) -> Iterator[StoreResult]:
+        """Send `items` in order, yielding one result per item as soon as it is known.
+
+        Items not yet attempted when `stop` is set are not yielded.
+
+        Raises
+        ------
+        AssociationFailed
+            When no association can be established; items before it were yielded.
+        """
+        items = list(items)
+        pairs = [(i.sop_class_uid, i.transfer_syntax) for i in items]
+        groups = split_by_contexts(pairs, self.restrict)
+        for specs in groups:
+            classes = {s.sop_class for s in specs}
+            todo = [i for i in items if i.sop_class_uid in classes]
+            yield from self._send_group(specs, todo)
+
+    def _send_group(self, specs: Sequence[ContextSpec], todo: list[DicomInfo]) -> Iterator[StoreResult]:
+        idx = 0
+        while idx < len(todo) and not self.stop.is_set():
+            current = self._ensure(specs)
+            if not current.accepted:  # the peer took none of these SOP classes
+                self._current = None
+                for info in todo[idx:]:
+                    yield self._store(current, info)
+                return
+            self._pause(current)
+            try:
+                while idx < len(todo) and not self.stop.is_set():
+                    result = self._store(current, todo[idx])
+                    idx += 1
+                    yield result
+                    if not current.assoc.is_established:
+                        break  # aborted or timed out: a fresh association for the rest
+            finally:
+                if self._current is current:
+                    self._resume(current)
+            if not current.assoc.is_established and self._current is current:
+                self._current = None
+
+    def _store(self, current: _Assoc, info: DicomInfo) -> StoreResult:
+        start = time.monotonic()
+        accepted = current.accepted.get(info.sop_class_uid, [])
+        ts_to_id = {ts: cx for cx, ts in accepted}
+        options = candidates(info.transfer_syntax, list(ts_to_id))
+        if not options:
+            meaning = f"peer accepted no presentation context for {_name(info.sop_class_uid)}"
+            if accepted:
+                meaning = (
+                    f"peer accepted {_name(info.sop_class_uid)} only in "
+                    f"{', '.join(_name(ts) for ts in ts_to_id)}; the file is in "
+                    f"{_name(info.transfer_syntax)} and cannot be converted"
+                )
+            return StoreResult(info, Classification(Action.PERMANENT, meaning))
+        last_error = ""
+        for ts, how in options:
+            try:
+                payload = self._payload(info, ts, how)
+            except _ConversionError as exc:
+                last_error = str(exc)
+                continue
+            except OSError as exc:
+                return StoreResult(
+                    info, Classification(Action.PERMANENT, f"cannot read file: {exc.strerror}")
+                )
+            status = self._c_store(current, info, ts_to_id[ts], payload)
+            cls = classify_status(status)
+            return StoreResult(info, cls, ts, how, time.monotonic() - start)
+        return StoreResult(info, Classification(Action.PERMANENT, last_error))
+
+    def _payload(self, info: DicomInfo, ts: str, how: str) -> tuple[Path, int] | bytes:
+        """What to send: the file itself from its data set offset, or re-encoded bytes."""
+        if how == "as is":
+            return (info.path, info.dataset_offset)
+        try:
+            ds = dcmread(info.path, force=True)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise _ConversionError(f"cannot decode the file to convert it: {_one_line(exc)}") from exc
+        if how == "decompress":
+            try:
+                # keep the instance: pydicom would otherwise give it a new SOP Instance UID
+                ds.decompress(generate_instance_uid=False)
+            except Exception as exc:
+                raise _ConversionError(
+                    f"the peer does not accept {_name(info.transfer_syntax)} and the file "
+                    f"cannot be decompressed here ({_one_line(exc)}); install dicom-forwarder[codecs] or "
+                    "enable that transfer syntax on the peer"
+                ) from exc
+        target = UID(ts)
+        data = encode(ds, target.is_implicit_VR, target.is_little_endian, ts == DEFLATED_LE)
+        if data is None:
+            raise _ConversionError(f"cannot encode the data set as {_name(ts)}")
+        return bytes(data)
+
+    def _next_msg_id(self, current: _Assoc) -> int:
+        current.msg_id = current.msg_id % 65535 + 1  # 1..65535, then wraps
+        return current.msg_id
+
+    def _c_store(
+        self, current: _Assoc, info: DicomInfo, cx_id: int, payload: tuple[Path, int] | bytes
+    ) -> int | None:
+        """One C-STORE on the paused association; the response status, or None if none came."""
+        assoc = current.assoc
+        req = C_STORE()
+        req.MessageID = self._next_msg_id(current)
+        req.Priority = 2
+        req.AffectedSOPClassUID = UID(info.sop_class_uid)
+        req.AffectedSOPInstanceUID = UID(info.sop_instance_uid)
+        if isinstance(payload, bytes):
+            req.DataSet = BytesIO(payload)
+        else:
+            req._dataset_path = payload
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        msg.context_id = cx_id
+        dul = assoc.dul
+        queue = dul.to_provider_queue
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        try:
+            for pdata in msg.encode_msg(cx_id, assoc.acceptor.maximum_length):
+                while queue.qsize() >= _MAX_QUEUED_PDUS:
+                    if not assoc.is_established:
+                        return None
+                    time.sleep(0.0002)
+                dul.send_pdu(pdata)
+        except OSError as exc:
+            self._log(logging.ERROR, f"{info.path}: read failed while sending: {exc.strerror}")
+            assoc.abort()
+            return None
+        rsp = _wait_response(assoc, req.MessageID, self.peer.dimse_timeout, self.stop)
+        if rsp is None:
+            if assoc.is_established:
+                self._log(logging.ERROR, "DIMSE timeout reached while waiting for the response")
+                assoc.abort()
+            return None
+        status = getattr(rsp, "Status", None)
+        return int(status) if status is not None else None
+
+
+class _ConversionError(Exception):
+    pass
+
+
+def _wait_response(
+    assoc: Any, msg_id: int, timeout: float, stop: threading.Event
+) -> Any | None:
+    """Wait for the C-STORE response to `msg_id`; None on timeout or abort.
+
+    The timeout restarts while the PDUs of a large store are still leaving (the clock
+    starts when the last one is on the wire, not when they were queued).
+    """
+    dimse = assoc.dimse
+    dul = assoc.dul
+    deadline = time.monotonic() + timeout
+    while True:
+        if dul.to_provider_queue.qsize():
+            deadline = time.monotonic() + timeout
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        try:
+            _cx, rsp = dimse.msg_queue.get(timeout=min(remaining, 0.5))
+        except Exception:  # queue.Empty
+            if not assoc.is_established:
+                return None
+            continue
+        if rsp is None:  # abort or connection closed
+            return None
+        if getattr(rsp, "MessageIDBeingRespondedTo", None) == msg_id:
+            if not getattr(rsp, "is_valid_response", True):
+                return None
+            return rsp
+        LOGGER.warning(
+            "ignoring a DIMSE message that does not answer message ID %s: %s",
+            msg_id,
+            type(rsp).__name__,
+        )
+
+
+def _association_outcome(assoc: Any) -> Classification:
+    if assoc.is_rejected:
+        prim = assoc.acceptor.primitive
+        return classify_association(
+            rejected=True,
+            result=getattr(prim, "result", None),
+            source=getattr(prim, "result_source", None),
+            diagnostic=getattr(prim, "diagnostic", None),
+        )
+    if assoc.acceptor.primitive is None:
+        return classify_association(rejected=False, detail="connection refused, reset or timed out")
+    if assoc.is_aborted:
+        return classify_association(
+            rejected=False, detail="association aborted (no acceptable presentation context?)"
+        )
+    return classify_association(rejected=False, detail="association not established")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _name(uid: str) -> str:
+    u = UID(uid)
+    return str(u.name) if u.is_valid and u.name != uid else uid
