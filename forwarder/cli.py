@@ -10,7 +10,10 @@ from collections.abc import Sequence
 # command -> (module, one-line help). Each module offers `add_arguments(parser)` and
 # `run(args) -> int`; modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "send": ("forwarder.send_cli", "send files to a peer now, like storescu (no daemon, no outbox)"),
+    "send": (
+        "forwarder.send_cli",
+        "send files to a peer now, like storescu (no daemon, no outbox)",
+    ),
     "run": ("forwarder.daemon", "run the forwarding daemon"),
     "health": ("forwarder.health", "exit 0 when the daemon behind the config is alive and healthy"),
 }
@@ -23,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 

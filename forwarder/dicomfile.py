@@ -174,7 +174,9 @@ class _Reader:
             if tag == _SEQ_END:
                 return
             if tag != _ITEM:
-                raise NotDicom(self.path, f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+                raise NotDicom(
+                    self.path, f"expected an item, found ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+                )
             if length == _UNDEFINED:
                 # ends at its item delimiter; a missing one shows up as Truncated on the
                 # next header read

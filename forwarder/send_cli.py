@@ -51,65 +51,165 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "61 association failed for some files; 62 some stores failed; 78 bad config;\n"
         "2 bad command line."
     )
-    parser.add_argument("args", nargs="+", metavar="ADDR PORT PATH",
-                        help="peer address and port (unless --destination), then files/folders")
+    parser.add_argument(
+        "args",
+        nargs="+",
+        metavar="ADDR PORT PATH",
+        help="peer address and port (unless --destination), then files/folders",
+    )
     gen = parser.add_argument_group("General Options")
-    gen.add_argument("-q", "--quiet", action="store_true", help="quiet mode, prints no warnings or errors")
-    gen.add_argument("-v", "--verbose", action="store_true", help="verbose mode, prints processing details")
-    gen.add_argument("-d", "--debug", action="store_true", help="debug mode, prints debugging information")
-    gen.add_argument("-ll", "--log-level", metavar="[l]evel",
-                     choices=["critical", "error", "warning", "info", "debug"],
-                     help="use level l for the logger (critical, error, warning, info, debug)")
+    gen.add_argument(
+        "-q", "--quiet", action="store_true", help="quiet mode, prints no warnings or errors"
+    )
+    gen.add_argument(
+        "-v", "--verbose", action="store_true", help="verbose mode, prints processing details"
+    )
+    gen.add_argument(
+        "-d", "--debug", action="store_true", help="debug mode, prints debugging information"
+    )
+    gen.add_argument(
+        "-ll",
+        "--log-level",
+        metavar="[l]evel",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="use level l for the logger (critical, error, warning, info, debug)",
+    )
     inp = parser.add_argument_group("Input Options")
-    inp.add_argument("-r", "--recurse", action="store_true", help="recursively search the given directory")
+    inp.add_argument(
+        "-r", "--recurse", action="store_true", help="recursively search the given directory"
+    )
     net = parser.add_argument_group("Network Options")
-    net.add_argument("-aet", "--calling-aet", metavar="[a]etitle", default=None,
-                     help="set my calling AE title (default: STORESCU)")
-    net.add_argument("-aec", "--called-aet", metavar="[a]etitle", default=None,
-                     help="set called AE title of peer (default: ANY-SCP)")
-    net.add_argument("-ta", "--acse-timeout", metavar="[s]econds", type=float, default=None,
-                     help="timeout for ACSE messages (default: 30)")
-    net.add_argument("-td", "--dimse-timeout", metavar="[s]econds", type=float, default=None,
-                     help="timeout for DIMSE messages (default: 30)")
-    net.add_argument("-tn", "--network-timeout", metavar="[s]econds", type=float, default=None,
-                     help="timeout for the network (default: 30)")
-    net.add_argument("--connect-timeout", metavar="[s]econds", type=float, default=None,
-                     help="timeout for the TCP connection (default: 10)")
-    net.add_argument("-pdu", "--max-pdu", metavar="[n]umber of bytes", type=int, default=None,
-                     help="set max receive pdu to n bytes (default: 16382; 0 = unlimited)")
-    net.add_argument("--associations", metavar="N", type=int, default=None,
-                     help="send over N associations in parallel (default: 1)")
+    net.add_argument(
+        "-aet",
+        "--calling-aet",
+        metavar="[a]etitle",
+        default=None,
+        help="set my calling AE title (default: STORESCU)",
+    )
+    net.add_argument(
+        "-aec",
+        "--called-aet",
+        metavar="[a]etitle",
+        default=None,
+        help="set called AE title of peer (default: ANY-SCP)",
+    )
+    net.add_argument(
+        "-ta",
+        "--acse-timeout",
+        metavar="[s]econds",
+        type=float,
+        default=None,
+        help="timeout for ACSE messages (default: 30)",
+    )
+    net.add_argument(
+        "-td",
+        "--dimse-timeout",
+        metavar="[s]econds",
+        type=float,
+        default=None,
+        help="timeout for DIMSE messages (default: 30)",
+    )
+    net.add_argument(
+        "-tn",
+        "--network-timeout",
+        metavar="[s]econds",
+        type=float,
+        default=None,
+        help="timeout for the network (default: 30)",
+    )
+    net.add_argument(
+        "--connect-timeout",
+        metavar="[s]econds",
+        type=float,
+        default=None,
+        help="timeout for the TCP connection (default: 10)",
+    )
+    net.add_argument(
+        "-pdu",
+        "--max-pdu",
+        metavar="[n]umber of bytes",
+        type=int,
+        default=None,
+        help="set max receive pdu to n bytes (default: 16382; 0 = unlimited)",
+    )
+    net.add_argument(
+        "--associations",
+        metavar="N",
+        type=int,
+        default=None,
+        help="send over N associations in parallel (default: 1)",
+    )
     ts = parser.add_argument_group("Transfer Syntax Options")
     grp = ts.add_mutually_exclusive_group()
-    grp.add_argument("-xe", "--request-little", dest="restrict", action="store_const",
-                     const=EXPLICIT_LE, help="request explicit VR little endian TS only")
-    grp.add_argument("-xb", "--request-big", dest="restrict", action="store_const",
-                     const=EXPLICIT_BE, help="request explicit VR big endian TS only")
-    grp.add_argument("-xi", "--request-implicit", dest="restrict", action="store_const",
-                     const=IMPLICIT_LE, help="request implicit VR little endian TS only")
+    grp.add_argument(
+        "-xe",
+        "--request-little",
+        dest="restrict",
+        action="store_const",
+        const=EXPLICIT_LE,
+        help="request explicit VR little endian TS only",
+    )
+    grp.add_argument(
+        "-xb",
+        "--request-big",
+        dest="restrict",
+        action="store_const",
+        const=EXPLICIT_BE,
+        help="request explicit VR big endian TS only",
+    )
+    grp.add_argument(
+        "-xi",
+        "--request-implicit",
+        dest="restrict",
+        action="store_const",
+        const=IMPLICIT_LE,
+        help="request implicit VR little endian TS only",
+    )
     misc = parser.add_argument_group("Miscellaneous Options")
-    misc.add_argument("-cx", "--required-contexts", "--single-context", action="store_true",
-                      help="only request the presentation contexts required for the input "
-                           "files (always the case here; accepted for compatibility)")
-    misc.add_argument("--report", metavar="FILE", type=Path,
-                      help="write one row per file (path, SOP Instance UID, status, outcome, "
-                           "reason); .json for JSON, otherwise CSV")
+    misc.add_argument(
+        "-cx",
+        "--required-contexts",
+        "--single-context",
+        action="store_true",
+        help="only request the presentation contexts required for the input "
+        "files (always the case here; accepted for compatibility)",
+    )
+    misc.add_argument(
+        "--report",
+        metavar="FILE",
+        type=Path,
+        help="write one row per file (path, SOP Instance UID, status, outcome, "
+        "reason); .json for JSON, otherwise CSV",
+    )
     misc.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     tls = parser.add_argument_group("TLS Options")
     tls.add_argument("--tls", action="store_true", help="use TLS")
     tls.add_argument("--tls-ca", metavar="FILE", help="CA certificates to verify the peer with")
     tls.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM)")
     tls.add_argument("--tls-key", metavar="FILE", help="our private key (PEM)")
-    tls.add_argument("--tls-server-name", metavar="NAME",
-                     help="the name to verify in the peer's certificate (default: ADDR)")
-    tls.add_argument("--tls-no-verify", action="store_true",
-                     help="do not verify the peer's certificate chain or name (testing only)")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name to verify in the peer's certificate (default: ADDR)",
+    )
+    tls.add_argument(
+        "--tls-no-verify",
+        action="store_true",
+        help="do not verify the peer's certificate chain or name (testing only)",
+    )
     cfg = parser.add_argument_group("Config Options")
-    cfg.add_argument("--config", metavar="FILE", type=Path,
-                     default=os.environ.get("FORWARDER_CONFIG") or None,
-                     help="forwarder config file (with --destination)")
-    cfg.add_argument("--destination", metavar="NAME",
-                     help="take the peer from this configured destination instead of ADDR PORT")
+    cfg.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        default=os.environ.get("FORWARDER_CONFIG") or None,
+        help="forwarder config file (with --destination)",
+    )
+    cfg.add_argument(
+        "--destination",
+        metavar="NAME",
+        help="take the peer from this configured destination instead of ADDR PORT",
+    )
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
@@ -179,7 +279,9 @@ def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
         try:
             port = int(port_text)
         except ValueError:
-            raise SystemExit(f"forwarder send: error: PORT must be a number, got {port_text!r}") from None
+            raise SystemExit(
+                f"forwarder send: error: PORT must be a number, got {port_text!r}"
+            ) from None
         base = Peer(host=addr, port=port)
     tls = base.tls
     server_name = base.tls_server_name
@@ -272,7 +374,9 @@ def _send_all(
                         sent.add(result.info.path)
                         progress.update(result.info.size)
                 except AssociationFailed as exc:
-                    LOGGER.error(f"Association with {peer.label} failed: {exc.classification.meaning}")
+                    LOGGER.error(
+                        f"Association with {peer.label} failed: {exc.classification.meaning}"
+                    )
                     with lock:
                         for info in batch:
                             if info.path not in sent:

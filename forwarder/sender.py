@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -9,17 +10,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.presentation import build_context
 
 from forwarder.config import Destination
 from forwarder.contexts import (
@@ -30,6 +27,7 @@ from forwarder.contexts import (
 )
 from forwarder.dicomfile import DEFLATED_LE, DicomInfo
 from forwarder.status import Action, Classification, classify_association, classify_status
+from forwarder.wire import Channel, WireError, encode_store_command
 
 __all__ = [
     "AssociationFailed",
@@ -41,14 +39,11 @@ __all__ = [
 
 LOGGER = logging.getLogger("forwarder.sender")
 
-# P-DATA primitives queued ahead of the socket per association. pynetdicom's own send_msg
-# queues a whole file (up to ~70 MB for a 100 MB file); this bounds it to a few PDUs.
-_MAX_QUEUED_PDUS = 4
-# DUL reactor poll delay while a batch is in flight, and while an association lingers idle.
-_BUSY_LOOP_DELAY = 0.0002
-_IDLE_LOOP_DELAY = 0.005
-# Largest PDU we ever send, whatever the peer allows (0 = unlimited would put a whole file
-# in one PDV, read into memory at once).
+# DUL reactor poll delay while we hold the association: it only has to notice a peer's
+# A-ABORT or A-RELEASE between batches (the stores themselves bypass it, see wire.py).
+_IDLE_LOOP_DELAY = 0.02
+# Largest PDU we ever send, whatever the peer allows (0 = unlimited would otherwise put a
+# whole file in one PDV, read into memory at once).
 _SEND_PDU_CAP = 1 << 20
 
 
@@ -165,10 +160,8 @@ def _tune_socket(event: Any) -> None:
         return
 
     def _arm() -> None:
-        try:
+        with contextlib.suppress(OSError):
             raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-        except OSError:
-            pass
 
     original = asock.recv
 
@@ -247,11 +240,8 @@ class Sender:
         current = _Assoc(assoc, frozenset(specs))
         for cx in assoc.accepted_contexts:
             current.accepted.setdefault(str(cx.abstract_syntax), []).append(
-                (int(cx.context_id), str(cx.transfer_syntax[0]))
+                (int(cx.context_id or 0), str(cx.transfer_syntax[0]))
             )
-        if assoc.acceptor.maximum_length == 0 or assoc.acceptor.maximum_length > _SEND_PDU_CAP:
-            assoc.acceptor.maximum_length = _SEND_PDU_CAP
-        assoc.dul._run_loop_delay = _IDLE_LOOP_DELAY
         self._log(logging.INFO, "Association Accepted")
         return current
 
@@ -288,43 +278,32 @@ class Sender:
         self.close()
 
     def _pause(self, current: _Assoc) -> None:
-        """Stop the association reactor from taking our responses off the DIMSE queue.
+        """Park the association reactor for as long as we hold the association.
 
-        pynetdicom pauses it around each send_c_store, racily: a reactor that wakes between
-        two stores steals the next response ("unexpected C-STORE service message") and the
-        store then waits out the whole DIMSE timeout. We pause once per batch instead, and
-        only trust the pause once the reactor has been seen parked for a few milliseconds.
+        The stores run on the borrowed socket (see `forwarder.wire`), so the reactor has
+        nothing to do but poll every millisecond; release() and abort() wake it again.
         """
-        if current.paused:
-            return
-        assoc = current.assoc
-        assoc._reactor_checkpoint.clear()
-        deadline = time.monotonic() + 5.0
-        parked_since: float | None = None
-        while time.monotonic() < deadline and not assoc._kill:
-            if assoc._is_paused:
-                now = time.monotonic()
-                parked_since = parked_since or now
-                if now - parked_since >= 0.003:
-                    break
-            else:
-                parked_since = None
-            time.sleep(0.0001)
-        current.paused = True
-        assoc.dul._run_loop_delay = _BUSY_LOOP_DELAY
+        if not current.paused:
+            current.assoc._reactor_checkpoint.clear()
+            current.assoc.dul._run_loop_delay = _IDLE_LOOP_DELAY
+            current.paused = True
 
     def _resume(self, current: _Assoc) -> None:
         if current.paused:
-            current.assoc.dul._run_loop_delay = _IDLE_LOOP_DELAY
+            current.assoc.dul._run_loop_delay = 0.001
             current.assoc._reactor_checkpoint.set()
             current.paused = False
+
+    @staticmethod
+    def _alive(current: _Assoc) -> bool:
+        assoc = current.assoc
+        return bool(assoc.is_established) and assoc.dul.state_machine.current_state == "Sta6"
 
     def _ensure(self, specs: Sequence[ContextSpec]) -> _Assoc:
         """An established association that proposed every context in `specs`."""
         current = self._current
-        if current is not None and current.assoc.is_established:
-            if set(specs) <= current.proposed:
-                return current
+        if current is not None and self._alive(current) and set(specs) <= current.proposed:
+            return current
         self.release()
         for spec in specs:
             self._seen.pop(spec, None)
@@ -360,30 +339,38 @@ class Sender:
             todo = [i for i in items if i.sop_class_uid in classes]
             yield from self._send_group(specs, todo)
 
-    def _send_group(self, specs: Sequence[ContextSpec], todo: list[DicomInfo]) -> Iterator[StoreResult]:
+    def _send_group(
+        self, specs: Sequence[ContextSpec], todo: list[DicomInfo]
+    ) -> Iterator[StoreResult]:
         idx = 0
         while idx < len(todo) and not self.stop.is_set():
             current = self._ensure(specs)
             if not current.accepted:  # the peer took none of these SOP classes
                 self._current = None
                 for info in todo[idx:]:
-                    yield self._store(current, info)
+                    yield self._store(current, None, info)
                 return
             self._pause(current)
-            try:
+            broken = False
+            with Channel(current.assoc, self._send_pdu(current), self.peer.dimse_timeout) as ch:
                 while idx < len(todo) and not self.stop.is_set():
-                    result = self._store(current, todo[idx])
+                    result = self._store(current, ch, todo[idx])
                     idx += 1
+                    if result.classification.status is None and result.how:
+                        broken = True  # no response: the association is unusable
                     yield result
-                    if not current.assoc.is_established:
-                        break  # aborted or timed out: a fresh association for the rest
-            finally:
-                if self._current is current:
-                    self._resume(current)
-            if not current.assoc.is_established and self._current is current:
-                self._current = None
+                    if broken:
+                        break
+            if broken:
+                self.abort()
 
-    def _store(self, current: _Assoc, info: DicomInfo) -> StoreResult:
+    def _send_pdu(self, current: _Assoc) -> int:
+        peer_max = int(current.assoc.acceptor.maximum_length or 0)
+        if peer_max <= 0 or peer_max > _SEND_PDU_CAP:
+            return _SEND_PDU_CAP
+        return max(peer_max, 1024)
+
+    def _store(self, current: _Assoc, ch: Channel | None, info: DicomInfo) -> StoreResult:
         start = time.monotonic()
         accepted = current.accepted.get(info.sop_class_uid, [])
         ts_to_id = {ts: cx for cx, ts in accepted}
@@ -397,6 +384,7 @@ class Sender:
                     f"{_name(info.transfer_syntax)} and cannot be converted"
                 )
             return StoreResult(info, Classification(Action.PERMANENT, meaning))
+        assert ch is not None
         last_error = ""
         for ts, how in options:
             try:
@@ -408,8 +396,7 @@ class Sender:
                 return StoreResult(
                     info, Classification(Action.PERMANENT, f"cannot read file: {exc.strerror}")
                 )
-            status = self._c_store(current, info, ts_to_id[ts], payload)
-            cls = classify_status(status)
+            cls = self._c_store(current, ch, info, ts_to_id[ts], payload)
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
         return StoreResult(info, Classification(Action.PERMANENT, last_error))
 
@@ -422,7 +409,9 @@ class Sender:
         except OSError:
             raise
         except Exception as exc:
-            raise _ConversionError(f"cannot decode the file to convert it: {_one_line(exc)}") from exc
+            raise _ConversionError(
+                f"cannot decode the file to convert it: {_one_line(exc)}"
+            ) from exc
         if how == "decompress":
             try:
                 # keep the instance: pydicom would otherwise give it a new SOP Instance UID
@@ -430,8 +419,8 @@ class Sender:
             except Exception as exc:
                 raise _ConversionError(
                     f"the peer does not accept {_name(info.transfer_syntax)} and the file "
-                    f"cannot be decompressed here ({_one_line(exc)}); install dicom-forwarder[codecs] or "
-                    "enable that transfer syntax on the peer"
+                    f"cannot be decompressed here ({_one_line(exc)}); install "
+                    "dicom-forwarder[codecs] or enable that transfer syntax on the peer"
                 ) from exc
         target = UID(ts)
         data = encode(ds, target.is_implicit_VR, target.is_little_endian, ts == DEFLATED_LE)
@@ -444,84 +433,36 @@ class Sender:
         return current.msg_id
 
     def _c_store(
-        self, current: _Assoc, info: DicomInfo, cx_id: int, payload: tuple[Path, int] | bytes
-    ) -> int | None:
-        """One C-STORE on the paused association; the response status, or None if none came."""
-        assoc = current.assoc
-        req = C_STORE()
-        req.MessageID = self._next_msg_id(current)
-        req.Priority = 2
-        req.AffectedSOPClassUID = UID(info.sop_class_uid)
-        req.AffectedSOPInstanceUID = UID(info.sop_instance_uid)
-        if isinstance(payload, bytes):
-            req.DataSet = BytesIO(payload)
-        else:
-            req._dataset_path = payload
-        msg = C_STORE_RQ()
-        msg.primitive_to_message(req)
-        msg.context_id = cx_id
-        dul = assoc.dul
-        queue = dul.to_provider_queue
-        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": msg})
+        self,
+        current: _Assoc,
+        ch: Channel,
+        info: DicomInfo,
+        cx_id: int,
+        payload: tuple[Path, int] | bytes,
+    ) -> Classification:
+        """One C-STORE on the borrowed socket; classified by its response status."""
+        msg_id = self._next_msg_id(current)
+        command = encode_store_command(info.sop_class_uid, info.sop_instance_uid, msg_id)
         try:
-            for pdata in msg.encode_msg(cx_id, assoc.acceptor.maximum_length):
-                while queue.qsize() >= _MAX_QUEUED_PDUS:
-                    if not assoc.is_established:
-                        return None
-                    time.sleep(0.0002)
-                dul.send_pdu(pdata)
-        except OSError as exc:
+            ch.send_store(cx_id, command, payload)
+            rsp = ch.read_response()
+        except WireError as exc:
+            self._log(logging.ERROR, f"{info.path}: {exc}")
+            return classify_status(None)
+        except OSError as exc:  # the file went away or shrank mid-send: data set is cut
             self._log(logging.ERROR, f"{info.path}: read failed while sending: {exc.strerror}")
-            assoc.abort()
-            return None
-        rsp = _wait_response(assoc, req.MessageID, self.peer.dimse_timeout, self.stop)
-        if rsp is None:
-            if assoc.is_established:
-                self._log(logging.ERROR, "DIMSE timeout reached while waiting for the response")
-                assoc.abort()
-            return None
-        status = getattr(rsp, "Status", None)
-        return int(status) if status is not None else None
+            return classify_status(None)
+        if rsp.message_id != msg_id:
+            self._log(logging.ERROR, f"response to message {rsp.message_id}, expected {msg_id}")
+            return classify_status(None)
+        cls = classify_status(rsp.status)
+        if rsp.error_comment:
+            cls = Classification(cls.action, f"{cls.meaning} ({rsp.error_comment})", cls.status)
+        return cls
 
 
 class _ConversionError(Exception):
     pass
-
-
-def _wait_response(
-    assoc: Any, msg_id: int, timeout: float, stop: threading.Event
-) -> Any | None:
-    """Wait for the C-STORE response to `msg_id`; None on timeout or abort.
-
-    The timeout restarts while the PDUs of a large store are still leaving (the clock
-    starts when the last one is on the wire, not when they were queued).
-    """
-    dimse = assoc.dimse
-    dul = assoc.dul
-    deadline = time.monotonic() + timeout
-    while True:
-        if dul.to_provider_queue.qsize():
-            deadline = time.monotonic() + timeout
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        try:
-            _cx, rsp = dimse.msg_queue.get(timeout=min(remaining, 0.5))
-        except Exception:  # queue.Empty
-            if not assoc.is_established:
-                return None
-            continue
-        if rsp is None:  # abort or connection closed
-            return None
-        if getattr(rsp, "MessageIDBeingRespondedTo", None) == msg_id:
-            if not getattr(rsp, "is_valid_response", True):
-                return None
-            return rsp
-        LOGGER.warning(
-            "ignoring a DIMSE message that does not answer message ID %s: %s",
-            msg_id,
-            type(rsp).__name__,
-        )
 
 
 def _association_outcome(assoc: Any) -> Classification:
