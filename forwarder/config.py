@@ -218,9 +218,7 @@ def _env_value(text: str) -> Any:
         return text
 
 
-def _apply_env(
-    raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, str]
-) -> list[str]:
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, str]) -> list[str]:
     """Merge ``FORWARDER_A__B__0__C`` variables into `raw`; return lines for unusable ones."""
     errors = []
     for var in sorted(env):

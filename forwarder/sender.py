@@ -134,6 +134,36 @@ class AssociationFailed(Exception):
         super().__init__(classification.describe())
 
 
+class _ConnectErrors(logging.Filter):
+    """Catch pynetdicom's multi-line connect failure logs; keep the reason for our one line.
+
+    pynetdicom logs a failed connect as two ERROR lines plus a traceback for TLS errors,
+    from its own thread. The sender reports one line per failed association instead,
+    naming the reason (refused, timed out, TLS verification failed ...).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.funcName != "connect" or not record.pathname.endswith("transport.py"):
+            return True
+        msg = record.getMessage()
+        if msg.startswith("TCP Initialisation Error: "):
+            self.last = msg.removeprefix("TCP Initialisation Error: ")
+        return False
+
+
+_CONNECT_ERRORS = _ConnectErrors()
+
+
+def _install_connect_filter() -> None:
+    log = logging.getLogger("pynetdicom.transport")  # logger filters don't see children
+    if _CONNECT_ERRORS not in log.filters:
+        log.addFilter(_CONNECT_ERRORS)
+
+
 @dataclass
 class _Assoc:
     assoc: Any
@@ -204,6 +234,7 @@ class Sender:
         self._ae.network_timeout = peer.network_timeout
         self._ae.connection_timeout = peer.connect_timeout
         self._ae.maximum_pdu_size = peer.max_pdu
+        _install_connect_filter()
 
     # -- association handling -------------------------------------------------------
 
@@ -228,6 +259,7 @@ class Sender:
         if self.peer.tls is not None:
             kwargs["tls_args"] = (self.peer.tls, self.peer.tls_server_name or self.peer.host)
         self._log(logging.INFO, f"Requesting Association with {self.peer.label}")
+        _CONNECT_ERRORS.last = None
         assoc = self._ae.associate(self.peer.host, self.peer.port, **kwargs)
         if not assoc.is_established:
             prim = assoc.acceptor.primitive
@@ -475,7 +507,8 @@ def _association_outcome(assoc: Any) -> Classification:
             diagnostic=getattr(prim, "diagnostic", None),
         )
     if assoc.acceptor.primitive is None:
-        return classify_association(rejected=False, detail="connection refused, reset or timed out")
+        reason = _CONNECT_ERRORS.last or "refused, reset or timed out"
+        return classify_association(rejected=False, detail=f"cannot connect: {reason}")
     if assoc.is_aborted:
         return classify_association(
             rejected=False, detail="association aborted (no acceptable presentation context?)"

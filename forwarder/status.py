@@ -112,8 +112,12 @@ _RJ_REASONS: dict[tuple[int, int], str] = {
 
 
 def classify_association(
-    *, rejected: bool, result: int | None = None, source: int | None = None,
-    diagnostic: int | None = None, detail: str = ""
+    *,
+    rejected: bool,
+    result: int | None = None,
+    source: int | None = None,
+    diagnostic: int | None = None,
+    detail: str = "",
 ) -> Classification:
     """Classify an association that was not established.
 

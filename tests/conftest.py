@@ -1,0 +1,239 @@
+"""Shared fixtures: real SCPs on loopback (pynetdicom in-process, DCMTK storescp), test data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.presentation import build_context
+
+ALL_TS = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.5",
+]
+UNCOMPRESSED = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def data_file(name: str) -> Path:
+    """A file from pydicom's test data (shipped in the wheel, never downloaded)."""
+    path = get_testdata_file(name)
+    assert path is not None, name
+    return Path(str(path))
+
+
+def pynetdicom_file(name: str) -> Path:
+    import pynetdicom
+
+    return Path(pynetdicom.__file__).parent / "tests" / "dicom_files" / name
+
+
+@dataclass
+class Received:
+    """One instance as the SCP received it."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_aet: str
+    encoded: bytes  # the data set exactly as it came over the wire
+
+
+@dataclass
+class SCP:
+    """A pynetdicom Storage SCP running in this process on 127.0.0.1."""
+
+    port: int
+    received: list[Received] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)  # answered in turn; then 0x0000
+    associations: int = 0
+    server: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    on_store: Callable[[Any], int | None] | None = None  # may return a status or None
+
+    def uids(self) -> list[str]:
+        with self.lock:
+            return [r.sop_instance_uid for r in self.received]
+
+
+@pytest.fixture
+def make_scp() -> Iterator[Callable[..., SCP]]:
+    """Start SCPs: `make_scp(transfer_syntaxes=..., ae_title=..., tls=..., require_calling=...)`."""
+    servers: list[Any] = []
+
+    def start(
+        transfer_syntaxes: list[str] | None = None,
+        ae_title: str = "ANY-SCP",
+        sop_classes: list[str] | None = None,
+        ssl_context: Any = None,
+        require_called: bool = False,
+        maximum_pdu_size: int = 16382,
+        port: int = 0,
+    ) -> SCP:
+        ae = AE(ae_title=ae_title)
+        ae.require_called_aet = require_called
+        ae.maximum_pdu_size = maximum_pdu_size
+        syntaxes = transfer_syntaxes or ALL_TS
+        classes = sop_classes or [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+        ae.supported_contexts = [build_context(uid, syntaxes) for uid in classes]
+        scp = SCP(port=0)
+
+        def on_c_store(event: Any) -> int:
+            if scp.on_store is not None:
+                override = scp.on_store(event)
+                if override is not None:
+                    return override
+            with scp.lock:
+                status = scp.statuses.pop(0) if scp.statuses else 0x0000
+                if status in (0x0000, 0x0001, 0x0111) or 0xB000 <= status <= 0xBFFF:
+                    scp.received.append(
+                        Received(
+                            sop_class_uid=str(event.request.AffectedSOPClassUID),
+                            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+                            transfer_syntax=str(event.context.transfer_syntax),
+                            calling_aet=str(event.assoc.requestor.ae_title),
+                            encoded=bytes(event.request.DataSet.getvalue()),
+                        )
+                    )
+            return status
+
+        def on_established(event: Any) -> None:
+            with scp.lock:
+                scp.associations += 1
+
+        server = ae.start_server(
+            ("127.0.0.1", port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, on_c_store), (evt.EVT_ESTABLISHED, on_established)],
+            ssl_context=ssl_context,
+        )
+        servers.append(server)
+        scp.server = server
+        scp.port = server.server_address[1]
+        return scp
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
+def scp(make_scp: Callable[..., SCP]) -> SCP:
+    """A Storage SCP accepting every storage class in every transfer syntax."""
+    return make_scp()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StoreSCP:
+    """DCMTK's storescp as an independent peer."""
+
+    port: int
+    out: Path
+    proc: subprocess.Popen[bytes]
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.out.rglob("*") if p.is_file())
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("FORWARDER_REQUIRE_TOOLS"):
+            pytest.fail(f"{name} is required (FORWARDER_REQUIRE_TOOLS is set) but not installed")
+        pytest.skip(f"{name} not installed (apt-get install dcmtk)")
+    return path
+
+
+@pytest.fixture
+def make_storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Start DCMTK storescp processes: `make_storescp(*extra_args, env=...)`."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> StoreSCP:
+        exe = require_tool("storescp")
+        out = tmp_path / f"storescp-{len(procs)}"
+        out.mkdir()
+        port = free_port()
+        proc = subprocess.Popen(
+            [exe, "-od", str(out), *args, str(port)],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(proc)
+
+        def listening() -> bool:
+            assert proc.poll() is None, "storescp exited"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 10)
+        return StoreSCP(port, out, proc)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def storescp(make_storescp: Callable[..., StoreSCP]) -> StoreSCP:
+    """DCMTK storescp with Nagle off, accepting all transfer syntaxes (+xa)."""
+    return make_storescp("+xa", env={"TCP_NODELAY": "1"})
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads of its own running."""
+    before = set(threading.enumerate())
+    yield
+    def leaked() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    deadline = time.monotonic() + 10
+    while leaked() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    names = [t.name for t in leaked()]
+    assert not names, f"threads left running: {names}"
