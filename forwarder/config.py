@@ -133,6 +133,9 @@ class HealthSettings(_Model):
     heartbeat_seconds: float = Field(default=5, gt=0)
     stale_seconds: float = Field(default=60, gt=0)
     max_paused_seconds: float = Field(default=3600, gt=0)
+    # a worker busy with one batch longer than this is wedged (no WATCHDOG=1, health fails);
+    # default: twice the slowest destination's dimse_timeout + network_timeout, plus 60 s
+    stall_seconds: float | None = Field(default=None, gt=0)
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,912 @@
+"""``forwarder run``: wire the watcher, the outbox and the sender workers into a daemon."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from forwarder import __version__, filing
+from forwarder.config import EX_CONFIG, ConfigError, Destination, Settings, load_settings
+from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
+from forwarder.logs import fields, setup_logging
+from forwarder.notify import Notifier
+from forwarder.outbox import FINAL_STATES, Delivery, FileRecord, Outbox, OutboxError, State
+from forwarder.policy import Next, decide, pause_for
+from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
+from forwarder.status import Action
+from forwarder.watcher import ReadyFile, Watcher, WatchRootError
+
+__all__ = ["Daemon", "add_arguments", "run"]
+
+LOGGER = logging.getLogger("forwarder.daemon")
+
+EX_CANTCREAT = 73  # sysexits.h: a directory or the outbox cannot be created
+EX_SOFTWARE = 70
+_DICOMDIR = "1.2.840.10008.1.3.10"
+_ENQUEUE_BATCH = 256
+_DISPOSE_RETRY_SECONDS = 30.0
+_MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("FORWARDER_CONFIG") or None,
+        help="config file (TOML); default $FORWARDER_CONFIG",
+    )
+    parser.add_argument(
+        "--log-target", choices=["auto", "stderr", "journal"], help="override log.target"
+    )
+    parser.add_argument("--log-format", choices=["text", "json"], help="override log.format")
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="override log.level",
+    )
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_layout(settings: Settings) -> list[str]:
+    """Config errors no schema can see: folders that would feed the daemon its own output."""
+    errors = []
+    for root in settings.watch.paths:
+        if _overlaps(root, settings.quarantine.dir):
+            errors.append(
+                f"quarantine.dir: {settings.quarantine.dir} overlaps the watched folder {root}"
+            )
+        if settings.disposition.on_success == "move" and _overlaps(
+            root, settings.disposition.archive_dir
+        ):
+            errors.append(
+                f"disposition.archive_dir: {settings.disposition.archive_dir} overlaps the "
+                f"watched folder {root}"
+            )
+    if not settings.watch.paths:
+        errors.append("watch.paths: at least one folder to watch is required")
+    return errors
+
+
+def load(path: Path | None) -> Settings:
+    """Settings for the daemon: schema + layout checks; raises ConfigError listing them all."""
+    settings = load_settings(path, require_destinations=True)
+    errors = check_layout(settings)
+    if errors:
+        raise ConfigError(str(path) if path else "environment", errors)
+    return settings
+
+
+# -- circuit breaker --------------------------------------------------------------------
+
+
+@dataclass
+class _Breaker:
+    """Per destination: paused until when, after how many association failures in a row."""
+
+    paused_until: float = 0.0
+    failures: int = 0
+    reason: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Worker(threading.Thread):
+    """Drains one destination's deliveries over one association at a time."""
+
+    def __init__(self, daemon: Daemon, dest: Destination, index: int) -> None:
+        super().__init__(name=f"send-{dest.name}-{index}", daemon=True)
+        self.d = daemon
+        self.dest = dest
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.last_beat = time.monotonic()
+        self.busy_since: float | None = None  # monotonic start of the current batch
+        self._last_activity = time.monotonic()
+        self._sender = Sender(Peer.from_destination(dest), stop=self.stop)
+        self._fresh = False
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.loop(time.time())
+        except Exception:  # a bug must not take the daemon down silently
+            LOGGER.exception("worker %s crashed", self.name)
+        finally:
+            try:
+                if self.stop.is_set() and self.d.hard_stop.is_set():
+                    self._sender.abort()
+                else:
+                    self._sender.release()
+            except Exception:
+                LOGGER.exception("worker %s: releasing the association failed", self.name)
+
+    # one iteration; `now` is wall-clock seconds (the outbox's clock)
+    def loop(self, now: float) -> None:
+        self.last_beat = time.monotonic()
+        settings = self.d.settings
+        name = self.dest.name
+        breaker = self.d.breakers[name]
+        if breaker.paused_until > now:
+            self._idle(breaker.paused_until - now)
+            return
+        batch = self.d.outbox.claim(
+            name, settings.sender.batch_size, now, settings.outbox.lease_seconds
+        )
+        if not batch:
+            self._idle_no_work(now)
+            return
+        self.busy_since = time.monotonic()
+        try:
+            self._send_batch(batch)
+        finally:
+            self.busy_since = None
+            self._last_activity = time.monotonic()
+        if self._fresh:
+            self._sender.release()
+            self._fresh = False
+
+    def _idle(self, seconds: float) -> None:
+        self.wake.wait(max(0.0, min(seconds, 30.0)))
+        self.wake.clear()
+
+    def _idle_no_work(self, now: float) -> None:
+        linger = self.d.settings.sender.linger_seconds
+        waits = [30.0]
+        if self._sender.is_open:
+            idle = time.monotonic() - self._last_activity
+            if idle >= linger:
+                self._sender.release()
+            else:
+                waits.append(linger - idle)
+        due = self.d.outbox.next_due(self.dest.name, now)
+        if due is not None:
+            waits.append(due - now + 0.01)
+        self._idle(min(waits))
+
+    def _send_batch(self, batch: list[Delivery]) -> None:
+        now = time.time()
+        by_path: dict[Path, Delivery] = {}
+        infos: list[DicomInfo] = []
+        for d in batch:
+            info = self._check_file(d, now)
+            if info is not None:
+                by_path[info.path] = d
+                infos.append(info)
+        handled: set[int] = set()
+        try:
+            for result in self._sender.send(infos):
+                d = by_path[result.info.path]
+                handled.add(d.id)
+                self._record(d, result)
+        except AssociationFailed as exc:
+            rest = [d.id for d in by_path.values() if d.id not in handled]
+            self.d.outbox.release(rest, time.time())
+            self._trip(exc)
+            return
+        finally:
+            if self.stop.is_set():
+                rest = [d.id for d in by_path.values() if d.id not in handled]
+                self.d.outbox.release(rest, time.time())
+
+    def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
+        """The file as it is now, or None after recording why it cannot be sent."""
+        path = Path(d.path)
+        try:
+            info = inspect(path)
+        except FileNotFoundError:
+            self.d.outbox.mark_gone(d.id, "the file disappeared before it was sent", now)
+            self.d.event(logging.WARNING, "gone", d, "the file disappeared before it was sent")
+            self.d.file_done(d)
+            return None
+        except (InvalidDicom, OSError) as exc:
+            reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
+            self.d.outbox.mark_quarantined(d.id, None, reason, now)
+            self.d.event(logging.ERROR, "quarantined", d, reason)
+            self.d.file_done(d)
+            return None
+        if (info.size, info.mtime_ns) != (d.size, d.mtime_ns):
+            reason = "the file changed after it was queued; the new version is queued on its own"
+            self.d.outbox.mark_gone(d.id, reason, now)
+            self.d.event(logging.WARNING, "gone", d, reason)
+            return None
+        return info
+
+    def _record(self, d: Delivery, result: StoreResult) -> None:
+        now = time.time()
+        cls = result.classification
+        decision = decide(
+            cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random()
+        )
+        outbox = self.d.outbox
+        if decision.next is Next.SENT:
+            warning = cls.describe() if cls.action is Action.WARNING else None
+            outbox.mark_sent(d.id, cls.status or 0, now, warning)
+            self._succeeded()
+            level = logging.WARNING if warning else logging.INFO
+            self.d.event(level, "warning" if warning else "sent", d, cls.describe())
+            self.d.file_done(d)
+        elif decision.next is Next.RETRY:
+            assert decision.next_attempt_at is not None
+            outbox.mark_retry(d.id, cls.status, decision.reason, now, decision.next_attempt_at)
+            wait = decision.next_attempt_at - now
+            self.d.event(logging.WARNING, "retry", d, f"{decision.reason}; retry in {wait:.0f} s")
+            self._fresh = self._fresh or decision.fresh_association
+        elif decision.next is Next.QUARANTINE:
+            outbox.mark_quarantined(d.id, cls.status, decision.reason, now)
+            self.d.event(logging.ERROR, "quarantined", d, decision.reason)
+            self.d.file_done(d)
+        else:  # HOLD: the destination refuses us; keep the instance, pause the destination
+            until = self._pause(decision.reason, hold=True)
+            outbox.mark_retry(d.id, cls.status, decision.reason, now, until, count_attempt=False)
+            self.d.event(logging.ERROR, "held", d, decision.reason)
+
+    def _succeeded(self) -> None:
+        breaker = self.d.breakers[self.dest.name]
+        if breaker.failures:
+            with breaker.lock:
+                breaker.failures = 0
+                breaker.paused_until = 0.0
+            self.d.outbox.resume_destination(self.dest.name)
+            LOGGER.info(
+                f"destination {self.dest.name} is back",
+                extra=fields(destination=self.dest.name, outcome="resumed"),
+            )
+
+    def _pause(self, reason: str, *, hold: bool) -> float:
+        breaker = self.d.breakers[self.dest.name]
+        retry = self.d.settings.retry
+        now = time.time()
+        with breaker.lock:
+            breaker.failures += 1
+            wait = pause_for(
+                breaker.failures, retry.initial_seconds, retry.max_seconds, random.random()
+            )
+            if hold:
+                wait = max(wait, min(_MIN_HOLD_SECONDS, retry.max_seconds))
+            breaker.paused_until = max(breaker.paused_until, now + wait)
+            breaker.reason = reason
+            until = breaker.paused_until
+            failures = breaker.failures
+        self.d.outbox.pause_destination(self.dest.name, until, reason, now)
+        level = logging.ERROR if failures == 1 or hold else logging.WARNING
+        LOGGER.log(
+            level,
+            f"destination {self.dest.name} paused for {until - now:.0f} s "
+            f"(failure {failures} in a row): {reason}",
+            extra=fields(destination=self.dest.name, outcome="paused"),
+        )
+        for worker in self.d.workers_of(self.dest.name):
+            worker.wake.set()
+        return until
+
+    def _trip(self, exc: AssociationFailed) -> None:
+        hold = exc.classification.action is Action.DESTINATION
+        reason = exc.classification.meaning
+        if hold:
+            reason += " (check called_aet/calling_aet and the peer's configuration)"
+        self._pause(reason, hold=hold)
+
+
+# -- enqueuer -------------------------------------------------------------------------
+
+
+class Enqueuer(threading.Thread):
+    """Turns files the watcher judged complete into outbox rows, one short batch at a time.
+
+    A file that is not (yet) valid DICOM is looked at again until it is, or until
+    ``watch.invalid_grace_seconds`` have passed: then it goes to quarantine.
+    """
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(name="enqueuer", daemon=True)
+        self.d = daemon
+        self.inbox: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=10000)
+        self.stop = threading.Event()
+        self.last_beat = time.monotonic()
+        self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
+
+    def offer(self, ready: ReadyFile) -> None:
+        """Called from the watcher's tracker thread: hand over, waiting while we are full."""
+        while not self.stop.is_set():
+            try:
+                self.inbox.put(ready, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.loop()
+        except Exception:
+            LOGGER.exception("the enqueuer crashed")
+
+    def loop(self) -> None:
+        self.last_beat = time.monotonic()
+        timeout = 1.0 if self._suspects else 30.0
+        try:
+            first = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            first = None
+        batch = [first] if first is not None else []
+        while len(batch) < _ENQUEUE_BATCH:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                batch.append(item)
+        records: list[FileRecord] = []
+        for ready in batch:
+            self._suspects.pop(ready.path, None)
+            rec = self._examine(ready, time.monotonic())
+            if rec is not None:
+                records.append(rec)
+        self._recheck(records)
+        if records:
+            added = self.d.enqueue(records)
+            if added:
+                self.d.wake_workers()
+
+    def _recheck(self, records: list[FileRecord]) -> None:
+        now = time.monotonic()
+        for path, (first_seen, ready, _reason) in list(self._suspects.items()):
+            if now - first_seen < 1.0 and len(self._suspects) < 1000:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                self._suspects.pop(path, None)
+                continue
+            except OSError:
+                st = None
+            if st is not None:
+                ready = ReadyFile(path, st.st_size, st.st_mtime_ns, ready.root)
+            self._suspects.pop(path, None)
+            rec = self._examine(ready, now, first_seen)
+            if rec is not None:
+                records.append(rec)
+
+    def _examine(
+        self, ready: ReadyFile, now: float, first_seen: float | None = None
+    ) -> FileRecord | None:
+        path = ready.path
+        outbox = self.d.outbox
+        key = (str(path), ready.size, ready.mtime_ns)
+        if outbox.is_known(*key):
+            states = outbox.file_states(*key)
+            if states and all(s in FINAL_STATES for s in states.values()):
+                self.d.dispose(path, ready.size, ready.mtime_ns)  # left over from a crash
+            return None
+        try:
+            info = inspect(path)
+        except FileNotFoundError:
+            return None
+        except (InvalidDicom, OSError) as exc:
+            reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
+            first = first_seen if first_seen is not None else now
+            grace = self.d.settings.watch.invalid_grace_seconds
+            if now - first >= grace:
+                self.d.quarantine_invalid(path, reason)
+            else:
+                self._suspects[path] = (first, ready, reason)
+                if first_seen is None:
+                    LOGGER.debug("%s: not valid DICOM yet (%s); looking again", path, reason)
+            return None
+        if info.sop_class_uid == _DICOMDIR:
+            self.d.quarantine_invalid(path, "a DICOMDIR is not a storage instance")
+            return None
+        return FileRecord(
+            path=str(info.path),
+            size=info.size,
+            mtime_ns=info.mtime_ns,
+            sop_class_uid=info.sop_class_uid,
+            sop_instance_uid=info.sop_instance_uid,
+            transfer_syntax=info.transfer_syntax,
+            study_uid=info.study_uid,
+        )
+
+
+# -- the daemon -------------------------------------------------------------------------
+
+
+class Daemon:
+    """Owns the outbox, the watcher, the enqueuer and one set of workers per destination."""
+
+    def __init__(
+        self, settings: Settings, config_path: Path | None, notifier: Notifier | None = None
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.outbox = Outbox(settings.outbox.path)
+        self.breakers: dict[str, _Breaker] = {}
+        self.workers: list[Worker] = []
+        self.enqueuer = Enqueuer(self)
+        self.watcher: Watcher | None = None
+        self.stopping = threading.Event()
+        self.hard_stop = threading.Event()
+        self.reload_requested = threading.Event()
+        self.wakeup = threading.Event()
+        self._file_lock = threading.Lock()
+        self._dispose_later: dict[tuple[str, int, int], float] = {}
+        self.started_at = time.time()
+        self.stats = {"sent": 0, "quarantined": 0, "retry": 0}
+        self._stats_lock = threading.Lock()
+
+    # -- wiring ---------------------------------------------------------------------
+
+    def workers_of(self, name: str) -> list[Worker]:
+        return [w for w in self.workers if w.dest.name == name]
+
+    def wake_workers(self) -> None:
+        for w in self.workers:
+            w.wake.set()
+
+    def enqueue(self, records: Sequence[FileRecord]) -> int:
+        names = [d.name for d in self.settings.destinations]
+        added = self.outbox.enqueue_many(records, names, time.time())
+        for rec in records:
+            LOGGER.debug("queued %s (%s)", rec.path, rec.sop_instance_uid)
+        if added:
+            LOGGER.info(f"queued {len(records)} file(s) for {', '.join(names)}")
+        return added
+
+    def event(self, level: int, outcome: str, d: Delivery, detail: str) -> None:
+        """One log line per delivery event, naming file, instance, destination and outcome."""
+        with self._stats_lock:
+            if outcome in ("sent", "warning"):
+                self.stats["sent"] += 1
+            elif outcome in self.stats:
+                self.stats[outcome] += 1
+        LOGGER.log(
+            level,
+            f"{outcome}: {d.path} ({d.sop_instance_uid}) -> {d.destination}: {detail}",
+            extra=fields(
+                path=d.path,
+                sop_instance_uid=d.sop_instance_uid,
+                study_uid=d.study_uid,
+                destination=d.destination,
+                outcome=outcome,
+                status=None if d.last_status is None else f"0x{d.last_status:04X}",
+            ),
+        )
+
+    def _start_workers(self, destinations: Sequence[Destination]) -> None:
+        for dest in destinations:
+            self.breakers.setdefault(dest.name, _Breaker())
+            info = self.outbox.destination_info().get(dest.name)
+            if info is not None and info.paused(time.time()):
+                self.breakers[dest.name].paused_until = info.paused_until or 0.0
+                self.breakers[dest.name].failures = info.consecutive_failures
+            for n in range(dest.associations):
+                worker = Worker(self, dest, n)
+                self.workers.append(worker)
+                worker.start()
+
+    def _stop_workers(self, workers: Sequence[Worker], timeout: float) -> bool:
+        for w in workers:
+            w.stop.set()
+            w.wake.set()
+        deadline = time.monotonic() + timeout
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        return not any(w.is_alive() for w in workers)
+
+    def _make_watcher(self) -> Watcher:
+        w = self.settings.watch
+        return Watcher(
+            w.paths,
+            self.enqueuer.offer,
+            recursive=w.recursive,
+            poll=w.poll,
+            poll_interval=w.poll_interval_seconds,
+            settle_seconds=w.settle_seconds,
+            rescan_seconds=w.rescan_seconds,
+            ignore=w.ignore,
+        )
+
+    # -- files leaving the inbox ---------------------------------------------------------
+
+    def file_done(self, d: Delivery) -> None:
+        """A delivery reached a final state: dispose of the file once every destination has."""
+        self.dispose(Path(d.path), d.size, d.mtime_ns)
+
+    def dispose(self, path: Path, size: int, mtime_ns: int) -> None:
+        key = (str(path), size, mtime_ns)
+        with self._file_lock:
+            states = self.outbox.file_states(*key)
+            if not states or any(s not in FINAL_STATES for s in states.values()):
+                return
+            if not path.exists():
+                self._dispose_later.pop(key, None)
+                return
+            try:
+                st = path.stat()
+                if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                    return  # a new version: it has rows of its own
+                if any(s is State.QUARANTINED for s in states.values()):
+                    self._quarantine_delivered(path, key, states)
+                else:
+                    self._on_success(path)
+            except OSError as exc:
+                if key not in self._dispose_later:
+                    LOGGER.error(
+                        f"{path}: delivered, but cannot be moved out of the inbox: {exc}; "
+                        f"will try again",
+                        extra=fields(path=str(path), outcome="dispose-failed"),
+                    )
+                self._dispose_later[key] = time.monotonic() + _DISPOSE_RETRY_SECONDS
+                return
+            self._dispose_later.pop(key, None)
+        if self.watcher is not None:
+            self.watcher.forget(path)
+
+    def _on_success(self, path: Path) -> None:
+        how = self.settings.disposition.on_success
+        if how == "delete":
+            filing.delete(path)
+        elif how == "move":
+            target = filing.archive(
+                path, self.settings.watch.paths, self.settings.disposition.archive_dir
+            )
+            self.outbox.set_path(str(path), str(target), now=time.time())
+        LOGGER.debug("%s: every destination has it (%s)", path, how)
+
+    def _quarantine_delivered(
+        self, path: Path, key: tuple[str, int, int], states: dict[str, State]
+    ) -> None:
+        rows = [
+            r
+            for r in self.outbox.list(path=key[0], limit=1000)
+            if (r.size, r.mtime_ns) == (key[1], key[2])
+        ]
+        sidecar: dict[str, object] = {
+            "reason": "; ".join(
+                f"{r.destination}: {r.last_error}" for r in rows if r.state is State.QUARANTINED
+            ),
+            "sop_instance_uid": rows[0].sop_instance_uid if rows else None,
+            "study_uid": rows[0].study_uid if rows else None,
+            "sop_class_uid": rows[0].sop_class_uid if rows else None,
+            "quarantined_at": _iso(time.time()),
+            "destinations": {
+                r.destination: {
+                    "state": r.state.name.lower(),
+                    "status": None if r.last_status is None else f"0x{r.last_status:04X}",
+                    "meaning": r.last_error,
+                    "attempts": r.attempts,
+                    "first_attempt": _iso(r.first_attempt_at),
+                    "last_attempt": _iso(r.last_attempt_at),
+                    "delivery_id": r.id,
+                }
+                for r in rows
+            },
+        }
+        target = filing.quarantine(
+            path, self.settings.watch.paths, self.settings.quarantine.dir, sidecar
+        )
+        self.outbox.set_path(str(path), str(target), now=time.time())
+        failed = [n for n, s in states.items() if s is State.QUARANTINED]
+        LOGGER.error(
+            f"quarantined: {path} -> {target} (failed for {', '.join(failed)})",
+            extra=fields(path=str(path), outcome="quarantined"),
+        )
+
+    def quarantine_invalid(self, path: Path, reason: str) -> None:
+        """A file that never became sendable DICOM: quarantine it with the reason."""
+        sidecar: dict[str, object] = {
+            "reason": reason,
+            "quarantined_at": _iso(time.time()),
+            "destinations": {},
+        }
+        try:
+            target = filing.quarantine(
+                path, self.settings.watch.paths, self.settings.quarantine.dir, sidecar
+            )
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            LOGGER.error(
+                f"{path}: not valid DICOM ({reason}) and cannot be quarantined: {exc}",
+                extra=fields(path=str(path), outcome="quarantine-failed"),
+            )
+            return
+        LOGGER.error(
+            f"quarantined: {path} -> {target}: {reason}",
+            extra=fields(path=str(path), outcome="quarantined"),
+        )
+        with self._stats_lock:
+            self.stats["quarantined"] += 1
+        if self.watcher is not None:
+            self.watcher.forget(path)
+
+    def _retry_dispositions(self) -> None:
+        now = time.monotonic()
+        for key, when in list(self._dispose_later.items()):
+            if when <= now:
+                self.dispose(Path(key[0]), key[1], key[2])
+
+    # -- health -----------------------------------------------------------------------
+
+    def stall_limit(self) -> float:
+        dests = self.settings.destinations
+        worst = max((d.dimse_timeout + d.network_timeout for d in dests), default=60.0)
+        return self.settings.health.stall_seconds or (worst * 2 + 60.0)
+
+    def unhealthy(self) -> str | None:
+        """Why the daemon is not healthy, or None."""
+        now = time.monotonic()
+        if not self.enqueuer.is_alive():
+            return "the enqueuer thread died"
+        limit = self.stall_limit()
+        for w in self.workers:
+            if not w.is_alive():
+                return f"worker {w.name} died"
+            since = w.busy_since
+            if since is not None and now - since > limit:
+                return f"worker {w.name} stuck in one batch for {now - since:.0f} s"
+            if since is None and now - w.last_beat > 60.0:
+                return f"worker {w.name} has not looked for work for {now - w.last_beat:.0f} s"
+        return None
+
+    def status_line(self) -> str:
+        counts = self.outbox.counts()
+        pending = sum(c.get(State.PENDING, 0) for c in counts.values())
+        inflight = sum(c.get(State.INFLIGHT, 0) for c in counts.values())
+        quarantined = sum(c.get(State.QUARANTINED, 0) for c in counts.values())
+        paused = [n for n, b in self.breakers.items() if b.paused_until > time.time()]
+        infos = self.outbox.destination_info()
+        last = max((i.last_success_at or 0 for i in infos.values()), default=0)
+        line = (
+            f"{pending} queued, {inflight} in flight, {quarantined} quarantined, "
+            f"last success {_iso(last) if last else 'never'}"
+        )
+        if paused:
+            line += f", paused: {', '.join(paused)}"
+        return line
+
+    def _heartbeat(self) -> None:
+        now = time.time()
+        info = {
+            "version": __version__,
+            "workers": len(self.workers),
+            "workers_alive": sum(w.is_alive() for w in self.workers),
+            "unhealthy": self.unhealthy(),
+            "config": str(self.config_path) if self.config_path else None,
+            "destinations": [d.name for d in self.settings.destinations],
+            "stats": dict(self.stats),
+        }
+        self.outbox.heartbeat(now, info)
+
+    # -- reload -----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            for line in exc.errors:
+                LOGGER.error(f"reload refused, keeping the running config: {exc.source}: {line}")
+            self.notifier.ready(self.status_line())
+            return
+        old = self.settings
+        if new.outbox.path != old.outbox.path:
+            LOGGER.warning("outbox.path changed: it takes effect at the next restart only")
+            new = new.model_copy(update={"outbox": old.outbox})
+        old_dests = {d.name: d for d in old.destinations}
+        new_dests = {d.name: d for d in new.destinations}
+        changed = [n for n in old_dests if old_dests[n] != new_dests.get(n)]
+        self._stop_workers(
+            [w for w in self.workers if w.dest.name in changed], new.shutdown_timeout
+        )
+        self.workers = [w for w in self.workers if w.dest.name not in changed]
+        self.settings = new
+        started = [d for n, d in new_dests.items() if n not in old_dests or n in changed]
+        self._start_workers(started)
+        for name in changed:
+            if name not in new_dests:
+                waiting = sum(
+                    n
+                    for s, n in self.outbox.counts().get(name, {}).items()
+                    if s in (State.PENDING, State.INFLIGHT)
+                )
+                LOGGER.warning(
+                    f"destination {name} removed; {waiting} deliveries to it stay queued "
+                    "until it is configured again"
+                )
+        if new.watch != old.watch and self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = self._make_watcher()
+            self.watcher.start()
+        touched = sorted({*changed, *(d.name for d in started)})
+        LOGGER.info(
+            f"reloaded {self.config_path}: destinations {', '.join(new_dests) or 'none'}"
+            + (f"; restarted workers of {', '.join(touched)}" if touched else "")
+        )
+        self.notifier.ready(self.status_line())
+
+    # -- main loop --------------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
+        if recovered:
+            LOGGER.info(f"{recovered} deliveries were in flight at the last stop; queued again")
+        self.enqueuer.start()
+        self._start_workers(self.settings.destinations)
+        self.watcher = self._make_watcher()
+        self.watcher.start()
+        roots = ", ".join(str(p) for p in self.settings.watch.paths)
+        dests = ", ".join(
+            f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
+        )
+        LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")
+        self._heartbeat()
+        self.notifier.ready(self.status_line())
+
+    def serve(self) -> None:
+        """The main loop: heartbeat, status, watchdog, leases, summary, reload; until stop."""
+        hb_every = self.settings.health.heartbeat_seconds
+        wd_every = self.notifier.watchdog_interval()
+        next_hb = next_status = next_summary = next_lease = next_wd = 0.0
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            if now >= next_hb:
+                self._heartbeat()
+                next_hb = now + hb_every
+            if now >= next_status:
+                self.notifier.status(self.status_line())
+                next_status = now + 5.0
+            if wd_every is not None and now >= next_wd:
+                problem = self.unhealthy()
+                if problem is None:
+                    self.notifier.watchdog()
+                else:
+                    LOGGER.error(f"not pinging the watchdog: {problem}")
+                next_wd = now + wd_every
+            if now >= next_lease:
+                n = self.outbox.recover_leases(time.time())
+                if n:
+                    LOGGER.warning(f"{n} deliveries outlived their lease; queued again")
+                    self.wake_workers()
+                next_lease = now + max(self.settings.outbox.lease_seconds / 4, 1.0)
+            if now >= next_summary:
+                if next_summary:
+                    LOGGER.info(f"summary: {self.status_line()}")
+                next_summary = now + self.settings.log.summary_seconds
+            self._retry_dispositions()
+            deadlines = [next_hb, next_status, next_summary, next_lease]
+            if wd_every is not None:
+                deadlines.append(next_wd)
+            self.wakeup.wait(max(0.01, min(deadlines) - time.monotonic()))
+            self.wakeup.clear()
+
+    def shutdown(self) -> bool:
+        """Stop watching, finish the in-flight stores, release, close. True if clean."""
+        self.notifier.stopping()
+        LOGGER.info("stopping: finishing in-flight stores")
+        timeout = self.settings.shutdown_timeout
+        deadline = time.monotonic() + timeout
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.enqueuer.stop.set()
+        self.enqueuer.join(max(0.0, deadline - time.monotonic()))
+        clean = self._stop_workers(self.workers, max(0.0, deadline - time.monotonic()))
+        if not clean:
+            LOGGER.warning("in-flight stores did not finish in time; they will be sent again")
+            self.hard_stop.set()
+        try:
+            self._heartbeat_stopped()
+        finally:
+            if clean:
+                self.outbox.close()
+        LOGGER.info("stopped" if clean else "stopped (forced)")
+        return clean
+
+    def _heartbeat_stopped(self) -> None:
+        with contextlib.suppress(OutboxError):
+            self.outbox.heartbeat(time.time(), {"version": __version__, "stopped": True})
+
+
+def _iso(ts: float | None) -> str | None:
+    if not ts:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _install_signals(daemon: Daemon) -> None:
+    """Handlers only set flags: first SIGTERM/SIGINT stops cleanly, a second exits at once."""
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        if daemon.stopping.is_set():
+            os.write(2, b"second signal: exiting now (in-flight stores will be resent)\n")
+            os._exit(128 + signum)
+        daemon.stopping.set()
+        daemon.wakeup.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        daemon.reload_requested.set()
+        daemon.wakeup.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+
+def _prepare_dirs(settings: Settings) -> list[str]:
+    errors = []
+    wanted = [(p, "watch.paths") for p in settings.watch.paths]
+    wanted.append((settings.quarantine.dir, "quarantine.dir"))
+    wanted.append((settings.outbox.path.parent, "outbox.path"))
+    if settings.disposition.on_success == "move":
+        wanted.append((settings.disposition.archive_dir, "disposition.archive_dir"))
+    for path, name in wanted:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            errors.append(f"{name}: cannot create {path}: {exc.strerror}")
+    return errors
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"forwarder: config error: {exc.source}: {line}", file=sys.stderr)
+        return EX_CONFIG
+    log = settings.log
+    setup_logging(
+        args.log_level or log.level, args.log_format or log.format, args.log_target or log.target
+    )
+    errors = _prepare_dirs(settings)
+    for line in errors:
+        LOGGER.error(line)
+    if errors:
+        return EX_CANTCREAT
+    try:
+        daemon = Daemon(settings, args.config)
+    except OutboxError as exc:
+        LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
+        return EX_CANTCREAT
+    _install_signals(daemon)
+    try:
+        daemon.start()
+    except WatchRootError as exc:
+        LOGGER.error(f"watch.paths: {exc}")
+        daemon.stopping.set()
+        daemon.shutdown()
+        return EX_CANTCREAT
+    try:
+        daemon.serve()
+    finally:
+        clean = daemon.shutdown()
+    return 0 if clean else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="forwarder run")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Move files out of the inbox durably: archive, delete, or quarantine with a JSON sidecar."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SIDECAR_SUFFIX",
+    "archive",
+    "delete",
+    "move_durably",
+    "quarantine",
+    "read_sidecar",
+    "relative_path",
+    "unique_target",
+]
+
+SIDECAR_SUFFIX = ".json"
+
+
+def relative_path(path: Path, roots: Sequence[Path]) -> Path:
+    """`path` relative to the watched root it lies under (its name alone if under none)."""
+    for root in sorted(roots, key=lambda r: len(r.parts), reverse=True):
+        with contextlib.suppress(ValueError):
+            return path.relative_to(root)
+    return Path(path.name)
+
+
+def unique_target(directory: Path, rel: Path) -> Path:
+    """``directory/rel``, or ``name.1.ext``, ``name.2.ext`` ... when taken: never overwrite."""
+    target = directory / rel
+    if not target.exists() and not Path(f"{target}{SIDECAR_SUFFIX}").exists():
+        return target
+    stem, suffix = target.stem, target.suffix
+    for n in range(1, 100000):
+        candidate = target.with_name(f"{stem}.{n}{suffix}")
+        if not candidate.exists() and not Path(f"{candidate}{SIDECAR_SUFFIX}").exists():
+            return candidate
+    raise OSError(errno.EEXIST, "no free name for the file", str(target))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def move_durably(src: Path, dst: Path) -> None:
+    """Move `src` to `dst` (which must not exist) so that a crash leaves at least one copy.
+
+    Same file system: ``rename``. Across file systems: copy to a temporary name beside
+    `dst`, fsync, rename into place, fsync the directory, then remove `src`.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # fails rather than overwrite, unlike rename
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            raise
+    else:
+        os.unlink(src)
+        _fsync_dir(dst.parent)
+        return
+    tmp = dst.with_name(f".{dst.name}.forwarder-tmp")
+    try:
+        shutil.copy2(src, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if dst.exists():
+            raise OSError(errno.EEXIST, "target appeared while copying", str(dst))
+        os.rename(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.unlink(src)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.forwarder-tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fp:
+            json.dump(data, fp, indent=2, sort_keys=True, default=str)
+            fp.write("\n")
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def archive(path: Path, roots: Sequence[Path], archive_dir: Path) -> Path:
+    """Move a delivered file under `archive_dir`, keeping its path relative to the inbox."""
+    target = unique_target(archive_dir, relative_path(path, roots))
+    move_durably(path, target)
+    return target
+
+
+def delete(path: Path) -> None:
+    """Delete a delivered file (a file already gone is fine)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def quarantine(
+    path: Path, roots: Sequence[Path], quarantine_dir: Path, sidecar: Mapping[str, Any]
+) -> Path:
+    """Move `path` into quarantine with a sidecar ``<file>.json`` saying why.
+
+    The sidecar is written first (beside the target name), then the file is moved; a
+    crash in between leaves the file in the inbox, where it is found again. Never
+    overwrites an earlier quarantined file.
+
+    Returns
+    -------
+    Path
+        Where the file now is.
+
+    Raises
+    ------
+    OSError
+        The quarantine is not writable or full; the file stays where it was.
+    """
+    target = unique_target(quarantine_dir, relative_path(path, roots))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sidecar_path = Path(f"{target}{SIDECAR_SUFFIX}")
+    data = {**sidecar, "original_path": str(path), "quarantined_path": str(target)}
+    _write_json(sidecar_path, data)
+    try:
+        move_durably(path, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sidecar_path.unlink()
+        raise
+    return target
+
+
+def read_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar of a quarantined file, or None when there is none or it is unreadable."""
+    try:
+        data = json.loads(Path(f"{path}{SIDECAR_SUFFIX}").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,88 @@
+"""Decide what happens after an attempt: done, retry when, quarantine, or hold the destination."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from forwarder.config import RetrySettings
+from forwarder.status import Action, Classification
+
+__all__ = ["Decision", "Next", "backoff", "decide", "pause_for"]
+
+RETRY_FEW_LIMIT = 3  # attempts for "probably transient" statuses (0x0110, 0xCxxx)
+RETRY_FRESH_LIMIT = 2  # one retry on a fresh association (0x0210-0x0212)
+FRESH_RETRY_SECONDS = 1.0
+
+
+class Next(enum.Enum):
+    SENT = "sent"
+    RETRY = "retry"
+    QUARANTINE = "quarantine"
+    HOLD = "hold"  # the destination refuses us: keep the instance, pause the destination
+
+
+@dataclass(frozen=True)
+class Decision:
+    next: Next
+    reason: str
+    next_attempt_at: float | None = None
+    fresh_association: bool = False
+
+
+def backoff(attempt: int, initial: float, maximum: float, rand: float) -> float:
+    """Seconds to wait after the `attempt`-th failure: exponential, capped, with jitter.
+
+    `rand` in [0, 1) spreads the wait over 50-100% of the exponential value, so that
+    instances failing together do not come back together.
+    """
+    base = min(maximum, initial * 2.0 ** max(attempt - 1, 0))
+    return base * (0.5 + rand / 2)
+
+
+def pause_for(failures: int, initial: float, maximum: float, rand: float) -> float:
+    """How long to pause a destination after `failures` association failures in a row."""
+    return backoff(failures, initial, maximum, rand)
+
+
+def decide(
+    cls: Classification,
+    attempts_before: int,
+    first_attempt_at: float | None,
+    now: float,
+    retry: RetrySettings,
+    rand: float,
+) -> Decision:
+    """What to do with one delivery after an attempt classified as `cls`.
+
+    `attempts_before` does not count this attempt. A retry is refused (quarantine) once
+    ``retry.max_attempts`` (or the lower limit of the status class) is reached, or once the
+    first attempt is older than ``retry.max_age_seconds``.
+    """
+    if cls.delivered:
+        return Decision(Next.SENT, cls.describe())
+    if cls.action is Action.PERMANENT:
+        return Decision(Next.QUARANTINE, f"rejected: {cls.describe()}")
+    if cls.action is Action.DESTINATION:
+        return Decision(Next.HOLD, f"destination refuses us: {cls.describe()}")
+    attempts = attempts_before + 1
+    limit = retry.max_attempts
+    if cls.action is Action.RETRY_FEW:
+        limit = min(limit, RETRY_FEW_LIMIT)
+    elif cls.action is Action.RETRY_FRESH:
+        limit = min(limit, RETRY_FRESH_LIMIT)
+    started = first_attempt_at if first_attempt_at is not None else now
+    if attempts >= limit:
+        return Decision(Next.QUARANTINE, f"gave up after {attempts} attempts: {cls.describe()}")
+    if now - started >= retry.max_age_seconds:
+        hours = (now - started) / 3600
+        return Decision(
+            Next.QUARANTINE,
+            f"gave up after {hours:.1f} h ({attempts} attempts): {cls.describe()}",
+        )
+    if cls.action is Action.RETRY_FRESH:
+        return Decision(
+            Next.RETRY, cls.describe(), now + FRESH_RETRY_SECONDS, fresh_association=True
+        )
+    wait = backoff(attempts, retry.initial_seconds, retry.max_seconds, rand)
+    return Decision(Next.RETRY, cls.describe(), now + wait, fresh_association=cls.status is None)
