@@ -1,0 +1,82 @@
+"""``forwarder health``: is the daemon behind this config alive and healthy? (exit 0 or 1)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from forwarder.config import EX_CONFIG, ConfigError, Settings, load_settings
+from forwarder.outbox import Outbox, OutboxError
+
+__all__ = ["add_arguments", "check", "run"]
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Exit 0 when the daemon behind the config is alive and healthy (fresh heartbeat in "
+        "the outbox, workers alive, no destination paused too long); otherwise exit 1 with a "
+        "one-line reason. For Docker's HEALTHCHECK and monitoring."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("FORWARDER_CONFIG") or None,
+        help="config file (TOML); default $FORWARDER_CONFIG",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
+
+
+def check(settings: Settings, now: float | None = None) -> tuple[bool, str]:
+    """(healthy, one line) for the daemon whose outbox the settings name."""
+    now = time.time() if now is None else now
+    path = settings.outbox.path
+    if not path.exists():
+        return False, f"no outbox at {path}: the daemon has never run with this config"
+    try:
+        with Outbox(path, readonly=True) as outbox:
+            beat = outbox.read_heartbeat()
+            dests = outbox.destination_info()
+    except OutboxError as exc:
+        return False, f"cannot read the outbox {path}: {exc}"
+    if beat is None:
+        return False, "no heartbeat yet: the daemon has not started"
+    age = now - beat.updated_at
+    if beat.info.get("stopped"):
+        return False, f"the daemon stopped {age:.0f} s ago"
+    if age > settings.health.stale_seconds:
+        return False, f"last heartbeat {age:.0f} s ago (pid {beat.pid}): the daemon is hung or gone"
+    problem = beat.info.get("unhealthy")
+    if problem:
+        return False, str(problem)
+    limit = settings.health.max_paused_seconds
+    configured = {d.name for d in settings.destinations}
+    for name, info in sorted(dests.items()):
+        if name in configured and info.paused(now) and info.paused_at is not None:
+            paused = now - info.paused_at
+            if paused > limit:
+                return False, (
+                    f"destination {name} paused for {paused / 60:.0f} min: {info.pause_reason}"
+                )
+    return True, f"ok: pid {beat.pid}, heartbeat {age:.0f} s ago"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"forwarder health: config error: {exc.source}: {line}", file=sys.stderr)
+        return EX_CONFIG
+    healthy, line = check(settings)
+    if not healthy:
+        print(f"unhealthy: {line}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    if not args.quiet:
+        print(line)
+    return EXIT_HEALTHY
