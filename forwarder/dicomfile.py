@@ -198,7 +198,13 @@ def _guess_encoding(head: bytes) -> tuple[bool, bool] | None:
         return None
     group_le = struct.unpack("<H", head[:2])[0]
     group_be = struct.unpack(">H", head[:2])[0]
-    if 0x0002 <= group_le <= 0x0010 or group_le == 0x0000:
+    # Group 0000 (command) only as a leading (0000,0000) group length of 4 bytes: two zero
+    # bytes alone are how many other formats start (an ICC profile read as (0000,xxxx)
+    # with a 2 GB length was reported as "Truncated", i.e. still being written).
+    group_length = head[:4] == b"\x00\x00\x00\x00" and (
+        head[4:8] == b"\x04\x00\x00\x00" or head[4:8] == b"UL\x04\x00"
+    )
+    if 0x0002 <= group_le <= 0x0010 or group_length:
         little = True
     elif 0x0002 <= group_be <= 0x0010:
         little = False
@@ -282,24 +288,34 @@ def inspect(path: Path | str) -> DicomInfo:
             if guess is None:
                 if size == 0:
                     raise Truncated(path, "empty file")
+                if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):
+                    # a zero preamble (the usual one) with the DICM marker still to come
+                    raise Truncated(path, "the file ends inside the 128-byte preamble")
                 raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
             explicit, little = guess
             ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
         offset = fp.tell()
         explicit, little, deflated = _ts_encoding(ts)
+        walked = True  # the data set was read past where its SOP UIDs belong
         if deflated:
             prefix = _inflate_check(fp, path)
             sub = _Reader(io.BytesIO(prefix), path, len(prefix))
             try:
                 found = sub.dataset(True, True, wanted=_WANTED, stop_after=_STUDY)
             except Truncated:  # the prefix is only the first part of the data set
-                found = {}
+                found, walked = {}, False
         else:
             found = reader.dataset(explicit, little, wanted=_WANTED)
             if offset == size:
                 raise Truncated(path, "file meta only, no data set")
-    sop_class = _text(found.get(_SOP_CLASS)) or _text(meta.get(_META_SOP_CLASS))
-    sop_instance = _text(found.get(_SOP_INSTANCE)) or _text(meta.get(_META_SOP_INSTANCE))
+    sop_class = _text(found.get(_SOP_CLASS))
+    sop_instance = _text(found.get(_SOP_INSTANCE))
+    if not walked:
+        # Only when the data set could not be read that far: the file meta's copies.
+        # A data set without its own UIDs is invalid even when the meta has them (the
+        # peer gets the data set, and the C-STORE's UIDs must be the data set's).
+        sop_class = sop_class or _text(meta.get(_META_SOP_CLASS))
+        sop_instance = sop_instance or _text(meta.get(_META_SOP_INSTANCE))
     if not sop_class:
         raise MissingUID(path, "no SOP Class UID (0008,0016)")
     if not sop_instance:
@@ -321,11 +337,18 @@ def _read_meta(reader: _Reader) -> dict[int, bytes]:
     """Read group 0002 (always explicit VR little endian); leaves the file at the data set."""
     found: dict[int, bytes] = {}
     fp = reader.fp
+    meta_end: int | None = None  # from (0002,0000) File Meta Information Group Length
     while True:
         pos = fp.tell()
         peek = fp.read(2)
         fp.seek(pos)
-        if len(peek) < 2 or struct.unpack("<H", peek)[0] != 0x0002:
+        # A file cut in or right after its file meta is still being written (or was cut):
+        # without these checks it read as "no Transfer Syntax UID", i.e. not DICOM.
+        if len(peek) < 2:
+            raise Truncated(reader.path, "the file ends in or right after its file meta")
+        if meta_end is not None and meta_end > reader.end:
+            raise Truncated(reader.path, "the file ends inside its file meta")
+        if struct.unpack("<H", peek)[0] != 0x0002:
             return found
         tag, _, length = reader.header(True, True)
         if length == _UNDEFINED:
@@ -333,3 +356,5 @@ def _read_meta(reader: _Reader) -> dict[int, bytes]:
         if pos + length > reader.end:
             raise Truncated(reader.path, "the file meta runs past the end of the file")
         found[tag] = reader.read(length)
+        if tag == 0x00020000 and length == 4:
+            meta_end = fp.tell() + struct.unpack("<L", found[tag])[0]

@@ -1,0 +1,332 @@
+"""Tests for forwarder.dicomfile: header-only inspection and the completeness check."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from conftest import data_file, pynetdicom_file
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import data_element_generator
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from forwarder.dicomfile import (
+    DEFLATED_LE,
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    InvalidDicom,
+    MissingUID,
+    NotDicom,
+    Truncated,
+    inspect,
+)
+
+JPEG2000 = "1.2.840.10008.1.2.4.91"
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+RLE = "1.2.840.10008.1.2.5"
+
+# name -> expected transfer syntax, or the InvalidDicom subclass it must raise
+PYDICOM_FILES: dict[str, str | type[InvalidDicom]] = {
+    "CT_small.dcm": EXPLICIT_LE,
+    "MR_small.dcm": EXPLICIT_LE,
+    "MR_small_implicit.dcm": IMPLICIT_LE,
+    "MR_small_bigendian.dcm": EXPLICIT_BE,
+    "MR_small_RLE.dcm": RLE,
+    "MR_small_jp2klossless.dcm": JPEG2000_LOSSLESS,
+    "MR_small_jpeg_ls_lossless.dcm": JPEG_LS_LOSSLESS,
+    "JPEG2000.dcm": JPEG2000,
+    "JPEG-lossy.dcm": JPEG_EXTENDED,
+    "image_dfl.dcm": DEFLATED_LE,
+    "rtplan.dcm": IMPLICIT_LE,
+    "rtdose.dcm": IMPLICIT_LE,
+    "rtstruct.dcm": IMPLICIT_LE,  # no preamble, no file meta
+    "ExplVR_BigEndNoMeta.dcm": EXPLICIT_BE,
+    "ExplVR_LitEndNoMeta.dcm": EXPLICIT_LE,
+    "waveform_ecg.dcm": EXPLICIT_LE,
+    "test-SR.dcm": EXPLICIT_LE,
+    "MR_truncated.dcm": Truncated,
+    "rtplan_truncated.dcm": Truncated,
+    "README.txt": NotDicom,
+    "rtplan.dump": NotDicom,
+    "test1.json": NotDicom,
+    "zipMR.gz": NotDicom,
+    "crayons.icc": NotDicom,  # regression: was Truncated ("still being written")
+    "no_meta.dcm": NotDicom,  # a raw data set shifted by one byte
+    "meta_missing_tsyntax.dcm": NotDicom,
+    # meta says JPEG Baseline (explicit VR) but the data set is implicit VR: sending it as
+    # is would hand the peer garbage, so it is invalid (pydicom only warns)
+    "SC_rgb_jpeg.dcm": NotDicom,
+    # fragments whose data sets have no SOP UIDs (only the file meta has them)
+    "priv_SQ.dcm": MissingUID,
+    "no_meta_group_length.dcm": MissingUID,
+    "UN_sequence.dcm": MissingUID,
+    "empty_charset_LEI.dcm": MissingUID,
+    "nested_priv_SQ.dcm": MissingUID,
+}
+
+PYNETDICOM_FILES: dict[str, str] = {
+    "CTImageStorage.dcm": EXPLICIT_LE,
+    "CTImageStorage_bad_meta.dcm": EXPLICIT_LE,
+    "MRImageStorage_ExplicitVRBigEndian.dcm": EXPLICIT_BE,
+    "MRImageStorage_JPG2000_Lossless.dcm": JPEG2000_LOSSLESS,
+    "RTImageStorage.dcm": IMPLICIT_LE,
+    "SCImageStorage_Deflated.dcm": DEFLATED_LE,
+}
+
+
+def _check(path: Path, expected: str | type[InvalidDicom]) -> None:
+    if isinstance(expected, str):
+        info = inspect(path)
+        assert info.transfer_syntax == expected
+        ds = dcmread(path, force=True, stop_before_pixels=True)
+        assert info.sop_class_uid == ds.SOPClassUID
+        assert info.sop_instance_uid == ds.SOPInstanceUID
+        assert info.study_uid == ds.get("StudyInstanceUID")
+        assert info.size == path.stat().st_size
+    else:
+        with pytest.raises(expected) as exc:
+            inspect(path)
+        assert type(exc.value) is expected
+        assert exc.value.path == path
+        assert exc.value.reason and "\n" not in exc.value.reason
+
+
+@pytest.mark.parametrize("name", sorted(PYDICOM_FILES))
+def test_pydicom_test_files(name: str) -> None:
+    _check(data_file(name), PYDICOM_FILES[name])
+
+
+@pytest.mark.parametrize("name", sorted(PYNETDICOM_FILES))
+def test_pynetdicom_test_files(name: str) -> None:
+    _check(pynetdicom_file(name), PYNETDICOM_FILES[name])
+
+
+def test_every_pydicom_test_file_classifies_without_crashing() -> None:
+    folder = data_file("CT_small.dcm").parent
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            info = inspect(path)
+        except InvalidDicom as exc:
+            assert exc.reason and "\n" not in exc.reason, path
+        else:
+            assert info.sop_class_uid.startswith(("1.2.840.10008.", "1.2.")), path
+            assert info.dataset_offset < info.size, path
+
+
+def _meta_end(path: Path) -> int:
+    """Where pydicom says the data set starts (after preamble and file meta)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        return fp.tell()
+
+
+def test_values_of_a_file_with_meta() -> None:
+    path = data_file("CT_small.dcm")
+    info = inspect(path)
+    ds = dcmread(path)
+    assert info.path == path
+    assert info.has_meta
+    assert info.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+    assert info.sop_instance_uid == ds.SOPInstanceUID
+    assert info.study_uid == ds.StudyInstanceUID
+    assert info.dataset_offset == _meta_end(path) == 336
+    assert info.mtime_ns == path.stat().st_mtime_ns
+    # the bytes from the offset are the data set pydicom reads
+    raw = path.read_bytes()[info.dataset_offset :]
+    first = next(data_element_generator(io.BytesIO(raw), False, True))
+    assert first.tag == 0x00080005
+
+
+def test_values_of_files_without_meta() -> None:
+    info = inspect(data_file("rtstruct.dcm"))
+    assert (info.has_meta, info.dataset_offset, info.transfer_syntax) == (False, 0, IMPLICIT_LE)
+    info = inspect(data_file("ExplVR_BigEndNoMeta.dcm"))
+    assert (info.has_meta, info.dataset_offset, info.transfer_syntax) == (False, 0, EXPLICIT_BE)
+
+
+def test_deflated_and_encapsulated_values() -> None:
+    info = inspect(data_file("image_dfl.dcm"))
+    assert info.has_meta and info.dataset_offset == _meta_end(data_file("image_dfl.dcm"))
+    assert info.sop_instance_uid == dcmread(data_file("image_dfl.dcm")).SOPInstanceUID
+    info = inspect(data_file("JPEG2000.dcm"))
+    assert info.transfer_syntax == JPEG2000 and info.has_meta
+
+
+def _cut(src: Path, size: int, tmp_path: Path) -> Path:
+    out = tmp_path / f"{src.stem}-{size}.dcm"
+    with open(src, "rb") as fp:
+        out.write_bytes(fp.read(size))
+    return out
+
+
+@pytest.mark.parametrize("size", [1000, 20000])
+def test_cut_file_is_truncated_although_pydicom_reads_it(size: int, tmp_path: Path) -> None:
+    cut = _cut(data_file("CT_small.dcm"), size, tmp_path)
+    dcmread(cut)  # the trap: pydicom reads the half-written file without an error
+    with pytest.raises(Truncated):
+        inspect(cut)
+
+
+def _element_ends(path: Path, offset: int, implicit: bool, little: bool) -> set[int]:
+    """The offsets where pydicom's parser finds a top-level element ending."""
+    data = path.read_bytes()
+    fp = io.BytesIO(data)
+    fp.seek(offset)
+    ends = set()
+    for _ in data_element_generator(fp, implicit, little, defer_size=None):
+        ends.add(fp.tell())
+    return ends
+
+
+@pytest.mark.parametrize(
+    ("name", "implicit", "little"),
+    [
+        ("CT_small.dcm", False, True),
+        ("rtplan.dcm", True, True),  # sequences
+        ("JPEG2000.dcm", False, True),  # encapsulated pixel data
+        ("ExplVR_BigEndNoMeta.dcm", False, False),
+    ],
+)
+def test_every_cut_is_truncated_unless_at_an_element_boundary(
+    name: str, implicit: bool, little: bool, tmp_path: Path
+) -> None:
+    """A file cut anywhere is Truncated, except exactly between two top-level elements.
+
+    (There the bytes are a complete shorter data set: only the file system can tell.)
+    """
+    src = data_file(name)
+    info = inspect(src)
+    ends = _element_ends(src, info.dataset_offset, implicit, little)
+    data = src.read_bytes()
+    target = tmp_path / "cut.dcm"
+    step = max(1, len(data) // 1500)
+    for size in [*range(0, len(data), step), len(data) - 1]:
+        target.write_bytes(data[:size])
+        try:
+            inspect(target)
+        except Truncated:
+            continue
+        except MissingUID:  # cut before its SOP UIDs, at an element boundary
+            assert size in ends, size
+            continue
+        except NotDicom:  # CT_small's preamble is a TIFF header: no telling it apart
+            assert size < 132 and data[:128].strip(b"\x00"), size
+            continue
+        assert size in ends, f"{name} cut at {size} of {len(data)} passed as complete"
+
+
+def test_cut_deflated_file_is_truncated(tmp_path: Path) -> None:
+    src = data_file("image_dfl.dcm")
+    size = src.stat().st_size
+    for cut_at in (400, 1000, size // 2, size - 40):
+        with pytest.raises(Truncated):
+            inspect(_cut(src, cut_at, tmp_path))
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 130, 133, 160, 250])
+def test_cut_in_preamble_or_meta_is_truncated(size: int, tmp_path: Path) -> None:
+    """Regression: a file cut in its zero preamble or file meta read as "not DICOM"."""
+    with pytest.raises(Truncated):
+        inspect(_cut(data_file("rtplan.dcm"), size, tmp_path))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.dcm"
+    empty.touch()
+    with pytest.raises(Truncated, match="empty file"):
+        inspect(empty)
+
+
+def test_meta_only_is_truncated(tmp_path: Path) -> None:
+    src = data_file("CT_small.dcm")
+    with pytest.raises(Truncated):
+        inspect(_cut(src, inspect(src).dataset_offset, tmp_path))
+
+
+def test_missing_file_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        inspect(tmp_path / "gone.dcm")
+
+
+def _write(ds: Dataset, path: Path, *, meta_uid: str | None = None) -> Path:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
+    ds.file_meta.MediaStorageSOPInstanceUID = meta_uid or ds.get("SOPInstanceUID", "1.2.3")
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_missing_sop_instance_uid(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.PatientName = "Missing^UID"
+    # the file meta has a Media Storage SOP Instance UID; the data set has none
+    path = _write(ds, tmp_path / "nouid.dcm", meta_uid=generate_uid())
+    with pytest.raises(MissingUID, match=r"SOP Instance UID"):
+        inspect(path)
+
+
+def test_missing_sop_class_uid(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientName = "Missing^Class"
+    with pytest.raises(MissingUID, match=r"SOP Class UID"):
+        inspect(_write(ds, tmp_path / "noclass.dcm"))
+
+
+def _with_undefined_length_sequence(path: Path) -> tuple[Path, int]:
+    """A file with an undefined-length sequence of undefined-length items.
+
+    Returns the path and an offset inside the second item.
+    """
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    items = []
+    for n in range(3):
+        item = Dataset()
+        item.CodeValue = f"CODE{n}"
+        item.CodeMeaning = "x" * 60
+        item.is_undefined_length_sequence_item = True
+        items.append(item)
+    ds.ReferencedImageSequence = Sequence(items)
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    ds.PatientName = "Seq^Test"
+    _write(ds, path)
+    raw = path.read_bytes()
+    seq_at = raw.index(b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff")  # (0008,1140) undefined
+    first = raw.index(b"\xfe\xff\x00\xe0\xff\xff\xff\xff", seq_at)
+    second = raw.index(b"\xfe\xff\x00\xe0\xff\xff\xff\xff", first + 8)
+    meaning = raw.index(b"xxxx", second)
+    return path, meaning + 50
+
+
+def test_cut_inside_an_undefined_length_item_is_truncated(tmp_path: Path) -> None:
+    path, inside = _with_undefined_length_sequence(tmp_path / "seq.dcm")
+    info = inspect(path)  # complete: fine
+    assert info.sop_instance_uid == dcmread(path).SOPInstanceUID
+    data = path.read_bytes()
+    cut = tmp_path / "seq-cut.dcm"
+    cut.write_bytes(data[:inside])
+    with pytest.raises(Truncated):
+        inspect(cut)
+    # cut right at the end of an element inside the item: still inside the sequence
+    end_of_value = data.index(b"x" * 60) + 60
+    cut.write_bytes(data[:end_of_value])
+    with pytest.raises(Truncated):
+        inspect(cut)
+    # cut just before the sequence delimiter
+    delimiter = data.index(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    cut.write_bytes(data[:delimiter])
+    with pytest.raises(Truncated):
+        inspect(cut)
