@@ -1,0 +1,161 @@
+"""Tests for forwarder.wire: the command set encoding and the data phase on a real association."""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import SCP, data_file
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pynetdicom import AE
+from pynetdicom.dsutils import encode
+
+from forwarder.dicomfile import inspect
+from forwarder.wire import Channel, WireError, decode_command, encode_store_command
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def _read_command(data: bytes) -> Dataset:
+    fp = DicomBytesIO(data)
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    return read_dataset(fp, is_implicit_VR=True, is_little_endian=True)
+
+
+@pytest.mark.parametrize("message_id", [1, 2, 65535])
+def test_store_command_decodes_with_pydicom(message_id: int) -> None:
+    uid = "1.2.3.4.5.6.7.8.9"  # odd length: padded with a NUL
+    data = encode_store_command(CT, uid, message_id, priority=0)
+    ds = _read_command(data)
+    assert ds.AffectedSOPClassUID == CT
+    assert ds.AffectedSOPInstanceUID == uid
+    assert ds.CommandField == 0x0001  # C-STORE-RQ
+    assert ds.MessageID == message_id
+    assert ds.Priority == 0
+    assert ds.CommandDataSetType != 0x0101  # a data set follows
+    assert ds.CommandGroupLength == len(data) - 12
+    assert len(data) % 2 == 0
+    assert [int(e.tag) for e in ds] == sorted(int(e.tag) for e in ds)
+
+
+def test_store_command_equals_pynetdicoms_encoding() -> None:
+    """Byte for byte what pynetdicom would send for the same request."""
+    uid = "1.2.826.0.1.3680043.9.9999.12"
+    ds = Dataset()
+    ds.CommandGroupLength = 0
+    ds.AffectedSOPClassUID = CT
+    ds.CommandField = 1
+    ds.MessageID = 7
+    ds.Priority = 2
+    ds.CommandDataSetType = 0
+    ds.AffectedSOPInstanceUID = uid
+    body = encode(ds, True, True)
+    assert body is not None
+    ds.CommandGroupLength = len(body) - 12
+    expected = encode(ds, True, True)
+    assert encode_store_command(CT, uid, 7) == expected
+
+
+def test_decode_command_round_trip() -> None:
+    ds = Dataset()
+    ds.CommandGroupLength = 0
+    ds.AffectedSOPClassUID = CT
+    ds.CommandField = 0x8001
+    ds.MessageIDBeingRespondedTo = 513
+    ds.CommandDataSetType = 0x0101
+    ds.Status = 0xB000
+    ds.ErrorComment = "coerced"
+    data = encode(ds, True, True)
+    assert data is not None
+    elems = decode_command(bytes(data))
+    assert struct.unpack("<H", elems[0x00000100])[0] == 0x8001
+    assert struct.unpack("<H", elems[0x00000120])[0] == 513
+    assert struct.unpack("<H", elems[0x00000900])[0] == 0xB000
+    assert elems[0x00000002].rstrip(b"\x00") == CT.encode()
+    assert elems[0x00000902].rstrip(b" ") == b"coerced"
+
+
+def test_decode_command_rejects_a_length_past_the_end() -> None:
+    data = encode_store_command(CT, "1.2.3", 1)
+    with pytest.raises(WireError):
+        decode_command(data[:-3])
+    assert decode_command(b"") == {}
+
+
+@pytest.fixture
+def assoc(make_scp: Callable[..., SCP]) -> Iterator[tuple[Any, SCP]]:
+    """An established association to a pynetdicom SCP with a small PDU (many fragments)."""
+    scp = make_scp(maximum_pdu_size=4096)
+    ae = AE(ae_title="WIRE-TEST")
+    ae.add_requested_context(CT, [EXPLICIT_LE])
+    association = ae.associate("127.0.0.1", scp.port)
+    assert association.is_established
+    yield association, scp
+    if association.is_established:
+        association.release()
+
+
+def _cx(association: Any) -> int:
+    return int(association.accepted_contexts[0].context_id)
+
+
+def test_channel_streams_a_file_and_reads_the_response(assoc: tuple[Any, SCP]) -> None:
+    association, scp = assoc
+    info = inspect(data_file("CT_small.dcm"))
+    peer_max = int(association.acceptor.maximum_length)
+    assert peer_max == 4096
+    with Channel(association, peer_max, dimse_timeout=5) as ch:
+        for msg_id in (1, 2):
+            ch.send_store(
+                _cx(association),
+                encode_store_command(CT, info.sop_instance_uid, msg_id),
+                (info.path, info.dataset_offset),
+            )
+            rsp = ch.read_response()
+            assert (rsp.status, rsp.message_id) == (0x0000, msg_id)
+    got = scp.received
+    assert [r.message_id for r in got] == [1, 2]
+    expected = info.path.read_bytes()[info.dataset_offset :]
+    assert all(r.encoded == expected for r in got)  # reassembled from ~10 fragments
+    assert all(r.transfer_syntax == EXPLICIT_LE for r in got)
+    # the association is pynetdicom's again: it releases normally
+    association.release()
+    assert association.is_released
+
+
+def test_channel_sends_bytes_and_reports_the_status(assoc: tuple[Any, SCP]) -> None:
+    association, scp = assoc
+    scp.statuses = [0xA700]
+    info = inspect(data_file("CT_small.dcm"))
+    payload = info.path.read_bytes()[info.dataset_offset :]
+    with Channel(association, 4096, dimse_timeout=5) as ch:
+        ch.send_store(_cx(association), encode_store_command(CT, info.sop_instance_uid, 9), payload)
+        rsp = ch.read_response()
+    assert (rsp.status, rsp.message_id) == (0xA700, 9)
+    assert scp.received == []  # the fixture records only what it stored
+
+
+def test_channel_times_out_without_a_response(assoc: tuple[Any, SCP]) -> None:
+    association, scp = assoc
+
+    release = threading.Event()
+    scp.on_store = lambda event: release.wait(5) and None
+    info = inspect(data_file("CT_small.dcm"))
+    try:
+        with Channel(association, 4096, dimse_timeout=0.5) as ch:
+            ch.send_store(
+                _cx(association),
+                encode_store_command(CT, info.sop_instance_uid, 1),
+                (info.path, info.dataset_offset),
+            )
+            with pytest.raises(WireError, match="DIMSE timeout"):
+                ch.read_response()
+    finally:
+        release.set()
+        association.abort()
