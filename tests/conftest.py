@@ -70,6 +70,7 @@ class Received:
     transfer_syntax: str
     calling_aet: str
     encoded: bytes  # the data set exactly as it came over the wire
+    message_id: int = 0  # the C-STORE-RQ's Message ID
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SCP:
     received: list[Received] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)  # answered in turn; then 0x0000
     associations: int = 0
+    proposed: list[int] = field(default_factory=list)  # contexts proposed, per association
     server: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_store: Callable[[Any], int | None] | None = None  # may return a status or None
@@ -126,6 +128,7 @@ def make_scp() -> Iterator[Callable[..., SCP]]:
                             transfer_syntax=str(event.context.transfer_syntax),
                             calling_aet=str(event.assoc.requestor.ae_title),
                             encoded=bytes(event.request.DataSet.getvalue()),
+                            message_id=int(event.request.MessageID),
                         )
                     )
             return status
@@ -133,6 +136,7 @@ def make_scp() -> Iterator[Callable[..., SCP]]:
         def on_established(event: Any) -> None:
             with scp.lock:
                 scp.associations += 1
+                scp.proposed.append(len(event.assoc.requestor.requested_contexts))
 
         server = ae.start_server(
             ("127.0.0.1", port),
