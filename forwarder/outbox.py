@@ -76,6 +76,7 @@ from typing import Any, Final, TypeVar
 __all__ = [
     "FINAL_STATES",
     "MIGRATIONS",
+    "Mark",
     "SCHEMA_VERSION",
     "Delivery",
     "DestinationInfo",
@@ -150,6 +151,20 @@ class FileRecord:
     sop_instance_uid: str
     transfer_syntax: str
     study_uid: str | None
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One outcome for `Outbox.mark_many`: the state a delivery goes to, and why."""
+
+    delivery_id: int
+    state: State
+    """SENT, PENDING (a retry, due at `next_attempt_at`), QUARANTINED or GONE."""
+    status: int | None = None
+    error: str | None = None
+    """The reason; for SENT, the warning (or None)."""
+    next_attempt_at: float | None = None
+    count_attempt: bool = True
 
 
 @dataclass(frozen=True)
@@ -873,12 +888,47 @@ class Outbox:
         claimed.sort(key=lambda d: (d.next_attempt_at, d.id))  # RETURNING has no order
         return claimed
 
-    def _mark(self, what: str, delivery_id: int, sql: str, params: Mapping[str, Any]) -> bool:
-        with self._write(what) as conn:
-            changed = conn.execute(sql, {"id": delivery_id, **params}).rowcount
-        if not changed:
-            log.warning("outbox: %s of delivery %d ignored: it is not in flight", what, delivery_id)
-        return bool(changed)
+    def mark_many(self, marks: Sequence[Mark], now: float) -> None:
+        """Record several outcomes in one transaction: one fsync for a whole batch.
+
+        Each `Mark` follows the rules of the single-row method for its state (`mark_sent`,
+        `mark_retry`, `mark_quarantined`, `mark_gone`); rows those would leave alone are
+        left alone here too (logged).
+        """
+        ignored: builtins.list[tuple[Mark, str]] = []
+        with self._write("mark_many") as conn:
+            for m in marks:
+                params: dict[str, Any] = {"id": m.delivery_id, "now": now, "status": m.status}
+                if m.state is State.SENT:
+                    row = conn.execute(SQL_MARK_SENT, {**params, "warning": m.error}).fetchone()
+                    if row is None:
+                        ignored.append((m, "unknown or already sent"))
+                    else:
+                        conn.execute(SQL_DEST_SUCCESS, {"name": row[0], "now": now})
+                    continue
+                if m.state is State.PENDING:
+                    if m.next_attempt_at is None:
+                        raise ValueError("a retry needs next_attempt_at")
+                    sql = SQL_MARK_RETRY
+                    params.update(
+                        error=m.error or "",
+                        next_attempt_at=m.next_attempt_at,
+                        counted=1 if m.count_attempt else 0,
+                    )
+                elif m.state is State.QUARANTINED:
+                    sql = SQL_MARK_QUARANTINED
+                    params["error"] = m.error or ""
+                elif m.state is State.GONE:
+                    sql = SQL_MARK_GONE
+                    params = {"id": m.delivery_id, "now": now, "error": m.error or ""}
+                else:
+                    raise ValueError(f"cannot mark a delivery {m.state.name}")
+                if not conn.execute(sql, params).rowcount:
+                    ignored.append((m, "it is not in flight"))
+        for m, why in ignored:
+            log.warning(
+                "outbox: marking delivery %d %s ignored: %s", m.delivery_id, m.state.name, why
+            )
 
     def mark_sent(
         self, delivery_id: int, status: int, now: float, warning: str | None = None
@@ -890,17 +940,7 @@ class Outbox:
         ``last_error = warning``. The destination's ``last_success_at`` becomes `now` and its
         ``consecutive_failures`` 0. A row already SENT, or an unknown id, is left alone (logged).
         """
-        with self._write("mark_sent") as conn:
-            row = conn.execute(
-                SQL_MARK_SENT,
-                {"id": delivery_id, "status": status, "now": now, "warning": warning},
-            ).fetchone()
-            if row is not None:
-                conn.execute(SQL_DEST_SUCCESS, {"name": row[0], "now": now})
-        if row is None:
-            log.warning(
-                "outbox: mark_sent of delivery %d ignored: unknown or already sent", delivery_id
-            )
+        self.mark_many([Mark(delivery_id, State.SENT, status, warning)], now)
 
     def mark_retry(
         self,
@@ -920,18 +960,8 @@ class Outbox:
         ``last_attempt_at``, ``last_status`` and ``last_error`` are recorded either way. A row
         that is not `State.INFLIGHT` (its lease was recovered, an operator acted) is left alone.
         """
-        self._mark(
-            "mark_retry",
-            delivery_id,
-            SQL_MARK_RETRY,
-            {
-                "status": status,
-                "error": error,
-                "now": now,
-                "next_attempt_at": next_attempt_at,
-                "counted": 1 if count_attempt else 0,
-            },
-        )
+        mark = Mark(delivery_id, State.PENDING, status, error, next_attempt_at, count_attempt)
+        self.mark_many([mark], now)
 
     def mark_quarantined(
         self, delivery_id: int, status: int | None, error: str, now: float
@@ -940,19 +970,14 @@ class Outbox:
 
         A row that is not `State.INFLIGHT` is left alone (logged).
         """
-        self._mark(
-            "mark_quarantined",
-            delivery_id,
-            SQL_MARK_QUARANTINED,
-            {"status": status, "error": error, "now": now},
-        )
+        self.mark_many([Mark(delivery_id, State.QUARANTINED, status, error)], now)
 
     def mark_gone(self, delivery_id: int, error: str, now: float) -> None:
         """An in-flight row becomes `State.GONE`: its file vanished (no attempt counted).
 
         A row that is not `State.INFLIGHT` is left alone (logged).
         """
-        self._mark("mark_gone", delivery_id, SQL_MARK_GONE, {"error": error, "now": now})
+        self.mark_many([Mark(delivery_id, State.GONE, None, error)], now)
 
     def release(self, delivery_ids: Sequence[int], now: float) -> None:
         """Return in-flight rows to `State.PENDING` without counting an attempt.

@@ -24,6 +24,7 @@ from forwarder.outbox import (
     SCHEMA_VERSION,
     Delivery,
     FileRecord,
+    Mark,
     Outbox,
     OutboxBusyError,
     OutboxError,
@@ -539,6 +540,37 @@ def test_mark_unknown_id_is_ignored(outbox: Outbox) -> None:
     outbox.mark_retry(12345, None, "x", T0, T0)
     assert outbox.counts() == {}
     assert outbox.destination_info() == {}
+
+
+def test_mark_many_records_a_batch_in_one_transaction(outbox: Outbox) -> None:
+    outbox.enqueue_many([rec(i) for i in range(1, 6)], ["a"], T0)
+    batch = outbox.claim("a", 5, T0, LEASE)
+    d1, d2, d3, d4, d5 = (d.id for d in batch)
+    outbox.mark_many(
+        [
+            Mark(d1, State.SENT, 0x0000),
+            Mark(d2, State.SENT, 0xB000, "coercion"),
+            Mark(d3, State.PENDING, 0xA700, "out of resources", T0 + 10),
+            Mark(d4, State.QUARANTINED, 0xA900, "does not match"),
+            Mark(d5, State.GONE, None, "vanished"),
+            Mark(d3, State.QUARANTINED, 0xA900, "late: no longer in flight"),  # ignored
+        ],
+        T0 + 1,
+    )
+    assert [one(outbox, i).state for i in (d1, d2, d3, d4, d5)] == [
+        State.SENT,
+        State.SENT,
+        State.PENDING,
+        State.QUARANTINED,
+        State.GONE,
+    ]
+    assert one(outbox, d2).last_error == "coercion"
+    assert one(outbox, d3).next_attempt_at == T0 + 10
+    assert one(outbox, d3).attempts == 1
+    assert one(outbox, d5).attempts == 0
+    assert outbox.destination_info()["a"].last_success_at == T0 + 1
+    with pytest.raises(ValueError):
+        outbox.mark_many([Mark(d1, State.INFLIGHT)], T0 + 2)
 
 
 def test_release_keeps_place_in_line(outbox: Outbox) -> None:
