@@ -76,12 +76,12 @@ from typing import Any, Final, TypeVar
 __all__ = [
     "FINAL_STATES",
     "MIGRATIONS",
-    "Mark",
     "SCHEMA_VERSION",
     "Delivery",
     "DestinationInfo",
     "FileRecord",
     "Heartbeat",
+    "Mark",
     "Outbox",
     "OutboxBusyError",
     "OutboxError",
