@@ -37,16 +37,19 @@ def contexts_for(
 
     By default: one context per transfer syntax the files of that class are in (each
     alone, so the peer cannot pick a different one, e.g. Deflated, for them), plus one
-    fallback context with the uncompressed little endian syntaxes not proposed yet.
+    fallback context for each uncompressed little endian syntax not proposed yet. The
+    fallbacks are separate contexts too: offered together, the peer picks one (pynetdicom
+    by its own preference, often implicit VR, which loses the VRs of private elements);
+    offered apart, it accepts what it can and `candidates` picks explicit VR first.
     With `restrict` (``-xe``/``-xi``/``-xb``), only that syntax is proposed.
     """
     if restrict is not None:
         return [ContextSpec(sop_class, (restrict,))]
     own = sorted(set(file_syntaxes))
     specs = [ContextSpec(sop_class, (ts,)) for ts in own]
-    fallback = tuple(ts for ts in (EXPLICIT_LE, IMPLICIT_LE) if ts not in own)
-    if fallback:
-        specs.append(ContextSpec(sop_class, fallback))
+    specs.extend(
+        ContextSpec(sop_class, (ts,)) for ts in (EXPLICIT_LE, IMPLICIT_LE) if ts not in own
+    )
     return specs
 
 
