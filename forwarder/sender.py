@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode
 
 from forwarder.config import Destination
 from forwarder.contexts import (
@@ -25,7 +29,7 @@ from forwarder.contexts import (
     candidates,
     split_by_contexts,
 )
-from forwarder.dicomfile import DEFLATED_LE, DicomInfo
+from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
 from forwarder.status import Action, Classification, classify_association, classify_status
 from forwarder.wire import Channel, WireError, encode_store_command
 
@@ -455,10 +459,15 @@ class Sender:
                     "dicom-forwarder[codecs] or enable that transfer syntax on the peer"
                 ) from exc
         target = UID(ts)
-        data = encode(ds, target.is_implicit_VR, target.is_little_endian, ts == DEFLATED_LE)
-        if data is None:
-            raise _ConversionError(f"cannot encode the data set as {_name(ts)}")
-        return bytes(data)
+        source_little = info.transfer_syntax != EXPLICIT_BE  # decompressed data is LE too
+        try:
+            if source_little != target.is_little_endian:
+                _swap_other_words(ds, source_little)
+            return _encode(ds, target.is_implicit_VR, target.is_little_endian, ts == DEFLATED_LE)
+        except Exception as exc:  # pydicom cannot write it (bad values, VRs): one line
+            raise _ConversionError(
+                f"cannot encode the data set as {_name(ts)}: {_one_line(exc)}"
+            ) from exc
 
     def _next_msg_id(self, current: _Assoc) -> int:
         current.msg_id = current.msg_id % 65535 + 1  # 1..65535, then wraps
@@ -495,6 +504,48 @@ class Sender:
 
 class _ConversionError(Exception):
     pass
+
+
+# Values pydicom writes back as the bytes it read, whatever the target byte order
+# (filewriter.write_OWvalue: "does not currently do the byte swapping"), by item size.
+_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_ARRAY_TYPES = {array.array(t).itemsize: t for t in "QLIH"}
+
+
+def _swap_other_words(ds: Dataset, source_little: bool) -> None:
+    """Byte-swap the OW/OF/OL/OD/OV values of `ds`, nested ones too, in place.
+
+    Converting between big and little endian without this sent pixel data (OW) with each
+    16-bit value byte-swapped: MR_small_bigendian arrived as noise. Ambiguous VRs
+    ("OB or OW", "US or OW", "US or SS") are resolved first, with the source byte order
+    (their raw values are still in it), so that only real word values are swapped.
+    """
+    correct_ambiguous_vr(ds, source_little)
+    for elem in ds.iterall():
+        size = _WORD_VRS.get(str(elem.VR))
+        value = elem.value
+        if size is None or not isinstance(value, bytes) or len(value) % size:
+            continue
+        words = array.array(_ARRAY_TYPES[size], value)
+        words.byteswap()
+        elem.value = words.tobytes()
+
+
+def _encode(ds: Dataset, implicit: bool, little: bool, deflated: bool) -> bytes:
+    """The data set encoded for the wire (pynetdicom's `encode`, but raising, not logging).
+
+    pynetdicom's version logs a traceback on failure and returns None; the sender wants
+    the reason as one line.
+    """
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    if deflated:
+        deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = deflater.compress(data) + deflater.flush()
+        data += b"\x00" if len(data) % 2 else b""
+    return data
 
 
 def _association_outcome(assoc: Any) -> Classification:
