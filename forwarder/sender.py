@@ -139,33 +139,45 @@ class AssociationFailed(Exception):
 
 
 class _ConnectErrors(logging.Filter):
-    """Catch pynetdicom's multi-line connect failure logs; keep the reason for our one line.
+    """Catch pynetdicom's multi-line association failure logs; keep the reason for our line.
 
     pynetdicom logs a failed connect as two ERROR lines plus a traceback for TLS errors,
-    from its own thread. The sender reports one line per failed association instead,
-    naming the reason (refused, timed out, TLS verification failed ...).
+    and a rejection as three ERROR lines ("Association Rejected", "Result: ...",
+    "Reason: ..."), from its own threads. The sender reports one line per failed
+    association instead, naming the reason (refused, timed out, TLS verification failed,
+    rejected: called AE title not recognised ...).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.last: str | None = None
+        self.last: str | None = None  # the detail for the next failed association
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.funcName != "connect" or not record.pathname.endswith("transport.py"):
-            return True
-        msg = record.getMessage()
-        if msg.startswith("TCP Initialisation Error: "):
-            self.last = msg.removeprefix("TCP Initialisation Error: ")
-        return False
+        if record.funcName == "connect" and record.pathname.endswith("transport.py"):
+            msg = record.getMessage()
+            if msg.startswith("TCP Initialisation Error: "):
+                self.last = "cannot connect: " + msg.removeprefix("TCP Initialisation Error: ")
+            return False
+        if record.funcName == "_negotiate_as_requestor" and record.pathname.endswith("acse.py"):
+            # our own association's negotiation: rejections are described from the
+            # A-ASSOCIATE-RJ, the rest (ACSE timeout, abort) kept as the detail
+            msg = record.getMessage()
+            if record.levelno >= logging.ERROR and not msg.startswith(
+                ("Association Rejected", "Result: ", "Reason: ", "No accepted presentation")
+            ):
+                self.last = msg
+            return record.levelno < logging.ERROR
+        return True
 
 
 _CONNECT_ERRORS = _ConnectErrors()
 
 
 def _install_connect_filter() -> None:
-    log = logging.getLogger("pynetdicom.transport")  # logger filters don't see children
-    if _CONNECT_ERRORS not in log.filters:
-        log.addFilter(_CONNECT_ERRORS)
+    for name in ("pynetdicom.transport", "pynetdicom.acse"):
+        log = logging.getLogger(name)  # logger filters don't see children
+        if _CONNECT_ERRORS not in log.filters:
+            log.addFilter(_CONNECT_ERRORS)
 
 
 @dataclass
@@ -558,8 +570,8 @@ def _association_outcome(assoc: Any) -> Classification:
             diagnostic=getattr(prim, "diagnostic", None),
         )
     if assoc.acceptor.primitive is None:
-        reason = _CONNECT_ERRORS.last or "refused, reset or timed out"
-        return classify_association(rejected=False, detail=f"cannot connect: {reason}")
+        detail = _CONNECT_ERRORS.last or "cannot connect: refused, reset or timed out"
+        return classify_association(rejected=False, detail=detail)
     if assoc.is_aborted:
         return classify_association(
             rejected=False, detail="association aborted (no acceptable presentation context?)"
