@@ -19,10 +19,19 @@ from types import FrameType
 
 from forwarder import __version__, filing
 from forwarder.config import EX_CONFIG, ConfigError, Destination, Settings, load_settings
-from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
+from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
 from forwarder.logs import fields, setup_logging
+from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
-from forwarder.outbox import FINAL_STATES, Delivery, FileRecord, Outbox, OutboxError, State
+from forwarder.outbox import (
+    FINAL_STATES,
+    Delivery,
+    FileRecord,
+    Mark,
+    Outbox,
+    OutboxError,
+    State,
+)
 from forwarder.policy import Next, decide, pause_for
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
 from forwarder.status import Action
@@ -37,7 +46,8 @@ EX_SOFTWARE = 70
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _ENQUEUE_BATCH = 256
 _DISPOSE_RETRY_SECONDS = 30.0
-_MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
+_MIN_HOLD_SECONDS = 60.0
+_SWITCH_INTERVAL = 0.0005  # a destination that refuses us (AE titles, not authorised)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +115,33 @@ class _Breaker:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+class _Pending:
+    """Outcomes recorded but not yet committed, and the files they may let go."""
+
+    MAX_MARKS = 64
+    MAX_AGE = 0.05  # seconds: a slow peer still sees its acks committed promptly
+
+    def __init__(self) -> None:
+        self.marks: list[Mark] = []
+        self.done: list[Delivery] = []
+        self.since = time.monotonic()
+
+    def add(self, mark: Mark, finished: Delivery | None = None) -> None:
+        if not self.marks:
+            self.since = time.monotonic()
+        self.marks.append(mark)
+        if finished is not None:
+            self.done.append(finished)
+
+    def due(self) -> bool:
+        return len(self.marks) >= self.MAX_MARKS or time.monotonic() - self.since >= self.MAX_AGE
+
+    def take(self) -> tuple[list[Mark], list[Delivery]]:
+        marks, done = self.marks, self.done
+        self.marks, self.done = [], []
+        return marks, done
+
+
 class Worker(threading.Thread):
     """Drains one destination's deliveries over one association at a time."""
 
@@ -151,11 +188,13 @@ class Worker(threading.Thread):
             self._idle_no_work(now)
             return
         self.busy_since = time.monotonic()
+        associations = self._sender.associations
         try:
             self._send_batch(batch)
         finally:
             self.busy_since = None
             self._last_activity = time.monotonic()
+            self.d.metrics.association(name, self._sender.associations - associations)
         if self._fresh:
             self._sender.release()
             self._fresh = False
@@ -188,26 +227,53 @@ class Worker(threading.Thread):
                 by_path[info.path] = d
                 infos.append(info)
         handled: set[int] = set()
+        pending = _Pending()
         try:
             for result in self._sender.send(infos):
                 d = by_path[result.info.path]
                 handled.add(d.id)
-                self._record(d, result)
+                self._record(d, result, pending)
+                if pending.due():
+                    self._flush(pending)
         except AssociationFailed as exc:
+            self._flush(pending)
             rest = [d.id for d in by_path.values() if d.id not in handled]
             self.d.outbox.release(rest, time.time())
             self._trip(exc)
             return
         finally:
+            self._flush(pending)
             if self.stop.is_set():
                 rest = [d.id for d in by_path.values() if d.id not in handled]
                 self.d.outbox.release(rest, time.time())
 
+    def _flush(self, pending: _Pending) -> None:
+        """Commit the recorded outcomes (one transaction), then dispose of finished files.
+
+        A file leaves the inbox only after its outcome is committed; a crash before the
+        commit means the instance is sent again, never that it is lost.
+        """
+        if not pending.marks:
+            return
+        marks, done = pending.take()
+        self.d.outbox.mark_many(marks, time.time())
+        for d in done:
+            self.d.file_done(d)
+
     def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
-        """The file as it is now, or None after recording why it cannot be sent."""
-        path = Path(d.path)
+        """The file as it was queued, or None after recording why it cannot be sent.
+
+        The enqueuer checked it completely; an unchanged size and mtime say it is still that
+        file, so only its file meta is read again here.
+        """
         try:
-            info = inspect(path)
+            info = locate(
+                d.path,
+                sop_class_uid=d.sop_class_uid,
+                sop_instance_uid=d.sop_instance_uid,
+                transfer_syntax=d.transfer_syntax,
+                study_uid=d.study_uid,
+            )
         except FileNotFoundError:
             self.d.outbox.mark_gone(d.id, "the file disappeared before it was sent", now)
             self.d.event(logging.WARNING, "gone", d, "the file disappeared before it was sent")
@@ -226,33 +292,36 @@ class Worker(threading.Thread):
             return None
         return info
 
-    def _record(self, d: Delivery, result: StoreResult) -> None:
+    def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
         now = time.time()
         cls = result.classification
         decision = decide(
             cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random()
         )
-        outbox = self.d.outbox
+        self.d.metrics.observe_store(
+            d.destination, decision.next.value, cls.status, result.seconds, result.info.size
+        )
         if decision.next is Next.SENT:
             warning = cls.describe() if cls.action is Action.WARNING else None
-            outbox.mark_sent(d.id, cls.status or 0, now, warning)
+            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning), d)
             self._succeeded()
             level = logging.WARNING if warning else logging.INFO
             self.d.event(level, "warning" if warning else "sent", d, cls.describe())
-            self.d.file_done(d)
         elif decision.next is Next.RETRY:
             assert decision.next_attempt_at is not None
-            outbox.mark_retry(d.id, cls.status, decision.reason, now, decision.next_attempt_at)
+            mark = Mark(d.id, State.PENDING, cls.status, decision.reason, decision.next_attempt_at)
+            pending.add(mark)
             wait = decision.next_attempt_at - now
             self.d.event(logging.WARNING, "retry", d, f"{decision.reason}; retry in {wait:.0f} s")
             self._fresh = self._fresh or decision.fresh_association
         elif decision.next is Next.QUARANTINE:
-            outbox.mark_quarantined(d.id, cls.status, decision.reason, now)
+            pending.add(Mark(d.id, State.QUARANTINED, cls.status, decision.reason), d)
             self.d.event(logging.ERROR, "quarantined", d, decision.reason)
-            self.d.file_done(d)
         else:  # HOLD: the destination refuses us; keep the instance, pause the destination
             until = self._pause(decision.reason, hold=True)
-            outbox.mark_retry(d.id, cls.status, decision.reason, now, until, count_attempt=False)
+            pending.add(
+                Mark(d.id, State.PENDING, cls.status, decision.reason, until, count_attempt=False)
+            )
             self.d.event(logging.ERROR, "held", d, decision.reason)
 
     def _succeeded(self) -> None:
@@ -319,6 +388,12 @@ class Enqueuer(threading.Thread):
         self.stop = threading.Event()
         self.last_beat = time.monotonic()
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
+
+    def halt(self) -> None:
+        """Stop, waking a `loop` blocked on the empty queue (it would sleep out its 30 s)."""
+        self.stop.set()
+        with contextlib.suppress(queue.Full):  # a full queue does not block `get` anyway
+            self.inbox.put_nowait(None)
 
     def offer(self, ready: ReadyFile) -> None:
         """Called from the watcher's tracker thread: hand over, waiting while we are full."""
@@ -448,6 +523,7 @@ class Daemon:
         self.started_at = time.time()
         self.stats = {"sent": 0, "quarantined": 0, "retry": 0}
         self._stats_lock = threading.Lock()
+        self.metrics: Metrics = NO_METRICS
 
     # -- wiring ---------------------------------------------------------------------
 
@@ -533,9 +609,6 @@ class Daemon:
             states = self.outbox.file_states(*key)
             if not states or any(s not in FINAL_STATES for s in states.values()):
                 return
-            if not path.exists():
-                self._dispose_later.pop(key, None)
-                return
             try:
                 st = path.stat()
                 if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
@@ -544,6 +617,9 @@ class Daemon:
                     self._quarantine_delivered(path, key, states)
                 else:
                     self._on_success(path)
+            except FileNotFoundError:  # gone already: nothing left to dispose of
+                self._dispose_later.pop(key, None)
+                return
             except OSError as exc:
                 if key not in self._dispose_later:
                     LOGGER.error(
@@ -584,6 +660,8 @@ class Daemon:
             "study_uid": rows[0].study_uid if rows else None,
             "sop_class_uid": rows[0].sop_class_uid if rows else None,
             "quarantined_at": _iso(time.time()),
+            # only the destinations that refused it: a reader (or a requeue) must not take
+            # the ones that have it for failures; those are listed under delivered_to
             "destinations": {
                 r.destination: {
                     "state": r.state.name.lower(),
@@ -595,7 +673,9 @@ class Daemon:
                     "delivery_id": r.id,
                 }
                 for r in rows
+                if r.state is not State.SENT
             },
+            "delivered_to": sorted(r.destination for r in rows if r.state is State.SENT),
         }
         target = filing.quarantine(
             path, self.settings.watch.paths, self.settings.quarantine.dir, sidecar
@@ -625,6 +705,10 @@ class Daemon:
                 f"{path}: not valid DICOM ({reason}) and cannot be quarantined: {exc}",
                 extra=fields(path=str(path), outcome="quarantine-failed"),
             )
+            # Forget it, or the watcher never offers this unchanged file again and it waits
+            # for a restart: the next rescan retries once the quarantine is writable.
+            if self.watcher is not None:
+                self.watcher.forget(path)
             return
         LOGGER.error(
             f"quarantined: {path} -> {target}: {reason}",
@@ -746,6 +830,12 @@ class Daemon:
         recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
         if recovered:
             LOGGER.info(f"{recovered} deliveries were in flight at the last stop; queued again")
+        self.metrics = start_metrics(
+            self.settings.metrics.listen,
+            self.outbox,
+            destinations=lambda: [d.name for d in self.settings.destinations],
+            stats=lambda: dict(self.stats),
+        )
         self.enqueuer.start()
         self._start_workers(self.settings.destinations)
         self.watcher = self._make_watcher()
@@ -806,12 +896,13 @@ class Daemon:
         deadline = time.monotonic() + timeout
         if self.watcher is not None:
             self.watcher.stop()
-        self.enqueuer.stop.set()
+        self.enqueuer.halt()  # the sentinel wakes it; a bare stop.set() cost the whole timeout
         self.enqueuer.join(max(0.0, deadline - time.monotonic()))
         clean = self._stop_workers(self.workers, max(0.0, deadline - time.monotonic()))
         if not clean:
             LOGGER.warning("in-flight stores did not finish in time; they will be sent again")
             self.hard_stop.set()
+        self.metrics.close()
         try:
             self._heartbeat_stopped()
         finally:
@@ -867,6 +958,10 @@ def _prepare_dirs(settings: Settings) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    # A worker waiting for a C-STORE response gets the GIL back only when the running
+    # thread yields it: every switch interval (5 ms by default) while the enqueuer or the
+    # watcher is busy. At hundreds of stores a second that wait is the bottleneck.
+    sys.setswitchinterval(_SWITCH_INTERVAL)
     try:
         settings = load(args.config)
     except ConfigError as exc:

@@ -18,6 +18,7 @@ __all__ = [
     "NotDicom",
     "Truncated",
     "inspect",
+    "locate",
 ]
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -328,6 +329,49 @@ def inspect(path: Path | str) -> DicomInfo:
         sop_instance_uid=sop_instance,
         transfer_syntax=ts,
         study_uid=_text(found.get(_STUDY)),
+        dataset_offset=offset,
+        has_meta=has_meta,
+    )
+
+
+def locate(
+    path: Path | str,
+    *,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    study_uid: str | None,
+) -> DicomInfo:
+    """Re-open a file that `inspect` already checked: its size, mtime and data set offset.
+
+    Reads the preamble and file meta only (no walk of the data set); the caller compares
+    size and mtime with what `inspect` saw to know the file is the one it checked.
+
+    Raises
+    ------
+    OSError
+        The file is gone or unreadable.
+    InvalidDicom
+        The file meta is no longer readable (the file was replaced).
+    """
+    path = Path(path)
+    with open(path, "rb") as fp:
+        st = os.fstat(fp.fileno())
+        head = fp.read(132)
+        has_meta = len(head) == 132 and head[128:132] == b"DICM"
+        offset = 0
+        if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in _ALL_VRS):
+            fp.seek(132 if has_meta else 0)
+            _read_meta(_Reader(fp, path, st.st_size))
+            offset = fp.tell()
+    return DicomInfo(
+        path=path,
+        size=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
+        study_uid=study_uid,
         dataset_offset=offset,
         has_meta=has_meta,
     )
