@@ -228,10 +228,8 @@ class Channel:
         until our ACK of the first; a delayed ACK makes that 40 ms per store.
         """
         if _QUICKACK is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
 
     def _recv_exact(self, n: int) -> bytes:
         sock = self._sock
