@@ -36,7 +36,9 @@ def backoff(attempt: int, initial: float, maximum: float, rand: float) -> float:
     `rand` in [0, 1) spreads the wait over 50-100% of the exponential value, so that
     instances failing together do not come back together.
     """
-    base = min(maximum, initial * 2.0 ** max(attempt - 1, 0))
+    # The exponent is capped: 2.0 ** 1024 raises OverflowError, and a destination down for
+    # days reaches that many failures in a row (it crashed the worker).
+    base = min(maximum, initial * 2.0 ** min(max(attempt - 1, 0), 60))
     return base * (0.5 + rand / 2)
 
 
