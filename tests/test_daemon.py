@@ -1,0 +1,1173 @@
+"""End-to-end tests of ``forwarder run``: the daemon as a real subprocess, real SCPs, real files.
+
+Every test writes a config into its own tmp_path, starts ``python -m forwarder run`` with its
+output in a log file, drops files into the inbox and asserts what the peer received and what
+is left on disk. Nothing sleeps blindly: every wait is a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SCP, StoreSCP, free_port, wait_for
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from forwarder.outbox import Delivery, Outbox, State
+
+ROOT = Path(__file__).resolve().parents[1]
+EX_CONFIG = 78
+
+# -- DICOM files --------------------------------------------------------------------------
+
+_UID_ROOT = "1.2.826.0.1.3680043.10.999"
+
+
+class Corpus:
+    """Makes small DICOM files fast: one encoded template, a fixed-length UID patched in."""
+
+    def __init__(self, pixel_bytes: int = 256) -> None:
+        self._run = 10**8 + secrets.randbelow(9 * 10**8)  # 9 digits, no leading zero
+        self._count = 0
+        placeholder = self._uid(self._run, 0)
+        ds = Dataset()
+        ds.SOPClassUID = SecondaryCaptureImageStorage
+        ds.SOPInstanceUID = placeholder
+        ds.StudyInstanceUID = f"{_UID_ROOT}.1.{self._run}"
+        ds.SeriesInstanceUID = f"{_UID_ROOT}.2.{self._run}"
+        ds.PatientName = "Forwarder^Test"
+        ds.PatientID = "FWD-TEST"
+        ds.Modality = "OT"
+        rows = max(1, -(-pixel_bytes // 256))
+        ds.Rows = rows
+        ds.Columns = 256
+        ds.BitsAllocated = 8
+        ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(range(256)) * rows
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        meta.MediaStorageSOPInstanceUID = placeholder
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        self._template = buf.getvalue()
+        self._placeholder = placeholder.encode("ascii")
+        assert self._template.count(self._placeholder) == 2
+
+    def _uid(self, run: int, n: int) -> str:
+        return f"{_UID_ROOT}.{run}.{10**7 + n}"  # fixed length while n < 9 * 10**7
+
+    def encode(self) -> tuple[str, bytes]:
+        """A new instance: (SOP Instance UID, file bytes)."""
+        self._count += 1
+        uid = self._uid(self._run, self._count)
+        return uid, self._template.replace(self._placeholder, uid.encode("ascii"))
+
+    def write(self, path: Path) -> str:
+        """Write a new instance to `path` in one go; return its SOP Instance UID."""
+        uid, data = self.encode()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return uid
+
+    def many(self, folder: Path, n: int, prefix: str = "img") -> dict[str, Path]:
+        """Write `n` instances under `folder`; return SOP Instance UID -> path."""
+        folder.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for i in range(n):
+            path = folder / f"{prefix}{i:05d}.dcm"
+            out[self.write(path)] = path
+        return out
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the data set starts in a Part 10 file: after the preamble, DICM and group 0002."""
+    assert data[128:132] == b"DICM"
+    assert data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL"
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
+@pytest.fixture
+def corpus() -> Corpus:
+    return Corpus()
+
+
+# -- the daemon as a subprocess -------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """Enough TOML for our configs: scalars, lists, tables and arrays of tables (one level)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict | list)]
+    lines += [
+        f"{k} = {_toml_value(v)}"
+        for k, v in data.items()
+        if isinstance(v, list) and k != "destinations"
+    ]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"\n[{key}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+    for dest in data.get("destinations", []):
+        lines.append("\n[[destinations]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in dest.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dest(name: str, port: int, **kw: Any) -> dict[str, Any]:
+    """A destination on loopback with short timeouts."""
+    return {
+        "name": name,
+        "host": "127.0.0.1",
+        "port": port,
+        "connect_timeout": 2,
+        "acse_timeout": 5,
+        "dimse_timeout": 10,
+        "network_timeout": 10,
+        **kw,
+    }
+
+
+def _clean_env() -> dict[str, str]:
+    """The test's environment without anything that would configure the daemon behind our back.
+
+    CI sets FORWARDER_REQUIRE_TOOLS, which the daemon would read as an unknown setting.
+    """
+    drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS")
+    return {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_") and k not in drop}
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/PID/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+class Forwarder:
+    """One daemon's config, folders and log; started and stopped as a real subprocess."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.inbox = tmp / "inbox"
+        self.quarantine = tmp / "quarantine"
+        self.archive = tmp / "sent"
+        self.outbox_path = tmp / "state" / "outbox.sqlite3"
+        self.cfg = tmp / "forwarder.toml"
+        self.log = tmp / "forwarder.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._mark = 0
+        self.config: dict[str, Any] = {}
+
+    def configure(self, destinations: list[dict[str, Any]], **over: Any) -> Forwarder:
+        """Write the config: test defaults (short settle, retry and heartbeat) plus `over`."""
+        base: dict[str, Any] = {
+            "shutdown_timeout": 10,
+            "watch": {
+                "paths": [str(self.inbox)],
+                "settle_seconds": 0.2,
+                "rescan_seconds": 30,
+                "invalid_grace_seconds": 1,
+            },
+            "outbox": {"path": str(self.outbox_path), "lease_seconds": 60},
+            "retry": {"initial_seconds": 0.2, "max_seconds": 1, "max_attempts": 20},
+            "disposition": {"on_success": "delete", "archive_dir": str(self.archive)},
+            "quarantine": {"dir": str(self.quarantine)},
+            "sender": {"linger_seconds": 0.3, "batch_size": 64},
+            "log": {"level": "info", "format": "text", "target": "stderr"},
+            "health": {"heartbeat_seconds": 0.5},
+            "destinations": destinations,
+        }
+        self.config = _merge(base, over)
+        self.cfg.write_text(to_toml(self.config))
+        return self
+
+    # -- process control ------------------------------------------------------------------
+
+    def start(self, env: Mapping[str, str] | None = None, *, wait: bool = True) -> Forwarder:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self._mark = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "forwarder", "run", "--config", str(self.cfg)],
+                cwd=ROOT,
+                env={**_clean_env(), **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(self.proc)
+        if wait:
+            self.wait_log("watching", timeout=20)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM and wait for the exit status (kill and fail at the deadline)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"the daemon ignored SIGTERM for {timeout} s\n{self.tail()}"
+            ) from None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    # -- observing --------------------------------------------------------------------------
+
+    def text(self, *, since_start: bool = False) -> str:
+        data = self.log.read_bytes() if self.log.exists() else b""
+        return data[self._mark if since_start else 0 :].decode("utf-8", "replace")
+
+    def tail(self, n: int = 40) -> str:
+        return "--- daemon log (tail) ---\n" + "\n".join(self.text().splitlines()[-n:])
+
+    def wait(self, predicate: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
+        """`wait_for` that fails early when the daemon died, and shows the log on failure."""
+
+        def check() -> Any:
+            value = predicate()
+            if not value and self.proc is not None and self.proc.poll() is not None:
+                rc = self.proc.returncode
+                raise AssertionError(
+                    f"daemon exited ({rc}) while waiting for {what}\n{self.tail()}"
+                )
+            return value
+
+        try:
+            return wait_for(check, timeout)
+        except AssertionError as exc:
+            if "daemon exited" in str(exc):
+                raise
+            raise AssertionError(
+                f"{what or predicate} not within {timeout} s\n{self.tail()}"
+            ) from None
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 15) -> str:
+        self.wait(lambda: self.text(since_start=True).count(text) >= count, timeout, repr(text))
+        return self.text(since_start=True)
+
+    def inbox_files(self) -> list[Path]:
+        return sorted(p for p in self.inbox.rglob("*") if p.is_file())
+
+    def quarantined(self) -> list[Path]:
+        """Quarantined files (not their sidecars)."""
+        if not self.quarantine.exists():
+            return []
+        return sorted(
+            p for p in self.quarantine.rglob("*") if p.is_file() and not p.name.endswith(".json")
+        )
+
+    def deliveries(self) -> list[Delivery]:
+        with Outbox(self.outbox_path, readonly=True) as ob:
+            return ob.list(limit=100_000)
+
+    def health(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "forwarder", "health", "--config", str(self.cfg)],
+            cwd=ROOT,
+            env=_clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+@pytest.fixture
+def fwd(tmp_path: Path) -> Iterator[Forwarder]:
+    """A daemon in tmp_path; whatever it started is killed at the end, whatever happened."""
+    f = Forwarder(tmp_path)
+    f.inbox.mkdir()
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+def received(scp: SCP) -> Counter[str]:
+    return Counter(scp.uids())
+
+
+def once(uids: Any) -> Counter[str]:
+    """Each UID exactly once (`uids`: an iterable of UIDs, or a dict keyed by them)."""
+    return Counter(list(uids))
+
+
+def has_all(scp: SCP, uids: Any) -> Callable[[], bool]:
+    wanted = set(uids)
+    return lambda: wanted <= set(scp.uids())
+
+
+class Gate:
+    """An SCP `on_store` hook that blocks each store until opened (bounded, so never forever)."""
+
+    def __init__(self, limit: float = 30) -> None:
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.limit = limit
+
+    def __call__(self, event: Any) -> int | None:
+        self.entered.set()
+        self.open.wait(self.limit)
+        return None
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    try:
+        yield g
+    finally:
+        g.open.set()  # never leave an SCP thread blocked behind a test
+
+
+# -- delivery and disposition ---------------------------------------------------------------
+
+
+def test_dropped_files_arrive_once_and_inbox_is_emptied(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    sent = corpus.many(fwd.inbox, 10)
+    sent |= corpus.many(fwd.inbox / "study1", 10)
+    fwd.wait(has_all(scp, sent), what="all 20 instances at the peer")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert received(scp) == once(sent)  # each exactly once
+    assert fwd.stop() == 0
+    assert not fwd.quarantined()
+    assert {d.state for d in fwd.deliveries()} == {State.SENT}
+    assert "sent: " in fwd.text()
+
+
+def test_received_bytes_are_the_files_data_set(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    path = fwd.inbox / "one.dcm"
+    uid = corpus.write(path)
+    data = path.read_bytes()
+    fwd.wait(has_all(scp, [uid]))
+    assert scp.received[0].encoded == data[dataset_offset(data) :]
+    assert fwd.stop() == 0
+
+
+def test_move_keeps_the_relative_path_under_archive_dir(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)], disposition={"on_success": "move"}).start()
+    sent = corpus.many(fwd.inbox / "p1" / "study", 5)
+    originals = {uid: p.read_bytes() for uid, p in sent.items()}
+    fwd.wait(has_all(scp, sent))
+    moved = {p: fwd.archive / p.relative_to(fwd.inbox) for p in sent.values()}
+    fwd.wait(lambda: all(t.exists() for t in moved.values()), what="files in the archive")
+    assert not fwd.inbox_files()
+    for uid, path in sent.items():
+        assert moved[path].read_bytes() == originals[uid]
+    assert fwd.stop() == 0
+    # the outbox follows the file
+    assert {d.path for d in fwd.deliveries()} == {str(t) for t in moved.values()}
+
+
+def test_keep_leaves_files_and_does_not_resend_after_restart(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)], disposition={"on_success": "keep"}).start()
+    kept = corpus.many(fwd.inbox, 5)
+    fwd.wait(has_all(scp, kept))
+    assert fwd.stop() == 0
+    assert sorted(kept.values()) == fwd.inbox_files()
+    fwd.start()
+    # a file dropped after the restart is examined after the ones found at start-up
+    late = corpus.write(fwd.inbox / "late.dcm")
+    fwd.wait(has_all(scp, [late]))
+    assert fwd.stop() == 0
+    assert received(scp) == Counter([*kept, late])
+    assert len(fwd.inbox_files()) == 6
+
+
+def test_storescp_peer_receives_every_file(
+    fwd: Forwarder, storescp: StoreSCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("dcmtk", storescp.port)]).start()
+    sent = corpus.many(fwd.inbox, 10)
+    fwd.wait(lambda: len(storescp.files()) >= 10, what="10 files written by storescp")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert len(storescp.files()) == 10
+    got = set()
+    for f in storescp.files():
+        data = f.read_bytes()
+        for uid in sent:
+            if uid.encode() in data:
+                got.add(uid)
+    assert got == set(sent)
+
+
+# -- when is a file complete ------------------------------------------------------------------
+
+
+def test_slow_writer_is_sent_once_and_complete(fwd: Forwarder, scp: SCP) -> None:
+    corpus = Corpus(pixel_bytes=200_000)
+    uid, data = corpus.encode()
+    fwd.configure([dest("pacs", scp.port)]).start()
+    path = fwd.inbox / "slow.dcm"
+    pieces = 5
+    step = len(data) // pieces + 1
+    with open(path, "wb") as fp:  # kept open; pauses longer than settle_seconds
+        for i in range(pieces):
+            fp.write(data[i * step : (i + 1) * step])
+            fp.flush()
+            os.fsync(fp.fileno())
+            time.sleep(0.45)  # the writer's pace, not a wait for the daemon
+            assert not scp.received, "a partial file was sent"
+    fwd.wait(has_all(scp, [uid]), what="the slow file at the peer")
+    fwd.wait(lambda: not path.exists(), what="the slow file deleted")
+    assert received(scp) == Counter([uid])
+    assert scp.received[0].encoded == data[dataset_offset(data) :]
+    assert fwd.stop() == 0
+    assert not fwd.quarantined()
+
+
+def test_write_then_rename_from_part(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    uids = []
+    for i in range(5):
+        uid, data = corpus.encode()
+        part = fwd.inbox / f"x{i}.dcm.part"
+        part.write_bytes(data)
+        part.rename(fwd.inbox / f"x{i}.dcm")
+        uids.append(uid)
+    fwd.wait(has_all(scp, uids))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert received(scp) == Counter(uids)
+    assert fwd.stop() == 0
+
+
+def test_files_in_brand_new_nested_folders_all_arrive(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    sent: dict[str, Path] = {}
+    for a in range(4):
+        for b in range(5):
+            sent |= corpus.many(fwd.inbox / f"new{a}" / f"series{b}" / "deep", 10)
+    assert len(sent) == 200
+    fwd.wait(has_all(scp, sent), timeout=30, what="200 instances from new folders")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert received(scp) == once(sent)
+    assert fwd.stop() == 0
+
+
+# -- statuses -----------------------------------------------------------------------------------
+
+
+def test_out_of_resources_is_retried_then_sent(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    scp.statuses = [0xA700, 0xA700]
+    fwd.configure([dest("pacs", scp.port)]).start()
+    uid = corpus.write(fwd.inbox / "busy.dcm")
+    fwd.wait(has_all(scp, [uid]))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == Counter([uid])
+    [row] = fwd.deliveries()
+    assert row.state is State.SENT
+    assert row.attempts == 3
+    assert row.last_status == 0
+    assert fwd.text().count("retry: ") == 2
+    assert "0xA700" in fwd.text()
+
+
+def _counting(status: int) -> tuple[Callable[[Any], int], Callable[[], int]]:
+    calls = []
+
+    def on_store(event: Any) -> int:
+        calls.append(str(event.request.AffectedSOPInstanceUID))
+        return status
+
+    return on_store, lambda: len(calls)
+
+
+def test_a900_is_quarantined_at_once_with_a_sidecar(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    scp.on_store, calls = _counting(0xA900)
+    fwd.configure([dest("pacs", scp.port)]).start()
+    good = corpus.write(fwd.inbox / "sub" / "bad.dcm")
+    target = fwd.quarantine / "sub" / "bad.dcm"
+    sidecar = Path(f"{target}.json")
+    fwd.wait(sidecar.exists, what="the quarantine sidecar")
+    fwd.wait(target.exists, what="the quarantined file")
+    assert fwd.stop() == 0
+    assert calls() == 1
+    assert not fwd.inbox_files()
+    side = json.loads(sidecar.read_text())
+    assert side["sop_instance_uid"] == good
+    info = side["destinations"]["pacs"]
+    assert info["status"] == "0xA900"
+    assert "does not match SOP class" in info["meaning"]
+    assert info["attempts"] == 1
+    assert info["state"] == "quarantined"
+    assert "pacs" in side["reason"]
+    # never resent: a restart finds nothing to send (a later file proves it has looked)
+    scp.on_store = None
+    fwd.start()
+    late = corpus.write(fwd.inbox / "late.dcm")
+    fwd.wait(has_all(scp, [late]))
+    assert fwd.stop() == 0
+    assert calls() == 1
+    assert received(scp) == Counter([late])
+
+
+def test_c000_is_retried_a_few_times_then_quarantined(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    scp.on_store, calls = _counting(0xC000)
+    fwd.configure([dest("pacs", scp.port)]).start()
+    corpus.write(fwd.inbox / "odd.dcm")
+    sidecar = fwd.quarantine / "odd.dcm.json"
+    fwd.wait(sidecar.exists, what="the quarantine sidecar")
+    assert fwd.stop() == 0
+    assert 2 <= calls() <= 5
+    info = json.loads(sidecar.read_text())["destinations"]["pacs"]
+    assert info["status"] == "0xC000"
+    assert info["attempts"] == calls()
+    assert (fwd.quarantine / "odd.dcm").exists()
+
+
+def test_warnings_are_sent_and_recorded(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    scp.statuses = [0xB000, 0x0111]
+    fwd.configure([dest("pacs", scp.port)]).start()
+    sent = corpus.many(fwd.inbox, 3)
+    fwd.wait(has_all(scp, sent))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    rows = fwd.deliveries()
+    assert {r.state for r in rows} == {State.SENT}
+    assert {r.attempts for r in rows} == {1}
+    warned = sorted((r.last_status, r.last_error) for r in rows if r.last_error)
+    assert [w[0] for w in warned] == [0x0111, 0xB000], warned
+    assert "coercion" in warned[1][1] and "duplicate" in warned[0][1]
+    assert fwd.text().count("warning: ") >= 2
+
+
+def test_duplicate_invocation_is_retried_on_a_fresh_association(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    scp.statuses = [0x0210]
+    fwd.configure([dest("pacs", scp.port)]).start()
+    uid = corpus.write(fwd.inbox / "dup.dcm")
+    fwd.wait(has_all(scp, [uid]))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert scp.associations >= 2
+    [row] = fwd.deliveries()
+    assert (row.state, row.attempts) == (State.SENT, 2)
+
+
+def test_not_authorised_holds_the_destination_without_burning_attempts(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    scp.statuses = [0x0124]
+    fwd.configure([dest("pacs", scp.port)]).start()
+    uid = corpus.write(fwd.inbox / "held.dcm")
+    text = fwd.wait_log("held: ")
+    assert "not authorised" in text
+    fwd.wait_log("destination pacs paused")
+    fwd.wait(has_all(scp, [uid]), timeout=15, what="sent after the hold")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    [row] = fwd.deliveries()
+    assert row.state is State.SENT
+    assert row.attempts == 1  # the refusal was the destination's fault, not the instance's
+    assert not fwd.quarantined()
+
+
+# -- destinations down or refusing ---------------------------------------------------------------
+
+
+def test_peer_down_then_back_burns_no_attempts(
+    fwd: Forwarder, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    port = free_port()
+    fwd.configure([dest("pacs", port)]).start()
+    sent = corpus.many(fwd.inbox, 10)
+    fwd.wait_log("destination pacs paused")
+    fwd.wait_log("destination pacs paused", count=2, timeout=10)  # it keeps trying, backing off
+    assert len(fwd.inbox_files()) == 10
+    scp = make_scp(port=port)
+    fwd.wait(has_all(scp, sent), timeout=20, what="every instance once the peer is back")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    fwd.wait_log("destination pacs is back")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    assert not fwd.quarantined()
+    rows = fwd.deliveries()
+    assert {r.state for r in rows} == {State.SENT}
+    assert {r.attempts for r in rows} == {1}  # the outage counted against no instance
+
+
+def test_rejected_association_pauses_without_quarantine_until_fixed_by_sighup(
+    fwd: Forwarder, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    scp = make_scp(ae_title="REALPACS", require_called=True)
+    fwd.configure([dest("pacs", scp.port, called_aet="WRONGAE")]).start()
+    sent = corpus.many(fwd.inbox, 5)
+    text = fwd.wait_log("destination pacs paused")
+    assert "called AE title not recognised" in text
+    assert "check called_aet" in text
+    assert not scp.received
+    assert not fwd.quarantined()
+    assert len(fwd.inbox_files()) == 5
+    rows = fwd.deliveries()
+    assert {r.state for r in rows} <= {State.PENDING, State.INFLIGHT}
+    assert {r.attempts for r in rows} == {0}
+    # the fix: the right AE title and a reload
+    fwd.configure([dest("pacs", scp.port, called_aet="REALPACS")])
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded")
+    fwd.wait(has_all(scp, sent), timeout=20, what="every instance after the fix")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    assert not fwd.quarantined()
+
+
+def test_two_destinations_one_rejecting_permanently(
+    fwd: Forwarder, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    a = make_scp()
+    b = make_scp()
+    b.on_store, b_calls = _counting(0xA900)
+    fwd.configure([dest("a", a.port), dest("b", b.port)]).start()
+    sent = corpus.many(fwd.inbox, 5)
+    fwd.wait(has_all(a, sent))
+    fwd.wait(lambda: len(fwd.quarantined()) == 5, what="5 quarantined files")
+    assert fwd.stop() == 0
+    assert received(a) == once(sent)  # A got each exactly once
+    assert b_calls() == 5
+    assert not fwd.inbox_files()
+    for path in fwd.quarantined():
+        side = json.loads(Path(f"{path}.json").read_text())
+        assert set(side["destinations"]) == {"b"}  # names the refusing destination only
+        assert side["delivered_to"] == ["a"]
+        assert side["destinations"]["b"]["state"] == "quarantined"
+        assert side["destinations"]["b"]["status"] == "0xA900"
+        assert side["reason"].startswith("b: ")
+        assert "a: " not in side["reason"]
+    states = Counter((d.destination, d.state) for d in fwd.deliveries())
+    assert states == {("a", State.SENT): 5, ("b", State.QUARANTINED): 5}
+
+
+# -- crashes and signals --------------------------------------------------------------------------
+
+
+def test_kill_9_mid_backlog_loses_nothing(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    def slowish(event: Any) -> None:
+        time.sleep(0.002)
+
+    scp.on_store = slowish
+    sent = corpus.many(fwd.inbox / "backlog", 2000)
+    fwd.configure([dest("pacs", scp.port)]).start()
+    fwd.wait(lambda: len(scp.uids()) >= 300, timeout=60, what="300 instances before the kill")
+    fwd.kill()
+    got = set(scp.uids())
+    left = {p for p in fwd.inbox_files()}
+    removed = {uid for uid, p in sent.items() if p not in left}
+    assert len(got) < 2000, "the backlog drained before the kill: slow the SCP down"
+    assert removed <= got, f"{len(removed - got)} files left the inbox without an ack"
+    fwd.start()
+    fwd.wait(has_all(scp, sent), timeout=90, what="all 2,000 instances after the restart")
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=30, what="an empty inbox")
+    assert fwd.stop() == 0
+    counts = received(scp)
+    assert set(counts) == set(sent)
+    dupes = sum(n - 1 for n in counts.values())
+    assert dupes <= 64, f"{dupes} duplicates: more than one batch resent"
+    assert not fwd.quarantined()
+
+
+def test_sigterm_with_work_in_flight_exits_0_and_the_rest_follows(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    def slow(event: Any) -> None:
+        time.sleep(0.02)
+
+    scp.on_store = slow
+    fwd.configure([dest("pacs", scp.port)], shutdown_timeout=5).start()
+    sent = corpus.many(fwd.inbox, 150)
+    fwd.wait(lambda: len(scp.uids()) >= 10, what="the first stores")
+    t0 = time.monotonic()
+    assert fwd.stop(timeout=10) == 0
+    assert time.monotonic() - t0 < 5 + 1
+    assert "stopped" in fwd.text(since_start=True)
+    first = set(scp.uids())
+    assert len(first) < 150
+    assert not fwd.quarantined()
+    fwd.start()
+    fwd.wait(has_all(scp, sent), timeout=30, what="the rest after the restart")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert set(scp.uids()) == set(sent)
+
+
+def test_second_sigterm_exits_at_once(fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus) -> None:
+    scp.on_store = gate
+    fwd.configure([dest("pacs", scp.port)], shutdown_timeout=30).start()
+    uid = corpus.write(fwd.inbox / "stuck.dcm")
+    fwd.wait(gate.entered.is_set, what="a store blocked at the peer")
+    fwd.signal(signal.SIGTERM)
+    fwd.wait_log("stopping")
+    assert fwd.alive()  # waiting for the in-flight store
+    t0 = time.monotonic()
+    fwd.signal(signal.SIGTERM)
+    assert fwd.proc is not None
+    rc = fwd.proc.wait(5)
+    assert time.monotonic() - t0 < 2
+    assert rc == 128 + signal.SIGTERM
+    assert "second signal" in fwd.text()
+    gate.open.set()
+    # nothing lost: the file is still there, and sent after a restart
+    assert (fwd.inbox / "stuck.dcm").exists()
+    scp.on_store = None
+    fwd.start()
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=20, what="an empty inbox")
+    assert fwd.stop() == 0
+    assert uid in scp.uids()
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_invalid_files_are_quarantined_after_the_grace_and_good_ones_sent(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    (fwd.inbox / "notes.txt").write_text("this is not DICOM\n" * 20)
+    _, data = corpus.encode()
+    (fwd.inbox / "cut.dcm").write_bytes(data[: len(data) - 40])
+    good = corpus.many(fwd.inbox, 5)
+    t0 = time.monotonic()
+    fwd.wait(has_all(scp, good))
+    fwd.wait(lambda: len(fwd.quarantined()) == 2, timeout=15, what="2 quarantined files")
+    assert time.monotonic() - t0 >= 0.9  # not before invalid_grace_seconds
+    assert fwd.alive()
+    assert fwd.stop() == 0
+    assert received(scp) == once(good)
+    assert not fwd.inbox_files()
+    for name in ("notes.txt", "cut.dcm"):
+        side = json.loads((fwd.quarantine / f"{name}.json").read_text())
+        assert side["reason"], side
+        assert side["original_path"] == str(fwd.inbox / name)
+    cut = json.loads((fwd.quarantine / "cut.dcm.json").read_text())["reason"]
+    assert "trunc" in cut.lower() or "end" in cut.lower() or "short" in cut.lower(), cut
+
+
+def test_file_deleted_before_sending_is_marked_gone(
+    fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus
+) -> None:
+    scp.on_store = gate
+    fwd.configure([dest("pacs", scp.port)], sender={"batch_size": 1}).start()
+    first = corpus.write(fwd.inbox / "a-first.dcm")
+    fwd.wait(gate.entered.is_set, what="the first store blocked at the peer")
+    doomed = corpus.many(fwd.inbox / "later", 5)
+    fwd.wait(lambda: len(fwd.deliveries()) == 6, what="the 5 later files queued")
+    for path in doomed.values():
+        path.unlink()
+    gate.open.set()
+    fwd.wait_log("gone: ", count=5, timeout=15)
+    assert fwd.alive()
+    survivor = corpus.write(fwd.inbox / "z-after.dcm")
+    fwd.wait(has_all(scp, [first, survivor]))
+    assert fwd.stop() == 0
+    assert set(scp.uids()) == {first, survivor}
+    states = Counter(d.state for d in fwd.deliveries())
+    assert states == {State.SENT: 2, State.GONE: 5}
+    assert "Traceback" not in fwd.text()
+
+
+def test_files_deleted_after_being_claimed_do_not_stop_the_batch(
+    fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus
+) -> None:
+    scp.on_store = gate
+    batch = corpus.many(fwd.inbox, 6)  # found at start-up: queued and claimed as one batch
+    fwd.configure([dest("pacs", scp.port)], sender={"batch_size": 64}).start()
+    fwd.wait(gate.entered.is_set, what="the first store blocked at the peer")
+    assert Counter(d.state for d in fwd.deliveries()) == {State.INFLIGHT: 6}
+    first = scp_current_uid(fwd)
+    doomed = {u: p for u, p in batch.items() if p.name != first}
+    for path in doomed.values():
+        path.unlink()  # claimed and checked already, deleted before their turn
+    gate.open.set()
+    fwd.wait(lambda: outbox_idle(fwd), timeout=20, what="every delivery settled")
+    assert fwd.alive()
+    survivor = corpus.write(fwd.inbox / "z-after.dcm")
+    fwd.wait(has_all(scp, [survivor]))
+    assert fwd.stop() == 0
+    assert set(scp.uids()) - set(doomed) == {batch_uid(batch, first), survivor}
+    states = Counter(d.state for d in fwd.deliveries())
+    assert states[State.GONE] == 5 and states[State.SENT] == 2, states
+    assert not fwd.quarantined()
+    assert "Traceback" not in fwd.text()
+
+
+def scp_current_uid(fwd: Forwarder) -> str:
+    """Name of the file whose store the gate holds: the one in flight, first in the batch."""
+    rows = [d for d in fwd.deliveries() if d.state is State.INFLIGHT]
+    return min(rows, key=lambda d: d.id).path.rsplit("/", 1)[1]
+
+
+def batch_uid(batch: dict[str, Path], name: str) -> str:
+    return next(u for u, p in batch.items() if p.name == name)
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="runs as root (as in CI): file permissions do not stop root"
+)
+def test_unreadable_file_is_quarantined_or_held_without_crash(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:  # pragma: no cover - only as a normal user
+    fwd.configure([dest("pacs", scp.port)]).start()
+    locked = fwd.inbox / "locked.dcm"
+    corpus.write(locked)
+    locked.chmod(0)
+    good = corpus.write(fwd.inbox / "good.dcm")
+    fwd.wait(has_all(scp, [good]))
+    fwd.wait_log("unreadable", timeout=10)
+    assert fwd.alive()
+    assert fwd.stop() == 0
+
+
+def test_quarantine_that_cannot_be_written_keeps_the_file_in_the_inbox(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    scp.on_store, _ = _counting(0xA900)
+    fwd.configure([dest("pacs", scp.port)], watch={"rescan_seconds": 1}).start()
+    # the quarantine folder is replaced by a regular file: every mkdir under it fails
+    fwd.quarantine.rmdir()
+    fwd.quarantine.write_text("not a folder\n")
+    (fwd.inbox / "junk.txt").write_text("not DICOM\n")
+    corpus.write(fwd.inbox / "sub" / "rejected.dcm")
+    fwd.wait_log("cannot be quarantined", timeout=15)
+    fwd.wait_log("cannot be moved out of the inbox", timeout=15)
+    assert fwd.alive()
+    assert (fwd.inbox / "junk.txt").exists()
+    assert (fwd.inbox / "sub" / "rejected.dcm").exists()
+    # ... and it keeps sending the files it can
+    scp.on_store = None
+    good = corpus.write(fwd.inbox / "good.dcm")
+    fwd.wait(has_all(scp, [good]))
+    fwd.wait(lambda: not (fwd.inbox / "good.dcm").exists(), what="the good file disposed of")
+    # once the quarantine is writable again, a rescan retries the invalid file
+    fwd.quarantine.unlink()
+    fwd.quarantine.mkdir()
+    fwd.wait(lambda: (fwd.quarantine / "junk.txt").exists(), timeout=15, what="junk quarantined")
+    assert (fwd.quarantine / "junk.txt.json").exists()
+    assert fwd.stop() == 0
+    assert "Traceback" not in fwd.text()
+
+
+def test_config_errors_exit_78_naming_every_bad_setting(fwd: Forwarder, scp: SCP) -> None:
+    fwd.configure([dest("pacs", 70000)], watch={"settle_secs": 1})
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "run", "--config", str(fwd.cfg)],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == EX_CONFIG, proc.stderr
+    assert "destinations.0.port" in proc.stderr
+    assert "70000" in proc.stderr
+    assert "watch.settle_secs" in proc.stderr
+    assert not fwd.outbox_path.exists()  # nothing started
+
+
+def test_config_error_from_the_environment_exits_78(fwd: Forwarder, scp: SCP) -> None:
+    fwd.configure([dest("pacs", scp.port)])
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "run", "--config", str(fwd.cfg)],
+        cwd=ROOT,
+        env={**_clean_env(), "FORWARDER_RETRY__MAX_ATTEMPTS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == EX_CONFIG
+    assert "retry.max_attempts" in proc.stderr
+
+
+# -- footprint ---------------------------------------------------------------------------------
+
+
+def test_backlog_at_start_drains_with_flat_memory_and_idle_cpu(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    sent = corpus.many(fwd.inbox / "backlog", 2000)
+    fwd.configure([dest("pacs", scp.port)])
+    t0 = time.monotonic()
+    fwd.start()
+    fwd.wait(has_all(scp, sent), timeout=120, what="2,000 instances")
+    drained = time.monotonic() - t0
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=30, what="an empty inbox")
+    hwm_mb = proc_status_kb(fwd.pid, "VmHWM") / 1024
+    # idle: nothing queued and every association released after its linger; then measure
+    fwd.wait(lambda: outbox_idle(fwd), what="an idle outbox")
+    fwd.wait(lambda: associations_released(fwd), what="the association released")
+    cpu0, w0 = cpu_seconds(fwd.pid), time.monotonic()
+    threading.Event().wait(3.0)  # the measurement window itself
+    cpu1, w1 = cpu_seconds(fwd.pid), time.monotonic()
+    idle = (cpu1 - cpu0) / (w1 - w0)
+    print(
+        f"\n2,000 files: drained in {drained:.1f} s ({2000 / drained:.0f} inst/s), "
+        f"VmHWM {hwm_mb:.0f} MB, idle CPU {idle * 100:.2f} %"
+    )
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    assert hwm_mb < 150
+    assert idle < 0.02
+
+
+def outbox_idle(fwd: Forwarder) -> bool:
+    with Outbox(fwd.outbox_path, readonly=True) as ob:
+        counts = ob.counts()
+    return not any(c[State.PENDING] or c[State.INFLIGHT] for c in counts.values())
+
+
+def associations_released(fwd: Forwarder) -> bool:
+    text = fwd.text(since_start=True)
+    return text.count("Requesting Association") == text.count("Releasing Association")
+
+
+# -- health, sd_notify, reload ------------------------------------------------------------------
+
+
+def test_health_command_exits_0_while_running_and_1_after_stop(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)])
+    before = fwd.health()
+    assert before.returncode == 1
+    assert "never run" in before.stderr
+    fwd.start()
+    fwd.wait(lambda: fwd.health().returncode == 0, what="healthy")
+    ok = fwd.health()
+    assert ok.stdout.startswith("ok: pid ")
+    uid = corpus.write(fwd.inbox / "x.dcm")
+    fwd.wait(has_all(scp, [uid]))
+    assert fwd.health().returncode == 0
+    assert fwd.stop() == 0
+    after = fwd.health()
+    assert after.returncode == 1
+    assert "stopped" in after.stderr
+
+
+class NotifyListener:
+    """A real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify-listener", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            with self.lock:
+                for line in data.decode("utf-8", "replace").splitlines():
+                    self.messages.append((now, line))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def lines(self, prefix: str) -> list[tuple[float, str]]:
+        with self.lock:
+            return [(t, m) for t, m in self.messages if m.startswith(prefix)]
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifyListener]:
+    path = tmp_path / "notify.sock"
+    assert len(str(path)) < 100, "AF_UNIX paths are limited to 108 bytes"
+    listener = NotifyListener(path)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+def test_notify_socket_ready_status_watchdog_and_stopping(
+    fwd: Forwarder, scp: SCP, notify_socket: NotifyListener, corpus: Corpus
+) -> None:
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
+    fwd.configure([dest("pacs", scp.port)]).start(env)
+    fwd.wait(lambda: notify_socket.lines("READY=1"), what="READY=1")
+    fwd.wait(lambda: notify_socket.lines("STATUS="), what="STATUS=")
+    uid = corpus.write(fwd.inbox / "x.dcm")
+    fwd.wait(has_all(scp, [uid]))
+    # WATCHDOG_USEC=1 s: a ping every 0.5 s
+    fwd.wait(lambda: len(notify_socket.lines("WATCHDOG=1")) >= 7, timeout=10, what="7 pings")
+    pings = [t for t, _ in notify_socket.lines("WATCHDOG=1")]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) < 1.0, gaps  # never late enough for systemd to kill us
+    rate = (len(pings) - 1) / (pings[-1] - pings[0])
+    assert 1.4 < rate < 2.6, (rate, gaps)
+    status = notify_socket.lines("STATUS=")[-1][1]
+    assert "queued" in status and "last success" in status, status
+    assert fwd.stop() == 0
+    assert notify_socket.lines("STOPPING=1")
+    stop_at = notify_socket.lines("STOPPING=1")[0][0]
+    assert notify_socket.lines("READY=1")[0][0] < stop_at
+
+
+def test_wedged_worker_stops_the_watchdog_and_fails_health(
+    fwd: Forwarder, scp: SCP, notify_socket: NotifyListener, gate: Gate, corpus: Corpus
+) -> None:
+    scp.on_store = gate
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
+    fwd.configure(
+        [dest("pacs", scp.port, dimse_timeout=60, network_timeout=60)],
+        health={"heartbeat_seconds": 0.5, "stall_seconds": 1},
+        shutdown_timeout=10,
+    ).start(env)
+    corpus.write(fwd.inbox / "wedge.dcm")
+    fwd.wait(gate.entered.is_set, what="the store blocked at the peer")
+    wedged_at = time.monotonic()
+    fwd.wait_log("not pinging the watchdog", timeout=10)
+    health = fwd.wait(
+        lambda: (h := fwd.health()).returncode == 1 and h, timeout=10, what="unhealthy"
+    )
+    assert "send-pacs-0" in health.stderr and "stuck" in health.stderr, health.stderr
+    # no ping for a while: systemd would restart us
+    fwd.wait(lambda: time.monotonic() - wedged_at > 2.5, what="time passing")
+    late = [t for t, _ in notify_socket.lines("WATCHDOG=1") if t > wedged_at + 1.6]
+    assert not late, f"{len(late)} pings while a worker was wedged"
+    gate.open.set()  # unwedge: pings come back
+    n = len(notify_socket.lines("WATCHDOG=1"))
+    fwd.wait(lambda: len(notify_socket.lines("WATCHDOG=1")) > n + 1, what="pings again")
+    fwd.wait(lambda: fwd.health().returncode == 0, what="healthy again")
+    assert fwd.stop() == 0
+
+
+def test_sighup_with_a_changed_destination_sends_later_files_to_the_new_peer(
+    fwd: Forwarder, make_scp: Callable[..., SCP], notify_socket: NotifyListener, corpus: Corpus
+) -> None:
+    old, new = make_scp(), make_scp()
+    fwd.configure([dest("pacs", old.port)]).start({"NOTIFY_SOCKET": str(notify_socket.path)})
+    before = corpus.many(fwd.inbox, 10, prefix="before")
+    fwd.wait(has_all(old, before))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    fwd.configure([dest("pacs", new.port)])
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded")
+    fwd.wait(lambda: notify_socket.lines("RELOADING=1"), what="RELOADING=1")
+    after = corpus.many(fwd.inbox, 10, prefix="after")
+    fwd.wait(has_all(new, after))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(old) == once(before)
+    assert received(new) == once(after)
+    assert len(notify_socket.lines("READY=1")) >= 2  # after start and after the reload
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    good_cfg = fwd.cfg.read_text()
+    fwd.cfg.write_text(good_cfg.replace(f"port = {scp.port}", "port = 70000") + "bogus = 1\n")
+    fwd.signal(signal.SIGHUP)
+    text = fwd.wait_log("reload refused")
+    assert "destinations.0.port" in text
+    assert "bogus" in text
+    assert fwd.alive()
+    sent = corpus.many(fwd.inbox, 5)
+    fwd.wait(has_all(scp, sent))
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
