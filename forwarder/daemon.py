@@ -466,7 +466,16 @@ class Enqueuer(threading.Thread):
         if outbox.is_known(*key):
             states = outbox.file_states(*key)
             if states and all(s in FINAL_STATES for s in states.values()):
-                self.d.dispose(path, ready.size, ready.mtime_ns)  # left over from a crash
+                # Left over from a crash, or dropped again with the same path, size and mtime
+                # (cp -p, rsync -t) after it was delivered: it is not sent again. Say so, or
+                # an operator re-sending a file sees it vanish without a word.
+                if self.d.settings.disposition.on_success != "keep":
+                    LOGGER.warning(
+                        f"{path}: this file (same size and mtime) was already delivered to every "
+                        "destination; disposing of it without sending it again",
+                        extra=fields(path=str(path), outcome="already-delivered"),
+                    )
+                self.d.dispose(path, ready.size, ready.mtime_ns)
             return None
         try:
             info = inspect(path)

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCP, StoreSCP, free_port, wait_for
+from conftest import SCP, StoreSCP, data_file, free_port, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from forwarder.dicomfile import inspect
 from forwarder.outbox import Delivery, Outbox, State
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,14 +234,27 @@ class Forwarder:
 
     # -- process control ------------------------------------------------------------------
 
-    def start(self, env: Mapping[str, str] | None = None, *, wait: bool = True) -> Forwarder:
+    def start(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        wait: bool = True,
+        config_from_env: bool = False,
+    ) -> Forwarder:
+        """Start the daemon (config by --config, or by $FORWARDER_CONFIG); wait until it watches."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self._mark = self.log.stat().st_size if self.log.exists() else 0
+        argv = [sys.executable, "-m", "forwarder", "run"]
+        extra_env = dict(env or {})
+        if config_from_env:
+            extra_env["FORWARDER_CONFIG"] = str(self.cfg)
+        else:
+            argv += ["--config", str(self.cfg)]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "forwarder", "run", "--config", str(self.cfg)],
+                argv,
                 cwd=ROOT,
-                env={**_clean_env(), **(env or {})},
+                env={**_clean_env(), **extra_env},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -373,17 +387,32 @@ def has_all(scp: SCP, uids: Any) -> Callable[[], bool]:
 
 
 class Gate:
-    """An SCP `on_store` hook that blocks each store until opened (bounded, so never forever)."""
+    """An SCP `on_store` hook that blocks stores until opened, or lets them through one by one.
+
+    Bounded by `limit` seconds, so an SCP thread is never blocked forever.
+    """
 
     def __init__(self, limit: float = 30) -> None:
         self.open = threading.Event()
         self.entered = threading.Event()
         self.limit = limit
+        self.count = 0  # stores that reached the gate
+        self._lock = threading.Lock()
+        self._passes = threading.Semaphore(0)
 
     def __call__(self, event: Any) -> int | None:
+        with self._lock:
+            self.count += 1
         self.entered.set()
-        self.open.wait(self.limit)
+        deadline = time.monotonic() + self.limit
+        while not self.open.is_set() and time.monotonic() < deadline:
+            if self._passes.acquire(timeout=0.02):
+                break
         return None
+
+    def let_one(self) -> None:
+        """Let one blocked (or the next) store through."""
+        self._passes.release()
 
 
 @pytest.fixture
@@ -457,6 +486,74 @@ def test_keep_leaves_files_and_does_not_resend_after_restart(
     assert len(fwd.inbox_files()) == 6
 
 
+def test_two_watched_folders_move_under_their_own_relative_paths(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    second = fwd.tmp / "inbox2"
+    fwd.configure(
+        [dest("pacs", scp.port)],
+        watch={"paths": [str(fwd.inbox), str(second)]},
+        disposition={"on_success": "move"},
+    ).start()
+    one = corpus.many(fwd.inbox / "a", 3)
+    two = corpus.many(second / "b", 3)
+    fwd.wait(has_all(scp, [*one, *two]))
+    fwd.wait(
+        lambda: len([p for p in fwd.archive.rglob("*.dcm")]) == 6, what="6 files in the archive"
+    )
+    assert fwd.stop() == 0
+    assert sorted(p.relative_to(fwd.archive) for p in fwd.archive.rglob("*.dcm")) == sorted(
+        [*(Path("a") / p.name for p in one.values()), *(Path("b") / p.name for p in two.values())]
+    )
+
+
+def test_polling_mode_sends_dropped_files(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    fwd.configure(
+        [dest("pacs", scp.port)], watch={"poll": True, "poll_interval_seconds": 0.2}
+    ).start()
+    assert "polling every 0.2 s" in fwd.text()
+    sent = corpus.many(fwd.inbox / "nfs", 10)
+    fwd.wait(has_all(scp, sent))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+
+
+def test_two_associations_share_the_work_without_sending_twice(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    def slowish(event: Any) -> None:
+        time.sleep(0.002)
+
+    scp.on_store = slowish
+    sent = corpus.many(fwd.inbox, 300)
+    fwd.configure([dest("pacs", scp.port, associations=2)], sender={"batch_size": 16}).start()
+    fwd.wait(has_all(scp, sent), timeout=30)
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    assert scp.associations >= 2
+
+
+def test_identical_file_dropped_again_is_not_resent_but_logged(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    uid, data = corpus.encode()
+    path = fwd.inbox / "a.dcm"
+    stamp = (1_700_000_000_000_000_000, 1_700_000_000_000_000_000)
+    path.write_bytes(data)
+    os.utime(path, ns=stamp)
+    fwd.wait(has_all(scp, [uid]))
+    fwd.wait(lambda: not path.exists(), what="a.dcm deleted")
+    path.write_bytes(data)  # the same bytes, size and mtime again (cp -p, rsync -t)
+    os.utime(path, ns=stamp)
+    fwd.wait_log("already delivered to every destination")
+    fwd.wait(lambda: not path.exists(), what="a.dcm disposed of again")
+    assert fwd.stop() == 0
+    assert received(scp) == once([uid])
+
+
 def test_storescp_peer_receives_every_file(
     fwd: Forwarder, storescp: StoreSCP, corpus: Corpus
 ) -> None:
@@ -473,6 +570,79 @@ def test_storescp_peer_receives_every_file(
             if uid.encode() in data:
                 got.add(uid)
     assert got == set(sent)
+
+
+# Real files from pydicom's test data: every encoding the sender must cope with.
+REAL_FILES = [
+    "CT_small.dcm",  # explicit little endian
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jp2klossless.dcm",
+    "JPEG2000.dcm",
+    "image_dfl.dcm",  # deflated
+    "rtplan.dcm",
+    "rtdose.dcm",
+    "rtstruct.dcm",  # no preamble, no file meta
+    "ExplVR_BigEndNoMeta.dcm",  # big endian, no file meta
+]
+# ... and files that are no storage instance
+BAD_REAL_FILES = ["DICOMDIR", "MR_truncated.dcm", "README.txt"]
+
+
+def drop_real_files(inbox: Path, names: list[str]) -> dict[str, tuple[str, str]]:
+    """Copy test files into the inbox; return file name -> (SOP Instance UID, syntax)."""
+    out = {}
+    for name in names:
+        src = data_file(name)
+        target = inbox / "real" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+        if name not in BAD_REAL_FILES:
+            info = inspect(src)
+            out[name] = (info.sop_instance_uid, info.transfer_syntax)
+    return out
+
+
+def test_real_files_arrive_in_their_own_syntax_and_bad_ones_are_quarantined(
+    fwd: Forwarder, scp: SCP
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    good = drop_real_files(fwd.inbox, REAL_FILES)
+    drop_real_files(fwd.inbox, BAD_REAL_FILES)
+    fwd.wait(lambda: len(scp.received) >= len(good), timeout=20, what="every real file")
+    fwd.wait(lambda: len(fwd.quarantined()) == 3, timeout=15, what="3 bad files quarantined")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    with scp.lock:
+        got = Counter((r.sop_instance_uid, r.transfer_syntax) for r in scp.received)
+    assert got == Counter(good.values())
+    assert sorted(p.name for p in fwd.quarantined()) == sorted(BAD_REAL_FILES)
+    reasons = {
+        n: json.loads((fwd.quarantine / "real" / f"{n}.json").read_text())["reason"]
+        for n in BAD_REAL_FILES
+    }
+    assert "runs past the end" in reasons["MR_truncated.dcm"], reasons
+    assert all(reasons.values()), reasons
+
+
+def test_storescp_receives_real_files(fwd: Forwarder, storescp: StoreSCP) -> None:
+    names = [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "JPEG2000.dcm",
+        "image_dfl.dcm",
+        "rtplan.dcm",
+        "rtstruct.dcm",
+        "ExplVR_BigEndNoMeta.dcm",
+    ]  # distinct SOP Instance UIDs: storescp names its files by them
+    fwd.configure([dest("dcmtk", storescp.port)]).start()
+    good = drop_real_files(fwd.inbox, names)
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=20, what="an empty inbox")
+    assert fwd.stop() == 0
+    assert not fwd.quarantined()
+    written = {inspect(f).sop_instance_uid for f in storescp.files()}
+    assert written == {uid for uid, _ in good.values()}
 
 
 # -- when is a file complete ------------------------------------------------------------------
@@ -782,6 +952,39 @@ def test_sigterm_with_work_in_flight_exits_0_and_the_rest_follows(
     assert set(scp.uids()) == set(sent)
 
 
+def test_sigint_stops_cleanly_with_the_config_from_the_environment(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start(config_from_env=True)
+    uid = corpus.write(fwd.inbox / "x.dcm")
+    fwd.wait(has_all(scp, [uid]))
+    fwd.signal(signal.SIGINT)
+    assert fwd.proc is not None
+    assert fwd.proc.wait(15) == 0
+    assert "stopped" in fwd.text()
+
+
+def test_sighup_in_the_middle_of_a_stream_loses_and_repeats_nothing(
+    fwd: Forwarder, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    def slow(event: Any) -> None:
+        time.sleep(0.01)
+
+    old, new = make_scp(), make_scp()
+    old.on_store = slow
+    sent = corpus.many(fwd.inbox, 100)
+    fwd.configure([dest("pacs", old.port)]).start()
+    fwd.wait(lambda: len(old.uids()) >= 10, what="the first stores")
+    fwd.configure([dest("pacs", new.port)])
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded")
+    fwd.wait(lambda: set(old.uids()) | set(new.uids()) >= set(sent), timeout=30)
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(old) + received(new) == once(sent)  # each once, at one peer or the other
+    assert len(old.uids()) < 100 and new.uids()
+
+
 def test_second_sigterm_exits_at_once(fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus) -> None:
     scp.on_store = gate
     fwd.configure([dest("pacs", scp.port)], shutdown_timeout=30).start()
@@ -834,6 +1037,30 @@ def test_invalid_files_are_quarantined_after_the_grace_and_good_ones_sent(
     assert "trunc" in cut.lower() or "end" in cut.lower() or "short" in cut.lower(), cut
 
 
+def test_file_rewritten_after_queuing_sends_only_the_new_version(
+    fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus
+) -> None:
+    scp.on_store = gate
+    fwd.configure([dest("pacs", scp.port)], sender={"batch_size": 1}).start()
+    first = corpus.write(fwd.inbox / "a.dcm")
+    fwd.wait(gate.entered.is_set, what="the first store blocked at the peer")
+    path = fwd.inbox / "b.dcm"
+    old = corpus.write(path)
+    fwd.wait(lambda: len(fwd.deliveries()) == 2, what="b.dcm queued")
+    new, data = corpus.encode()
+    with open(path, "wb") as fp:  # rewritten in place: same name, new instance
+        fp.write(data)
+    fwd.wait(lambda: len(fwd.deliveries()) == 3, what="the new version of b.dcm queued")
+    gate.open.set()
+    fwd.wait(has_all(scp, [first, new]))
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once([first, new])
+    assert old not in scp.uids()
+    by_uid = {d.sop_instance_uid: d.state for d in fwd.deliveries()}
+    assert by_uid == {first: State.SENT, old: State.GONE, new: State.SENT}
+
+
 def test_file_deleted_before_sending_is_marked_gone(
     fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus
 ) -> None:
@@ -861,12 +1088,17 @@ def test_files_deleted_after_being_claimed_do_not_stop_the_batch(
     fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus
 ) -> None:
     scp.on_store = gate
-    batch = corpus.many(fwd.inbox, 6)  # found at start-up: queued and claimed as one batch
     fwd.configure([dest("pacs", scp.port)], sender={"batch_size": 64}).start()
-    fwd.wait(gate.entered.is_set, what="the first store blocked at the peer")
-    assert Counter(d.state for d in fwd.deliveries()) == {State.INFLIGHT: 6}
-    first = scp_current_uid(fwd)
-    doomed = {u: p for u, p in batch.items() if p.name != first}
+    first = corpus.write(fwd.inbox / "a-first.dcm")
+    fwd.wait(lambda: gate.count == 1, what="the first store blocked at the peer")
+    batch = corpus.many(fwd.inbox / "later", 6)
+    fwd.wait(lambda: len(fwd.deliveries()) == 7, what="6 more files queued")
+    gate.let_one()  # the first batch ends; the next claims all six at once
+    fwd.wait(lambda: gate.count == 2, what="the second batch's first store blocked")
+    inflight = [d for d in fwd.deliveries() if d.state is State.INFLIGHT]
+    assert len(inflight) == 6, inflight
+    sending = min(inflight, key=lambda d: d.id)
+    doomed = {u: p for u, p in batch.items() if str(p) != sending.path}
     for path in doomed.values():
         path.unlink()  # claimed and checked already, deleted before their turn
     gate.open.set()
@@ -875,21 +1107,11 @@ def test_files_deleted_after_being_claimed_do_not_stop_the_batch(
     survivor = corpus.write(fwd.inbox / "z-after.dcm")
     fwd.wait(has_all(scp, [survivor]))
     assert fwd.stop() == 0
-    assert set(scp.uids()) - set(doomed) == {batch_uid(batch, first), survivor}
+    assert received(scp) == once([first, sending.sop_instance_uid, survivor])
     states = Counter(d.state for d in fwd.deliveries())
-    assert states[State.GONE] == 5 and states[State.SENT] == 2, states
+    assert states == {State.SENT: 3, State.GONE: 5}, states
     assert not fwd.quarantined()
     assert "Traceback" not in fwd.text()
-
-
-def scp_current_uid(fwd: Forwarder) -> str:
-    """Name of the file whose store the gate holds: the one in flight, first in the batch."""
-    rows = [d for d in fwd.deliveries() if d.state is State.INFLIGHT]
-    return min(rows, key=lambda d: d.id).path.rsplit("/", 1)[1]
-
-
-def batch_uid(batch: dict[str, Path], name: str) -> str:
-    return next(u for u, p in batch.items() if p.name == name)
 
 
 @pytest.mark.skipif(
