@@ -1003,7 +1003,13 @@ def run(args: argparse.Namespace) -> int:
         daemon.serve()
     finally:
         clean = daemon.shutdown()
-    return 0 if clean else 1
+    if not clean:
+        # pynetdicom's association threads are not daemon threads: one waiting on a wedged
+        # peer kept the interpreter from exiting at all (until SIGKILL). Leave now; the
+        # outbox is as safe as after kill -9 and the in-flight deliveries are sent again.
+        logging.shutdown()
+        os._exit(1)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -985,6 +985,47 @@ def test_sighup_in_the_middle_of_a_stream_loses_and_repeats_nothing(
     assert len(old.uids()) < 100 and new.uids()
 
 
+def test_a_wedged_peer_does_not_hold_up_shutdown(
+    fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus
+) -> None:
+    scp.on_store = gate
+    fwd.configure(
+        [dest("pacs", scp.port, dimse_timeout=60, network_timeout=60)], shutdown_timeout=2
+    ).start()
+    uid = corpus.write(fwd.inbox / "stuck.dcm")
+    fwd.wait(gate.entered.is_set, what="a store blocked at the peer")
+    t0 = time.monotonic()
+    rc = fwd.stop(timeout=10)
+    took = time.monotonic() - t0
+    assert took < 2 + 2, took
+    assert rc == 1  # forced: the in-flight store is sent again
+    assert "did not finish in time" in fwd.text()
+    gate.open.set()
+    assert (fwd.inbox / "stuck.dcm").exists()
+    scp.on_store = None
+    fwd.start()
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=20, what="an empty inbox")
+    assert fwd.stop() == 0
+    assert uid in scp.uids()
+
+
+def test_sighup_adding_a_watched_folder(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    first = corpus.many(fwd.inbox, 3, prefix="one")
+    fwd.wait(has_all(scp, first))
+    second = fwd.tmp / "inbox2"
+    second.mkdir()
+    waiting = corpus.many(second, 3, prefix="early")  # there before the reload
+    fwd.configure([dest("pacs", scp.port)], watch={"paths": [str(fwd.inbox), str(second)]})
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded")
+    late = corpus.many(second, 3, prefix="late") | corpus.many(fwd.inbox, 3, prefix="two")
+    fwd.wait(has_all(scp, [*waiting, *late]), timeout=20)
+    fwd.wait(lambda: not fwd.inbox_files() and not list(second.iterdir()), what="empty inboxes")
+    assert fwd.stop() == 0
+    assert received(scp) == once([*first, *waiting, *late])
+
+
 def test_second_sigterm_exits_at_once(fwd: Forwarder, scp: SCP, gate: Gate, corpus: Corpus) -> None:
     scp.on_store = gate
     fwd.configure([dest("pacs", scp.port)], shutdown_timeout=30).start()
