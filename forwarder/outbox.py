@@ -478,6 +478,16 @@ SQL_OLDEST_PENDING: Final = """
      WHERE state IN (0, 1) GROUP BY destination
 """
 
+# bare columns with max(): SQLite returns them from the row holding the maximum. The states
+# filter reads the backlog and the quarantined rows through deliveries_done, not the SENT bulk.
+SQL_LAST_FAILURES: Final = (
+    "SELECT "
+    + _COLUMNS
+    + """, max(last_attempt_at) FROM deliveries
+     WHERE state IN (0, 1, 3) AND last_error IS NOT NULL GROUP BY destination
+"""
+)
+
 SQL_FIND: Final = _SELECT + " WHERE sop_instance_uid = :uid OR study_uid = :uid ORDER BY id"
 
 # Optional filters, joined with AND in a fixed order; values only ever go through placeholders.
@@ -503,6 +513,11 @@ SQL_REQUEUE: Final = """
            lease_until = NULL, done_at = NULL, updated_at = :now,
            path = coalesce(:new_path, path)
      WHERE id = :id AND state IN (3, 4)
+"""
+
+SQL_DISCARD: Final = """
+    UPDATE deliveries SET state = 4, last_error = :reason, updated_at = :now
+     WHERE id = :id AND state = 3
 """
 
 SQL_PRUNE: Final = """
@@ -1113,6 +1128,16 @@ class Outbox:
         """Return destination -> ``created_at`` of its oldest PENDING or INFLIGHT row."""
         return dict(self._query("oldest_pending", SQL_OLDEST_PENDING))
 
+    def last_failures(self) -> dict[str, Delivery]:
+        """Return destination -> its row that failed last (by ``last_attempt_at``).
+
+        Among rows still waiting (PENDING, INFLIGHT) or QUARANTINED that carry a
+        ``last_error``: the most recent refusal or error of each destination, for
+        ``forwarder status``. Association failures are in `destination_info`.
+        """
+        rows = self._query("last_failures", SQL_LAST_FAILURES)
+        return {row[2]: _delivery(row) for row in rows}
+
     def list(
         self,
         *,
@@ -1180,6 +1205,21 @@ class Outbox:
                     f"cannot requeue at {new_path}: rows for that file exist"
                 ) from exc.__cause__
             raise
+
+    def discard(self, delivery_ids: Sequence[int], reason: str, now: float) -> int:
+        """Close QUARANTINED rows as `State.GONE` with `reason`; returns rows changed.
+
+        For an operator deleting quarantined files: those destinations will never get them.
+        ``done_at`` and ``last_status`` are kept; `reason` replaces ``last_error``. Rows in
+        other states are left alone.
+        """
+        if not delivery_ids:
+            return 0
+        params = ({"id": i, "reason": reason, "now": now} for i in delivery_ids)
+        with self._write("discard") as conn:
+            before = conn.total_changes
+            conn.executemany(SQL_DISCARD, params)
+            return conn.total_changes - before
 
     def prune(self, older_than: float) -> int:
         """Delete `State.SENT` rows done before `older_than`; returns rows deleted.
