@@ -1,0 +1,255 @@
+"""Shared plumbing of the operator commands: options, settings, outbox access, output."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from forwarder.config import EX_CONFIG, ConfigError, Settings, load_settings
+from forwarder.outbox import Delivery, Outbox, OutboxError, State
+
+__all__ = [
+    "EXIT_FAILED",
+    "CommandError",
+    "add_config",
+    "add_json",
+    "age",
+    "ago",
+    "command",
+    "delivery_json",
+    "iso",
+    "load",
+    "local_time",
+    "location",
+    "open_outbox",
+    "print_json",
+    "short",
+    "status_hex",
+    "table",
+]
+
+EXIT_FAILED = 1
+"""The command ran but could not do (all of) what was asked."""
+
+
+class CommandError(Exception):
+    """Stop a command with a one-line message on stderr and an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- options ----------------------------------------------------------------------------
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``, defaulting to ``$FORWARDER_CONFIG``."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("FORWARDER_CONFIG") or None,
+        help="config file (TOML); default $FORWARDER_CONFIG",
+    )
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: one JSON document on stdout instead of a table."""
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON (complete, stable keys) instead of a table"
+    )
+
+
+# -- running a command ----------------------------------------------------------------
+
+
+def command(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[..., int]]:
+    """Decorate a ``run(args) -> int``: config, outbox and command errors become exit statuses.
+
+    A `ConfigError` prints one line per bad setting and returns 78 (EX_CONFIG); an
+    `OutboxError` or a `CommandError` prints its one line and returns 1 (or the
+    `CommandError`'s status). Anything else is a bug and propagates.
+    """
+
+    def wrap(run: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+        @functools.wraps(run)
+        def wrapped(args: argparse.Namespace) -> int:
+            try:
+                return run(args)
+            except ConfigError as exc:
+                for line in exc.errors:
+                    print(f"{prog}: config error: {exc.source}: {line}", file=sys.stderr)
+                return EX_CONFIG
+            except OutboxError as exc:
+                print(f"{prog}: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+            except CommandError as exc:
+                print(f"{prog}: {exc}", file=sys.stderr)
+                return exc.status
+
+        return wrapped
+
+    return wrap
+
+
+def load(args: argparse.Namespace) -> Settings:
+    """The settings named by ``args.config`` (and the environment); raises `ConfigError`."""
+    return load_settings(args.config)
+
+
+@contextmanager
+def open_outbox(settings: Settings, *, write: bool = False) -> Iterator[Outbox]:
+    """The daemon's outbox: read-only (never blocks the daemon) unless `write`.
+
+    A writer uses the outbox's short transactions. Neither creates an outbox that does
+    not exist yet.
+
+    Raises
+    ------
+    CommandError
+        When there is no outbox at ``outbox.path``.
+    OutboxError
+        When it cannot be opened.
+    """
+    path = settings.outbox.path
+    if not path.is_file():
+        raise CommandError(f"no outbox at {path}: the daemon has never run with this config")
+    with Outbox(path, readonly=not write) as outbox:
+        yield outbox
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix time as ISO 8601 UTC (``2026-11-25T21:41:16Z``), as in sidecars; None stays None."""
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def local_time(ts: float | None, now: float) -> str:
+    """Local time for a terminal: ``21:41:16`` today, ``2026-11-24 21:41`` otherwise."""
+    if ts is None:
+        return "-"
+    if time.localtime(ts)[:3] == time.localtime(now)[:3]:
+        return time.strftime("%H:%M:%S", time.localtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def age(seconds: float | None) -> str:
+    """A duration in its two largest units: ``45s``, ``3m12s``, ``2h05m``, ``4d03h``."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def ago(ts: float | None, now: float) -> str:
+    """``3m12s ago``, ``in 2m05s`` for the future, ``never`` for None."""
+    if ts is None:
+        return "never"
+    if ts > now + 0.5:
+        return f"in {age(ts - now)}"
+    return f"{age(now - ts)} ago"
+
+
+def status_hex(status: int | None) -> str | None:
+    """A DIMSE status as ``0xA900``; None when there was no response."""
+    return None if status is None else f"0x{status:04X}"
+
+
+def short(text: str | None, width: int = 60) -> str:
+    """One line of at most `width` characters for a table cell (``-`` for nothing)."""
+    if not text:
+        return "-"
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def location(path: Path, settings: Settings) -> str:
+    """Where a file of the outbox is now: inbox, quarantine, archive, elsewhere or missing."""
+    if not path.exists():
+        return "missing"
+    roots = [
+        ("quarantine", settings.quarantine.dir),
+        ("archive", settings.disposition.archive_dir),
+        *(("inbox", p) for p in settings.watch.paths),
+    ]
+    for name, root in roots:
+        if path.is_relative_to(root):
+            return name
+    return "elsewhere"
+
+
+def delivery_json(d: Delivery, now: float) -> dict[str, Any]:
+    """One outbox row for ``--json``: every column, times as ISO 8601 UTC."""
+    return {
+        "id": d.id,
+        "path": d.path,
+        "destination": d.destination,
+        "state": d.state.name.lower(),
+        "size": d.size,
+        "sop_class_uid": d.sop_class_uid,
+        "sop_instance_uid": d.sop_instance_uid,
+        "study_uid": d.study_uid,
+        "transfer_syntax": d.transfer_syntax,
+        "attempts": d.attempts,
+        "next_attempt_at": iso(d.next_attempt_at) if d.state is State.PENDING else None,
+        "first_attempt_at": iso(d.first_attempt_at),
+        "last_attempt_at": iso(d.last_attempt_at),
+        "last_status": status_hex(d.last_status),
+        "last_error": d.last_error,
+        "created_at": iso(d.created_at),
+        "done_at": iso(d.done_at),
+        "age_seconds": round(now - d.created_at, 3),
+    }
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    right: Sequence[int] = (),
+) -> str:
+    """Plain-text columns separated by two spaces; `right` lists right-aligned columns.
+
+    None prints as ``-``. The last column is not padded, so long text does not push the
+    line out further than it needs to.
+    """
+    cells = [[str(h) for h in headers]]
+    cells += [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = []
+        for i, value in enumerate(row):
+            last = i == len(row) - 1
+            if i in right:
+                parts.append(value.rjust(widths[i]))
+            else:
+                parts.append(value if last else value.ljust(widths[i]))
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def print_json(data: Any, out: TextIO | None = None) -> None:
+    """Print `data` as indented JSON with sorted keys (stable for scripts and diffs)."""
+    print(json.dumps(data, indent=2, sort_keys=True, default=str), file=out or sys.stdout)

@@ -1,0 +1,87 @@
+"""``forwarder find UID``: where an instance or study is, per destination, and its file now."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from forwarder import ops
+from forwarder.outbox import State
+
+__all__ = ["EXIT_NOT_FOUND", "add_arguments", "run"]
+
+EXIT_NOT_FOUND = 1
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Find a SOP Instance UID or a Study Instance UID in the outbox: which destinations "
+        "have it (when, with which status), which are still waiting or quarantined, and where "
+        "its file is now (inbox, quarantine, archive, or deleted after delivery). Exit 1 when "
+        "the outbox has never seen it."
+    )
+    ops.add_config(parser)
+    parser.add_argument("uid", metavar="UID", help="SOP Instance UID or Study Instance UID")
+    ops.add_json(parser)
+
+
+@ops.command("forwarder find")
+def run(args: argparse.Namespace) -> int:
+    settings = ops.load(args)
+    now = time.time()
+    uid = args.uid.strip()
+    with ops.open_outbox(settings) as outbox:
+        rows = outbox.find(uid)
+    files = {d.path: ops.location(Path(d.path), settings) for d in rows}
+    if args.json:
+        ops.print_json(
+            {
+                "uid": uid,
+                "found": bool(rows),
+                "deliveries": [{**ops.delivery_json(d, now), "file": files[d.path]} for d in rows],
+            }
+        )
+        return 0 if rows else EXIT_NOT_FOUND
+    if not rows:
+        print(f"{uid}: not in the outbox (never queued, or pruned long after delivery)")
+        return EXIT_NOT_FOUND
+    instances = {d.sop_instance_uid for d in rows}
+    what = "SOP Instance" if uid in instances else f"Study ({len(instances)} instances)"
+    print(f"{uid}: {what}")
+    table = []
+    for d in rows:
+        if d.state is State.PENDING:
+            due = "due now" if d.next_attempt_at <= now else ops.ago(d.next_attempt_at, now)
+            when = f"next {due}"
+        elif d.state is State.INFLIGHT:
+            when = "sending now"
+        else:
+            when = ops.local_time(d.done_at, now)
+        file = files[d.path]
+        if file == "missing" and d.state is State.SENT:
+            file = "deleted after delivery"
+        table.append(
+            [
+                d.sop_instance_uid,
+                d.destination,
+                d.state.name.lower(),
+                when,
+                d.attempts,
+                ops.status_hex(d.last_status),
+                ops.short(d.last_error, 50),
+                f"{file}: {d.path}" if file not in ("missing", "deleted after delivery") else file,
+            ]
+        )
+    headers = [
+        "SOP INSTANCE UID",
+        "DESTINATION",
+        "STATE",
+        "WHEN",
+        "ATTEMPTS",
+        "STATUS",
+        "DETAIL",
+        "FILE",
+    ]
+    print(ops.table(headers, table, right=(4,)))
+    return 0

@@ -1,0 +1,163 @@
+"""``forwarder queue list|retry``: look at the outbox's deliveries; make waiting ones due now."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from forwarder import ops
+from forwarder.outbox import State
+
+__all__ = ["BACKLOG", "add_arguments", "parse_states", "run"]
+
+BACKLOG = (State.PENDING, State.INFLIGHT)
+"""What ``queue list`` shows without ``--state``."""
+
+_STATE_NAMES = {s.name.lower(): s for s in State} | {"in-flight": State.INFLIGHT}
+
+
+def parse_states(values: list[str] | None) -> tuple[State, ...] | None:
+    """``--state`` values (repeatable, comma-separated, ``all``) -> states; None means all.
+
+    Raises
+    ------
+    ops.CommandError
+        For a name that is not a state.
+    """
+    if not values:
+        return BACKLOG
+    names = [n.strip().lower() for v in values for n in v.split(",") if n.strip()]
+    if "all" in names:
+        return None
+    unknown = [n for n in names if n not in _STATE_NAMES]
+    if unknown:
+        known = ", ".join([*(s.name.lower() for s in State), "all"])
+        raise ops.CommandError(f"unknown state {unknown[0]!r} (states: {known})", 2)
+    return tuple(dict.fromkeys(_STATE_NAMES[n] for n in names))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Look at the deliveries in the outbox, or make waiting ones due now."
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    ls = sub.add_parser(
+        "list",
+        help="list deliveries (default: pending and in flight), oldest first",
+        description=(
+            "List deliveries, one per file and destination, oldest first. Without --state "
+            "only the backlog (pending, in flight) is shown."
+        ),
+    )
+    ops.add_config(ls)
+    ls.add_argument("--destination", metavar="D", help="only deliveries to D")
+    ls.add_argument(
+        "--state",
+        metavar="S",
+        action="append",
+        help="pending, inflight, sent, quarantined, gone or all (repeatable, or a,b)",
+    )
+    ls.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    ls.add_argument("--limit", metavar="N", type=int, default=100, help="at most N (default 100)")
+    ops.add_json(ls)
+
+    retry = sub.add_parser(
+        "retry",
+        help="make deliveries waiting for a retry due now",
+        description=(
+            "Make pending deliveries that wait for their next attempt (after a transient "
+            "failure) due now. Attempts are not reset. The daemon's workers pick them up at "
+            "their next look at the outbox (within 30 s). A paused destination stays paused "
+            "until its pause ends."
+        ),
+    )
+    ops.add_config(retry)
+    retry.add_argument("--destination", metavar="D", help="only deliveries to D")
+    retry.add_argument("--study", metavar="UID", help="only this Study Instance UID")
+    ops.add_json(retry)
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise ops.CommandError("--limit must be at least 1", 2)
+    states = parse_states(args.state)
+    settings = ops.load(args)
+    now = time.time()
+    with ops.open_outbox(settings) as outbox:
+        rows = outbox.list(
+            destination=args.destination, states=states, study_uid=args.study, limit=args.limit
+        )
+    if args.json:
+        ops.print_json(
+            {
+                "deliveries": [ops.delivery_json(d, now) for d in rows],
+                "limit": args.limit,
+                "truncated": len(rows) == args.limit,
+            }
+        )
+        return 0
+    if not rows:
+        print("no deliveries match")
+        return 0
+    table = []
+    for d in rows:
+        if d.state is State.PENDING:
+            when = "due now" if d.next_attempt_at <= now else ops.ago(d.next_attempt_at, now)
+        elif d.state is State.INFLIGHT:
+            when = "sending"
+        else:
+            when = ops.local_time(d.done_at, now)
+        table.append(
+            [
+                d.id,
+                d.destination,
+                d.state.name.lower(),
+                d.attempts,
+                when,
+                ops.status_hex(d.last_status),
+                d.sop_instance_uid,
+                d.path,
+                ops.short(d.last_error, 50),
+            ]
+        )
+    headers = [
+        "ID",
+        "DESTINATION",
+        "STATE",
+        "ATTEMPTS",
+        "NEXT/DONE",
+        "STATUS",
+        "SOP INSTANCE UID",
+        "PATH",
+        "LAST ERROR",
+    ]
+    print(ops.table(headers, table, right=(0, 3)))
+    if len(rows) == args.limit:
+        print(f"(first {args.limit} shown; --limit N for more)", file=sys.stderr)
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    settings = ops.load(args)
+    now = time.time()
+    with ops.open_outbox(settings, write=True) as outbox:
+        changed = outbox.retry_now(now, destination=args.destination, study_uid=args.study)
+        paused = [
+            name
+            for name, info in outbox.destination_info().items()
+            if info.paused(now) and args.destination in (None, name)
+        ]
+    if args.json:
+        ops.print_json({"retried": changed, "paused_destinations": sorted(paused)})
+        return 0
+    print(f"{changed} deliveries made due now")
+    for name in sorted(paused):
+        print(f"note: destination {name} is paused; its deliveries wait for the pause to end")
+    return 0
+
+
+@ops.command("forwarder queue")
+def run(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        return _list(args)
+    return _retry(args)

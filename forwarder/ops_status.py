@@ -1,0 +1,259 @@
+"""``forwarder status``: the queue per destination and whether the daemon is alive."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from forwarder import health, ops
+from forwarder.config import Settings
+from forwarder.outbox import Delivery, Heartbeat, Outbox, State
+
+__all__ = ["DaemonStatus", "DestinationStatus", "add_arguments", "collect", "run"]
+
+_HOUR = 3600.0
+_DAY = 86400.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Per destination: pending, in flight, sent in the last hour and day, quarantined, "
+        "age of the oldest pending delivery, last success, last error and pause; and whether "
+        "the daemon is alive (its heartbeat in the outbox). Reads the outbox without ever "
+        "blocking the daemon."
+    )
+    ops.add_config(parser)
+    ops.add_json(parser)
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """The daemon as its heartbeat shows it."""
+
+    state: str
+    """``running``, ``stopped``, ``not responding`` (stale heartbeat) or ``never started``."""
+    beat: Heartbeat | None
+    healthy: bool
+    health: str
+    """`forwarder.health.check`'s one line."""
+
+    @property
+    def alive(self) -> bool:
+        return self.state == "running"
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        beat = self.beat
+        return {
+            "state": self.state,
+            "alive": self.alive,
+            "healthy": self.healthy,
+            "health": self.health,
+            "pid": beat.pid if beat else None,
+            "heartbeat_at": ops.iso(beat.updated_at if beat else None),
+            "heartbeat_age_seconds": round(now - beat.updated_at, 3) if beat else None,
+            "started_at": ops.iso(beat.started_at if beat else None),
+            "version": beat.info.get("version") if beat else None,
+            "stats": beat.info.get("stats") if beat else None,
+        }
+
+
+@dataclass(frozen=True)
+class DestinationStatus:
+    """One line of the table: a destination's queue and circuit breaker."""
+
+    name: str
+    address: str | None
+    """``called_aet@host:port``; None for a destination no longer configured."""
+    counts: dict[State, int]
+    sent_last_hour: int
+    sent_last_day: int
+    oldest_pending_at: float | None
+    last_success_at: float | None
+    last_error: str | None
+    """The last association failure (the destination could not be reached)."""
+    last_error_at: float | None
+    last_refusal: Delivery | None
+    """The waiting or quarantined delivery that failed last (the peer refused an instance)."""
+    consecutive_failures: int
+    paused_until: float | None
+    """Set only while paused."""
+    paused_at: float | None
+    pause_reason: str | None
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        oldest = self.oldest_pending_at
+        refusal = self.last_refusal
+        return {
+            "name": self.name,
+            "configured": self.address is not None,
+            "address": self.address,
+            "pending": self.counts[State.PENDING],
+            "inflight": self.counts[State.INFLIGHT],
+            "sent": self.counts[State.SENT],
+            "quarantined": self.counts[State.QUARANTINED],
+            "gone": self.counts[State.GONE],
+            "sent_last_hour": self.sent_last_hour,
+            "sent_last_day": self.sent_last_day,
+            "oldest_pending_at": ops.iso(oldest),
+            "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 3),
+            "last_success_at": ops.iso(self.last_success_at),
+            "last_error": self.last_error,
+            "last_error_at": ops.iso(self.last_error_at),
+            "last_refusal": None if refusal is None else _refusal_json(refusal),
+            "consecutive_failures": self.consecutive_failures,
+            "paused": self.paused_until is not None,
+            "paused_until": ops.iso(self.paused_until),
+            "paused_since": ops.iso(self.paused_at),
+            "pause_reason": self.pause_reason,
+        }
+
+    def latest_error(self) -> tuple[float | None, str] | None:
+        """The more recent of the last association failure and the last refusal."""
+        found: list[tuple[float | None, str]] = []
+        if self.last_error:
+            found.append((self.last_error_at, self.last_error))
+        d = self.last_refusal
+        if d is not None and d.last_error:
+            status = ops.status_hex(d.last_status)
+            text = (
+                f"{status} {d.last_error}"
+                if status and status not in d.last_error
+                else d.last_error
+            )
+            found.append((d.last_attempt_at, text))
+        return max(found, key=lambda f: f[0] or 0.0) if found else None
+
+
+def _refusal_json(d: Delivery) -> dict[str, Any]:
+    return {
+        "at": ops.iso(d.last_attempt_at),
+        "status": ops.status_hex(d.last_status),
+        "error": d.last_error,
+        "state": d.state.name.lower(),
+        "sop_instance_uid": d.sop_instance_uid,
+        "delivery_id": d.id,
+    }
+
+
+def _daemon(beat: Heartbeat | None, settings: Settings, now: float) -> DaemonStatus:
+    healthy, line = health.check(settings, now)
+    if beat is None:
+        return DaemonStatus("never started", None, healthy, line)
+    if beat.info.get("stopped"):
+        state = "stopped"
+    elif now - beat.updated_at > settings.health.stale_seconds:
+        state = "not responding"
+    else:
+        state = "running"
+    return DaemonStatus(state, beat, healthy, line)
+
+
+def collect(
+    settings: Settings, outbox: Outbox, now: float
+) -> tuple[DaemonStatus, list[DestinationStatus]]:
+    """The daemon and every destination (configured first, then any left in the outbox)."""
+    counts = outbox.counts()
+    last_hour = outbox.sent_since(now - _HOUR)
+    last_day = outbox.sent_since(now - _DAY)
+    oldest = outbox.oldest_pending()
+    infos = outbox.destination_info()
+    refusals = outbox.last_failures()
+    configured = {d.name: d for d in settings.destinations}
+    others = sorted((set(counts) | set(infos)) - set(configured))
+    result = []
+    for name in [*configured, *others]:
+        info = infos.get(name)
+        dest = configured.get(name)
+        paused = info is not None and info.paused(now)
+        result.append(
+            DestinationStatus(
+                name=name,
+                address=f"{dest.called_aet}@{dest.host}:{dest.port}" if dest else None,
+                counts=counts.get(name, dict.fromkeys(State, 0)),
+                sent_last_hour=last_hour.get(name, 0),
+                sent_last_day=last_day.get(name, 0),
+                oldest_pending_at=oldest.get(name),
+                last_success_at=info.last_success_at if info else None,
+                last_error=info.last_error if info else None,
+                last_error_at=info.last_error_at if info else None,
+                last_refusal=refusals.get(name),
+                consecutive_failures=info.consecutive_failures if info else 0,
+                paused_until=info.paused_until if info and paused else None,
+                paused_at=info.paused_at if info and paused else None,
+                pause_reason=info.pause_reason if info and paused else None,
+            )
+        )
+    return _daemon(outbox.read_heartbeat(), settings, now), result
+
+
+def _head(daemon: DaemonStatus, now: float) -> str:
+    beat = daemon.beat
+    if beat is None:
+        return "daemon: never started (no heartbeat in the outbox)"
+    line = f"daemon: {daemon.state}, pid {beat.pid}, heartbeat {ops.ago(beat.updated_at, now)}"
+    if daemon.alive:
+        line += f", up {ops.age(now - beat.started_at)}"
+        if not daemon.healthy:
+            line += f"; UNHEALTHY: {daemon.health}"
+    return line
+
+
+def render(daemon: DaemonStatus, dests: list[DestinationStatus], now: float) -> str:
+    """The human form: a line about the daemon, then one table row per destination."""
+    headers = [
+        "DESTINATION",
+        "PENDING",
+        "IN FLIGHT",
+        "SENT 1H",
+        "SENT 24H",
+        "QUARANTINED",
+        "OLDEST PENDING",
+        "LAST SUCCESS",
+        "PAUSED",
+        "LAST ERROR",
+    ]
+    rows = []
+    for d in dests:
+        oldest = d.oldest_pending_at
+        error = "-"
+        latest = d.latest_error()
+        if latest is not None:
+            error = f"{ops.ago(latest[0], now)}: {ops.short(latest[1], 50)}"
+        rows.append(
+            [
+                d.name if d.address else f"{d.name} (not configured)",
+                d.counts[State.PENDING],
+                d.counts[State.INFLIGHT],
+                d.sent_last_hour,
+                d.sent_last_day,
+                d.counts[State.QUARANTINED],
+                "-" if oldest is None else ops.age(now - oldest),
+                ops.ago(d.last_success_at, now),
+                "no" if d.paused_until is None else f"until {ops.local_time(d.paused_until, now)}",
+                error,
+            ]
+        )
+    body = ops.table(headers, rows, right=(1, 2, 3, 4, 5, 6)) if rows else "no destinations"
+    return f"{_head(daemon, now)}\n{body}"
+
+
+@ops.command("forwarder status")
+def run(args: argparse.Namespace) -> int:
+    settings = ops.load(args)
+    now = time.time()
+    with ops.open_outbox(settings) as outbox:
+        daemon, dests = collect(settings, outbox, now)
+    if args.json:
+        ops.print_json(
+            {
+                "now": ops.iso(now),
+                "outbox": str(settings.outbox.path),
+                "daemon": daemon.to_json(now),
+                "destinations": [d.to_json(now) for d in dests],
+            }
+        )
+    else:
+        print(render(daemon, dests, now))
+    return 0
