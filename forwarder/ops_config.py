@@ -1,0 +1,168 @@
+"""``forwarder config check|show``: validate the settings; print them with where each came from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+from forwarder import ops
+from forwarder.config import EX_CONFIG, ConfigError, Settings, load_raw, load_settings
+
+__all__ = ["MASK", "add_arguments", "check", "effective", "masked", "run"]
+
+MASK = "********"
+_SECRET = re.compile(r"password|passphrase|secret|token", re.IGNORECASE)
+
+
+def check(path: Path | None) -> tuple[Settings | None, list[str]]:
+    """Every problem the daemon would refuse to start with, one line each naming the setting.
+
+    The schema, the folder layout (a quarantine or archive inside the inbox), the metrics
+    address, and the TLS files of every destination (loaded as the sender would).
+    """
+    from forwarder.daemon import check_layout
+    from forwarder.metrics import parse_listen
+    from forwarder.sender import Peer
+
+    try:
+        settings = load_settings(path, require_destinations=True)
+    except ConfigError as exc:
+        return None, exc.errors
+    errors = check_layout(settings)
+    if settings.metrics.listen is not None:
+        try:
+            parse_listen(settings.metrics.listen)
+        except ValueError as exc:
+            errors.append(f"metrics.listen: {exc}")
+    for i, dest in enumerate(settings.destinations):
+        if dest.tls is None:
+            continue
+        try:
+            Peer.from_destination(dest)
+        except (OSError, ssl.SSLError) as exc:
+            errors.append(f"destinations.{i}.tls ({dest.name}): cannot load the TLS files: {exc}")
+    return settings, errors
+
+
+def masked(key: str, value: Any) -> Any:
+    """`value`, or `MASK` when the setting is named like a secret (a TLS key path is not)."""
+    if value is not None and _SECRET.search(key.rsplit(".", 1)[-1]):
+        return MASK
+    return value
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else key, out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for idx, item in enumerate(value):
+            _flatten(item, f"{prefix}.{idx}", out)
+    else:
+        out[prefix] = value
+
+
+def _origin(key: str, origin: dict[str, str]) -> tuple[str, str | None]:
+    """(default | file | environment, the file or variable) of a dotted setting."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        found = origin.get(".".join(parts[:n]))
+        if found is not None:
+            kind, _, detail = found.partition(" (")
+            return kind, detail.rstrip(")") or None
+    return "default", None
+
+
+def effective(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Dotted setting -> {value, source, from}; values named like secrets are masked.
+
+    Raises
+    ------
+    ConfigError
+        When the settings are invalid.
+    """
+    settings = load_settings(path)
+    _, origin = load_raw(path)
+    flat: dict[str, Any] = {}
+    _flatten(settings.model_dump(mode="json"), "", flat)
+    result = {}
+    for key in sorted(flat, key=_sort_key):
+        source, detail = _origin(key, origin)
+        result[key] = {"value": masked(key, flat[key]), "source": source, "from": detail}
+    return result
+
+
+def _sort_key(key: str) -> list[tuple[int, int | str]]:
+    # destinations.10 after destinations.9
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in key.split(".")]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "(not set)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Validate the configuration, or show the effective settings."
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    chk = sub.add_parser(
+        "check",
+        help="validate: exit 0, or 78 with one line per bad setting",
+        description=(
+            "Validate the config file and the FORWARDER_... environment as the daemon would "
+            "(schema, folder layout, metrics address, TLS files). Exit 0 when the daemon "
+            "would start with it, 78 with one line per bad setting otherwise."
+        ),
+    )
+    ops.add_config(chk)
+    show = sub.add_parser(
+        "show",
+        help="the effective settings and where each came from",
+        description=(
+            "Print every effective setting and where it came from: default, file or "
+            "environment (the variable). Values of settings named like a password, secret "
+            "or token are masked."
+        ),
+    )
+    ops.add_config(show)
+    ops.add_json(show)
+
+
+def _check(args: argparse.Namespace) -> int:
+    settings, errors = check(args.config)
+    source = str(args.config) if args.config else "environment"
+    if errors or settings is None:
+        for line in errors:
+            print(f"{source}: {line}", file=sys.stderr)
+        return EX_CONFIG
+    names = ", ".join(d.name for d in settings.destinations)
+    print(f"ok: {source}: {len(settings.destinations)} destination(s): {names}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    settings = effective(args.config)
+    if args.json:
+        ops.print_json({"config": str(args.config) if args.config else None, "settings": settings})
+        return 0
+    rows = [
+        [key, _text(s["value"]), s["source"] + (f" ({s['from']})" if s["from"] else "")]
+        for key, s in settings.items()
+    ]
+    print(ops.table(["SETTING", "VALUE", "SOURCE"], rows))
+    return 0
+
+
+@ops.command("forwarder config")
+def run(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        return _check(args)
+    return _show(args)

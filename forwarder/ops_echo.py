@@ -1,0 +1,140 @@
+"""``forwarder echo``: C-ECHO every destination with its AE titles and TLS; time the round trip."""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from forwarder import ops
+from forwarder.config import Destination
+from forwarder.sender import (
+    _CONNECT_ERRORS,
+    Peer,
+    _association_outcome,
+    _install_connect_filter,
+)
+
+__all__ = ["EXIT_FAILED", "EchoResult", "add_arguments", "echo", "run"]
+
+EXIT_FAILED = 1
+_VERIFICATION = "1.2.840.10008.1.1"
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    """One destination's answer: ok, with the association and C-ECHO times, or why not."""
+
+    destination: str
+    address: str
+    tls: bool
+    ok: bool
+    associate_ms: float | None = None
+    echo_ms: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "address": self.address,
+            "tls": self.tls,
+            "ok": self.ok,
+            "associate_ms": self.associate_ms,
+            "echo_ms": self.echo_ms,
+            "error": self.error,
+        }
+
+
+def echo(dest: Destination) -> EchoResult:
+    """Associate with `dest` as the daemon would (AE titles, timeouts, TLS) and send a C-ECHO."""
+    from pynetdicom import AE
+
+    address = f"{dest.called_aet}@{dest.host}:{dest.port}"
+    result = EchoResult(dest.name, address, dest.tls is not None, ok=False)
+    try:
+        peer = Peer.from_destination(dest)
+    except (OSError, ssl.SSLError) as exc:
+        return _failed(result, f"cannot load the TLS files: {exc}")
+    ae = AE(ae_title=peer.calling_aet)
+    ae.acse_timeout = peer.acse_timeout
+    ae.dimse_timeout = peer.dimse_timeout
+    ae.network_timeout = peer.network_timeout
+    ae.connection_timeout = peer.connect_timeout
+    ae.add_requested_context(_VERIFICATION)
+    kwargs: dict[str, Any] = {"ae_title": peer.called_aet, "max_pdu": peer.max_pdu}
+    if peer.tls is not None:
+        kwargs["tls_args"] = (peer.tls, peer.tls_server_name or peer.host)
+    _install_connect_filter()
+    _CONNECT_ERRORS.last = None
+    start = time.perf_counter()
+    assoc = ae.associate(peer.host, peer.port, **kwargs)
+    associated = time.perf_counter()
+    if not assoc.is_established:
+        return _failed(result, _association_outcome(assoc).meaning)
+    try:
+        status = assoc.send_c_echo()
+        echoed = time.perf_counter()
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None) if status else None
+    if code is None:
+        return _failed(result, "no C-ECHO response (timeout or abort)")
+    if code != 0:
+        return _failed(result, f"C-ECHO answered 0x{code:04X}")
+    return EchoResult(
+        dest.name,
+        address,
+        result.tls,
+        ok=True,
+        associate_ms=round((associated - start) * 1000, 1),
+        echo_ms=round((echoed - associated) * 1000, 1),
+    )
+
+
+def _failed(result: EchoResult, error: str) -> EchoResult:
+    return EchoResult(result.destination, result.address, result.tls, ok=False, error=error)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "C-ECHO each destination with its configured AE titles, timeouts and TLS, as the "
+        "daemon associates. Prints the association set-up and C-ECHO round-trip times. "
+        "Exit 1 when any destination fails."
+    )
+    ops.add_config(parser)
+    parser.add_argument("--destination", metavar="D", help="only destination D")
+    ops.add_json(parser)
+
+
+@ops.command("forwarder echo")
+def run(args: argparse.Namespace) -> int:
+    settings = ops.load(args)
+    if args.destination:
+        try:
+            dests = [settings.destination(args.destination)]
+        except KeyError as exc:
+            raise ops.CommandError(str(exc.args[0])) from None
+    else:
+        dests = list(settings.destinations)
+    if not dests:
+        raise ops.CommandError("no destinations configured")
+    results = [echo(d) for d in dests]
+    if args.json:
+        ops.print_json({"results": [r.to_json() for r in results]})
+    else:
+        rows = [
+            [
+                r.destination,
+                r.address + (" (TLS)" if r.tls else ""),
+                "ok" if r.ok else "FAILED",
+                "-" if r.associate_ms is None else f"{r.associate_ms:.1f} ms",
+                "-" if r.echo_ms is None else f"{r.echo_ms:.1f} ms",
+                r.error or "",
+            ]
+            for r in results
+        ]
+        headers = ["DESTINATION", "ADDRESS", "RESULT", "ASSOCIATE", "ECHO", "ERROR"]
+        print(ops.table(headers, rows, right=(3, 4)))
+    return 0 if all(r.ok for r in results) else EXIT_FAILED
