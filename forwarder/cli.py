@@ -16,6 +16,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "run": ("forwarder.daemon", "run the forwarding daemon"),
     "health": ("forwarder.health", "exit 0 when the daemon behind the config is alive and healthy"),
+    "status": ("forwarder.ops_status", "the queue per destination; is the daemon alive"),
+    "queue": ("forwarder.ops_queue", "list deliveries in the outbox; make waiting ones due now"),
+    "quarantine": (
+        "forwarder.ops_quarantine",
+        "list, show, requeue or purge quarantined files",
+    ),
+    "find": ("forwarder.ops_find", "where is this SOP Instance or Study UID"),
+    "echo": ("forwarder.ops_echo", "C-ECHO the destinations with their AE titles and TLS"),
+    "config": ("forwarder.ops_config", "validate the config, or show the effective settings"),
 }
 
 
