@@ -521,6 +521,7 @@ class Daemon:
         self.outbox = Outbox(settings.outbox.path)
         self.breakers: dict[str, _Breaker] = {}
         self.workers: list[Worker] = []
+        self._retired: list[Worker] = []  # stopped by a reload while still in a store
         self.enqueuer = Enqueuer(self)
         self.watcher: Watcher | None = None
         self.stopping = threading.Event()
@@ -584,14 +585,30 @@ class Daemon:
                 self.workers.append(worker)
                 worker.start()
 
-    def _stop_workers(self, workers: Sequence[Worker], timeout: float) -> bool:
+    def _stop_workers(
+        self, workers: Sequence[Worker], timeout: float, *, keepalive: bool = False
+    ) -> bool:
+        """Stop `workers`, waiting up to `timeout` for their in-flight stores; True if all ended.
+
+        With `keepalive` (a reload, from the main loop) the heartbeat and the watchdog are
+        kept going while waiting: a slow peer held the main loop for the whole timeout.
+        """
         for w in workers:
             w.stop.set()
             w.wake.set()
         deadline = time.monotonic() + timeout
+        step = min(self.notifier.watchdog_interval() or 1.0, 1.0)
         for w in workers:
-            w.join(max(0.0, deadline - time.monotonic()))
+            while w.is_alive() and (left := deadline - time.monotonic()) > 0:
+                w.join(min(left, step) if keepalive else left)
+                if keepalive:
+                    self._keepalive()
         return not any(w.is_alive() for w in workers)
+
+    def _keepalive(self) -> None:
+        self._heartbeat()
+        if self.notifier.watchdog_interval() is not None and self.unhealthy() is None:
+            self.notifier.watchdog()
 
     def _make_watcher(self) -> Watcher:
         w = self.settings.watch
@@ -804,9 +821,10 @@ class Daemon:
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
         changed = [n for n in old_dests if old_dests[n] != new_dests.get(n)]
-        self._stop_workers(
-            [w for w in self.workers if w.dest.name in changed], new.shutdown_timeout
-        )
+        retiring = [w for w in self.workers if w.dest.name in changed]
+        if not self._stop_workers(retiring, new.shutdown_timeout, keepalive=True):
+            # still in a store: it ends on its own; shutdown joins it (or exits forced)
+            self._retired += [w for w in retiring if w.is_alive()]
         self.workers = [w for w in self.workers if w.dest.name not in changed]
         self.settings = new
         started = [d for n, d in new_dests.items() if n not in old_dests or n in changed]
@@ -907,7 +925,9 @@ class Daemon:
             self.watcher.stop()
         self.enqueuer.halt()  # the sentinel wakes it; a bare stop.set() cost the whole timeout
         self.enqueuer.join(max(0.0, deadline - time.monotonic()))
-        clean = self._stop_workers(self.workers, max(0.0, deadline - time.monotonic()))
+        clean = self._stop_workers(
+            [*self.workers, *self._retired], max(0.0, deadline - time.monotonic())
+        )
         if not clean:
             LOGGER.warning("in-flight stores did not finish in time; they will be sent again")
             self.hard_stop.set()

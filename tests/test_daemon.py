@@ -1427,6 +1427,36 @@ def test_sighup_with_a_changed_destination_sends_later_files_to_the_new_peer(
     assert len(notify_socket.lines("READY=1")) >= 2  # after start and after the reload
 
 
+def test_sighup_while_the_changed_destination_is_wedged_keeps_the_watchdog_fed(
+    fwd: Forwarder,
+    make_scp: Callable[..., SCP],
+    notify_socket: NotifyListener,
+    gate: Gate,
+    corpus: Corpus,
+) -> None:
+    old, new = make_scp(), make_scp()
+    old.on_store = gate
+    env = {"NOTIFY_SOCKET": str(notify_socket.path), "WATCHDOG_USEC": "1000000"}
+    slow = dest("pacs", old.port, dimse_timeout=60, network_timeout=60)
+    fwd.configure([slow], shutdown_timeout=3).start(env)
+    stuck = corpus.write(fwd.inbox / "stuck.dcm")
+    fwd.wait(gate.entered.is_set, what="a store blocked at the old peer")
+    fwd.configure([dest("pacs", new.port)], shutdown_timeout=3)
+    reload_at = time.monotonic()
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded", timeout=10)
+    assert time.monotonic() - reload_at >= 2.5  # it did wait for the in-flight store
+    pings = [t for t, _ in notify_socket.lines("WATCHDOG=1") if t > reload_at - 0.5]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert gaps and max(gaps) < 1.0, gaps  # WATCHDOG_USEC=1 s was never missed
+    after = corpus.many(fwd.inbox, 3, prefix="after")
+    fwd.wait(has_all(new, after))
+    gate.open.set()  # the old store completes late: recorded, not sent again
+    fwd.wait(lambda: outbox_idle(fwd), what="every delivery settled")
+    assert fwd.stop() == 0
+    assert received(old) + received(new) == once([stuck, *after])
+
+
 def test_sighup_with_a_broken_config_keeps_the_old_one(
     fwd: Forwarder, scp: SCP, corpus: Corpus
 ) -> None:
