@@ -46,6 +46,9 @@ LOGGER = logging.getLogger("forwarder.sender")
 # DUL reactor poll delay while we hold the association: it only has to notice a peer's
 # A-ABORT or A-RELEASE between batches (the stores themselves bypass it, see wire.py).
 _IDLE_LOOP_DELAY = 0.02
+# How many fresh associations in a row the peer may drop before a store went out on them
+# (then the next file is sent anyway and fails with the reason).
+_MAX_DROPPED = 3
 # Largest PDU we ever send, whatever the peer allows (0 = unlimited would otherwise put a
 # whole file in one PDV, read into memory at once).
 _SEND_PDU_CAP = 1 << 20
@@ -391,6 +394,7 @@ class Sender:
         self, specs: Sequence[ContextSpec], todo: list[DicomInfo]
     ) -> Iterator[StoreResult]:
         idx = 0
+        dropped = 0  # associations in a row that died before a store went out on them
         while idx < len(todo) and not self.stop.is_set():
             current = self._ensure(specs)
             if not current.accepted:  # the peer took none of these SOP classes
@@ -402,15 +406,29 @@ class Sender:
             broken = False
             with Channel(current.assoc, self._send_pdu(current), self.peer.dimse_timeout) as ch:
                 while idx < len(todo) and not self.stop.is_set():
-                    result = self._store(current, ch, todo[idx])
+                    try:
+                        if not self._alive(current) and dropped < _MAX_DROPPED:
+                            raise _Dropped
+                        result = self._store(current, ch, todo[idx], dropped < _MAX_DROPPED)
+                    except _Dropped:
+                        # The peer aborted or closed it before this file went out (the
+                        # reactor read that before the socket was ours): nothing was
+                        # sent, so the file gets a fresh association, not a failure.
+                        dropped += 1
+                        self.abort()
+                        break
                     idx += 1
+                    if result.classification.status is not None:
+                        dropped = 0
                     if result.classification.status is None and result.how:
-                        broken = True  # no response: the association is unusable
+                        # no response: the association is unusable. Abort it while the
+                        # socket is still borrowed: handed back first, pynetdicom's reactor
+                        # reads the dead connection and logs a traceback to the operator.
+                        broken = True
+                        self.abort()
                     yield result
                     if broken:
                         break
-            if broken:
-                self.abort()
 
     def _send_pdu(self, current: _Assoc) -> int:
         peer_max = int(current.assoc.acceptor.maximum_length or 0)
@@ -418,7 +436,9 @@ class Sender:
             return _SEND_PDU_CAP
         return max(peer_max, 1024)
 
-    def _store(self, current: _Assoc, ch: Channel | None, info: DicomInfo) -> StoreResult:
+    def _store(
+        self, current: _Assoc, ch: Channel | None, info: DicomInfo, may_resend: bool = False
+    ) -> StoreResult:
         start = time.monotonic()
         accepted = current.accepted.get(info.sop_class_uid, [])
         ts_to_id = {ts: cx for cx, ts in accepted}
@@ -444,7 +464,7 @@ class Sender:
                 return StoreResult(
                     info, Classification(Action.PERMANENT, f"cannot read file: {exc.strerror}")
                 )
-            cls = self._c_store(current, ch, info, ts_to_id[ts], payload)
+            cls = self._c_store(current, ch, info, ts_to_id[ts], payload, may_resend)
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
         return StoreResult(info, Classification(Action.PERMANENT, last_error))
 
@@ -492,22 +512,26 @@ class Sender:
         info: DicomInfo,
         cx_id: int,
         payload: tuple[Path, int] | bytes,
+        may_resend: bool = False,
     ) -> Classification:
-        """One C-STORE on the borrowed socket; classified by its response status."""
+        """One C-STORE on the borrowed socket; classified by its response status.
+
+        Raises `_Dropped` (with `may_resend`) when the association was gone before any
+        of the store went out.
+        """
         msg_id = self._next_msg_id(current)
         command = encode_store_command(info.sop_class_uid, info.sop_instance_uid, msg_id)
         try:
             ch.send_store(cx_id, command, payload)
             rsp = ch.read_response()
         except WireError as exc:
-            self._log(logging.ERROR, f"{info.path}: {exc}")
-            return classify_status(None)
+            if exc.unsent and may_resend:
+                raise _Dropped from exc
+            return _no_response(str(exc))
         except OSError as exc:  # the file went away or shrank mid-send: data set is cut
-            self._log(logging.ERROR, f"{info.path}: read failed while sending: {exc.strerror}")
-            return classify_status(None)
+            return _no_response(f"read failed while sending: {exc.strerror}")
         if rsp.message_id != msg_id:
-            self._log(logging.ERROR, f"response to message {rsp.message_id}, expected {msg_id}")
-            return classify_status(None)
+            return _no_response(f"response to message {rsp.message_id}, expected {msg_id}")
         cls = classify_status(rsp.status)
         if rsp.error_comment:
             cls = Classification(cls.action, f"{cls.meaning} ({rsp.error_comment})", cls.status)
@@ -516,6 +540,20 @@ class Sender:
 
 class _ConversionError(Exception):
     pass
+
+
+class _Dropped(Exception):
+    """The association died before a store went out on it: resend on a fresh one."""
+
+
+def _no_response(detail: str) -> Classification:
+    """A store without a valid response (outcome unknown); `detail` says why.
+
+    The detail rides in the classification, so the caller's one line for the file names
+    the cause (it used to be a second, separate error line from the sender).
+    """
+    cls = classify_status(None)
+    return Classification(cls.action, f"{cls.meaning}: {detail}")
 
 
 # Values pydicom writes back as the bytes it read, whatever the target byte order

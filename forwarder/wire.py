@@ -36,7 +36,16 @@ _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class WireError(Exception):
-    """The association is unusable (peer aborted, closed, timed out or spoke nonsense)."""
+    """The association is unusable (peer aborted, closed, timed out or spoke nonsense).
+
+    ``unsent`` is True when the first write of a store failed: the connection was already
+    gone (e.g. the peer aborted the association as soon as it was established), the peer
+    cannot have the instance, and it may go again on a fresh association.
+    """
+
+    def __init__(self, message: str, *, unsent: bool = False) -> None:
+        super().__init__(message)
+        self.unsent = unsent
 
 
 @dataclass(frozen=True)
@@ -112,10 +121,13 @@ class Channel:
         self._assoc = assoc
         self._asock = assoc.dul.socket
         self._sock: socket.socket = self._asock.socket
-        self._fragment = max_pdu - 6  # PDV item: 4 bytes length, context ID, control header
+        # PDV item: 4 bytes length, context ID, control header. Fragments are kept even:
+        # DCMTK aborts on an odd one ("DIMSE: Odd Fragment Length").
+        self._fragment = (max_pdu - 6) & ~1
         self._timeout = dimse_timeout
         self._buf = bytearray(_HEADERS + self._fragment)
         self._saved_timeout: float | None = None
+        self._sent_any = False  # has any byte of the current store gone out?
 
     def __enter__(self) -> Channel:
         if self._asock.__class__ is not _BorrowedSocket:
@@ -154,31 +166,51 @@ class Channel:
         WireError
             The connection broke (the association is gone).
         OSError
-            The file could not be read (nothing half-sent is left on the wire? no: the
-            association must be aborted, a partial data set was sent).
+            The file could not be read (a partial data set may be on the wire: the
+            association must be aborted).
         """
-        sock = self._sock
         frag = self._fragment
         if len(command) > frag:
             raise WireError("command set larger than the peer's PDU")  # never with real UIDs
+        self._sent_any = False
         head = bytearray(_HEADERS + len(command))
         self._pdu_header(head, 0, cx_id, 0x03, len(command))
         head[_HEADERS:] = command
+        if isinstance(payload, bytes):
+            chunks: Iterator[bytes | memoryview] = self._fragments(cx_id, payload)
+            first = next(chunks)
+            self._send(bytes(head) + bytes(first))
+            for chunk in chunks:
+                self._send(chunk)
+            return
+        self._send_file(cx_id, head, payload)
+
+    def _send(self, data: bytes | memoryview) -> None:
+        """``sendall``, with every socket error a WireError.
+
+        Only ConnectionError used to be: a socket pynetdicom had already closed under us
+        (it read the peer's A-ABORT just before we borrowed the socket) raised EBADF,
+        which the sender took for a failed *file* read. TLS errors are OSErrors too.
+        """
         try:
-            if isinstance(payload, bytes):
-                chunks: Iterator[bytes | memoryview] = self._fragments(cx_id, payload)
-                first = next(chunks)
-                sock.sendall(bytes(head) + bytes(first))
-                for chunk in chunks:
-                    sock.sendall(chunk)
-                return
-            self._send_file(cx_id, head, payload)
+            self._sock.sendall(data)
         except TimeoutError as exc:
             raise WireError("timed out writing to the peer") from exc
-        except (ConnectionError, BrokenPipeError) as exc:
-            raise WireError(f"connection lost while sending: {exc}") from exc
+        except OSError as exc:
+            if self._sock.fileno() == -1:  # closed on our side: pynetdicom read an abort
+                raise WireError(
+                    "the association was closed under us (the peer aborted it)",
+                    unsent=not self._sent_any,
+                ) from exc
+            raise WireError(
+                f"connection lost while sending: {exc.strerror or exc}",
+                unsent=not self._sent_any,
+            ) from exc
+        self._sent_any = True
 
     def _fragments(self, cx_id: int, data: bytes) -> Iterator[bytes]:
+        if len(data) % 2:
+            data += b"\x00"  # see _send_file
         frag = self._fragment
         total = len(data)
         pos = 0
@@ -195,7 +227,6 @@ class Channel:
 
     def _send_file(self, cx_id: int, head: bytearray, payload: tuple[Path, int]) -> None:
         path, offset = payload
-        sock = self._sock
         frag = self._fragment
         buf = self._buf
         view = memoryview(buf)
@@ -210,12 +241,18 @@ class Channel:
                 if got != n:
                     raise OSError(5, "file shrank while it was being sent")
                 remaining -= n
+                if n % 2:  # only ever the last fragment: `frag` is even
+                    # An odd-length data set: a deflated one whose stream was not padded
+                    # (image_dfl.dcm). PDVs must be even, so pad with a NUL as the
+                    # deflate encoders do; DCMTK aborted the association otherwise.
+                    buf[_HEADERS + n] = 0
+                    n += 1
                 self._pdu_header(buf, 0, cx_id, 0x00 if remaining else 0x02, n)
                 if pending is not None:
-                    sock.sendall(pending + view[: _HEADERS + n])
+                    self._send(pending + view[: _HEADERS + n])
                     pending = None
                 else:
-                    sock.sendall(view[: _HEADERS + n])
+                    self._send(view[: _HEADERS + n])
                 if not remaining:
                     return
 
@@ -245,8 +282,11 @@ class Channel:
                 got += k
         except TimeoutError as exc:
             raise WireError("DIMSE timeout: no response from the peer") from exc
-        except ConnectionError as exc:
-            raise WireError(f"connection lost: {exc}") from exc
+        except OSError as exc:  # reset, or closed under us (EBADF): see _send
+            if sock.fileno() == -1:
+                msg = "the association was closed under us (the peer aborted it)"
+                raise WireError(msg) from exc
+            raise WireError(f"connection lost: {exc.strerror or exc}") from exc
         return bytes(out)
 
     def read_response(self) -> Response:
