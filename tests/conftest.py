@@ -234,8 +234,10 @@ def no_leaked_threads() -> Iterator[None]:
     """Fail a test that leaves threads of its own running."""
     before = set(threading.enumerate())
     yield
+
     def leaked() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
     deadline = time.monotonic() + 10
     while leaked() and time.monotonic() < deadline:
         time.sleep(0.02)
