@@ -334,6 +334,29 @@ def test_invalid_files_are_skipped_and_the_rest_sent(
     assert_no_traceback(captured.err)
 
 
+def test_dicomdir_is_skipped(scp: SCP, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    copy_files(["CT_small.dcm"], folder)
+    shutil.copyfile(data_file("dicomdirtests") / "DICOMDIR", folder / "DICOMDIR")
+    assert send(*addr(scp), folder) == 21
+    assert summary(capsys.readouterr().out) == (1, 0, 0, 1)
+    assert len(scp.received) == 1
+
+
+def test_peer_accepting_none_of_the_classes(
+    make_scp: Callable[..., SCP], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scp = make_scp(sop_classes=["1.2.840.10008.5.1.4.1.1.4"])  # MR only
+    files = copy_files(["CT_small.dcm", "rtplan.dcm"], tmp_path / "in")
+    assert send(*addr(scp), *files) == 62
+    captured = capsys.readouterr()
+    assert summary(captured.out) == (0, 0, 2, 0)
+    for path in files:
+        lines = [e for e in error_lines(captured.err) if path.name in e]
+        assert len(lines) == 1 and "accepted no presentation context" in lines[0], captured.err
+    assert_no_traceback(captured.err)
+
+
 def test_no_input_files(scp: SCP, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     assert send(*addr(scp), tmp_path / "empty") == 20
