@@ -57,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"forwarder {name}", description=help_text)
     module.add_arguments(parser)
-    ns = parser.parse_args(rest)
+    # storescu-style commands take options after the files too (`ADDR PORT FILE -xe`)
+    intermixed = getattr(module, "INTERMIXED_ARGS", False)
+    ns = parser.parse_intermixed_args(rest) if intermixed else parser.parse_args(rest)
     try:
         return int(module.run(ns))
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ EXIT_ASSOCIATION_FAILED = 61  # some files could not be sent: no association
 EXIT_STORE_FAILED = 62  # some stores failed (peer refused, or no response)
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
+INTERMIXED_ARGS = True  # options may follow ADDR PORT PATH, as with DCMTK's storescu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -514,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m forwarder.send_cli``: the same as ``forwarder send``."""
     parser = argparse.ArgumentParser(prog="forwarder send")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))
 
 
 if __name__ == "__main__":

@@ -281,6 +281,20 @@ def test_restrict_options_propose_one_syntax(
         _pixels_equal(path, got)
 
 
+def test_options_may_follow_the_files(scp: SCP, tmp_path: Path) -> None:
+    """As with DCMTK's storescu: `forwarder send ADDR PORT FILE -xi -aet ME`."""
+    files = copy_files(["CT_small.dcm"], tmp_path / "in")
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "send", *addr(scp), *files, "-xi", "-aet", "ME", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [r.transfer_syntax for r in scp.received] == ["1.2.840.10008.1.2"]
+    assert [r.calling_aet for r in scp.received] == ["ME"]
+
+
 def test_failing_decoder_gives_a_one_line_reason(
     make_scp: Callable[..., SCP], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
