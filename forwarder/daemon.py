@@ -527,6 +527,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
         self.reload_requested = threading.Event()
+        self.nudge_requested = threading.Event()
         self.wakeup = threading.Event()
         self._file_lock = threading.Lock()
         self._dispose_later: dict[tuple[str, int, int], float] = {}
@@ -885,6 +886,9 @@ class Daemon:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
+            if self.nudge_requested.is_set():
+                self.nudge_requested.clear()
+                self.wake_workers()
             if now >= next_hb:
                 self._heartbeat()
                 next_hb = now + hb_every
@@ -965,9 +969,15 @@ def _install_signals(daemon: Daemon) -> None:
         daemon.reload_requested.set()
         daemon.wakeup.set()
 
+    def on_usr1(signum: int, frame: FrameType | None) -> None:
+        # an operator command changed the outbox (queue retry, quarantine requeue)
+        daemon.nudge_requested.set()
+        daemon.wakeup.set()
+
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR1, on_usr1)
 
 
 def _prepare_dirs(settings: Settings) -> list[str]:

@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -124,6 +125,30 @@ def open_outbox(settings: Settings, *, write: bool = False) -> Iterator[Outbox]:
         raise CommandError(f"no outbox at {path}: the daemon has never run with this config")
     with Outbox(path, readonly=not write) as outbox:
         yield outbox
+
+
+def nudge_daemon(outbox: Outbox, settings: Settings) -> bool:
+    """Ask the running daemon (SIGUSR1) to look at the outbox now; True if it was asked.
+
+    Only a daemon on this host whose heartbeat is fresh, and whose process is still a
+    forwarder, is signalled: a stale pid may belong to another program by now.
+    """
+    beat = outbox.read_heartbeat()
+    if beat is None or beat.info.get("stopped"):
+        return False
+    if time.time() - beat.updated_at > settings.health.stale_seconds:
+        return False
+    try:
+        cmdline = Path(f"/proc/{beat.pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if b"forwarder" not in cmdline:
+        return False
+    try:
+        os.kill(beat.pid, signal.SIGUSR1)
+    except OSError:  # another user's daemon: it looks again within 30 s anyway
+        return False
+    return True
 
 
 # -- values -------------------------------------------------------------------------------

@@ -482,6 +482,7 @@ def _requeue(args: argparse.Namespace) -> int:
                 if not Path(d.path).is_relative_to(qdir)
             ]
             done += _requeue_in_inbox(outbox, waiting)
+        nudged = bool(done) and ops.nudge_daemon(outbox, settings)
     for r in done:
         dests = ", ".join(r.destinations) if r.destinations else "a fresh look by the daemon"
         if r.target is None:
@@ -495,7 +496,7 @@ def _requeue(args: argparse.Namespace) -> int:
         f"{len(done)} file(s) requeued, "
         f"{sum(len(r.destinations) for r in done)} deliveries queued again"
         + (f", {failed} failed" if failed else "")
-        + "; the daemon sends them within about 30 s"
+        + ("; the daemon was told" if nudged else "; the daemon sends them within about 30 s")
     )
     return ops.EXIT_FAILED if failed else 0
 

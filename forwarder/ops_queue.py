@@ -142,15 +142,21 @@ def _retry(args: argparse.Namespace) -> int:
     now = time.time()
     with ops.open_outbox(settings, write=True) as outbox:
         changed = outbox.retry_now(now, destination=args.destination, study_uid=args.study)
+        nudged = changed > 0 and ops.nudge_daemon(outbox, settings)
         paused = [
             name
             for name, info in outbox.destination_info().items()
             if info.paused(now) and args.destination in (None, name)
         ]
     if args.json:
-        ops.print_json({"retried": changed, "paused_destinations": sorted(paused)})
+        ops.print_json(
+            {"retried": changed, "paused_destinations": sorted(paused), "daemon_woken": nudged}
+        )
         return 0
-    print(f"{changed} deliveries made due now")
+    print(
+        f"{changed} deliveries made due now"
+        + ("" if nudged or not changed else "; the daemon picks them up within 30 s")
+    )
     for name in sorted(paused):
         print(f"note: destination {name} is paused; its deliveries wait for the pause to end")
     return 0
