@@ -10,17 +10,13 @@ from typing import Any
 
 from forwarder import ops
 from forwarder.config import Destination
-from forwarder.sender import (
-    _CONNECT_ERRORS,
-    Peer,
-    _association_outcome,
-    _install_connect_filter,
-)
+from forwarder.sender import Peer, association_failure, make_ae, request_association
 
 __all__ = ["EXIT_FAILED", "EchoResult", "add_arguments", "echo", "run"]
 
 EXIT_FAILED = 1
 _VERIFICATION = "1.2.840.10008.1.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 @dataclass(frozen=True)
@@ -49,30 +45,17 @@ class EchoResult:
 
 def echo(dest: Destination) -> EchoResult:
     """Associate with `dest` as the daemon would (AE titles, timeouts, TLS) and send a C-ECHO."""
-    from pynetdicom import AE
-
     address = f"{dest.called_aet}@{dest.host}:{dest.port}"
     result = EchoResult(dest.name, address, dest.tls is not None, ok=False)
     try:
         peer = Peer.from_destination(dest)
     except (OSError, ssl.SSLError) as exc:
         return _failed(result, f"cannot load the TLS files: {exc}")
-    ae = AE(ae_title=peer.calling_aet)
-    ae.acse_timeout = peer.acse_timeout
-    ae.dimse_timeout = peer.dimse_timeout
-    ae.network_timeout = peer.network_timeout
-    ae.connection_timeout = peer.connect_timeout
-    ae.add_requested_context(_VERIFICATION)
-    kwargs: dict[str, Any] = {"ae_title": peer.called_aet, "max_pdu": peer.max_pdu}
-    if peer.tls is not None:
-        kwargs["tls_args"] = (peer.tls, peer.tls_server_name or peer.host)
-    _install_connect_filter()
-    _CONNECT_ERRORS.last = None
     start = time.perf_counter()
-    assoc = ae.associate(peer.host, peer.port, **kwargs)
+    assoc = request_association(make_ae(peer), peer, [(_VERIFICATION, [_IMPLICIT_LE])])
     associated = time.perf_counter()
     if not assoc.is_established:
-        return _failed(result, _association_outcome(assoc).meaning)
+        return _failed(result, association_failure(assoc).meaning)
     try:
         status = assoc.send_c_echo()
         echoed = time.perf_counter()

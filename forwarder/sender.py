@@ -38,7 +38,10 @@ __all__ = [
     "Peer",
     "Sender",
     "StoreResult",
+    "association_failure",
     "client_tls_context",
+    "make_ae",
+    "request_association",
 ]
 
 LOGGER = logging.getLogger("forwarder.sender")
@@ -224,6 +227,38 @@ def _tune_socket(event: Any) -> None:
     asock.recv = recv
 
 
+def make_ae(peer: Peer) -> AE:
+    """A pynetdicom AE with the peer's calling AE title, timeouts and receive PDU limit."""
+    ae = AE(ae_title=peer.calling_aet)
+    ae.acse_timeout = peer.acse_timeout
+    ae.dimse_timeout = peer.dimse_timeout
+    ae.network_timeout = peer.network_timeout
+    ae.connection_timeout = peer.connect_timeout
+    ae.maximum_pdu_size = peer.max_pdu
+    return ae
+
+
+def request_association(ae: AE, peer: Peer, contexts: Iterable[tuple[str, Sequence[str]]]) -> Any:
+    """Request an association with `peer` proposing `contexts` (abstract syntax, syntaxes).
+
+    Returns pynetdicom's Association, established or not: `association_failure` says why
+    one was not, in one line. The socket is tuned (TCP_NODELAY, TCP_QUICKACK).
+    """
+    ae.requested_contexts = []
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, list(syntaxes))
+    kwargs: dict[str, Any] = {
+        "ae_title": peer.called_aet,
+        "max_pdu": peer.max_pdu,
+        "evt_handlers": [(evt.EVT_CONN_OPEN, _tune_socket)],
+    }
+    if peer.tls is not None:
+        kwargs["tls_args"] = (peer.tls, peer.tls_server_name or peer.host)
+    _install_connect_filter()
+    _CONNECT_ERRORS.last = None
+    return ae.associate(peer.host, peer.port, **kwargs)
+
+
 class Sender:
     """Send files to one peer, many per association; one Sender per thread.
 
@@ -247,13 +282,7 @@ class Sender:
         self._current: _Assoc | None = None
         self._seen: dict[ContextSpec, None] = {}  # proposed before, most recent last
         self.associations = 0  # how many were established (for stats and tests)
-        self._ae = AE(ae_title=peer.calling_aet)
-        self._ae.acse_timeout = peer.acse_timeout
-        self._ae.dimse_timeout = peer.dimse_timeout
-        self._ae.network_timeout = peer.network_timeout
-        self._ae.connection_timeout = peer.connect_timeout
-        self._ae.maximum_pdu_size = peer.max_pdu
-        _install_connect_filter()
+        self._ae = make_ae(peer)
 
     # -- association handling -------------------------------------------------------
 
@@ -267,26 +296,17 @@ class Sender:
             self._on_event(logging.getLevelName(level), msg)
 
     def _associate(self, specs: Sequence[ContextSpec]) -> _Assoc:
-        self._ae.requested_contexts = []
-        for spec in specs:
-            self._ae.add_requested_context(spec.sop_class, list(spec.transfer_syntaxes))
-        kwargs: dict[str, Any] = {
-            "ae_title": self.peer.called_aet,
-            "max_pdu": self.peer.max_pdu,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, _tune_socket)],
-        }
-        if self.peer.tls is not None:
-            kwargs["tls_args"] = (self.peer.tls, self.peer.tls_server_name or self.peer.host)
         self._log(logging.INFO, f"Requesting Association with {self.peer.label}")
-        _CONNECT_ERRORS.last = None
-        assoc = self._ae.associate(self.peer.host, self.peer.port, **kwargs)
+        assoc = request_association(
+            self._ae, self.peer, ((spec.sop_class, spec.transfer_syntaxes) for spec in specs)
+        )
         if not assoc.is_established:
             prim = assoc.acceptor.primitive
             if prim is not None and getattr(prim, "result", None) == 0:
                 # accepted at ACSE level, but not one presentation context: pynetdicom aborts
                 self._log(logging.ERROR, "No accepted presentation contexts")
                 return _Assoc(assoc, frozenset(specs))
-            raise AssociationFailed(_association_outcome(assoc))
+            raise AssociationFailed(association_failure(assoc))
         self.associations += 1
         current = _Assoc(assoc, frozenset(specs))
         for cx in assoc.accepted_contexts:
@@ -598,7 +618,8 @@ def _encode(ds: Dataset, implicit: bool, little: bool, deflated: bool) -> bytes:
     return data
 
 
-def _association_outcome(assoc: Any) -> Classification:
+def association_failure(assoc: Any) -> Classification:
+    """Why `assoc` was not established, classified (rejected, refused, timed out, ...)."""
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         return classify_association(
