@@ -46,8 +46,8 @@ EX_SOFTWARE = 70
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _ENQUEUE_BATCH = 256
 _DISPOSE_RETRY_SECONDS = 30.0
-_MIN_HOLD_SECONDS = 60.0
-_SWITCH_INTERVAL = 0.0005  # a destination that refuses us (AE titles, not authorised)
+_MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
+_SWITCH_INTERVAL = 0.0005  # GIL switch interval while running (see `run`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
