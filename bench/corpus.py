@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, CTImageStorage, ExplicitVRLittleEndian
 
 SEED = "dicom-forwarder-bench-v1"
 
@@ -70,7 +70,8 @@ def _base_image(spec: CorpusSpec) -> np.ndarray:
     r2 = ((yy - cy) / (0.42 * spec.rows)) ** 2 + ((xx - cx) / (0.45 * spec.columns)) ** 2
     body = np.where(r2 <= 1.0, 1040, 24).astype(np.int32)
     noise = rng.integers(-40, 41, size=(spec.rows, spec.columns), dtype=np.int32)
-    return np.clip(body + noise, 0, 4095).astype(np.uint16)
+    image: np.ndarray = np.clip(body + noise, 0, 4095).astype(np.uint16)
+    return image
 
 
 def _dataset(spec: CorpusSpec, index: int, pixels: np.ndarray) -> Dataset:
@@ -82,7 +83,7 @@ def _dataset(spec: CorpusSpec, index: int, pixels: np.ndarray) -> Dataset:
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "FWD_BENCH_1"

@@ -19,4 +19,4 @@ def _connect_nodelay(self: socket.socket, address: Any) -> None:
     _connect(self, address)
 
 
-socket.socket.connect = _connect_nodelay  # type: ignore[method-assign]
+socket.socket.connect = _connect_nodelay  # type: ignore[method-assign, assignment]
