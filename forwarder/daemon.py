@@ -295,6 +295,11 @@ class Worker(threading.Thread):
     def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
         now = time.time()
         cls = result.classification
+        if cls.action is Action.UNREADABLE and not os.path.lexists(d.path):
+            # deleted between the claim and the send: nothing went out, nothing to retry
+            pending.add(Mark(d.id, State.GONE, None, "the file disappeared before it was sent"), d)
+            self.d.event(logging.WARNING, "gone", d, "the file disappeared before it was sent")
+            return
         decision = decide(
             cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random()
         )

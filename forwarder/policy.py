@@ -69,7 +69,7 @@ def decide(
         return Decision(Next.HOLD, f"destination refuses us: {cls.describe()}")
     attempts = attempts_before + 1
     limit = retry.max_attempts
-    if cls.action is Action.RETRY_FEW:
+    if cls.action in (Action.RETRY_FEW, Action.UNREADABLE):
         limit = min(limit, RETRY_FEW_LIMIT)
     elif cls.action is Action.RETRY_FRESH:
         limit = min(limit, RETRY_FRESH_LIMIT)

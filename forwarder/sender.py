@@ -31,7 +31,7 @@ from forwarder.contexts import (
 )
 from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
 from forwarder.status import Action, Classification, classify_association, classify_status
-from forwarder.wire import Channel, WireError, encode_store_command
+from forwarder.wire import Channel, SourceUnreadable, WireError, encode_store_command
 
 __all__ = [
     "AssociationFailed",
@@ -481,10 +481,11 @@ class Sender:
                 last_error = str(exc)
                 continue
             except OSError as exc:
-                return StoreResult(
-                    info, Classification(Action.PERMANENT, f"cannot read file: {exc.strerror}")
-                )
-            cls = self._c_store(current, ch, info, ts_to_id[ts], payload, may_resend)
+                return StoreResult(info, _unreadable(exc))
+            try:
+                cls = self._c_store(current, ch, info, ts_to_id[ts], payload, may_resend)
+            except SourceUnreadable as exc:
+                return StoreResult(info, _unreadable(exc.error))
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
         return StoreResult(info, Classification(Action.PERMANENT, last_error))
 
@@ -564,6 +565,11 @@ class _ConversionError(Exception):
 
 class _Dropped(Exception):
     """The association died before a store went out on it: resend on a fresh one."""
+
+
+def _unreadable(exc: OSError) -> Classification:
+    """Our file could not be read: nothing went out, the association is still good."""
+    return Classification(Action.UNREADABLE, f"cannot read the file: {exc.strerror or exc}")
 
 
 def _no_response(detail: str) -> Classification:

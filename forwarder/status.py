@@ -18,6 +18,7 @@ class Action(enum.Enum):
     RETRY_FRESH = "retry-fresh"  # retry once on a fresh association, then permanent
     PERMANENT = "permanent"  # the peer will never take it: quarantine
     DESTINATION = "destination"  # the destination is misconfigured: pause it, keep the instance
+    UNREADABLE = "unreadable"  # our file could not be read: nothing was sent
 
 
 @dataclass(frozen=True)

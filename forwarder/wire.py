@@ -23,7 +23,14 @@ from typing import Any
 
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["Channel", "Response", "WireError", "decode_command", "encode_store_command"]
+__all__ = [
+    "Channel",
+    "Response",
+    "SourceUnreadable",
+    "WireError",
+    "decode_command",
+    "encode_store_command",
+]
 
 _PDATA = 0x04
 _RELEASE_RQ = 0x05
@@ -33,6 +40,14 @@ _PDV_HEADER = struct.Struct(">LBB")  # item length, context ID, message control 
 _HEADERS = _PDU_HEADER.size + _PDV_HEADER.size  # 12 bytes in front of every fragment
 _MAX_PDU_IN = 1 << 24  # refuse absurd PDU lengths from a peer (16 MiB)
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+class SourceUnreadable(Exception):
+    """The file could not be opened; nothing of the store was sent (the association is fine)."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+        super().__init__(error.strerror or str(error))
 
 
 class WireError(Exception):
@@ -165,6 +180,8 @@ class Channel:
         ------
         WireError
             The connection broke (the association is gone).
+        SourceUnreadable
+            The file could not be opened: nothing was sent, the association is usable.
         OSError
             The file could not be read (a partial data set may be on the wire: the
             association must be aborted).
@@ -230,7 +247,11 @@ class Channel:
         frag = self._fragment
         buf = self._buf
         view = memoryview(buf)
-        with open(path, "rb", buffering=0) as fp:
+        try:
+            fp = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+        except OSError as exc:  # nothing is on the wire yet: the association is fine
+            raise SourceUnreadable(exc) from exc
+        with fp:
             size = fp.seek(0, 2)
             remaining = size - offset
             fp.seek(offset)

@@ -1150,9 +1150,12 @@ def test_files_deleted_after_being_claimed_do_not_stop_the_batch(
     doomed = {u: p for u, p in batch.items() if str(p) != sending.path}
     for path in doomed.values():
         path.unlink()  # claimed and checked already, deleted before their turn
+    associations = scp.associations
     gate.open.set()
     fwd.wait(lambda: outbox_idle(fwd), timeout=20, what="every delivery settled")
     assert fwd.alive()
+    # nothing of a deleted file went out: the association stays up (no abort per file)
+    assert scp.associations == associations
     survivor = corpus.write(fwd.inbox / "z-after.dcm")
     fwd.wait(has_all(scp, [survivor]))
     assert fwd.stop() == 0
