@@ -156,6 +156,7 @@ class Worker(threading.Thread):
         self._last_activity = time.monotonic()
         self._sender = Sender(Peer.from_destination(dest), stop=self.stop)
         self._fresh = False
+        self._associations_counted = 0
 
     def run(self) -> None:
         try:
@@ -188,13 +189,12 @@ class Worker(threading.Thread):
             self._idle_no_work(now)
             return
         self.busy_since = time.monotonic()
-        associations = self._sender.associations
         try:
             self._send_batch(batch)
         finally:
             self.busy_since = None
             self._last_activity = time.monotonic()
-            self.d.metrics.association(name, self._sender.associations - associations)
+            self._count_associations()
         if self._fresh:
             self._sender.release()
             self._fresh = False
@@ -292,7 +292,15 @@ class Worker(threading.Thread):
             return None
         return info
 
+    def _count_associations(self) -> None:
+        """Report associations established since the last report to the metrics."""
+        new = self._sender.associations - self._associations_counted
+        if new > 0:
+            self._associations_counted += new
+            self.d.metrics.association(self.dest.name, new)
+
     def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
+        self._count_associations()  # as soon as a store shows it, not at the batch's end
         now = time.time()
         cls = result.classification
         if cls.action is Action.UNREADABLE and not os.path.lexists(d.path):
