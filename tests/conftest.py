@@ -181,8 +181,8 @@ class StoreSCP:
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        if os.environ.get("FORWARDER_REQUIRE_TOOLS"):
-            pytest.fail(f"{name} is required (FORWARDER_REQUIRE_TOOLS is set) but not installed")
+        if os.environ.get("REQUIRE_TEST_TOOLS"):
+            pytest.fail(f"{name} is required (REQUIRE_TEST_TOOLS is set) but not installed")
         pytest.skip(f"{name} not installed (apt-get install dcmtk)")
     return path
 
@@ -227,6 +227,17 @@ def make_storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
 def storescp(make_storescp: Callable[..., StoreSCP]) -> StoreSCP:
     """DCMTK storescp with Nagle off, accepting all transfer syntaxes (+xa)."""
     return make_storescp("+xa", env={"TCP_NODELAY": "1"})
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_forwarder_environment() -> Iterator[None]:
+    """Tests configure the forwarder themselves: the caller's FORWARDER_... variables
+    (settings overrides, FORWARDER_CONFIG) must not leak into them, module fixtures included."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("FORWARDER_")}
+    for name in saved:
+        del os.environ[name]
+    yield
+    os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -173,7 +173,7 @@ def dest(name: str, port: int, **kw: Any) -> dict[str, Any]:
 def _clean_env() -> dict[str, str]:
     """The test's environment without anything that would configure the daemon behind our back.
 
-    CI sets FORWARDER_REQUIRE_TOOLS, which the daemon would read as an unknown setting.
+    Any FORWARDER_... variable of the caller would be read as a setting.
     """
     drop = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM", "LISTEN_FDS")
     return {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_") and k not in drop}

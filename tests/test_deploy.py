@@ -31,13 +31,13 @@ MAX_EXPOSURE = 2.0
 
 
 def need_tool(name: str, found: object) -> None:
-    """Skip when a tool is missing, unless FORWARDER_REQUIRE_TOOLS is set (CI), then fail."""
+    """Skip when a tool is missing, unless REQUIRE_TEST_TOOLS is set (CI), then fail."""
     if found:
         return
     message = f"{name} is not installed"
-    if os.environ.get("FORWARDER_REQUIRE_TOOLS"):
-        pytest.fail(f"{message} and FORWARDER_REQUIRE_TOOLS is set")
-    pytest.skip(f"{message} (set FORWARDER_REQUIRE_TOOLS=1 to make this a failure)")
+    if os.environ.get("REQUIRE_TEST_TOOLS"):
+        pytest.fail(f"{message} and REQUIRE_TEST_TOOLS is set")
+    pytest.skip(f"{message} (set REQUIRE_TEST_TOOLS=1 to make this a failure)")
 
 
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
