@@ -226,7 +226,7 @@ def background_busy(window_s: float = 0.3) -> float:
     return (busy1 - busy0) / max(1, total1 - total0)
 
 
-def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
@@ -263,7 +263,7 @@ def run_process(
             with reaped:
                 if proc.returncode is None:
                     timed_out.set()
-                    _kill_group(proc.pid)
+                    kill_group(proc.pid)
 
         timer = threading.Timer(timeout, on_timeout)
         timer.daemon = True
@@ -272,7 +272,7 @@ def run_process(
             _, status, _ = os.wait4(proc.pid, 0)
             wall = time.perf_counter() - started
         except BaseException:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             proc.wait()
             raise
         finally:
@@ -344,10 +344,11 @@ class Receiver:
             str(self.port),
         ]
 
-    def start(self) -> None:
+    def start(self, port: int | None = None) -> None:
+        """Start storescp on ``port`` (default: a free one) and wait until it listens."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.clean()
-        self.port = free_port()
+        self.port = port or free_port()
         with self.log.open("ab") as out:
             out.write(f"--- start {' '.join(self.argv())}\n".encode())
             out.flush()
@@ -380,13 +381,13 @@ class Receiver:
     def stop(self) -> None:
         if self.proc is None:
             return
-        _kill_group(self.proc.pid, signal.SIGTERM)
+        kill_group(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            _kill_group(self.proc.pid, signal.SIGKILL)
+            kill_group(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
-        _kill_group(self.proc.pid, signal.SIGKILL)  # forked children left in its group
+        kill_group(self.proc.pid, signal.SIGKILL)  # forked children left in its group
         self.proc = None
 
     def count(self) -> int:
@@ -443,7 +444,7 @@ def mode_env(mode: str) -> dict[str, str]:
     return env
 
 
-def _warm_page_cache(files: Sequence[Path]) -> None:
+def warm_page_cache(files: Sequence[Path]) -> None:
     for path in files:
         with path.open("rb") as f:
             while f.read(1 << 20):
@@ -501,7 +502,7 @@ def run_mode(plan: Plan, mode: str, dirs: dict[str, Path], runs: list[Run]) -> N
             if mode == "stock" and corpus in plan.stock_limit:
                 directory = corpus_mod.subset(directory, plan.stock_limit[corpus])
             paths = corpus_mod.dicom_files(directory)
-            _warm_page_cache(paths)
+            warm_page_cache(paths)
             work = Workload(
                 mode, corpus, directory, len(paths), sum(p.stat().st_size for p in paths), env
             )
@@ -676,7 +677,7 @@ def markdown(
 # command line
 
 
-def _version(argv: list[str]) -> str:
+def version_of(argv: list[str]) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -685,7 +686,7 @@ def _version(argv: list[str]) -> str:
     return text.splitlines()[0] if proc.returncode == 0 and text else "unavailable"
 
 
-def _parse_limits(text: str) -> dict[str, int]:
+def parse_limits(text: str) -> dict[str, int]:
     """``200`` (every corpus) or ``ct=100,small=200``."""
     if text.isdigit() and int(text) > 0:
         return {name: int(text) for name in corpus_mod.SPECS}
@@ -698,7 +699,7 @@ def _parse_limits(text: str) -> dict[str, int]:
     return limits
 
 
-def _parse_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+def parse_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         items = list(dict.fromkeys(t for t in text.split(",") if t))
         bad = [t for t in items if t not in choices]
@@ -715,26 +716,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per corpus (default 3)")
     parser.add_argument(
         "--corpus",
-        type=_parse_list(list(corpus_mod.SPECS)),
+        type=parse_list(list(corpus_mod.SPECS)),
         default=list(corpus_mod.SPECS),
         help="comma list of ct,small (default both)",
     )
     parser.add_argument(
         "--mode",
-        type=_parse_list(MODES),
+        type=parse_list(MODES),
         default=list(MODES),
         help="comma list of tuned,stock (default both)",
     )
     parser.add_argument(
         "--stock-limit",
-        type=_parse_limits,
+        type=parse_limits,
         default="ct=100,small=200",
         help="files sent per corpus to the stock receiver: N or ct=N,small=M "
         "(default ct=100,small=200)",
     )
     parser.add_argument(
         "--senders",
-        type=_parse_list(list(SENDER_KEYS)),
+        type=parse_list(list(SENDER_KEYS)),
         default=[k for k, (_, default) in SENDER_KEYS.items() if default],
         help=f"comma list of sender keys (default: all but pynetdicom-nodelay). {keys}",
     )
@@ -814,17 +815,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "receiver": f"storescp --fork -pdu {PDU} +B -od <tmpfs>",
         "stock_limit": plan.stock_limit,
         "timeout_s": plan.timeout,
-        "storescp": _version(["storescp", "--version"]),
-        "pynetdicom": _version(
+        "storescp": version_of(["storescp", "--version"]),
+        "pynetdicom": version_of(
             [
                 str(args.venv / "bin" / "python"),
                 "-c",
                 "import pynetdicom as p; print(p.__version__)",
             ]
         ),
-        "git": _version(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "git": version_of(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
         # forwarder send runs from the work tree: say whether it differs from the commit
-        "git_forwarder_changes": _version(
+        "git_forwarder_changes": version_of(
             ["sh", "-c", f"git -C '{REPO}' status --porcelain -- forwarder | wc -l"]
         ),
         "forwarder_note": forwarder_note,
