@@ -375,6 +375,7 @@ class DaemonRun(bs.Run):
     settle_s: float = 0.0
     rename_s: float = 0.0  # the rename loop
     inbox_empty_s: float | None = None  # first rename -> inbox empty (acked, committed, deleted)
+    first_file_s: float | None = None  # first rename -> the receiver's first file
     startup_s: float | None = None  # spawn -> first heartbeat (before the timer)
     stop_s: float | None = None
     log_lines: list[str] = field(default_factory=list)
@@ -432,6 +433,7 @@ def daemon_run(
     reasons: list[str] = []
     wall = rename_s = 0.0
     inbox_empty: float | None = None
+    first_s: float | None = None
     received = 0
     hwm: float | None = None
     try:
@@ -447,10 +449,17 @@ def daemon_run(
         for src, dst in moves:
             os.rename(src, dst)
         rename_s = time.perf_counter() - t0
-        ok, t_all = wait_for(
-            lambda: count_entries(out_dir) >= n or not daemon.alive(), ctx.plan.timeout
-        )
+        first: list[float] = []
+
+        def arrived() -> bool:
+            got = count_entries(out_dir)
+            if got and not first:
+                first.append(time.perf_counter())
+            return got >= n or not daemon.alive()
+
+        ok, t_all = wait_for(arrived, ctx.plan.timeout)
         wall = t_all - t0
+        first_s = first[0] - t0 if first else None
         if not daemon.alive():
             reasons.append(f"daemon exited with {daemon.proc.returncode if daemon.proc else '?'}")
         elif not ok:
@@ -491,6 +500,7 @@ def daemon_run(
         settle_s=settle,
         rename_s=round(rename_s, 4),
         inbox_empty_s=None if inbox_empty is None else round(inbox_empty, 4),
+        first_file_s=None if first_s is None else round(first_s, 4),
         startup_s=None if daemon.startup_s is None else round(daemon.startup_s, 3),
         stop_s=daemon.stop_s,
         log_lines=lines[:200],
@@ -935,6 +945,7 @@ class Row:
     mb_per_s: float | None
     excl_settle_per_s: float | None
     inbox_empty_s: float | None
+    first_file_s: float | None
     peak_rss_mb: float | None
     failures: list[str]
 
@@ -944,8 +955,10 @@ def rows_of(runs: list[bs.Run]) -> list[Row]:
     for s in bs.summarise(runs):
         group = [r for r in runs if (r.mode, r.corpus, r.sender) == (s.mode, s.corpus, s.sender)]
         good = [r for r in group if r.ok and isinstance(r, DaemonRun)]
-        excl = empty = None
+        excl = empty = first = None
         if good:
+            firsts = [r.first_file_s for r in good if r.first_file_s is not None]
+            first = statistics.median(firsts) if firsts else None
             med = statistics.median(r.wall_s - r.settle_s for r in good)
             excl = s.files / med if med > 0 else None
             empties = [r.inbox_empty_s for r in good if r.inbox_empty_s is not None]
@@ -963,6 +976,7 @@ def rows_of(runs: list[bs.Run]) -> list[Row]:
                 s.mb_per_s,
                 excl,
                 empty,
+                first,
                 s.peak_rss_mb,
                 s.failures,
             )
@@ -997,8 +1011,9 @@ def markdown(
                 f"## Throughput, {mode} receiver, {corpus} ({group[0].files} files)",
                 "",
                 "| run | inst/s | MB/s | median s | ÷ forwarder send | inst/s excl. settle | "
-                "÷ forwarder send excl. settle | inbox empty s | peak RSS MB | ok runs |",
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "÷ forwarder send excl. settle | first file s | inbox empty s | peak RSS MB "
+                "| ok runs |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in group:
                 ratio = ratio_x = ""
@@ -1009,7 +1024,8 @@ def markdown(
                 lines.append(
                     f"| {r.name} | {_f(r.inst_per_s)} | {_f(r.mb_per_s)} | {_f(r.median_s, 2)} "
                     f"| {ratio} | {_f(r.excl_settle_per_s) if r.name.startswith(DAEMON) else ''} "
-                    f"| {ratio_x} | {_f(r.inbox_empty_s, 2) if r.inbox_empty_s else ''} "
+                    f"| {ratio_x} | {_f(r.first_file_s, 2) if r.first_file_s else ''} "
+                    f"| {_f(r.inbox_empty_s, 2) if r.inbox_empty_s else ''} "
                     f"| {_f(r.peak_rss_mb)} | {r.ok_runs}/{r.runs} |"
                 )
                 if r.name.startswith(DAEMON) and ref and ref.inst_per_s:
