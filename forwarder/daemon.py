@@ -364,6 +364,7 @@ class Worker(threading.Thread):
             breaker.reason = reason
             until = breaker.paused_until
             failures = breaker.failures
+        self.d.outbox.record_destination_error(self.dest.name, reason, now)
         self.d.outbox.pause_destination(self.dest.name, until, reason, now)
         level = logging.ERROR if failures == 1 or hold else logging.WARNING
         LOGGER.log(

@@ -842,6 +842,10 @@ def test_peer_down_then_back_burns_no_attempts(
     fwd.wait_log("destination pacs paused")
     fwd.wait_log("destination pacs paused", count=2, timeout=10)  # it keeps trying, backing off
     assert len(fwd.inbox_files()) == 10
+    with Outbox(fwd.outbox_path, readonly=True) as ob:  # what `forwarder status` shows
+        info = ob.destination_info()["pacs"]
+    assert info.last_error is not None and "cannot connect" in info.last_error
+    assert info.paused_until is not None
     scp = make_scp(port=port)
     fwd.wait(has_all(scp, sent), timeout=20, what="every instance once the peer is back")
     fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
