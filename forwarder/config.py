@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import contextvars
 import json
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -23,6 +25,7 @@ __all__ = [
     "Destination",
     "Settings",
     "TLSSettings",
+    "add_config_argument",
     "load_raw",
     "load_settings",
 ]
@@ -207,6 +210,25 @@ class ConfigError(Exception):
         self.source = source
         self.errors = errors
         super().__init__(f"{source}: " + "; ".join(errors))
+
+    def report(self, prog: str, stream: TextIO | None = None) -> None:
+        """Print one ``PROG: config error: SOURCE: line`` per bad setting (to stderr)."""
+        out = sys.stderr if stream is None else stream
+        for line in self.errors:
+            print(f"{prog}: config error: {self.source}: {line}", file=out)
+
+
+def add_config_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str | None = None
+) -> None:
+    """The ``--config FILE`` option every command takes, defaulting to ``$FORWARDER_CONFIG``."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        default=os.environ.get("FORWARDER_CONFIG") or None,
+        help=help or "config file (TOML); default $FORWARDER_CONFIG",
+    )
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -18,7 +18,14 @@ from pathlib import Path
 from types import FrameType
 
 from forwarder import __version__, filing
-from forwarder.config import EX_CONFIG, ConfigError, Destination, Settings, load_settings
+from forwarder.config import (
+    EX_CONFIG,
+    ConfigError,
+    Destination,
+    Settings,
+    add_config_argument,
+    load_settings,
+)
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
@@ -51,12 +58,7 @@ _SWITCH_INTERVAL = 0.0005  # GIL switch interval while running (see `run`)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("FORWARDER_CONFIG") or None,
-        help="config file (TOML); default $FORWARDER_CONFIG",
-    )
+    add_config_argument(parser)
     parser.add_argument(
         "--log-target", choices=["auto", "stderr", "journal"], help="override log.target"
     )
@@ -1018,8 +1020,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load(args.config)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(f"forwarder: config error: {exc.source}: {line}", file=sys.stderr)
+        exc.report("forwarder")
         return EX_CONFIG
     log = settings.log
     setup_logging(

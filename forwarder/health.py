@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
-from forwarder.config import EX_CONFIG, ConfigError, Settings, load_settings
+from forwarder.config import (
+    EX_CONFIG,
+    ConfigError,
+    Settings,
+    add_config_argument,
+    load_settings,
+)
 from forwarder.outbox import Outbox, OutboxError
 
 __all__ = ["add_arguments", "check", "run"]
@@ -23,12 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the outbox, workers alive, no destination paused too long); otherwise exit 1 with a "
         "one-line reason. For Docker's HEALTHCHECK and monitoring."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("FORWARDER_CONFIG") or None,
-        help="config file (TOML); default $FORWARDER_CONFIG",
-    )
+    add_config_argument(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
 
 
@@ -70,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        for line in exc.errors:
-            print(f"forwarder health: config error: {exc.source}: {line}", file=sys.stderr)
+        exc.report("forwarder health")
         return EX_CONFIG
     healthy, line = check(settings)
     if not healthy:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from forwarder.config import EX_CONFIG, ConfigError, Settings, load_settings
+from forwarder.config import EX_CONFIG, ConfigError, Settings, add_config_argument, load_settings
 from forwarder.outbox import Delivery, Outbox, OutboxError, State
 
 __all__ = [
@@ -54,12 +54,7 @@ class CommandError(Exception):
 
 def add_config(parser: argparse.ArgumentParser) -> None:
     """``--config FILE``, defaulting to ``$FORWARDER_CONFIG``."""
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("FORWARDER_CONFIG") or None,
-        help="config file (TOML); default $FORWARDER_CONFIG",
-    )
+    add_config_argument(parser)
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -86,8 +81,7 @@ def command(prog: str) -> Callable[[Callable[[argparse.Namespace], int]], Callab
             try:
                 return run(args)
             except ConfigError as exc:
-                for line in exc.errors:
-                    print(f"{prog}: config error: {exc.source}: {line}", file=sys.stderr)
+                exc.report(prog)
                 return EX_CONFIG
             except OutboxError as exc:
                 print(f"{prog}: {exc}", file=sys.stderr)

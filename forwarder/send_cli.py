@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from forwarder.config import ConfigError, load_settings
+from forwarder.config import ConfigError, add_config_argument, load_settings
 from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
 from forwarder.dicomfile import inspect as inspect_file
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult, client_tls_context
@@ -199,13 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not verify the peer's certificate chain or name (testing only)",
     )
     cfg = parser.add_argument_group("Config Options")
-    cfg.add_argument(
-        "--config",
-        metavar="FILE",
-        type=Path,
-        default=os.environ.get("FORWARDER_CONFIG") or None,
-        help="forwarder config file (with --destination)",
-    )
+    add_config_argument(cfg, help="forwarder config file (with --destination)")
     cfg.add_argument(
         "--destination",
         metavar="NAME",
