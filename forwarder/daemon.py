@@ -321,23 +321,24 @@ class Worker(threading.Thread):
             pending.add(Mark(d.id, State.SENT, cls.status or 0, warning), d)
             self._succeeded()
             level = logging.WARNING if warning else logging.INFO
-            self.d.event(level, "warning" if warning else "sent", d, cls.describe())
+            self.d.event(level, "warning" if warning else "sent", d, cls.describe(), cls.status)
         elif decision.next is Next.RETRY:
             assert decision.next_attempt_at is not None
             mark = Mark(d.id, State.PENDING, cls.status, decision.reason, decision.next_attempt_at)
             pending.add(mark)
             wait = decision.next_attempt_at - now
-            self.d.event(logging.WARNING, "retry", d, f"{decision.reason}; retry in {wait:.0f} s")
+            detail = f"{decision.reason}; retry in {wait:.0f} s"
+            self.d.event(logging.WARNING, "retry", d, detail, cls.status)
             self._fresh = self._fresh or decision.fresh_association
         elif decision.next is Next.QUARANTINE:
             pending.add(Mark(d.id, State.QUARANTINED, cls.status, decision.reason), d)
-            self.d.event(logging.ERROR, "quarantined", d, decision.reason)
+            self.d.event(logging.ERROR, "quarantined", d, decision.reason, cls.status)
         else:  # HOLD: the destination refuses us; keep the instance, pause the destination
             until = self._pause(decision.reason, hold=True)
             pending.add(
                 Mark(d.id, State.PENDING, cls.status, decision.reason, until, count_attempt=False)
             )
-            self.d.event(logging.ERROR, "held", d, decision.reason)
+            self.d.event(logging.ERROR, "held", d, decision.reason, cls.status)
 
     def _succeeded(self) -> None:
         breaker = self.d.breakers[self.dest.name]
@@ -570,7 +571,9 @@ class Daemon:
             LOGGER.info(f"queued {len(records)} file(s) for {', '.join(names)}")
         return added
 
-    def event(self, level: int, outcome: str, d: Delivery, detail: str) -> None:
+    def event(
+        self, level: int, outcome: str, d: Delivery, detail: str, status: int | None = None
+    ) -> None:
         """One log line per delivery event, naming file, instance, destination and outcome."""
         with self._stats_lock:
             if outcome in ("sent", "warning"):
@@ -586,7 +589,7 @@ class Daemon:
                 study_uid=d.study_uid,
                 destination=d.destination,
                 outcome=outcome,
-                status=None if d.last_status is None else f"0x{d.last_status:04X}",
+                status=None if status is None else f"0x{status:04X}",
             ),
         )
 

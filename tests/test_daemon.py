@@ -725,6 +725,24 @@ def test_out_of_resources_is_retried_then_sent(fwd: Forwarder, scp: SCP, corpus:
     assert "0xA700" in fwd.text()
 
 
+def test_json_log_lines_carry_each_attempts_own_status(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    scp.statuses = [0xA700]
+    fwd.configure([dest("pacs", scp.port)], log={"format": "json"}).start()
+    uid = corpus.write(fwd.inbox / "busy.dcm")
+    fwd.wait(lambda: not fwd.inbox_files(), what="sent after one retry")
+    assert fwd.stop() == 0
+    events = [
+        json.loads(line)
+        for line in fwd.text().splitlines()
+        if line.startswith("{") and '"outcome"' in line
+    ]
+    mine = [(e["outcome"], e.get("status")) for e in events if e.get("sop_instance_uid") == uid]
+    assert mine == [("retry", "0xA700"), ("sent", "0x0000")], events
+    assert all(e["destination"] == "pacs" and e["path"].endswith("busy.dcm") for e in events)
+
+
 def _counting(status: int) -> tuple[Callable[[Any], int], Callable[[], int]]:
     calls = []
 
