@@ -65,18 +65,53 @@ RSS_LIMIT_MB = 150.0  # with the whole backlog queued
 # machine state
 
 
-def pytest_running() -> list[str]:
-    """Command lines of running pytest processes (someone's test suite), via pgrep -f."""
-    proc = subprocess.run(
-        ["pgrep", "-af", "pytest"], capture_output=True, text=True, timeout=10, check=False
-    )
-    me = str(os.getpid())
-    return [ln for ln in proc.stdout.splitlines() if ln and ln.split()[0] != me]
+def pytest_running() -> list[int]:
+    """Pids whose command line mentions pytest (what ``pgrep -f pytest`` finds), from /proc."""
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            if b"pytest" in Path(entry.path, "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
+
+
+class Monitor(threading.Thread):
+    """Looks for pytest every second for the whole benchmark: when it was last seen, and when.
+
+    Someone's test suite on a 2-core machine halves every figure; a run that overlapped one
+    is flagged in the report.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        super().__init__(name="pytest-monitor", daemon=True)
+        self.interval = interval
+        self.started = time.monotonic()
+        self.last_seen: float | None = None
+        self.sightings: list[float] = []  # monotonic times pytest was seen
+        self.halt = threading.Event()
+
+    def look(self) -> bool:
+        seen = bool(pytest_running())
+        if seen:
+            now = time.monotonic()
+            self.last_seen = now
+            self.sightings.append(now)
+        return seen
+
+    def run(self) -> None:
+        while not self.halt.wait(self.interval):
+            self.look()
+
+    def seen_between(self, t0: float, t1: float) -> bool:
+        return any(t0 - self.interval <= t <= t1 + self.interval for t in self.sightings)
 
 
 @dataclass
 class Quiet:
-    """What `wait_quiet` saw before a timed phase."""
+    """What `wait_quiet` saw before a timed run."""
 
     waited_s: float
     busy: float
@@ -85,41 +120,48 @@ class Quiet:
 
 
 def wait_quiet(
-    pytest_wait_s: float, busy_wait_s: float, busy_limit: float = 0.3, label: str = ""
+    monitor: Monitor,
+    pytest_wait_s: float,
+    gap_s: float,
+    busy_wait_s: float,
+    busy_limit: float = 0.3,
+    label: str = "",
 ) -> Quiet:
-    """Wait until no pytest runs (at most ``pytest_wait_s``) and, for at most ``busy_wait_s``
-    more, until under ``busy_limit`` of all CPUs is busy; then go on either way."""
+    """Wait until pytest has not been seen for ``gap_s`` (at most ``pytest_wait_s``: a test
+    suite is several pytest processes with short gaps), then, for at most ``busy_wait_s``, until
+    under ``busy_limit`` of all CPUs is busy; then go on either way."""
     started = time.monotonic()
     seen = False
     announced = False
     busy_since: float | None = None
     while True:
-        tests = pytest_running()
-        busy = bs.background_busy(0.5)
-        seen = seen or bool(tests)
+        tests = monitor.look()
+        seen = seen or tests
         now = time.monotonic()
-        if not tests and busy < busy_limit:
+        quiet_since = monitor.last_seen if monitor.last_seen is not None else monitor.started
+        gap_ok = not tests and now - quiet_since >= gap_s
+        busy = bs.background_busy(0.5) if gap_ok else float("nan")
+        now = time.monotonic()
+        if gap_ok and busy < busy_limit:
             return Quiet(round(now - started, 1), round(busy, 3), seen, False)
-        if tests:
+        if not gap_ok:
             busy_since = None
             late = now - started >= pytest_wait_s
         else:
             busy_since = busy_since if busy_since is not None else now
             late = now - busy_since >= busy_wait_s
+        what = "pytest running" if tests else f"pytest gone {now - quiet_since:.0f} s"
         if late:
             print(
                 f"  [{label}] machine still busy after {now - started:.0f} s "
-                f"({len(tests)} pytest, {busy:.0%} CPU): going on",
+                f"({what}, {busy:.0%} CPU): going on",
                 file=sys.stderr,
             )
             return Quiet(round(now - started, 1), round(busy, 3), seen, True)
         if not announced:
-            print(
-                f"  [{label}] waiting for a quiet machine ({len(tests)} pytest, {busy:.0%} CPU)",
-                file=sys.stderr,
-            )
+            print(f"  [{label}] waiting for a quiet machine ({what})", file=sys.stderr)
             announced = True
-        time.sleep(2.0 if tests else 0.5)
+        time.sleep(1.0 if not gap_ok else 0.5)
 
 
 def proc_status_mb(pid: int, key: str) -> float | None:
@@ -333,6 +375,8 @@ class DaemonProc:
         if self.proc is None:
             return self.rc
         started = time.perf_counter()
+        with contextlib.suppress(OSError), self.log.open("a") as out:
+            out.write(f"--- SIGTERM {dt.datetime.now().isoformat(timespec='milliseconds')}\n")
         bs.kill_group(self.proc.pid, signal.SIGTERM)
         try:
             self.rc = self.proc.wait(timeout=timeout)
@@ -346,12 +390,20 @@ class DaemonProc:
         return self.rc
 
     def log_lines(self) -> list[str]:
-        """Everything the daemon logged (level warning: every line is a warning or an error)."""
+        """Everything the daemon logged (level warning: every line is a warning or an error);
+        lines logged after the benchmark's SIGTERM are marked so."""
         try:
             text = self.log.read_text(errors="replace")
         except OSError:
             return []
-        return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("--- start")]
+        out = []
+        stopping = False
+        for ln in text.splitlines():
+            if ln.startswith("--- "):
+                stopping = ln.startswith("--- SIGTERM")
+            elif ln.strip():
+                out.append(ln + (" [after SIGTERM]" if stopping else ""))
+        return out
 
 
 def forwarder_exe(venv: Path) -> Path:
@@ -395,13 +447,24 @@ class Ctx:
     work_root: Path
     link: bool  # hard links possible between the corpus and work_root
     quiet_timeout: float
+    quiet_gap: float
     busy_wait: float
+    monitor: Monitor
     quiet: list[dict[str, Any]] = field(default_factory=list)
+    disturbed: list[str] = field(default_factory=list)  # runs that overlapped a pytest
 
     def check_quiet(self, label: str) -> float:
-        q = wait_quiet(self.quiet_timeout, self.busy_wait, label=label)
+        q = wait_quiet(
+            self.monitor, self.quiet_timeout, self.quiet_gap, self.busy_wait, label=label
+        )
         self.quiet.append({"label": label, **asdict(q)})
         return q.busy
+
+    def note_overlap(self, label: str, t0: float) -> None:
+        """Flag the run that started at monotonic ``t0`` if pytest ran meanwhile."""
+        if self.monitor.seen_between(t0, time.monotonic()):
+            self.disturbed.append(label)
+            print(f"  [{label}] NOTE: pytest ran during this run", file=sys.stderr)
 
 
 def _stage(files: Sequence[tuple[Path, Path]], link: bool) -> None:
@@ -555,6 +618,7 @@ def throughput_phase(
             shift = (rnd - 1) % len(entries)
             for entry in entries[shift:] + entries[:shift]:
                 ctx.check_quiet(f"{mode}/{corpus} round {rnd}")
+                t_run = time.monotonic()
                 if isinstance(entry, float):
                     r = daemon_run(ctx, receiver, work, entry, rnd)
                     extra = (
@@ -568,6 +632,7 @@ def throughput_phase(
                     found = send_log_problems(plan.logs / f"{mode}-{corpus}-r{rnd}-{label}.log")
                     extra = ""
                 runs.append(r)
+                ctx.note_overlap(f"{mode}/{corpus} round {rnd} {r.sender}", t_run)
                 if found:
                     problems.append(
                         {"mode": mode, "corpus": corpus, "round": rnd, "run": r.sender}
@@ -645,7 +710,9 @@ def latency_run(
     try:
         daemon.start(timeout=60)
         daemon.wait_idle()
-        busy = ctx.check_quiet(f"{mode}/{corpus} latency settle {settle:g}")
+        label = f"{mode}/{corpus} latency settle {settle:g}"
+        busy = ctx.check_quiet(label)
+        t_run = time.monotonic()
         poller.start()
         t0 = time.perf_counter()
         for i, (name, data, uid) in enumerate(sources):
@@ -662,6 +729,7 @@ def latency_run(
         if not ok:
             reasons.append("timed out waiting for the receiver")
         wait_for(lambda: count_files(daemon.inbox) == 0, 10.0, 0.05)
+        ctx.note_overlap(label, t_run)
     except bs.BenchError as exc:
         reasons.append(str(exc))
         busy = float("nan")
@@ -829,6 +897,7 @@ def backlog_phase(ctx: Ctx, mode: str, small_dir: Path, count: int, drain: int) 
         )
         os.sync()
         result["quiet_busy"] = ctx.check_quiet(f"{mode} backlog")
+        t_run = time.monotonic()
         startup = daemon.start(timeout=900)
         result["startup_s"] = round(startup, 3)
         result["scan_s_est"] = round(startup - result["empty_startup_s"], 3)
@@ -876,6 +945,7 @@ def backlog_phase(ctx: Ctx, mode: str, small_dir: Path, count: int, drain: int) 
         result["status_json_s"] = round(wall, 3)
         result["status_json_rc"] = rc
         result["hwm_after_status_mb"] = daemon.hwm_mb()
+        ctx.note_overlap(f"{mode} backlog enqueue", t_run)
         t = time.perf_counter()
         states = outbox_states(conn)
         result["count_query_s"] = round(time.perf_counter() - t, 4)
@@ -890,6 +960,7 @@ def backlog_phase(ctx: Ctx, mode: str, small_dir: Path, count: int, drain: int) 
         )
         if drain > 0:
             result["drain_quiet_busy"] = ctx.check_quiet(f"{mode} backlog drain")
+            t_run = time.monotonic()
             drain_rx.start(port=dead_port)
             t_rx = time.perf_counter()
             ok1, t1 = wait_for(lambda: count_entries(out_dir) >= 1, 60.0, 0.01)
@@ -902,6 +973,7 @@ def backlog_phase(ctx: Ctx, mode: str, small_dir: Path, count: int, drain: int) 
                 result["drain_s"] = round(tn - t1, 2)
                 result["drain_rate_per_s"] = round((got - 1) / (tn - t1), 1)
             result["hwm_drain_mb"] = daemon.hwm_mb()
+            ctx.note_overlap(f"{mode} backlog drain", t_run)
             print(
                 f"  [{mode} backlog] drain: {got} files, {result.get('drain_rate_per_s')} inst/s",
                 file=sys.stderr,
@@ -1000,6 +1072,9 @@ def markdown(
         f"Quiet checks: waited {meta['quiet_waited_s']} s in all, pytest seen: "
         f"{meta['pytest_seen']}; CPU busy just before the runs: median "
         f"{meta['busy_median']:.0%}, max {meta['busy_max']:.0%}.",
+        "Runs during which a pytest ran (figures disturbed): "
+        + (", ".join(meta["disturbed_by_pytest"]) or "none")
+        + ".",
     ]
     targets: list[str] = []
     for mode in dict.fromkeys(r.mode for r in rows):
@@ -1173,6 +1248,12 @@ def _parser() -> argparse.ArgumentParser:
         help="longest wait for a running pytest to finish before a timed run, s (1200)",
     )
     p.add_argument(
+        "--quiet-gap",
+        type=float,
+        default=30.0,
+        help="pytest must have been gone this long before a timed run, s (30)",
+    )
+    p.add_argument(
         "--busy-wait",
         type=float,
         default=60.0,
@@ -1267,7 +1348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         link = all(_same_fs(d, work_root) for d in dirs.values())
         meta["work_dir"] = str(work_root)
         meta["staging"] = "hard links" if link else "copies (corpus on another filesystem)"
-        ctx = Ctx(plan, exe, work_root, link, args.quiet_timeout, args.busy_wait)
+        monitor = Monitor()
+        monitor.start()
+        ctx = Ctx(
+            plan, exe, work_root, link, args.quiet_timeout, args.quiet_gap, args.busy_wait, monitor
+        )
         try:
             for i, mode in enumerate(plan.modes):
                 env = bs.mode_env(mode)
@@ -1324,6 +1409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["busy_median"] = statistics.median(busy)
     meta["busy_max"] = max(busy)
     meta["quiet_checks"] = ctx.quiet
+    meta["disturbed_by_pytest"] = ctx.disturbed
+    monitor.halt.set()
     rows = rows_of(runs)
     report = markdown(rows, lat, backlog, problems, meta)
     raw = {
