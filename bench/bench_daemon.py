@@ -1018,6 +1018,7 @@ class Row:
     excl_settle_per_s: float | None
     inbox_empty_s: float | None
     first_file_s: float | None
+    after_first_per_s: float | None  # (N - 1) / (last file - first file): the sending itself
     peak_rss_mb: float | None
     failures: list[str]
 
@@ -1027,10 +1028,13 @@ def rows_of(runs: list[bs.Run]) -> list[Row]:
     for s in bs.summarise(runs):
         group = [r for r in runs if (r.mode, r.corpus, r.sender) == (s.mode, s.corpus, s.sender)]
         good = [r for r in group if r.ok and isinstance(r, DaemonRun)]
-        excl = empty = first = None
+        excl = empty = first = after = None
         if good:
             firsts = [r.first_file_s for r in good if r.first_file_s is not None]
             first = statistics.median(firsts) if firsts else None
+            spans = [r.wall_s - r.first_file_s for r in good if r.first_file_s is not None]
+            span = statistics.median(spans) if spans else 0.0
+            after = (s.files - 1) / span if span > 0 else None
             med = statistics.median(r.wall_s - r.settle_s for r in good)
             excl = s.files / med if med > 0 else None
             empties = [r.inbox_empty_s for r in good if r.inbox_empty_s is not None]
@@ -1049,6 +1053,7 @@ def rows_of(runs: list[bs.Run]) -> list[Row]:
                 excl,
                 empty,
                 first,
+                after,
                 s.peak_rss_mb,
                 s.failures,
             )
@@ -1086,9 +1091,9 @@ def markdown(
                 f"## Throughput, {mode} receiver, {corpus} ({group[0].files} files)",
                 "",
                 "| run | inst/s | MB/s | median s | ÷ forwarder send | inst/s excl. settle | "
-                "÷ forwarder send excl. settle | first file s | inbox empty s | peak RSS MB "
-                "| ok runs |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "÷ forwarder send excl. settle | first file s | inst/s after the first file | "
+                "inbox empty s | peak RSS MB | ok runs |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in group:
                 ratio = ratio_x = ""
@@ -1100,6 +1105,7 @@ def markdown(
                     f"| {r.name} | {_f(r.inst_per_s)} | {_f(r.mb_per_s)} | {_f(r.median_s, 2)} "
                     f"| {ratio} | {_f(r.excl_settle_per_s) if r.name.startswith(DAEMON) else ''} "
                     f"| {ratio_x} | {_f(r.first_file_s, 2) if r.first_file_s else ''} "
+                    f"| {_f(r.after_first_per_s) if r.after_first_per_s else ''} "
                     f"| {_f(r.inbox_empty_s, 2) if r.inbox_empty_s else ''} "
                     f"| {_f(r.peak_rss_mb)} | {r.ok_runs}/{r.runs} |"
                 )
