@@ -401,7 +401,8 @@ class Enqueuer(threading.Thread):
     def __init__(self, daemon: Daemon) -> None:
         super().__init__(name="enqueuer", daemon=True)
         self.d = daemon
-        self.inbox: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=10000)
+        # bounded: a 100,000-file backlog waits in the watcher, not here as ReadyFile objects
+        self.inbox: queue.Queue[ReadyFile | None] = queue.Queue(maxsize=1000)
         self.stop = threading.Event()
         self.last_beat = time.monotonic()
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}

@@ -47,7 +47,15 @@ THREAD_NAME = "forwarder-watcher"
 _JOIN_SECONDS = 10.0
 """How long `Watcher.stop` waits for each thread before it logs a warning and returns."""
 
-_Sig = tuple[int, int]
+_Sig = int
+"""A file's (size, mtime_ns) packed exactly into one int: a third of a tuple's memory, which
+counts with one per file of a 100,000-file inbox."""
+
+
+def _sig(st: os.stat_result) -> _Sig:
+    return (st.st_size << 64) + (st.st_mtime_ns & 0xFFFF_FFFF_FFFF_FFFF)
+
+
 """What "unchanged" compares: (st_size, st_mtime_ns)."""
 
 
@@ -88,7 +96,7 @@ class _Kind(Enum):
     FORGOTTEN = "forgotten"  # the daemon disposed of it: forget that it was reported
 
 
-@dataclass
+@dataclass(slots=True)
 class _Mark:
     """The events seen for one path since the tracker last looked, folded in order."""
 
@@ -123,7 +131,7 @@ class _Mark:
             self.open = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     """A file being watched until it is complete."""
 
@@ -574,7 +582,7 @@ class Watcher:
         if not stat.S_ISREG(st.st_mode):  # a symlink to a folder, a fifo, ...
             self._candidates.pop(path, None)
             return
-        sig = (st.st_size, st.st_mtime_ns)
+        sig = _sig(st)
         if sig != cand.sig:
             cand.sig = sig
             cand.last_change = max(cand.last_change, now)
@@ -646,7 +654,7 @@ class Watcher:
                     found.add(path)
                 if path in self._candidates or not stat.S_ISREG(st.st_mode):
                     continue
-                sig = (st.st_size, st.st_mtime_ns)
+                sig = _sig(st)
                 if self._emitted.get(path) == sig:
                     continue
                 cand = self._candidates[path] = _Candidate(root=root, last_change=now, sig=sig)
