@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import contextvars
 import json
 import os
 import re
-import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -20,7 +18,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
+
 __all__ = [
+    "EX_CONFIG",
     "ConfigError",
     "Destination",
     "Settings",
@@ -30,8 +31,6 @@ __all__ = [
     "load_settings",
 ]
 
-EX_CONFIG = 78
-"""Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
 
 ENV_PREFIX = "FORWARDER_"
 _RAW: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("forwarder_raw_config")
@@ -201,34 +200,6 @@ class _MergedSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return dict(_RAW.get({}))
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``errors`` holds one line per bad setting."""
-
-    def __init__(self, source: str, errors: list[str]) -> None:
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
-
-    def report(self, prog: str, stream: TextIO | None = None) -> None:
-        """Print one ``PROG: config error: SOURCE: line`` per bad setting (to stderr)."""
-        out = sys.stderr if stream is None else stream
-        for line in self.errors:
-            print(f"{prog}: config error: {self.source}: {line}", file=out)
-
-
-def add_config_argument(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str | None = None
-) -> None:
-    """The ``--config FILE`` option every command takes, defaulting to ``$FORWARDER_CONFIG``."""
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        type=Path,
-        default=os.environ.get("FORWARDER_CONFIG") or None,
-        help=help or "config file (TOML); default $FORWARDER_CONFIG",
-    )
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from forwarder.config import ConfigError, add_config_argument, load_settings
 from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
 from forwarder.dicomfile import inspect as inspect_file
+from forwarder.errors import ConfigError, add_config_argument
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult, client_tls_context
 from forwarder.status import Action
 
@@ -260,6 +260,8 @@ class _Row:
 def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
     """Build the peer from ADDR PORT or --destination; returns it and the file arguments."""
     if args.destination:
+        from forwarder.config import load_settings  # pydantic: only when a config is used
+
         settings = load_settings(args.config, require_destinations=True)
         try:
             dest = settings.destination(args.destination)

@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -22,7 +22,6 @@ from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 
-from forwarder.config import Destination
 from forwarder.contexts import (
     MAX_CONTEXTS,
     ContextSpec,
@@ -32,6 +31,9 @@ from forwarder.contexts import (
 from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
 from forwarder.status import Action, Classification, classify_association, classify_status
 from forwarder.wire import Channel, SourceUnreadable, WireError, encode_store_command
+
+if TYPE_CHECKING:  # the settings (pydantic) stay unimported for `forwarder send ADDR PORT`
+    from forwarder.config import Destination
 
 __all__ = [
     "AssociationFailed",

@@ -1,0 +1,42 @@
+"""Config errors and the --config option: what every command needs before pydantic loads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["EX_CONFIG", "ConfigError", "add_config_argument"]
+
+EX_CONFIG = 78
+"""Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``errors`` holds one line per bad setting."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+    def report(self, prog: str, stream: TextIO | None = None) -> None:
+        """Print one ``PROG: config error: SOURCE: line`` per bad setting (to stderr)."""
+        out = sys.stderr if stream is None else stream
+        for line in self.errors:
+            print(f"{prog}: config error: {self.source}: {line}", file=out)
+
+
+def add_config_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, help: str | None = None
+) -> None:
+    """The ``--config FILE`` option every command takes, defaulting to ``$FORWARDER_CONFIG``."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        default=os.environ.get("FORWARDER_CONFIG") or None,
+        help=help or "config file (TOML); default $FORWARDER_CONFIG",
+    )
