@@ -329,6 +329,18 @@ def test_polling_mode(make_watcher: MakeWatcher, inbox: Path) -> None:
     watcher.stop()
 
 
+def test_watchdogs_shutdown_race_is_not_reported_as_an_error(
+    make_watcher: MakeWatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_watcher()  # started: installs the filter on watchdog's logger
+    inotify_log = logging.getLogger("watchdog.observers.inotify")
+    with caplog.at_level(logging.ERROR, logger="watchdog.observers.inotify"):
+        inotify_log.error("InotifyEmitter.queue_events() called when the thread is inactive")
+        inotify_log.error("a real inotify problem")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["a real inotify problem"]
+
+
 def test_stop_joins_every_thread(make_watcher: MakeWatcher) -> None:
     before = set(threading.enumerate())
     watcher, _ = make_watcher()
