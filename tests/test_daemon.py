@@ -993,6 +993,16 @@ def test_sigint_stops_cleanly_with_the_config_from_the_environment(
     assert "stopped" in fwd.text()
 
 
+def assert_sent_after_restart(fwd: Forwarder, scp: SCP, uid: str) -> None:
+    """Nothing lost by a forced stop: the file is still in the inbox, and sent after a restart."""
+    assert (fwd.inbox / "stuck.dcm").exists()
+    scp.on_store = None
+    fwd.start()
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=20, what="an empty inbox")
+    assert fwd.stop() == 0
+    assert uid in scp.uids()
+
+
 def test_sighup_in_the_middle_of_a_stream_loses_and_repeats_nothing(
     fwd: Forwarder, make_scp: Callable[..., SCP], corpus: Corpus
 ) -> None:
@@ -1030,12 +1040,7 @@ def test_a_wedged_peer_does_not_hold_up_shutdown(
     assert rc == 1  # forced: the in-flight store is sent again
     assert "did not finish in time" in fwd.text()
     gate.open.set()
-    assert (fwd.inbox / "stuck.dcm").exists()
-    scp.on_store = None
-    fwd.start()
-    fwd.wait(lambda: not fwd.inbox_files(), timeout=20, what="an empty inbox")
-    assert fwd.stop() == 0
-    assert uid in scp.uids()
+    assert_sent_after_restart(fwd, scp, uid)
 
 
 def test_sighup_adding_a_watched_folder(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
@@ -1071,13 +1076,7 @@ def test_second_sigterm_exits_at_once(fwd: Forwarder, scp: SCP, gate: Gate, corp
     assert rc == 128 + signal.SIGTERM
     assert "second signal" in fwd.text()
     gate.open.set()
-    # nothing lost: the file is still there, and sent after a restart
-    assert (fwd.inbox / "stuck.dcm").exists()
-    scp.on_store = None
-    fwd.start()
-    fwd.wait(lambda: not fwd.inbox_files(), timeout=20, what="an empty inbox")
-    assert fwd.stop() == 0
-    assert uid in scp.uids()
+    assert_sent_after_restart(fwd, scp, uid)
 
 
 # -- bad input --------------------------------------------------------------------------------
