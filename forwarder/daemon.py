@@ -581,6 +581,8 @@ class Daemon:
                 self.stats["sent"] += 1
             elif outcome in self.stats:
                 self.stats[outcome] += 1
+        if not LOGGER.isEnabledFor(level):  # per instance: skip building a line nobody reads
+            return
         LOGGER.log(
             level,
             f"{outcome}: {d.path} ({d.sop_instance_uid}) -> {d.destination}: {detail}",
