@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.presentation import build_context
+
+REPO = Path(__file__).resolve().parents[1]
 
 ALL_TS = [
     "1.2.840.10008.1.2",
@@ -53,6 +58,44 @@ def data_file(name: str) -> Path:
     path = get_testdata_file(name)
     assert path is not None, name
     return Path(str(path))
+
+
+def make_instance(path: Path, uid: str, study: str | None = None) -> int:
+    """A real CT image (CT_small) with our UIDs, written beside and renamed into place.
+
+    Returns its size. The rename is the atomic drop a modality's export would do.
+    """
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    if study is not None:
+        ds.StudyInstanceUID = study
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    ds.save_as(tmp, enforce_file_format=True)
+    os.rename(tmp, path)
+    return path.stat().st_size
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`forwarder run --config CONFIG` as a real process, its stderr into `log`."""
+    with open(log, "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "forwarder", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    """SIGTERM, wait `timeout`, then SIGKILL: nothing is left running. Returns the status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def pynetdicom_file(name: str) -> Path:

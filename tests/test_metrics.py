@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SCP, data_file, free_port, wait_for
+from conftest import SCP, free_port, make_instance, start_daemon, stop_daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from forwarder import metrics
 from forwarder.metrics import NO_METRICS, parse_listen, start_metrics, status_class
 from forwarder.outbox import Outbox, OutboxError, State
-
-REPO = Path(__file__).resolve().parents[1]
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -212,16 +206,6 @@ def test_unreadable_outbox_is_reported_not_raised(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- daemon
 
 
-def make_instance(path: Path, uid: str) -> int:
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    tmp = path.with_name(f".{path.name}.part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.rename(tmp, path)
-    return path.stat().st_size
-
-
 def test_daemon_endpoint_matches_the_outbox_and_the_peer(
     tmp_path: Path, make_scp: Callable[..., SCP]
 ) -> None:
@@ -267,13 +251,7 @@ port = {scp.port}
     )
     sizes = {uid: make_instance(inbox / f"img{i}.dcm", uid) for i, uid in enumerate(uids)}
     log = tmp_path / "daemon.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+    proc = start_daemon(config, log)
     try:
 
         def states() -> dict[str, State]:
@@ -328,12 +306,7 @@ port = {scp.port}
         assert value(s, "forwarder_outbox_up") == 1
         assert f"metrics on http://127.0.0.1:{port}/metrics" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_daemon(proc)
     assert proc.returncode == 0, log.read_text()
     with pytest.raises(OSError):  # stopped with the daemon
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -26,8 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import data_file, free_port, pynetdicom_file, wait_for
-from pydicom import dcmread
+from conftest import (
+    free_port,
+    make_instance,
+    pynetdicom_file,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+)
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -112,18 +117,6 @@ class Run:
             }
 
 
-def make_instance(path: Path, uid: str, study: str) -> None:
-    """A real CT image with our UIDs, written beside and renamed into place (atomic drop)."""
-    ds = dcmread(data_file("CT_small.dcm"))
-    ds.SOPInstanceUID = uid
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.StudyInstanceUID = study
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    ds.save_as(tmp, enforce_file_format=True)
-    os.rename(tmp, path)
-
-
 def write_config(root: Path, pacs: Peer, archive: Peer) -> Path:
     config = root / "forwarder.toml"
     config.write_text(
@@ -188,13 +181,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         make_instance(inbox / rel[i], uids[i], studies[0 if i < 4 else 1])
     (inbox / "notes.txt").write_text("not DICOM at all, " * 20, encoding="utf-8")
     log = root / "daemon.log"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
+    proc = start_daemon(config, log)
     r = Run(
         root=root,
         config=config,
@@ -232,12 +219,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         wait_for(settled, 30)
         yield r
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_daemon(proc)
         pacs.server.shutdown()
         archive.server.shutdown()
 
