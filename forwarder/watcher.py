@@ -24,12 +24,10 @@ from watchdog.events import (
     DirMovedEvent,
     FileAttribEvent,
     FileClosedEvent,
-    FileClosedNoWriteEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
-    FileOpenedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -89,9 +87,7 @@ class _Kind(Enum):
     MOVED_IN = "moved_in"  # renamed into place inside the tree: the write-then-rename pattern
     MODIFIED = "modified"  # data written (or truncated)
     ATTRIB = "attrib"  # metadata changed (mtime set after close by `cp -p`, chmod)
-    OPENED = "opened"  # opened for reading or writing: inotify does not say which
     CLOSED = "closed"  # closed after writing
-    CLOSED_NO_WRITE = "closed_no_write"  # closed by a reader
     GONE = "gone"  # deleted or moved away
     FORGOTTEN = "forgotten"  # the daemon disposed of it: forget that it was reported
 
@@ -106,8 +102,6 @@ class _Mark:
     """`Watcher.forget` was called: drop the memory of having reported it."""
     changed_at: float | None = None
     """Time of the last event after the drop that says the file is there and may have changed."""
-    open: bool | None = None
-    """Last open/close seen after the drop: True opened, False closed, None neither."""
     written: bool | None = None
     """True after a write not yet followed by a close-write; None when nothing was seen."""
 
@@ -116,19 +110,15 @@ class _Mark:
             self.forgotten = True
         elif kind is _Kind.GONE:
             self.dropped = True
-            self.changed_at = self.open = self.written = None
+            self.changed_at = self.written = None
         elif kind is _Kind.CREATED or kind is _Kind.ATTRIB:
             self.changed_at = now
         elif kind is _Kind.MOVED_IN:  # a new inode took the name: what we knew of the old is void
-            self.changed_at, self.open, self.written = now, False, False
+            self.changed_at, self.written = now, False
         elif kind is _Kind.MODIFIED:
             self.changed_at, self.written = now, True
         elif kind is _Kind.CLOSED:
-            self.changed_at, self.open, self.written = now, False, False
-        elif kind is _Kind.OPENED:
-            self.open = True
-        elif kind is _Kind.CLOSED_NO_WRITE:
-            self.open = False
+            self.changed_at, self.written = now, False
 
 
 @dataclass(slots=True)
@@ -142,8 +132,6 @@ class _Candidate:
     """When the tracker looks at it next (inf: not scheduled)."""
     sig: _Sig | None = None
     """(size, mtime_ns) at the last look; None before the first."""
-    open: bool = False
-    """Seen opened and not closed since (a reader or a writer: inotify cannot tell)."""
     written: bool = False
     """Seen written and not closed-after-writing since."""
 
@@ -152,11 +140,23 @@ _FILE_KINDS: dict[type[FileSystemEvent], _Kind] = {
     FileCreatedEvent: _Kind.CREATED,
     FileModifiedEvent: _Kind.MODIFIED,
     FileAttribEvent: _Kind.ATTRIB,
-    FileOpenedEvent: _Kind.OPENED,
     FileClosedEvent: _Kind.CLOSED,
-    FileClosedNoWriteEvent: _Kind.CLOSED_NO_WRITE,
     FileDeletedEvent: _Kind.GONE,
 }
+
+_EVENT_FILTER: list[type[FileSystemEvent]] = [
+    *_FILE_KINDS,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+]
+"""The events the tracker uses; watchdog turns this list into the inotify mask.
+
+Left out on purpose: open and close-without-writing (IN_OPEN, IN_CLOSE_NOWRITE). Every reader
+causes them, the daemon most of all (it opens each file three times: inspection, the check
+before sending, the send), and each one crossed watchdog's three threads and the tracker's lock
+for nothing: a writer is seen by its writes (IN_MODIFY) and its close (IN_CLOSE_WRITE)."""
 
 
 class _Handler(FileSystemEventHandler):
@@ -179,7 +179,7 @@ class Watcher:
     """Report files under watched folders once they are completely written.
 
     A file is ready when its size and mtime stayed unchanged for `settle_seconds` and no event
-    touched it meanwhile. When it was seen opened or written and never closed (a slow writer
+    touched it meanwhile. When it was seen written and not closed since (a slow writer
     keeps the file open between pieces), it must instead stay unchanged for
     `unclosed_grace_seconds`; a close-after-writing or a rename into place (write-then-rename)
     brings it back to `settle_seconds`. Close events are only a hint: files whose events were
@@ -215,7 +215,7 @@ class Watcher:
         fnmatch patterns matched against the file name and against every folder name below
         the root; a match on either ignores the file (so ``.*`` ignores dot-folders too).
     unclosed_grace_seconds
-        How long a file seen opened or written but never closed must stay unchanged.
+        How long a file seen written but not closed since must stay unchanged.
     clock
         Monotonic time source, for tests.
 
@@ -351,7 +351,9 @@ class Watcher:
             # With the observer running, schedule() adds the watch now and raises here.
             try:
                 real = self._real_roots[root]
-                watch = observer.schedule(handler, real, recursive=self._recursive)
+                watch = observer.schedule(
+                    handler, real, recursive=self._recursive, event_filter=_EVENT_FILTER
+                )
             except OSError as exc:
                 raise _watch_error(root, exc) from exc
             for emitter in observer.emitters:
@@ -527,8 +529,8 @@ class Watcher:
             self._wake.wait(delay)
 
     def _wait(self, cand: _Candidate) -> float:
-        """How long `cand` must stay unchanged: the grace when seen open or written, unclosed."""
-        if not self._poll and (cand.open or cand.written):
+        """How long `cand` must stay unchanged: the grace when seen written and not closed."""
+        if not self._poll and cand.written:
             return self._grace
         return self._settle
 
@@ -545,14 +547,12 @@ class Watcher:
             self._emitted.pop(path, None)
         cand = self._candidates.get(path)
         if cand is None:
-            if mark.changed_at is None:  # only opened/closed by a reader, or gone
+            if mark.changed_at is None:  # only forgotten, or gone
                 return
             root = self._root_of(path, is_dir=False)
             if root is None:
                 return
             cand = self._candidates[path] = _Candidate(root=root, last_change=mark.changed_at)
-        if mark.open is not None:
-            cand.open = mark.open
         if mark.written is not None:
             cand.written = mark.written
         if mark.changed_at is not None:
