@@ -88,28 +88,52 @@ class DicomInfo:
 
 
 class _Reader:
-    """Walks encoded elements by their lengths, seeking over values it does not need."""
+    """Walks encoded elements by their lengths, skipping over values it does not need.
 
-    def __init__(self, fp: BinaryIO, path: Path, end: int) -> None:
+    The file is read in chunks of `CHUNK` bytes and walked in memory: a value is skipped by
+    moving a position, so a header costs a slice and an unpack, and the pixel data of an image
+    (past the chunk) is never read. Reading with a seek per element cost ~100 lseek calls
+    per file.
+    """
+
+    CHUNK = 16384
+
+    def __init__(self, fp: BinaryIO, path: Path, end: int, pos: int = 0) -> None:
         self.fp = fp
         self.path = path
         self.end = end
+        self.pos = pos
+        self._buf = b""
+        self._base = 0  # file offset of _buf[0]
+
+    def peek(self, n: int) -> bytes:
+        """Up to `n` bytes at the position, without moving it (fewer at the end of the file)."""
+        off = self.pos - self._base
+        if off < 0 or off + n > len(self._buf):
+            self.fp.seek(self.pos)
+            self._buf = self.fp.read(max(n, self.CHUNK))
+            self._base = self.pos
+            off = 0
+        return self._buf[off : off + n]
 
     def read(self, n: int) -> bytes:
-        data = self.fp.read(n)
+        data = self.peek(n)
         if len(data) != n:
-            raise Truncated(self.path, f"file ends inside an element at byte {self.fp.tell()}")
+            raise Truncated(
+                self.path, f"file ends inside an element at byte {self.pos + len(data)}"
+            )
+        self.pos += n
         return data
 
     def skip(self, n: int) -> None:
-        pos = self.fp.tell() + n
+        pos = self.pos + n
         if pos > self.end:
             raise Truncated(
                 self.path,
-                f"an element of {n} bytes at byte {self.fp.tell()} runs past the end of the "
+                f"an element of {n} bytes at byte {self.pos} runs past the end of the "
                 f"file ({self.end} bytes)",
             )
-        self.fp.seek(pos)
+        self.pos = pos
 
     def header(self, explicit: bool, little: bool) -> tuple[int, bytes | None, int]:
         """Read one element header: (tag, VR or None, length)."""
@@ -125,7 +149,7 @@ class _Reader:
         if vr in _LONG_VRS:
             return tag, vr, struct.unpack(e + "L", self.read(4))[0]
         if vr not in _ALL_VRS:
-            raise NotDicom(self.path, f"invalid VR {vr!r} at byte {self.fp.tell() - 8}")
+            raise NotDicom(self.path, f"invalid VR {vr!r} at byte {self.pos - 8}")
         return tag, vr, struct.unpack(e + "H", raw[6:])[0]
 
     def dataset(
@@ -147,7 +171,7 @@ class _Reader:
         wanted = frozenset(wanted)
         found: dict[int, bytes] = {}
         limit = self.end if until is None else until
-        while self.fp.tell() < limit:
+        while self.pos < limit:
             tag, vr, length = self.header(explicit, little)
             if tag == _ITEM_END:  # end of an undefined-length item
                 return found
@@ -160,12 +184,12 @@ class _Reader:
                 inner_little = little or vr == b"UN"
                 self.items(inner_explicit, inner_little, depth + 1)
             elif tag in wanted:
-                if self.fp.tell() + length > self.end:
+                if self.pos + length > self.end:
                     raise Truncated(self.path, f"element {tag:08X} runs past the end of the file")
                 found[tag] = self.read(length)
             else:
                 self.skip(length)
-        if self.fp.tell() != limit:
+        if self.pos != limit:
             raise Truncated(self.path, "an element runs past the end of its container")
         return found
 
@@ -252,7 +276,7 @@ def _inflate_check(fp: BinaryIO, path: Path, prefix_size: int = 1 << 16) -> byte
 def inspect(path: Path | str) -> DicomInfo:
     """Read the file meta and header of a DICOM file and check that it is complete.
 
-    Only element headers are read; values are skipped with seeks, so pixel data is never
+    Only element headers are read; values are skipped, so pixel data is never
     read (a deflated data set is inflated in chunks to prove it ends).
 
     Raises
@@ -271,14 +295,12 @@ def inspect(path: Path | str) -> DicomInfo:
         st = os.fstat(fp.fileno())
         size = st.st_size
         reader = _Reader(fp, path, size)
-        head = fp.read(132)
+        head = reader.peek(132)
         meta: dict[int, bytes] = {}
         has_meta = False
         if len(head) == 132 and head[128:132] == b"DICM":
             has_meta = True
-            fp.seek(132)
-        else:
-            fp.seek(0)
+            reader.pos = 132
         if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in _ALL_VRS):
             meta = _read_meta(reader)
             ts = _text(meta.get(_META_TS))
@@ -295,10 +317,11 @@ def inspect(path: Path | str) -> DicomInfo:
                 raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
             explicit, little = guess
             ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
-        offset = fp.tell()
+        offset = reader.pos
         explicit, little, deflated = _ts_encoding(ts)
         walked = True  # the data set was read past where its SOP UIDs belong
         if deflated:
+            fp.seek(offset)
             prefix = _inflate_check(fp, path)
             sub = _Reader(io.BytesIO(prefix), path, len(prefix))
             try:
@@ -357,13 +380,14 @@ def locate(
     path = Path(path)
     with open(path, "rb") as fp:
         st = os.fstat(fp.fileno())
-        head = fp.read(132)
+        reader = _Reader(fp, path, st.st_size)
+        head = reader.peek(132)
         has_meta = len(head) == 132 and head[128:132] == b"DICM"
         offset = 0
         if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in _ALL_VRS):
-            fp.seek(132 if has_meta else 0)
-            _read_meta(_Reader(fp, path, st.st_size))
-            offset = fp.tell()
+            reader.pos = 132 if has_meta else 0
+            _read_meta(reader)
+            offset = reader.pos
     return DicomInfo(
         path=path,
         size=st.st_size,
@@ -380,12 +404,10 @@ def locate(
 def _read_meta(reader: _Reader) -> dict[int, bytes]:
     """Read group 0002 (always explicit VR little endian); leaves the file at the data set."""
     found: dict[int, bytes] = {}
-    fp = reader.fp
     meta_end: int | None = None  # from (0002,0000) File Meta Information Group Length
     while True:
-        pos = fp.tell()
-        peek = fp.read(2)
-        fp.seek(pos)
+        pos = reader.pos
+        peek = reader.peek(2)
         # A file cut in or right after its file meta is still being written (or was cut):
         # without these checks it read as "no Transfer Syntax UID", i.e. not DICOM.
         if len(peek) < 2:
@@ -401,4 +423,4 @@ def _read_meta(reader: _Reader) -> dict[int, bytes]:
             raise Truncated(reader.path, "the file meta runs past the end of the file")
         found[tag] = reader.read(length)
         if tag == 0x00020000 and length == 4:
-            meta_end = fp.tell() + struct.unpack("<L", found[tag])[0]
+            meta_end = reader.pos + struct.unpack("<L", found[tag])[0]
