@@ -89,6 +89,7 @@ class WatchSettings(_Model):
     poll: bool = False
     poll_interval_seconds: float = Field(default=2.0, gt=0)
     settle_seconds: float = Field(default=1.0, ge=0)
+    settle_from_mtime: bool = True
     rescan_seconds: float = Field(default=300, gt=0)
     invalid_grace_seconds: float = Field(default=30, ge=0)
     ignore: list[str] = [".*", "*.part", "*.tmp", "*.partial"]

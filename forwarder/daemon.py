@@ -642,6 +642,7 @@ class Daemon:
             poll=w.poll,
             poll_interval=w.poll_interval_seconds,
             settle_seconds=w.settle_seconds,
+            settle_from_mtime=w.settle_from_mtime,
             rescan_seconds=w.rescan_seconds,
             ignore=w.ignore,
         )

@@ -43,6 +43,12 @@ THREAD_NAME = "forwarder-watcher"
 """Name of the tracker thread; watchdog's observer and emitter threads get this prefix too."""
 
 _JOIN_SECONDS = 10.0
+
+_GATHER_SECONDS = 0.01
+"""After an event wakes the tracker, how long it lets more events gather before one pass.
+
+A burst of N files is then a pass per 10 ms instead of a wake-up (a thread switch, the
+costliest part of an event) per event; 10 ms is nothing next to the settle time."""
 """How long `Watcher.stop` waits for each thread before it logs a warning and returns."""
 
 _Sig = int
@@ -179,7 +185,12 @@ class Watcher:
     """Report files under watched folders once they are completely written.
 
     A file is ready when its size and mtime stayed unchanged for `settle_seconds` and no event
-    touched it meanwhile. When it was seen written and not closed since (a slow writer
+    touched it meanwhile. A file whose own mtime is already `settle_seconds` old when it is
+    looked at (moved in after it was written, copied with its times kept, found at start-up)
+    has been unchanged that long and is ready at once, as Apache Camel's ``readLockMinAge``
+    does: unless it was seen written and not closed since, and never with ``poll=True``
+    (a network mount's mtimes come from another clock) or ``settle_from_mtime=False``.
+    When it was seen written and not closed since (a slow writer
     keeps the file open between pieces), it must instead stay unchanged for
     `unclosed_grace_seconds`; a close-after-writing or a rename into place (write-then-rename)
     brings it back to `settle_seconds`. Close events are only a hint: files whose events were
@@ -209,6 +220,9 @@ class Watcher:
         for NFS/SMB/container mounts, where inotify sees no remote writes.
     settle_seconds
         How long a file must stay unchanged to be ready.
+    settle_from_mtime
+        Count the settle time from the file's mtime when that is older than the first look
+        (see above); False: always watch it for `settle_seconds` from the first look.
     rescan_seconds
         Interval of the full rescan that catches missed events.
     ignore
@@ -218,6 +232,8 @@ class Watcher:
         How long a file seen written but not closed since must stay unchanged.
     clock
         Monotonic time source, for tests.
+    wall_clock
+        Wall-clock time source (compared with mtimes), for tests.
 
     Raises
     ------
@@ -237,10 +253,12 @@ class Watcher:
         poll: bool = False,
         poll_interval: float = 2.0,
         settle_seconds: float = 1.0,
+        settle_from_mtime: bool = True,
         rescan_seconds: float = 300.0,
         ignore: Sequence[str] = (".*", "*.part", "*.tmp", "*.partial"),
         unclosed_grace_seconds: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not roots:
             raise ValueError("at least one folder to watch is required")
@@ -268,10 +286,12 @@ class Watcher:
         self._poll = poll
         self._poll_interval = poll_interval
         self._settle = float(settle_seconds)
+        self._from_mtime = settle_from_mtime and not poll
         self._grace = max(float(unclosed_grace_seconds), self._settle)
         self._rescan_seconds = float(rescan_seconds)
         self._ignore = _compile_ignore(ignore)
         self._clock = clock
+        self._wall_clock = wall_clock
 
         # Shared with the observer thread and the daemon's threads, under _lock.
         self._lock = threading.Lock()
@@ -415,7 +435,8 @@ class Watcher:
         If the file is still there, the next rescan reports it again. The deletion or move
         itself is seen as an event and drops any tracking.
         """
-        self._note(os.path.abspath(os.fspath(path)), _Kind.FORGOTTEN)
+        # No wake-up: forgetting is never urgent, and the daemon calls this per file sent.
+        self._note(os.path.abspath(os.fspath(path)), _Kind.FORGOTTEN, wake=False)
 
     def loop(self, now: float) -> float:
         """Run one tracker iteration at time `now`; return seconds until it must run again.
@@ -475,7 +496,7 @@ class Watcher:
                 return given + path[len(real) :]
         return path
 
-    def _note(self, path: str, kind: _Kind) -> None:
+    def _note(self, path: str, kind: _Kind, *, wake: bool = True) -> None:
         if self._root_of(path, is_dir=False) is None:
             return
         now = self._clock()
@@ -484,7 +505,8 @@ class Watcher:
             if mark is None:
                 mark = self._inbox[path] = _Mark()
             mark.fold(kind, now)
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def _note_dir(self, path: str, *, created: bool) -> None:
         if path in self._roots:
@@ -526,13 +548,26 @@ class Watcher:
             except Exception:
                 log.exception("watcher iteration failed; retrying in 1 s")
                 delay = 1.0
-            self._wake.wait(delay)
+            if self._wake.wait(delay) and not self._stop.is_set():
+                self._stop.wait(_GATHER_SECONDS)  # woken by an event: let a burst gather
 
     def _wait(self, cand: _Candidate) -> float:
         """How long `cand` must stay unchanged: the grace when seen written and not closed."""
         if not self._poll and cand.written:
             return self._grace
         return self._settle
+
+    def _aged(self, st: os.stat_result, cand: _Candidate) -> bool:
+        """True when the file's mtime says it has been unchanged for the settle time.
+
+        Every write sets the mtime, so an mtime `settle_seconds` in the past means no write
+        since; a future mtime (another clock) says nothing. A file seen written and not yet
+        closed is not trusted on its mtime: it waits out the grace.
+        """
+        if not self._from_mtime or cand.written:
+            return False
+        age = self._wall_clock() - st.st_mtime_ns / 1e9
+        return age >= self._settle
 
     def _schedule(self, path: str, cand: _Candidate, at: float) -> None:
         """Look at `cand` at `at` unless it is already due earlier (it then reschedules)."""
@@ -588,7 +623,7 @@ class Watcher:
             cand.sig = sig
             cand.last_change = max(cand.last_change, now)
         ready_at = cand.last_change + self._wait(cand)
-        if now < ready_at:
+        if now < ready_at and not self._aged(st, cand):
             self._schedule(path, cand, ready_at)
             return
         del self._candidates[path]
@@ -659,7 +694,7 @@ class Watcher:
                 if self._emitted.get(path) == sig:
                     continue
                 cand = self._candidates[path] = _Candidate(root=root, last_change=now, sig=sig)
-                self._schedule(path, cand, now + self._settle)
+                self._schedule(path, cand, now if self._aged(st, cand) else now + self._settle)
         if full:
             failed_dirs = failed
 

@@ -96,6 +96,10 @@ def make_watcher(inbox: Path) -> Iterator[MakeWatcher]:
         collector = Collector()
         kwargs.setdefault("settle_seconds", SETTLE)
         kwargs.setdefault("rescan_seconds", 3600.0)
+        clock = kwargs.get("clock")
+        if isinstance(clock, FakeClock):  # mtimes are compared with a wall clock that follows it
+            started = time.time()
+            kwargs.setdefault("wall_clock", lambda: started + clock())
         watcher = Watcher(list(roots) or [inbox], collector, **kwargs)
         made.append(watcher)
         if start:
@@ -176,6 +180,63 @@ def test_unclosed_file_is_reported_after_the_grace(make_watcher: MakeWatcher, in
         assert wait_for(got.has("stuck.dcm"), 5)
         assert time.monotonic() - start >= 0.9
         assert got.get("stuck.dcm")[0].size == 100
+
+
+def _aged(path: Path, seconds: float = 3600.0) -> Path:
+    """Give `path` an mtime `seconds` in the past (as `cp -p` or `rsync -t` would)."""
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+    return path
+
+
+def test_file_older_than_the_settle_time_is_ready_at_once(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path
+) -> None:
+    _aged(write(inbox / "there-at-start.dcm"))
+    _, got = make_watcher(settle_seconds=60.0)
+    assert wait_for(got.has("there-at-start.dcm"), 5), "start-up scan held an old file back"
+    _aged(write(tmp_path / "old.dcm"))
+    write(tmp_path / "fresh.dcm")
+    (tmp_path / "fresh.dcm").rename(inbox / "fresh.dcm")
+    (tmp_path / "old.dcm").rename(inbox / "old.dcm")  # written an hour ago, then moved in
+    assert wait_for(got.has("old.dcm"), 5)
+    assert "fresh.dcm" not in got.names(), "a file written just now must wait out the settle"
+    copied = _aged(write(inbox / "copied.dcm"))  # cp -p: written, closed, mtime set back
+    assert wait_for(got.has("copied.dcm"), 5)
+    assert got.get("copied.dcm")[0].mtime_ns == copied.stat().st_mtime_ns
+
+
+def test_old_mtime_is_not_trusted_while_being_written(
+    make_watcher: MakeWatcher, inbox: Path
+) -> None:
+    _, got = make_watcher(unclosed_grace_seconds=30.0)
+    path = inbox / "sticky.dcm"
+    with open(path, "wb") as f:  # a writer that set an old mtime first (SMB "sticky" times)
+        f.write(b"a" * 1000)
+        f.flush()
+        _aged(path)
+        f.write(b"b" * 1000)
+        f.flush()
+        _aged(path)
+        assert not wait_for(got.has("sticky.dcm"), 5 * SETTLE), "reported while open"
+    assert wait_for(got.has("sticky.dcm"), 5)
+    assert got.get("sticky.dcm")[0].size == 2000
+
+
+@pytest.mark.parametrize("how", ["poll", "setting off"])
+def test_mtime_age_is_not_used(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path, how: str
+) -> None:
+    # poll: a network mount's mtimes come from the server's clock, so only what the poller
+    # saw stay unchanged counts; settle_from_mtime = false: the operator asked for that.
+    kwargs: dict[str, Any] = (
+        {"poll": True, "poll_interval": 0.1} if how == "poll" else {"settle_from_mtime": False}
+    )
+    _, got = make_watcher(settle_seconds=1.0, **kwargs)
+    _aged(write(tmp_path / "old.dcm")).rename(inbox / "old.dcm")
+    start = time.monotonic()
+    assert wait_for(got.has("old.dcm"), 5)
+    assert time.monotonic() - start >= 0.9
 
 
 def test_brand_new_nested_folders(make_watcher: MakeWatcher, inbox: Path) -> None:
@@ -477,7 +538,8 @@ def test_rescan_forgets_vanished_files_and_forget_resets_memory(
 
 
 def test_a_file_that_keeps_changing_is_not_ready(make_watcher: MakeWatcher, inbox: Path) -> None:
-    watcher, got = make_watcher(start=False, clock=FakeClock())
+    # the mtimes are made up (1970): judged by what the tracker sees change, not by their age
+    watcher, got = make_watcher(start=False, clock=FakeClock(), settle_from_mtime=False)
     path = write(inbox / "grow.dcm", b"1")
     watcher.loop(0.0)
     for i in range(1, 6):
