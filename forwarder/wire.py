@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,15 @@ def decode_command(data: bytes) -> dict[int, bytes]:
     return out
 
 
+_BORROW_LOCK = threading.Lock()
+"""Makes the reactor's look at a socket and a `Channel` borrowing it mutually exclusive.
+
+Without it the reactor could read the flag (not borrowed), lose the GIL, and run its
+``select`` after a batch had started and a response had arrived: it then read that response
+(pynetdicom logged "Connection closed before the entire PDU was received" and "timed out")
+and the batch waited out the DIMSE timeout for it (seen once in a few dozen daemon bursts)."""
+
+
 class _BorrowedSocket(AssociationSocket):
     """An AssociationSocket whose reactor sees nothing to read while it is borrowed."""
 
@@ -120,9 +130,10 @@ class _BorrowedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        if self._fwd_borrowed:
-            return False
-        return bool(super().ready)
+        with _BORROW_LOCK:
+            if self._fwd_borrowed:
+                return False
+            return bool(super().ready)
 
 
 class Channel:
@@ -145,9 +156,10 @@ class Channel:
         self._sent_any = False  # has any byte of the current store gone out?
 
     def __enter__(self) -> Channel:
-        if self._asock.__class__ is not _BorrowedSocket:
-            self._asock.__class__ = _BorrowedSocket
-        self._asock._fwd_borrowed = True
+        with _BORROW_LOCK:
+            if self._asock.__class__ is not _BorrowedSocket:
+                self._asock.__class__ = _BorrowedSocket
+            self._asock._fwd_borrowed = True
         self._saved_timeout = self._sock.gettimeout()
         self._sock.settimeout(self._timeout)
         return self
@@ -155,7 +167,8 @@ class Channel:
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(OSError):
             self._sock.settimeout(self._saved_timeout)
-        self._asock._fwd_borrowed = False
+        with _BORROW_LOCK:
+            self._asock._fwd_borrowed = False
         self._assoc.dul._idle_timer.restart()
 
     # -- sending --------------------------------------------------------------------
