@@ -52,6 +52,7 @@ EX_CANTCREAT = 73  # sysexits.h: a directory or the outbox cannot be created
 EX_SOFTWARE = 70
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _ENQUEUE_BATCH = 256
+_GATHER_SECONDS = 0.005  # after the first file of a burst, let the watcher hand over more
 _DISPOSE_RETRY_SECONDS = 30.0
 _MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
 _SWITCH_INTERVAL = 0.0005  # GIL switch interval while running (see `run`)
@@ -436,6 +437,10 @@ class Enqueuer(threading.Thread):
             first = self.inbox.get(timeout=timeout)
         except queue.Empty:
             first = None
+        if first is not None and self.inbox.qsize() < _ENQUEUE_BATCH:
+            # A burst arrives one file at a time: taking each as it comes was a thread
+            # switch per file, and as many outbox transactions.
+            self.stop.wait(_GATHER_SECONDS)
         batch = [first] if first is not None else []
         while len(batch) < _ENQUEUE_BATCH:
             try:
