@@ -260,16 +260,18 @@ class Worker(threading.Thread):
             return
         marks, done = pending.take()
         self.d.outbox.mark_many(marks, time.time())
-        for d in done:
-            self.d.file_done(d)
+        self.d.files_done(done)
 
     def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
         """The file as it was queued, or None after recording why it cannot be sent.
 
         The enqueuer checked it completely; an unchanged size and mtime say it is still that
-        file, so only its file meta is read again here.
+        file, so only a stat is needed here (rows queued by an older version, without the data
+        set offset, have their file meta read again).
         """
         try:
+            if d.dataset_offset is not None:
+                return self._stat_file(d, now)
             info = locate(
                 d.path,
                 sop_class_uid=d.sop_class_uid,
@@ -289,11 +291,33 @@ class Worker(threading.Thread):
             self.d.file_done(d)
             return None
         if (info.size, info.mtime_ns) != (d.size, d.mtime_ns):
-            reason = "the file changed after it was queued; the new version is queued on its own"
-            self.d.outbox.mark_gone(d.id, reason, now)
-            self.d.event(logging.WARNING, "gone", d, reason)
+            self._changed(d, now)
             return None
         return info
+
+    def _stat_file(self, d: Delivery, now: float) -> DicomInfo | None:
+        """`_check_file` for a row that knows its data set offset; raises like `locate`."""
+        assert d.dataset_offset is not None
+        st = os.stat(d.path)
+        if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
+            self._changed(d, now)
+            return None
+        return DicomInfo(
+            path=Path(d.path),
+            size=d.size,
+            mtime_ns=d.mtime_ns,
+            sop_class_uid=d.sop_class_uid,
+            sop_instance_uid=d.sop_instance_uid,
+            transfer_syntax=d.transfer_syntax,
+            study_uid=d.study_uid,
+            dataset_offset=d.dataset_offset,
+            has_meta=d.dataset_offset > 0,  # not used for sending; a meta-less file starts at 0
+        )
+
+    def _changed(self, d: Delivery, now: float) -> None:
+        reason = "the file changed after it was queued; the new version is queued on its own"
+        self.d.outbox.mark_gone(d.id, reason, now)
+        self.d.event(logging.WARNING, "gone", d, reason)
 
     def _count_associations(self) -> None:
         """Report associations established since the last report to the metrics."""
@@ -450,9 +474,12 @@ class Enqueuer(threading.Thread):
             if item is not None:
                 batch.append(item)
         records: list[FileRecord] = []
+        known = self.d.outbox.known_files(
+            (str(r.path), r.size, r.mtime_ns) for r in batch
+        )  # one query for the batch
         for ready in batch:
             self._suspects.pop(ready.path, None)
-            rec = self._examine(ready, time.monotonic())
+            rec = self._examine(ready, time.monotonic(), known=known)
             if rec is not None:
                 records.append(rec)
         self._recheck(records)
@@ -481,12 +508,16 @@ class Enqueuer(threading.Thread):
                 records.append(rec)
 
     def _examine(
-        self, ready: ReadyFile, now: float, first_seen: float | None = None
+        self,
+        ready: ReadyFile,
+        now: float,
+        first_seen: float | None = None,
+        known: set[tuple[str, int, int]] | None = None,
     ) -> FileRecord | None:
         path = ready.path
         outbox = self.d.outbox
         key = (str(path), ready.size, ready.mtime_ns)
-        if outbox.is_known(*key):
+        if key in known if known is not None else outbox.is_known(*key):
             states = outbox.file_states(*key)
             if states and all(s in FINAL_STATES for s in states.values()):
                 # Left over from a crash, or dropped again with the same path, size and mtime
@@ -526,6 +557,7 @@ class Enqueuer(threading.Thread):
             sop_instance_uid=info.sop_instance_uid,
             transfer_syntax=info.transfer_syntax,
             study_uid=info.study_uid,
+            dataset_offset=info.dataset_offset,
         )
 
 
@@ -658,10 +690,23 @@ class Daemon:
         """A delivery reached a final state: dispose of the file once every destination has."""
         self.dispose(Path(d.path), d.size, d.mtime_ns)
 
-    def dispose(self, path: Path, size: int, mtime_ns: int) -> None:
+    def files_done(self, done: Sequence[Delivery]) -> None:
+        """`file_done` for a batch: one outbox query for all of their files."""
+        keys = list(dict.fromkeys((d.path, d.size, d.mtime_ns) for d in done))
+        if not keys:
+            return
+        states = self.outbox.files_states(keys)
+        for key in keys:
+            self.dispose(Path(key[0]), key[1], key[2], states.get(key, {}))
+
+    def dispose(
+        self, path: Path, size: int, mtime_ns: int, states: dict[str, State] | None = None
+    ) -> None:
+        """Dispose of a file whose every delivery is final (`states`: read if not given)."""
         key = (str(path), size, mtime_ns)
         with self._file_lock:
-            states = self.outbox.file_states(*key)
+            if states is None:
+                states = self.outbox.file_states(*key)
             if not states or any(s not in FINAL_STATES for s in states.values()):
                 return
             try:

@@ -65,7 +65,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
@@ -151,6 +151,8 @@ class FileRecord:
     sop_instance_uid: str
     transfer_syntax: str
     study_uid: str | None
+    dataset_offset: int | None = None
+    """Where the data set starts (after preamble and file meta), as inspected; None: unknown."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,9 @@ class Delivery:
     last_error: str | None
     created_at: float
     done_at: float | None
+    dataset_offset: int | None = None
+    """From the enqueuer's inspection, so a worker need not read the file meta again; None
+    for rows queued by an older version."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +303,14 @@ _SCHEMA_V1: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 1",
 )
 
-MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = ((1, _SCHEMA_V1),)
+_SCHEMA_V2: Final[tuple[str, ...]] = (
+    # the data set offset found by the enqueuer: workers stat the file instead of reading
+    # its file meta again before every send (NULL for rows queued before)
+    "ALTER TABLE deliveries ADD COLUMN dataset_offset INTEGER CHECK (dataset_offset >= 0)",
+    "PRAGMA user_version = 2",
+)
+
+MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2))
 """(version reached, statements) in order; version 0 is an empty database."""
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -319,7 +331,7 @@ _GET_VERSION: Final = "PRAGMA user_version"
 _COLUMNS: Final = (
     "id, path, destination, state, size, mtime_ns, sop_class_uid, sop_instance_uid, "
     "transfer_syntax, study_uid, attempts, next_attempt_at, first_attempt_at, "
-    "last_attempt_at, last_status, last_error, created_at, done_at"
+    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset"
 )
 _SELECT: Final = "SELECT " + _COLUMNS + " FROM deliveries"
 
@@ -327,13 +339,16 @@ SQL_IS_KNOWN: Final = """
     SELECT 1 FROM deliveries WHERE path = ? AND size = ? AND mtime_ns = ? LIMIT 1
 """
 
+_MANY: Final = 500
+"""Paths per ``IN (...)`` look-up of the batch queries (SQLite allows 32,766 parameters)."""
+
 SQL_ENQUEUE: Final = """
     INSERT INTO deliveries (path, size, mtime_ns, sop_class_uid, sop_instance_uid,
                             transfer_syntax, study_uid, destination, state, attempts,
-                            next_attempt_at, created_at, updated_at)
+                            next_attempt_at, created_at, updated_at, dataset_offset)
     VALUES (:path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
             :transfer_syntax, :study_uid, :destination, 0, 0,
-            :now, :now, :now)
+            :now, :now, :now, :dataset_offset)
     ON CONFLICT (path, size, mtime_ns, destination) DO NOTHING
 """
 
@@ -559,6 +574,7 @@ def _delivery(row: Sequence[Any]) -> Delivery:
         last_error=row[15],
         created_at=row[16],
         done_at=row[17],
+        dataset_offset=row[18],
     )
 
 
@@ -819,6 +835,39 @@ class Outbox:
         """Return True when any row, in any state, exists for this exact file version."""
         return bool(self._query("is_known", SQL_IS_KNOWN, (path, size, mtime_ns)))
 
+    def known_files(
+        self, keys: Iterable[tuple[str, int, int]]
+    ) -> builtins.set[tuple[str, int, int]]:
+        """The ``(path, size, mtime_ns)`` of `keys` that have rows: `is_known` for a batch."""
+        wanted = set(keys)
+        return {key for key in self._rows_of_paths("known_files", wanted) if key in wanted}
+
+    def files_states(
+        self, keys: Iterable[tuple[str, int, int]]
+    ) -> dict[tuple[str, int, int], dict[str, State]]:
+        """`file_states` for a batch: ``(path, size, mtime_ns) -> {destination: state}``.
+
+        Keys without rows are left out.
+        """
+        wanted = set(keys)
+        out: dict[tuple[str, int, int], dict[str, State]] = {}
+        for key, dest, state in self._rows_of_paths("files_states", wanted, states=True):
+            if key in wanted:
+                out.setdefault(key, {})[dest] = State(state)
+        return out
+
+    def _rows_of_paths(
+        self, what: str, keys: builtins.set[tuple[str, int, int]], *, states: bool = False
+    ) -> Iterator[Any]:
+        """Rows of the paths in `keys`, read through the ``deliveries_file`` index."""
+        paths = sorted({k[0] for k in keys})
+        cols = "path, size, mtime_ns" + (", destination, state" if states else "")
+        for i in range(0, len(paths), _MANY):
+            chunk = paths[i : i + _MANY]
+            sql = f"SELECT {cols} FROM deliveries WHERE path IN ({', '.join('?' * len(chunk))})"
+            for row in self._query(what, sql, chunk):
+                yield (tuple(row[:3]), row[3], row[4]) if states else tuple(row)
+
     def enqueue(self, rec: FileRecord, destinations: Sequence[str], now: float) -> int:
         """Queue one file for each destination that has no row yet for this file version.
 
@@ -856,6 +905,7 @@ class Outbox:
                 "study_uid": rec.study_uid,
                 "destination": dest,
                 "now": now,
+                "dataset_offset": rec.dataset_offset,
             }
             for rec in recs
             for dest in destinations

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from conftest import SCP, StoreSCP, data_file, free_port, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
+from forwarder import outbox as outbox_module
 from forwarder.dicomfile import inspect
 from forwarder.outbox import Delivery, Outbox, State
 
@@ -1185,6 +1187,45 @@ def test_files_deleted_after_being_claimed_do_not_stop_the_batch(
     assert states == {State.SENT: 3, State.GONE: 5}, states
     assert not fwd.quarantined()
     assert "Traceback" not in fwd.text()
+
+
+def test_rows_queued_by_the_first_release_are_sent(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    # An outbox of schema 1 (no data set offsets) with a file still queued: the upgraded
+    # daemon migrates it and sends that row, reading the file meta again for its offset.
+    path = fwd.inbox / "queued-before.dcm"
+    uid = corpus.write(path)
+    info = inspect(path)
+    fwd.outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(fwd.outbox_path)
+    try:
+        for statement in outbox_module.MIGRATIONS[0][1]:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO deliveries (path, size, mtime_ns, sop_class_uid, sop_instance_uid,"
+            " transfer_syntax, study_uid, destination, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'pacs', 0, 0, 0)",
+            (
+                str(path),
+                info.size,
+                info.mtime_ns,
+                info.sop_class_uid,
+                info.sop_instance_uid,
+                info.transfer_syntax,
+                info.study_uid,
+            ),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    fwd.configure([dest("pacs", scp.port)]).start()
+    fwd.wait(has_all(scp, [uid]))
+    fwd.wait(lambda: not path.exists(), what="the file disposed of")
+    assert fwd.stop() == 0
+    assert received(scp) == once([uid])
+    (row,) = fwd.deliveries()
+    assert (row.state, row.dataset_offset) == (State.SENT, None)
 
 
 @pytest.mark.skipif(

@@ -167,6 +167,63 @@ def test_migrates_version_0_to_current(
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def _version_1_db(db_path: Path) -> None:
+    """A database as the first release wrote it, with one pending row."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with raw(db_path) as conn:
+        for statement in outbox_module.MIGRATIONS[0][1]:
+            conn.execute(statement)
+        r = rec(1)
+        conn.execute(
+            "INSERT INTO deliveries (path, size, mtime_ns, sop_class_uid, sop_instance_uid,"
+            " transfer_syntax, study_uid, destination, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 'a', ?, ?, ?)",
+            (
+                r.path,
+                r.size,
+                r.mtime_ns,
+                r.sop_class_uid,
+                r.sop_instance_uid,
+                r.transfer_syntax,
+                r.study_uid,
+                T0,
+                T0,
+                T0,
+            ),
+        )
+        conn.commit()
+
+
+def test_migrates_version_1_keeping_rows_without_offset(db_path: Path) -> None:
+    _version_1_db(db_path)
+    with Outbox(db_path) as ob:
+        (old,) = ob.claim("a", 10, T0 + 1, 60)
+        assert (old.sop_instance_uid, old.dataset_offset) == ("1.2.3.1", None)
+        assert ob.enqueue(rec(2, dataset_offset=1234), ["a"], T0) == 1
+        (new,) = ob.claim("a", 10, T0 + 1, 60)
+        assert new.dataset_offset == 1234
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_known_files_and_files_states_answer_for_a_batch(db_path: Path) -> None:
+    with Outbox(db_path) as ob:
+        ob.enqueue_many([rec(i) for i in range(1, 4)], ["a", "b"], T0)
+        (d,) = [x for x in ob.claim("a", 10, T0 + 1, 60) if x.sop_instance_uid == "1.2.3.2"]
+        ob.mark_sent(d.id, 0, T0 + 2)
+        key = {i: (rec(i).path, rec(i).size, rec(i).mtime_ns) for i in range(1, 5)}
+        other_version = (key[1][0], key[1][1] + 1, key[1][2])
+        assert ob.known_files([key[1], key[2], key[4], other_version]) == {key[1], key[2]}
+        assert ob.known_files([]) == set()
+        states = ob.files_states([key[2], key[3], key[4], other_version])
+        assert states == {
+            key[2]: {"a": State.SENT, "b": State.PENDING},
+            key[3]: {"a": State.INFLIGHT, "b": State.PENDING},
+        }
+        many = [(f"/nowhere/{i}.dcm", 1, 1) for i in range(1200)] + [key[1]]
+        assert ob.known_files(many) == {key[1]}  # past one IN (...) list
+
+
 def test_migrations_are_consecutive_and_end_with_user_version() -> None:
     versions = [v for v, _ in outbox_module.MIGRATIONS]
     assert versions == list(range(1, SCHEMA_VERSION + 1))
