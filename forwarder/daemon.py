@@ -533,7 +533,9 @@ class Enqueuer(threading.Thread):
             return None
         try:
             info = inspect(path)
-        except FileNotFoundError:
+        except FileNotFoundError:  # deleted meanwhile (the watcher is not told of that)
+            if self.d.watcher is not None:
+                self.d.watcher.forget(path)
             return None
         except (InvalidDicom, OSError) as exc:
             reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
@@ -717,9 +719,8 @@ class Daemon:
                     self._quarantine_delivered(path, key, states)
                 else:
                     self._on_success(path)
-            except FileNotFoundError:  # gone already: nothing left to dispose of
-                self._dispose_later.pop(key, None)
-                return
+            except FileNotFoundError:  # gone already: nothing left to dispose of, but the
+                pass  # watcher is not told of deletions in place: forget it below
             except OSError as exc:
                 if key not in self._dispose_later:
                     LOGGER.error(
