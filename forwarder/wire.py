@@ -14,6 +14,7 @@ The wire format is PS3.8 9.3.5 (P-DATA-TF) and PS3.7 9.3.1 (C-STORE-RQ/RSP).
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
@@ -40,7 +41,20 @@ _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")  # item length, context ID, message control header
 _HEADERS = _PDU_HEADER.size + _PDV_HEADER.size  # 12 bytes in front of every fragment
 _MAX_PDU_IN = 1 << 24  # refuse absurd PDU lengths from a peer (16 MiB)
+_RECV_SIZE = 1 << 16  # what one recv asks for
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+if hasattr(os, "preadv"):
+
+    def _read_at(fd: int, buf: memoryview, pos: int) -> int:
+        return os.preadv(fd, [buf], pos)
+
+else:  # pragma: no cover - macOS before 11: no preadv
+
+    def _read_at(fd: int, buf: memoryview, pos: int) -> int:
+        os.lseek(fd, pos, os.SEEK_SET)
+        return os.readv(fd, [buf])
 
 
 class SourceUnreadable(Exception):
@@ -152,6 +166,7 @@ class Channel:
         self._fragment = (max_pdu - 6) & ~1
         self._timeout = dimse_timeout
         self._buf = bytearray(_HEADERS + self._fragment)
+        self._inbuf = bytearray()  # received and not yet parsed (normally empty)
         self._saved_timeout: float | None = None
         self._sent_any = False  # has any byte of the current store gone out?
 
@@ -261,19 +276,20 @@ class Channel:
         buf = self._buf
         view = memoryview(buf)
         try:
-            fp = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:  # nothing is on the wire yet: the association is fine
             raise SourceUnreadable(exc) from exc
-        with fp:
-            size = fp.seek(0, 2)
-            remaining = size - offset
-            fp.seek(offset)
+        try:
+            # positional reads: no seeks (every system call lets another thread take the GIL)
+            pos = offset
+            remaining = os.fstat(fd).st_size - offset
             pending: bytes | None = bytes(head)  # the command rides with the first fragment
             while True:
                 n = min(frag, remaining)
-                got = fp.readinto(view[_HEADERS : _HEADERS + n]) if n else 0
+                got = _read_at(fd, view[_HEADERS : _HEADERS + n], pos) if n else 0
                 if got != n:
                     raise OSError(5, "file shrank while it was being sent")
+                pos += n
                 remaining -= n
                 if n % 2:  # only ever the last fragment: `frag` is even
                     # An odd-length data set: a deflated one whose stream was not padded
@@ -289,6 +305,8 @@ class Channel:
                     self._send(view[: _HEADERS + n])
                 if not remaining:
                     return
+        finally:
+            os.close(fd)
 
     # -- receiving ------------------------------------------------------------------
 
@@ -302,18 +320,24 @@ class Channel:
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
-    def _recv_exact(self, n: int) -> bytes:
+    def _recv_at_least(self, n: int) -> None:
+        """Receive until `n` bytes are buffered; a response usually comes in one `recv`.
+
+        Whatever the peer sends is read in one go (a C-STORE-RSP PDU is ~100 bytes): exact
+        reads took two ``recv`` (PDU header, then body) and two TCP_QUICKACK re-arms per
+        store. Bytes past the response stay in the buffer for the next one; a peer sends
+        nothing unasked on an association without asynchronous operations but an A-ABORT,
+        and that ends the connection whether or not we parse it.
+        """
         sock = self._sock
-        out = bytearray(n)
-        view = memoryview(out)
-        got = 0
+        data = self._inbuf
         try:
-            while got < n:
+            while len(data) < n:
                 self._quickack()
-                k = sock.recv_into(view[got:], n - got)
-                if k == 0:
+                chunk = sock.recv(max(n - len(data), _RECV_SIZE))
+                if not chunk:
                     raise WireError("the peer closed the connection")
-                got += k
+                data += chunk
         except TimeoutError as exc:
             raise WireError("DIMSE timeout: no response from the peer") from exc
         except OSError as exc:  # reset, or closed under us (EBADF): see _send
@@ -321,7 +345,12 @@ class Channel:
                 msg = "the association was closed under us (the peer aborted it)"
                 raise WireError(msg) from exc
             raise WireError(f"connection lost: {exc.strerror or exc}") from exc
-        return bytes(out)
+
+    def _take(self, n: int) -> bytes:
+        self._recv_at_least(n)
+        out = bytes(self._inbuf[:n])
+        del self._inbuf[:n]
+        return out
 
     def read_response(self) -> Response:
         """Read PDUs until a complete command message arrives; decode the C-STORE-RSP.
@@ -333,10 +362,10 @@ class Channel:
         """
         command = bytearray()
         while True:
-            pdu_type, length = _PDU_HEADER.unpack(self._recv_exact(6))
+            pdu_type, length = _PDU_HEADER.unpack(self._take(6))
             if length > _MAX_PDU_IN:
                 raise WireError(f"PDU of {length} bytes from the peer")
-            body = self._recv_exact(length)
+            body = self._take(length)
             if pdu_type == _ABORT:
                 raise WireError("the peer aborted the association (A-ABORT)")
             if pdu_type == _RELEASE_RQ:
