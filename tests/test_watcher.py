@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from watchdog.observers.inotify_c import InotifyConstants
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
+from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
-from forwarder.watcher import THREAD_NAME, ReadyFile, Watcher, WatchRootError
+from forwarder.watcher import THREAD_NAME, ReadyFile, Watcher, WatchRootError, _MoveGrouper
 
 SETTLE = 0.2
 """Short settle time to keep the tests fast."""
@@ -347,10 +348,56 @@ def test_deletions_in_place_are_left_out_of_the_inotify_mask(
     watcher, _ = make_watcher()
     emitters = list(watcher._observer.emitters) if watcher._observer else []
     assert emitters, "no inotify emitter"
-    for emitter in emitters:  # guards the optimisation against a watchdog that changed shape
+    for emitter in emitters:  # guards the optimisations against a watchdog that changed shape
         mask = emitter.get_event_mask_from_filter()
         assert not mask & InotifyConstants.IN_DELETE
         assert mask & InotifyConstants.IN_MOVED_FROM and mask & InotifyConstants.IN_CLOSE_WRITE
+        assert type(emitter._inotify._move_event_grouper).__name__ == "_MoveGrouper"
+
+
+def test_move_grouper_pairs_moves_and_skips_the_search_for_moves_from_outside() -> None:
+    def ev(mask: int, cookie: int, name: bytes) -> PathedInotifyEvent:
+        return PathedInotifyEvent(InotifyEvent(1, mask, cookie, name), b"/in/" + name)
+
+    g = _MoveGrouper()
+    g.put_event(ev(InotifyConstants.IN_MOVED_TO, 7, b"from-outside"))  # no search: none queued
+    g.put_event(ev(InotifyConstants.IN_MOVED_FROM, 8, b"old"))
+    assert g.get_queued_moved_from_event(8) is not None
+    g.put_event(ev(InotifyConstants.IN_MOVED_TO, 8, b"new"))  # paired with "old"
+    g.put_event(ev(InotifyConstants.IN_CLOSE_WRITE, 0, b"written"))
+    first, second, third = g.read_event(), g.read_event(), g.read_event()
+    assert isinstance(first, PathedInotifyEvent) and first.path == b"/in/from-outside"
+    assert isinstance(second, tuple) and [e.path for e in second] == [b"/in/old", b"/in/new"]
+    assert isinstance(third, PathedInotifyEvent) and third.path == b"/in/written"
+    assert g._froms == 0 and g.get_queued_moved_from_event(8) is None
+    g.close()
+
+
+def test_moves_inside_the_tree_are_paired_amid_a_burst_from_outside(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path
+) -> None:
+    # Renames from outside have no IN_MOVED_FROM to pair with (the grouper skips its search
+    # for them); renames inside the tree still come out as moves: the file is reported at its
+    # new name, once, and not at the old one.
+    _, got = make_watcher()
+    for i in range(20):
+        write(inbox / "a" / f"in-{i}.dcm")
+    assert wait_for(lambda: len(got.items) == 20, 5)
+    outside = tmp_path / "outside"
+    for i in range(200):
+        write(outside / f"out-{i}.dcm")
+    (inbox / "b").mkdir()
+    for i in range(200):
+        (outside / f"out-{i}.dcm").rename(inbox / f"out-{i}.dcm")
+        if i % 10 == 0:
+            (inbox / "a" / f"in-{i // 10}.dcm").rename(inbox / "b" / f"moved-{i // 10}.dcm")
+    assert wait_for(lambda: len(got.items) == 240, 10), f"{len(got.items)} reported"
+    flush(inbox, got)
+    names = got.names()
+    assert names.pop("zz-sentinel.dcm") == 1
+    assert set(names.values()) == {1}
+    moved = [r for r in got.items if r.path.name.startswith("moved-")]
+    assert sorted(r.relative.parent.name for r in moved) == ["b"] * 20
 
 
 def test_folder_moved_out_is_dropped(
