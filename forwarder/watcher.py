@@ -49,13 +49,17 @@ THREAD_NAME = "forwarder-watcher"
 """Name of the tracker thread; watchdog's observer and emitter threads get this prefix too."""
 
 _JOIN_SECONDS = 10.0
+"""How long `Watcher.stop` waits for each thread before it logs a warning and returns."""
 
 _GATHER_SECONDS = 0.01
 """After an event wakes the tracker, how long it lets more events gather before one pass.
 
 A burst of N files is then a pass per 10 ms instead of a wake-up (a thread switch, the
 costliest part of an event) per event; 10 ms is nothing next to the settle time."""
-"""How long `Watcher.stop` waits for each thread before it logs a warning and returns."""
+
+_SECOND_LOOK = 0.1
+"""A file found by a scan is looked at again this soon (at most the settle time) before its
+mtime is trusted: it must be unchanged between the two looks."""
 
 _Sig = int
 """A file's (size, mtime_ns) packed exactly into one int: a third of a tuple's memory, which
@@ -146,6 +150,8 @@ class _Candidate:
     """(size, mtime_ns) at the last look; None before the first."""
     written: bool = False
     """Seen written and not closed-after-writing since."""
+    finished: bool = False
+    """Seen closed after writing, or moved in, and not written since."""
 
 
 _FILE_KINDS: dict[type[FileSystemEvent], _Kind] = {
@@ -178,13 +184,14 @@ class _MoveGrouper(InotifyMoveEventGrouper):
     IN_MOVED_FROM: a burst of N files renamed into the tree from outside (none to match) cost
     N^2 comparisons while the queue was long (~60 us per file at 2,000). This one counts the
     IN_MOVED_FROM events queued and skips the searches when there are none; moves inside the
-    tree are paired exactly as before.
+    tree are paired exactly as before. After a kernel queue overflow it searches always.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._froms = 0
         self._froms_lock = threading.Lock()
+        self._exact = True  # the count is exact (until a kernel queue overflow: see below)
 
     def _count(self, delta: int) -> None:
         with self._froms_lock:
@@ -193,7 +200,7 @@ class _MoveGrouper(InotifyMoveEventGrouper):
     def put_event(self, event: Any) -> None:
         if event.ev.is_moved_from:
             self._count(+1)
-        elif event.ev.is_moved_to and not self._froms:
+        elif event.ev.is_moved_to and self._exact and not self._froms:
             self._queue.put(event, delay=False)  # what the search ends with when it finds none
             return
         super().put_event(event)
@@ -205,7 +212,9 @@ class _MoveGrouper(InotifyMoveEventGrouper):
         return grouped
 
     def get_queued_moved_from_event(self, cookie: int) -> Any:
-        return super().get_queued_moved_from_event(cookie) if self._froms else None
+        if self._exact and not self._froms:
+            return None
+        return super().get_queued_moved_from_event(cookie)
 
     def read_event(self) -> Any:
         event = super().read_event()
@@ -214,9 +223,10 @@ class _MoveGrouper(InotifyMoveEventGrouper):
         return event
 
     def discard_pending_events(self) -> None:
+        # After a kernel queue overflow: an event being read meanwhile could leave the count
+        # one short, so search as watchdog does from now on (overflows are rare).
         super().discard_pending_events()
-        with self._froms_lock:
-            self._froms = 0
+        self._exact = False
 
 
 class _WatchGroup(InotifyWatchGroup):
@@ -234,14 +244,20 @@ class _Emitter(InotifyEmitter):
     per file sent) and each crossed three threads: 0.2 ms of CPU per file sent. Without them a
     file deleted in place is dropped at the tracker's next look at it, and the memory of a
     reported one by `Watcher.forget` or the next full rescan. Moves out of the tree
-    (IN_MOVED_FROM) and the removal of a watched folder (IN_DELETE_SELF) are still reported:
-    the filter still lists the deleted events, so those two still reach the tracker.
+    (IN_MOVED_FROM) and the removal of a watched root folder (IN_DELETE_SELF) are still
+    reported: the filter still lists the deleted events, so those two still reach the tracker.
+    A subfolder deleted in place is not: its files are dropped at their next look.
 
-    Moves are paired by `_MoveGrouper` (watchdog 7's `on_thread_start`, with our group).
+    Moves are paired by `_MoveGrouper` (watchdog 7's `on_thread_start`, with our group), and
+    reported as watchdog's "full" emitter does: a file moved in from outside the tree is a
+    move with no source, not a creation, so the tracker knows it arrived complete.
     """
 
     def get_event_mask_from_filter(self) -> Any:
         return super().get_event_mask_from_filter() & ~InotifyConstants.IN_DELETE
+
+    def build_and_queue_event(self, event: Any, *, full_events: bool = True) -> None:
+        super().build_and_queue_event(event, full_events=True)
 
     def on_thread_start(self) -> None:
         self._inotify = _WatchGroup(
@@ -284,8 +300,10 @@ class Watcher:
     touched it meanwhile. A file whose own mtime is already `settle_seconds` old when it is
     looked at (moved in after it was written, copied with its times kept, found at start-up)
     has been unchanged that long and is ready at once, as Apache Camel's ``readLockMinAge``
-    does: unless it was seen written and not closed since, and never with ``poll=True``
-    (a network mount's mtimes come from another clock) or ``settle_from_mtime=False``.
+    does, once it was seen closed after writing or moved in, or unchanged between two looks;
+    not while it is seen written and not closed, not for mtimes in whole seconds (a coarse
+    clock), and never with ``poll=True`` (a network mount's mtimes come from another clock) or
+    ``settle_from_mtime=False``.
     When it was seen written and not closed since (a slow writer
     keeps the file open between pieces), it must instead stay unchanged for
     `unclosed_grace_seconds`; a close-after-writing or a rename into place (write-then-rename)
@@ -655,14 +673,20 @@ class Watcher:
             return self._grace
         return self._settle
 
-    def _aged(self, st: os.stat_result, cand: _Candidate) -> bool:
+    def _aged(self, st: os.stat_result, cand: _Candidate, *, steady: bool) -> bool:
         """True when the file's mtime says it has been unchanged for the settle time.
 
         Every write sets the mtime, so an mtime `settle_seconds` in the past means no write
-        since; a future mtime (another clock) says nothing. A file seen written and not yet
-        closed is not trusted on its mtime: it waits out the grace.
+        since; a future mtime (another clock) says nothing. Trusted only for a file seen
+        closed after writing or moved in (`cand.finished`), or found unchanged between two
+        looks (`steady`: a scan found it, or its events were lost); never for a file seen
+        written and not closed since (a writer may set an old mtime first: SMB's sticky write
+        time), nor for an mtime in whole seconds (a coarse clock, as on vfat or some network
+        file systems, cannot tell a file written just now from one a second old).
         """
-        if not self._from_mtime or cand.written:
+        if not self._from_mtime or cand.written or not (cand.finished or steady):
+            return False
+        if st.st_mtime_ns % 1_000_000_000 == 0:
             return False
         age = self._wall_clock() - st.st_mtime_ns / 1e9
         return age >= self._settle
@@ -688,6 +712,7 @@ class Watcher:
             cand = self._candidates[path] = _Candidate(root=root, last_change=mark.changed_at)
         if mark.written is not None:
             cand.written = mark.written
+            cand.finished = not mark.written  # the last of them a close-write or a move in
         if mark.changed_at is not None:
             cand.last_change = max(cand.last_change, mark.changed_at)
         # A first look right away; later ones when the file may be ready.
@@ -717,11 +742,12 @@ class Watcher:
             self._candidates.pop(path, None)
             return
         sig = _sig(st)
-        if sig != cand.sig:
+        steady = sig == cand.sig
+        if not steady:
             cand.sig = sig
             cand.last_change = max(cand.last_change, now)
         ready_at = cand.last_change + self._wait(cand)
-        if now < ready_at and not self._aged(st, cand):
+        if now < ready_at and not self._aged(st, cand, steady=steady):
             self._schedule(path, cand, ready_at)
             return
         del self._candidates[path]
@@ -792,7 +818,10 @@ class Watcher:
                 if self._emitted.get(path) == sig:
                     continue
                 cand = self._candidates[path] = _Candidate(root=root, last_change=now, sig=sig)
-                self._schedule(path, cand, now if self._aged(st, cand) else now + self._settle)
+                soon = self._aged(st, cand, steady=True)  # then a second look confirms it
+                self._schedule(
+                    path, cand, now + (min(_SECOND_LOOK, self._settle) if soon else self._settle)
+                )
         if full:
             failed_dirs = failed
 

@@ -225,6 +225,41 @@ def test_old_mtime_is_not_trusted_while_being_written(
     assert got.get("sticky.dcm")[0].size == 2000
 
 
+def test_old_mtime_is_not_trusted_for_a_file_seen_changing(
+    make_watcher: MakeWatcher, inbox: Path
+) -> None:
+    # Found by a scan (its events lost, as in a brand-new folder), growing, and its mtime set
+    # back after every write: it must look the same twice before its mtime counts.
+    watcher, got = make_watcher(start=False, clock=FakeClock())
+    path = _aged(write(inbox / "growing.dcm", b"1"))
+    delay = watcher.loop(0.0)  # the start-up scan: a second look soon
+    assert 0 < delay <= SETTLE
+    now = delay
+    for i in range(5):
+        with open(path, "ab") as f:
+            f.write(b"1")
+        _aged(path, 3600.0 + i)
+        now += watcher.loop(now)
+        assert not got.items, f"reported while growing (look {i + 1})"
+    now += watcher.loop(now)  # unchanged since the last look: now its old mtime counts
+    assert got.get("growing.dcm")[0].size == 6
+
+
+def test_whole_second_mtimes_are_not_trusted(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path
+) -> None:
+    # A coarse clock (vfat, some network file systems) cannot tell a file written just now
+    # from one a second old: such a file waits the settle time like a new one.
+    _, got = make_watcher(settle_seconds=1.0)
+    path = write(tmp_path / "coarse.dcm")
+    whole = (int(time.time()) - 3600) * 1_000_000_000
+    os.utime(path, ns=(whole, whole))
+    start = time.monotonic()
+    path.rename(inbox / "coarse.dcm")
+    assert wait_for(got.has("coarse.dcm"), 5)
+    assert time.monotonic() - start >= 0.9
+
+
 @pytest.mark.parametrize("how", ["poll", "setting off"])
 def test_mtime_age_is_not_used(
     make_watcher: MakeWatcher, inbox: Path, tmp_path: Path, how: str
