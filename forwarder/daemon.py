@@ -495,8 +495,10 @@ class Enqueuer(threading.Thread):
                 continue
             try:
                 st = path.stat()
-            except FileNotFoundError:
+            except FileNotFoundError:  # the watcher is not told of deletions in place
                 self._suspects.pop(path, None)
+                if self.d.watcher is not None:
+                    self.d.watcher.forget(path)
                 continue
             except OSError:
                 st = None

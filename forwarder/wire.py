@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import struct
 import threading
 from collections.abc import Iterator
@@ -280,9 +281,12 @@ class Channel:
         except OSError as exc:  # nothing is on the wire yet: the association is fine
             raise SourceUnreadable(exc) from exc
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # replaced by a folder (open() would have failed)
+                raise SourceUnreadable(IsADirectoryError(21, "not a regular file", str(path)))
             # positional reads: no seeks (every system call lets another thread take the GIL)
             pos = offset
-            remaining = os.fstat(fd).st_size - offset
+            remaining = st.st_size - offset
             pending: bytes | None = bytes(head)  # the command rides with the first fragment
             while True:
                 n = min(frag, remaining)
