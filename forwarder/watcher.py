@@ -148,10 +148,9 @@ class _Candidate:
     """When the tracker looks at it next (inf: not scheduled)."""
     sig: _Sig | None = None
     """(size, mtime_ns) at the last look; None before the first."""
-    written: bool = False
-    """Seen written and not closed-after-writing since."""
-    finished: bool = False
-    """Seen closed after writing, or moved in, and not written since."""
+    written: bool | None = None
+    """True: seen written and not closed-after-writing since. False: seen closed after writing,
+    or moved in, and not written since. None: neither seen (found by a scan)."""
 
 
 _FILE_KINDS: dict[type[FileSystemEvent], _Kind] = {
@@ -303,14 +302,12 @@ class Watcher:
     does, once it was seen closed after writing or moved in, or unchanged between two looks;
     not while it is seen written and not closed, not for mtimes in whole seconds (a coarse
     clock), and never with ``poll=True`` (a network mount's mtimes come from another clock) or
-    ``settle_from_mtime=False``.
-    When it was seen written and not closed since (a slow writer
+    ``settle_from_mtime=False``. When it was seen written and not closed since (a slow writer
     keeps the file open between pieces), it must instead stay unchanged for
     `unclosed_grace_seconds`; a close-after-writing or a rename into place (write-then-rename)
     brings it back to `settle_seconds`. Close events are only a hint: files whose events were
-    lost (new subfolders, files moved in from outside, missed events found by a rescan) become
-    ready on stability alone. With ``poll=True`` there are no open/close events and
-    `settle_seconds` always applies.
+    lost (new subfolders, missed events found by a rescan) become ready on stability alone.
+    With ``poll=True`` there are no close events and `settle_seconds` always applies.
 
     Every file present at `start` is a candidate, and a full rescan runs every
     `rescan_seconds` (or on `rescan`). Each ready file is passed once to `on_ready` on the
@@ -678,13 +675,13 @@ class Watcher:
 
         Every write sets the mtime, so an mtime `settle_seconds` in the past means no write
         since; a future mtime (another clock) says nothing. Trusted only for a file seen
-        closed after writing or moved in (`cand.finished`), or found unchanged between two
+        closed after writing or moved in (`cand.written is False`), or found unchanged between two
         looks (`steady`: a scan found it, or its events were lost); never for a file seen
         written and not closed since (a writer may set an old mtime first: SMB's sticky write
         time), nor for an mtime in whole seconds (a coarse clock, as on vfat or some network
         file systems, cannot tell a file written just now from one a second old).
         """
-        if not self._from_mtime or cand.written or not (cand.finished or steady):
+        if not self._from_mtime or cand.written or not (cand.written is False or steady):
             return False
         if st.st_mtime_ns % 1_000_000_000 == 0:
             return False
@@ -712,7 +709,6 @@ class Watcher:
             cand = self._candidates[path] = _Candidate(root=root, last_change=mark.changed_at)
         if mark.written is not None:
             cand.written = mark.written
-            cand.finished = not mark.written  # the last of them a close-write or a move in
         if mark.changed_at is not None:
             cand.last_change = max(cand.last_change, mark.changed_at)
         # A first look right away; later ones when the file may be ready.
