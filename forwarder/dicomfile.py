@@ -101,11 +101,11 @@ class _Reader:
 
     CHUNK = 16384
 
-    def __init__(self, fp: BinaryIO, path: Path, end: int, pos: int = 0) -> None:
+    def __init__(self, fp: BinaryIO, path: Path, end: int) -> None:
         self.fp = fp
         self.path = path
         self.end = end
-        self.pos = pos
+        self.pos = 0
         self._buf = b""
         self._base = 0  # file offset of _buf[0]
 

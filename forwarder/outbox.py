@@ -839,8 +839,7 @@ class Outbox:
         self, keys: Iterable[tuple[str, int, int]]
     ) -> builtins.set[tuple[str, int, int]]:
         """The ``(path, size, mtime_ns)`` of `keys` that have rows: `is_known` for a batch."""
-        wanted = set(keys)
-        return {key for key in self._rows_of_paths("known_files", wanted) if key in wanted}
+        return set(self._rows_of_paths("known_files", set(keys)))
 
     def files_states(
         self, keys: Iterable[tuple[str, int, int]]
@@ -849,24 +848,25 @@ class Outbox:
 
         Keys without rows are left out.
         """
-        wanted = set(keys)
         out: dict[tuple[str, int, int], dict[str, State]] = {}
-        for key, dest, state in self._rows_of_paths("files_states", wanted, states=True):
-            if key in wanted:
-                out.setdefault(key, {})[dest] = State(state)
+        for key, dest, state in self._rows_of_paths("files_states", set(keys), states=True):
+            out.setdefault(key, {})[dest] = State(state)
         return out
 
     def _rows_of_paths(
         self, what: str, keys: builtins.set[tuple[str, int, int]], *, states: bool = False
     ) -> Iterator[Any]:
-        """Rows of the paths in `keys`, read through the ``deliveries_file`` index."""
+        """The rows of `keys` (each a file version), looked up by path through the
+        ``deliveries_file`` index: their key, or (key, destination, state) with `states`."""
         paths = sorted({k[0] for k in keys})
         cols = "path, size, mtime_ns" + (", destination, state" if states else "")
         for i in range(0, len(paths), _MANY):
             chunk = paths[i : i + _MANY]
             sql = f"SELECT {cols} FROM deliveries WHERE path IN ({', '.join('?' * len(chunk))})"
             for row in self._query(what, sql, chunk):
-                yield (tuple(row[:3]), row[3], row[4]) if states else tuple(row)
+                key = (row[0], row[1], row[2])
+                if key in keys:  # other versions of the same path are not asked for
+                    yield (key, row[3], row[4]) if states else key
 
     def enqueue(self, rec: FileRecord, destinations: Sequence[str], now: float) -> int:
         """Queue one file for each destination that has no row yet for this file version.
