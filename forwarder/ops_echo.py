@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from forwarder import ops
+from forwarder.association import AssociationFailed, Peer, open_association
 from forwarder.config import Destination
-from forwarder.sender import Peer, association_failure, make_ae, request_association
+from forwarder.wire import C_ECHO_RSP, VERIFICATION, WireError, encode_echo_command
 
 __all__ = ["EXIT_FAILED", "EchoResult", "add_arguments", "echo", "run"]
 
 EXIT_FAILED = 1
-_VERIFICATION = "1.2.840.10008.1.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
@@ -52,18 +52,22 @@ def echo(dest: Destination) -> EchoResult:
     except (OSError, ssl.SSLError) as exc:
         return _failed(result, f"cannot load the TLS files: {exc}")
     start = time.perf_counter()
-    assoc = request_association(make_ae(peer), peer, [(_VERIFICATION, [_IMPLICIT_LE])])
-    associated = time.perf_counter()
-    if not assoc.is_established:
-        return _failed(result, association_failure(assoc).meaning)
     try:
-        status = assoc.send_c_echo()
+        assoc = open_association(peer, [(VERIFICATION, [_IMPLICIT_LE])])
+    except AssociationFailed as exc:
+        return _failed(result, exc.classification.meaning)
+    associated = time.perf_counter()
+    if not assoc.accepted:
+        return _failed(result, "the peer accepted no Verification presentation context")
+    try:
+        cx_id = assoc.accepted[VERIFICATION][0][0]
+        assoc.link.send_message(cx_id, encode_echo_command(1), None, assoc.send_pdu)
+        code: int | None = assoc.link.read_response(C_ECHO_RSP).status
         echoed = time.perf_counter()
-    finally:
-        assoc.release()
-    code = getattr(status, "Status", None) if status else None
-    if code is None:
-        return _failed(result, "no C-ECHO response (timeout or abort)")
+    except WireError as exc:
+        assoc.abort()
+        return _failed(result, f"no C-ECHO response: {exc}")
+    assoc.release()
     if code != 0:
         return _failed(result, f"C-ECHO answered 0x{code:04X}")
     return EchoResult(

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import array
-import contextlib
 import logging
-import socket
-import ssl
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr, write_dataset
-from pydicom.uid import UID
-from pynetdicom import AE, evt
-
+from forwarder.association import (
+    Association,
+    AssociationFailed,
+    Peer,
+    client_tls_context,
+    open_association,
+)
 from forwarder.contexts import (
     MAX_CONTEXTS,
     ContextSpec,
@@ -29,98 +26,25 @@ from forwarder.contexts import (
     split_by_contexts,
 )
 from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
-from forwarder.status import Action, Classification, classify_association, classify_status
-from forwarder.wire import Channel, SourceUnreadable, WireError, encode_store_command
+from forwarder.status import Action, Classification, classify_status
+from forwarder.wire import SourceUnreadable, WireError, encode_store_command
 
-if TYPE_CHECKING:  # the settings (pydantic) stay unimported for `forwarder send ADDR PORT`
-    from forwarder.config import Destination
+if TYPE_CHECKING:  # pydicom loads only when a file has to be converted
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "AssociationFailed",
     "Peer",
     "Sender",
     "StoreResult",
-    "association_failure",
     "client_tls_context",
-    "make_ae",
-    "request_association",
 ]
 
 LOGGER = logging.getLogger("forwarder.sender")
 
-# DUL reactor poll delay while we hold the association: it only has to notice a peer's
-# A-ABORT or A-RELEASE between batches (the stores themselves bypass it, see wire.py).
-_IDLE_LOOP_DELAY = 0.02
 # How many fresh associations in a row the peer may drop before a store went out on them
 # (then the next file is sent anyway and fails with the reason).
 _MAX_DROPPED = 3
-# Largest PDU we ever send, whatever the peer allows (0 = unlimited would otherwise put a
-# whole file in one PDV, read into memory at once).
-_SEND_PDU_CAP = 1 << 20
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Where and how to associate: address, AE titles, limits and timeouts."""
-
-    host: str
-    port: int
-    called_aet: str = "ANY-SCP"
-    calling_aet: str = "STORESCU"
-    max_pdu: int = 16382
-    connect_timeout: float | None = 10.0
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 30.0
-    network_timeout: float = 30.0
-    tls: ssl.SSLContext | None = None
-    tls_server_name: str | None = None
-    name: str = ""
-
-    @classmethod
-    def from_destination(cls, dest: Destination) -> Peer:
-        """Build a peer from a configured destination (TLS context included)."""
-        tls = None
-        server_name = None
-        if dest.tls is not None:
-            tls = client_tls_context(
-                ca=dest.tls.ca, cert=dest.tls.cert, key=dest.tls.key, verify=dest.tls.verify
-            )
-            server_name = dest.tls.server_name or dest.host
-        return cls(
-            host=dest.host,
-            port=dest.port,
-            called_aet=dest.called_aet,
-            calling_aet=dest.calling_aet,
-            max_pdu=dest.max_pdu,
-            connect_timeout=dest.connect_timeout,
-            acse_timeout=dest.acse_timeout,
-            dimse_timeout=dest.dimse_timeout,
-            network_timeout=dest.network_timeout,
-            tls=tls,
-            tls_server_name=server_name,
-            name=dest.name,
-        )
-
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.called_aet}@{self.host}:{self.port}"
-
-
-def client_tls_context(
-    *,
-    ca: Path | str | None = None,
-    cert: Path | str | None = None,
-    key: Path | str | None = None,
-    verify: bool = True,
-) -> ssl.SSLContext:
-    """A client (server-authenticating) TLS context; verifies chain and host name by default."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
-    if cert:
-        ctx.load_cert_chain(str(cert), str(key) if key else None)
-    if not verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 @dataclass(frozen=True)
@@ -138,135 +62,13 @@ class StoreResult:
         return self.classification.delivered
 
 
-class AssociationFailed(Exception):
-    """No association could be established; ``classification`` says why and what to do."""
-
-    def __init__(self, classification: Classification) -> None:
-        self.classification = classification
-        super().__init__(classification.describe())
-
-
-class _ConnectErrors(logging.Filter):
-    """Catch pynetdicom's multi-line association failure logs; keep the reason for our line.
-
-    pynetdicom logs a failed connect as two ERROR lines plus a traceback for TLS errors,
-    and a rejection as three ERROR lines ("Association Rejected", "Result: ...",
-    "Reason: ..."), from its own threads. The sender reports one line per failed
-    association instead, naming the reason (refused, timed out, TLS verification failed,
-    rejected: called AE title not recognised ...).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: str | None = None  # the detail for the next failed association
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.funcName == "connect" and record.pathname.endswith("transport.py"):
-            msg = record.getMessage()
-            if msg.startswith("TCP Initialisation Error: "):
-                self.last = "cannot connect: " + msg.removeprefix("TCP Initialisation Error: ")
-            return False
-        if record.funcName == "_negotiate_as_requestor" and record.pathname.endswith("acse.py"):
-            # our own association's negotiation: rejections are described from the
-            # A-ASSOCIATE-RJ, the rest (ACSE timeout, abort) kept as the detail
-            msg = record.getMessage()
-            if record.levelno >= logging.ERROR and not msg.startswith(
-                ("Association Rejected", "Result: ", "Reason: ", "No accepted presentation")
-            ):
-                self.last = msg
-            return record.levelno < logging.ERROR
-        return True
-
-
-_CONNECT_ERRORS = _ConnectErrors()
-
-
-def _install_connect_filter() -> None:
-    for name in ("pynetdicom.transport", "pynetdicom.acse"):
-        log = logging.getLogger(name)  # logger filters don't see children
-        if _CONNECT_ERRORS not in log.filters:
-            log.addFilter(_CONNECT_ERRORS)
-
-
-@dataclass
-class _Assoc:
-    assoc: Any
-    proposed: frozenset[ContextSpec]
-    accepted: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # class -> ids
-    msg_id: int = 0
-    paused: bool = False
-
-
-def _tune_socket(event: Any) -> None:
-    """EVT_CONN_OPEN: TCP_NODELAY, and TCP_QUICKACK re-armed around every receive.
-
-    pynetdicom never sets TCP_NODELAY, so small stores wait on Nagle + delayed ACK; peers
-    that leave Nagle on (Debian's DCMTK) stall on every response unless we ACK at once.
-    """
-    asock = event.assoc.dul.socket
-    raw = asock.socket
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        return
-    quickack = getattr(socket, "TCP_QUICKACK", None)
-    if quickack is None:
-        return
-
-    def _arm() -> None:
-        with contextlib.suppress(OSError):
-            raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-
-    original = asock.recv
-
-    def recv(nr_bytes: int) -> bytearray:
-        _arm()
-        data: bytearray = original(nr_bytes)
-        _arm()
-        return data
-
-    _arm()
-    asock.recv = recv
-
-
-def make_ae(peer: Peer) -> AE:
-    """A pynetdicom AE with the peer's calling AE title, timeouts and receive PDU limit."""
-    ae = AE(ae_title=peer.calling_aet)
-    ae.acse_timeout = peer.acse_timeout
-    ae.dimse_timeout = peer.dimse_timeout
-    ae.network_timeout = peer.network_timeout
-    ae.connection_timeout = peer.connect_timeout
-    ae.maximum_pdu_size = peer.max_pdu
-    return ae
-
-
-def request_association(ae: AE, peer: Peer, contexts: Iterable[tuple[str, Sequence[str]]]) -> Any:
-    """Request an association with `peer` proposing `contexts` (abstract syntax, syntaxes).
-
-    Returns pynetdicom's Association, established or not: `association_failure` says why
-    one was not, in one line. The socket is tuned (TCP_NODELAY, TCP_QUICKACK).
-    """
-    ae.requested_contexts = []
-    for abstract, syntaxes in contexts:
-        ae.add_requested_context(abstract, list(syntaxes))
-    kwargs: dict[str, Any] = {
-        "ae_title": peer.called_aet,
-        "max_pdu": peer.max_pdu,
-        "evt_handlers": [(evt.EVT_CONN_OPEN, _tune_socket)],
-    }
-    if peer.tls is not None:
-        kwargs["tls_args"] = (peer.tls, peer.tls_server_name or peer.host)
-    _install_connect_filter()
-    _CONNECT_ERRORS.last = None
-    return ae.associate(peer.host, peer.port, **kwargs)
-
-
 class Sender:
     """Send files to one peer, many per association; one Sender per thread.
 
     The association is kept open between calls to :meth:`send` (release it with
     :meth:`release` after an idle linger), re-established after an abort or a timeout,
-    and re-negotiated when a batch needs presentation contexts it does not have.
+    and re-negotiated when a batch needs presentation contexts it does not have. Its
+    socket is used by the calling thread alone (``forwarder.association``).
     """
 
     def __init__(
@@ -281,65 +83,45 @@ class Sender:
         self.restrict = restrict
         self.stop = stop or threading.Event()
         self._on_event = on_event
-        self._current: _Assoc | None = None
+        self._current: Association | None = None
         self._seen: dict[ContextSpec, None] = {}  # proposed before, most recent last
         self.associations = 0  # how many were established (for stats and tests)
-        self._ae = make_ae(peer)
 
     # -- association handling -------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
-        return self._current is not None and bool(self._current.assoc.is_established)
+        return self._current is not None and not self._current.closed
 
     def _log(self, level: int, msg: str) -> None:
         LOGGER.log(level, msg)
         if self._on_event is not None:
             self._on_event(logging.getLevelName(level), msg)
 
-    def _associate(self, specs: Sequence[ContextSpec]) -> _Assoc:
+    def _associate(self, specs: Sequence[ContextSpec]) -> Association:
         self._log(logging.INFO, f"Requesting Association with {self.peer.label}")
-        assoc = request_association(
-            self._ae, self.peer, ((spec.sop_class, spec.transfer_syntaxes) for spec in specs)
+        assoc = open_association(
+            self.peer, ((spec.sop_class, spec.transfer_syntaxes) for spec in specs)
         )
-        if not assoc.is_established:
-            prim = assoc.acceptor.primitive
-            if prim is not None and getattr(prim, "result", None) == 0:
-                # accepted at ACSE level, but not one presentation context: pynetdicom aborts
-                self._log(logging.ERROR, "No accepted presentation contexts")
-                return _Assoc(assoc, frozenset(specs))
-            raise AssociationFailed(association_failure(assoc))
+        if not assoc.accepted:
+            self._log(logging.ERROR, "No accepted presentation contexts")
+            return assoc
         self.associations += 1
-        current = _Assoc(assoc, frozenset(specs))
-        for cx in assoc.accepted_contexts:
-            current.accepted.setdefault(str(cx.abstract_syntax), []).append(
-                (int(cx.context_id or 0), str(cx.transfer_syntax[0]))
-            )
         self._log(logging.INFO, "Association Accepted")
-        return current
+        return assoc
 
     def release(self) -> None:
         """Release the current association, if any (abort it if release fails)."""
         current, self._current = self._current, None
-        if current is None:
-            return
-        assoc = current.assoc
-        self._resume(current)
-        if assoc.is_established:
+        if current is not None and not current.closed:
             self._log(logging.INFO, "Releasing Association")
-            try:
-                assoc.release()
-            except Exception:  # pragma: no cover - pynetdicom internals
-                assoc.abort()
-        elif not assoc.is_aborted and not assoc.is_released:
-            assoc.abort()
+            current.release()
 
     def abort(self) -> None:
         """Abort the current association at once (shutdown with work in flight)."""
         current, self._current = self._current, None
         if current is not None:
-            self._resume(current)
-            current.assoc.abort()
+            current.abort()
 
     def close(self) -> None:
         self.release()
@@ -350,32 +132,11 @@ class Sender:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _pause(self, current: _Assoc) -> None:
-        """Park the association reactor for as long as we hold the association.
-
-        The stores run on the borrowed socket (see `forwarder.wire`), so the reactor has
-        nothing to do but poll every millisecond; release() and abort() wake it again.
-        """
-        if not current.paused:
-            current.assoc._reactor_checkpoint.clear()
-            current.assoc.dul._run_loop_delay = _IDLE_LOOP_DELAY
-            current.paused = True
-
-    def _resume(self, current: _Assoc) -> None:
-        if current.paused:
-            current.assoc.dul._run_loop_delay = 0.001
-            current.assoc._reactor_checkpoint.set()
-            current.paused = False
-
-    @staticmethod
-    def _alive(current: _Assoc) -> bool:
-        assoc = current.assoc
-        return bool(assoc.is_established) and assoc.dul.state_machine.current_state == "Sta6"
-
-    def _ensure(self, specs: Sequence[ContextSpec]) -> _Assoc:
+    def _ensure(self, specs: Sequence[ContextSpec]) -> Association:
         """An established association that proposed every context in `specs`."""
         current = self._current
-        if current is not None and self._alive(current) and set(specs) <= current.proposed:
+        wanted_set = {(s.sop_class, tuple(s.transfer_syntaxes)) for s in specs}
+        if current is not None and current.alive() and wanted_set <= current.proposed:
             return current
         self.release()
         for spec in specs:
@@ -422,44 +183,32 @@ class Sender:
             if not current.accepted:  # the peer took none of these SOP classes
                 self._current = None
                 for info in todo[idx:]:
-                    yield self._store(current, None, info)
+                    yield self._store(current, info)
                 return
-            self._pause(current)
-            broken = False
-            with Channel(current.assoc, self._send_pdu(current), self.peer.dimse_timeout) as ch:
-                while idx < len(todo) and not self.stop.is_set():
-                    try:
-                        if not self._alive(current) and dropped < _MAX_DROPPED:
-                            raise _Dropped
-                        result = self._store(current, ch, todo[idx], dropped < _MAX_DROPPED)
-                    except _Dropped:
-                        # The peer aborted or closed it before this file went out (the
-                        # reactor read that before the socket was ours): nothing was
-                        # sent, so the file gets a fresh association, not a failure.
-                        dropped += 1
-                        self.abort()
-                        break
-                    idx += 1
-                    if result.classification.status is not None:
-                        dropped = 0
-                    if result.classification.status is None and result.how:
-                        # no response: the association is unusable. Abort it while the
-                        # socket is still borrowed: handed back first, pynetdicom's reactor
-                        # reads the dead connection and logs a traceback to the operator.
-                        broken = True
-                        self.abort()
-                    yield result
-                    if broken:
-                        break
-
-    def _send_pdu(self, current: _Assoc) -> int:
-        peer_max = int(current.assoc.acceptor.maximum_length or 0)
-        if peer_max <= 0 or peer_max > _SEND_PDU_CAP:
-            return _SEND_PDU_CAP
-        return max(peer_max, 1024)
+            while idx < len(todo) and not self.stop.is_set():
+                may_resend = dropped < _MAX_DROPPED
+                try:
+                    if may_resend and not current.alive():
+                        raise _Dropped
+                    result = self._store(current, todo[idx], may_resend)
+                except _Dropped:
+                    # The peer aborted, closed or released it before this file went out:
+                    # nothing was sent, so the file gets a fresh association, not a failure.
+                    dropped += 1
+                    self.abort()
+                    break
+                idx += 1
+                if result.classification.status is not None:
+                    dropped = 0
+                broken = result.classification.status is None and bool(result.how)
+                if broken:  # no valid response: the association is unusable
+                    self.abort()
+                yield result
+                if broken:
+                    break
 
     def _store(
-        self, current: _Assoc, ch: Channel | None, info: DicomInfo, may_resend: bool = False
+        self, current: Association, info: DicomInfo, may_resend: bool = False
     ) -> StoreResult:
         start = time.monotonic()
         accepted = current.accepted.get(info.sop_class_uid, [])
@@ -474,7 +223,6 @@ class Sender:
                     f"{_name(info.transfer_syntax)} and cannot be converted"
                 )
             return StoreResult(info, Classification(Action.PERMANENT, meaning))
-        assert ch is not None
         last_error = ""
         for ts, how in options:
             try:
@@ -485,7 +233,7 @@ class Sender:
             except OSError as exc:
                 return StoreResult(info, _unreadable(exc))
             try:
-                cls = self._c_store(current, ch, info, ts_to_id[ts], payload, may_resend)
+                cls = self._c_store(current, info, ts_to_id[ts], payload, may_resend)
             except SourceUnreadable as exc:
                 return StoreResult(info, _unreadable(exc.error))
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
@@ -495,6 +243,9 @@ class Sender:
         """What to send: the file itself from its data set offset, or re-encoded bytes."""
         if how == "as is":
             return (info.path, info.dataset_offset)
+        from pydicom import dcmread
+        from pydicom.uid import UID
+
         try:
             ds = dcmread(info.path, force=True)
         except OSError:
@@ -524,29 +275,25 @@ class Sender:
                 f"cannot encode the data set as {_name(ts)}: {_one_line(exc)}"
             ) from exc
 
-    def _next_msg_id(self, current: _Assoc) -> int:
-        current.msg_id = current.msg_id % 65535 + 1  # 1..65535, then wraps
-        return current.msg_id
-
     def _c_store(
         self,
-        current: _Assoc,
-        ch: Channel,
+        current: Association,
         info: DicomInfo,
         cx_id: int,
         payload: tuple[Path, int] | bytes,
         may_resend: bool = False,
     ) -> Classification:
-        """One C-STORE on the borrowed socket; classified by its response status.
+        """One C-STORE on the association's socket; classified by its response status.
 
         Raises `_Dropped` (with `may_resend`) when the association was gone before any
         of the store went out.
         """
-        msg_id = self._next_msg_id(current)
+        msg_id = current.next_message_id()
         command = encode_store_command(info.sop_class_uid, info.sop_instance_uid, msg_id)
+        link = current.link
         try:
-            ch.send_store(cx_id, command, payload)
-            rsp = ch.read_response()
+            link.send_message(cx_id, command, payload, current.send_pdu)
+            rsp = link.read_response()
         except WireError as exc:
             if exc.unsent and may_resend:
                 raise _Dropped from exc
@@ -598,6 +345,8 @@ def _swap_other_words(ds: Dataset, source_little: bool) -> None:
     ("OB or OW", "US or OW", "US or SS") are resolved first, with the source byte order
     (their raw values are still in it), so that only real word values are swapped.
     """
+    from pydicom.filewriter import correct_ambiguous_vr
+
     correct_ambiguous_vr(ds, source_little)
     for elem in ds.iterall():
         size = _WORD_VRS.get(str(elem.VR))
@@ -615,6 +364,9 @@ def _encode(ds: Dataset, implicit: bool, little: bool, deflated: bool) -> bytes:
     pynetdicom's version logs a traceback on failure and returns None; the sender wants
     the reason as one line.
     """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
     write_dataset(fp, ds)
@@ -626,30 +378,13 @@ def _encode(ds: Dataset, implicit: bool, little: bool, deflated: bool) -> bytes:
     return data
 
 
-def association_failure(assoc: Any) -> Classification:
-    """Why `assoc` was not established, classified (rejected, refused, timed out, ...)."""
-    if assoc.is_rejected:
-        prim = assoc.acceptor.primitive
-        return classify_association(
-            rejected=True,
-            result=getattr(prim, "result", None),
-            source=getattr(prim, "result_source", None),
-            diagnostic=getattr(prim, "diagnostic", None),
-        )
-    if assoc.acceptor.primitive is None:
-        detail = _CONNECT_ERRORS.last or "cannot connect: refused, reset or timed out"
-        return classify_association(rejected=False, detail=detail)
-    if assoc.is_aborted:
-        return classify_association(
-            rejected=False, detail="association aborted (no acceptable presentation context?)"
-        )
-    return classify_association(rejected=False, detail="association not established")
-
-
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
 def _name(uid: str) -> str:
+    """The UID's name for messages ("CT Image Storage"), or the UID itself."""
+    from pydicom.uid import UID
+
     u = UID(uid)
     return str(u.name) if u.is_valid and u.name != uid else uid

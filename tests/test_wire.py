@@ -5,21 +5,28 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 from conftest import SCP, data_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pynetdicom import AE
 from pynetdicom.dsutils import encode
 
+from forwarder.association import Association, Peer, open_association
 from forwarder.dicomfile import inspect
-from forwarder.wire import Channel, WireError, decode_command, encode_store_command
+from forwarder.wire import (
+    C_ECHO_RSP,
+    VERIFICATION,
+    WireError,
+    decode_command,
+    encode_echo_command,
+    encode_store_command,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def _read_command(data: bytes) -> Dataset:
@@ -89,73 +96,83 @@ def test_decode_command_rejects_a_length_past_the_end() -> None:
 
 
 @pytest.fixture
-def assoc(make_scp: Callable[..., SCP]) -> Iterator[tuple[Any, SCP]]:
+def assoc(make_scp: Callable[..., SCP]) -> Iterator[tuple[Association, SCP]]:
     """An established association to a pynetdicom SCP with a small PDU (many fragments)."""
     scp = make_scp(maximum_pdu_size=4096)
-    ae = AE(ae_title="WIRE-TEST")
-    ae.add_requested_context(CT, [EXPLICIT_LE])
-    association = ae.associate("127.0.0.1", scp.port)
-    assert association.is_established
+    peer = Peer("127.0.0.1", scp.port, calling_aet="WIRE-TEST", dimse_timeout=5)
+    association = open_association(peer, [(CT, [EXPLICIT_LE])])
+    assert association.accepted
     yield association, scp
-    if association.is_established:
-        association.release()
+    association.abort()
 
 
-def _cx(association: Any) -> int:
-    return int(association.accepted_contexts[0].context_id)
+def _cx(association: Association) -> int:
+    return association.accepted[CT][0][0]
 
 
-def test_channel_streams_a_file_and_reads_the_response(assoc: tuple[Any, SCP]) -> None:
+def test_link_streams_a_file_and_reads_the_response(assoc: tuple[Association, SCP]) -> None:
     association, scp = assoc
     info = inspect(data_file("CT_small.dcm"))
-    peer_max = int(association.acceptor.maximum_length)
-    assert peer_max == 4096
-    with Channel(association, peer_max, dimse_timeout=5) as ch:
-        for msg_id in (1, 2):
-            ch.send_store(
-                _cx(association),
-                encode_store_command(CT, info.sop_instance_uid, msg_id),
-                (info.path, info.dataset_offset),
-            )
-            rsp = ch.read_response()
-            assert (rsp.status, rsp.message_id) == (0x0000, msg_id)
+    assert association.send_pdu == 4096
+    for msg_id in (1, 2):
+        association.link.send_message(
+            _cx(association),
+            encode_store_command(CT, info.sop_instance_uid, msg_id),
+            (info.path, info.dataset_offset),
+            association.send_pdu,
+        )
+        rsp = association.link.read_response()
+        assert (rsp.status, rsp.message_id) == (0x0000, msg_id)
     got = scp.received
     assert [r.message_id for r in got] == [1, 2]
     expected = info.path.read_bytes()[info.dataset_offset :]
     assert all(r.encoded == expected for r in got)  # reassembled from ~10 fragments
     assert all(r.transfer_syntax == EXPLICIT_LE for r in got)
-    # the association is pynetdicom's again: it releases normally
     association.release()
-    assert association.is_released
+    assert association.closed
 
 
-def test_channel_sends_bytes_and_reports_the_status(assoc: tuple[Any, SCP]) -> None:
+def test_link_sends_bytes_and_reports_the_status(assoc: tuple[Association, SCP]) -> None:
     association, scp = assoc
     scp.statuses = [0xA700]
     info = inspect(data_file("CT_small.dcm"))
     payload = info.path.read_bytes()[info.dataset_offset :]
-    with Channel(association, 4096, dimse_timeout=5) as ch:
-        ch.send_store(_cx(association), encode_store_command(CT, info.sop_instance_uid, 9), payload)
-        rsp = ch.read_response()
+    association.link.send_message(
+        _cx(association), encode_store_command(CT, info.sop_instance_uid, 9), payload, 4096
+    )
+    rsp = association.link.read_response()
     assert (rsp.status, rsp.message_id) == (0xA700, 9)
     assert scp.received == []  # the fixture records only what it stored
 
 
-def test_channel_times_out_without_a_response(assoc: tuple[Any, SCP]) -> None:
+def test_link_times_out_without_a_response(assoc: tuple[Association, SCP]) -> None:
     association, scp = assoc
 
     release = threading.Event()
     scp.on_store = lambda event: release.wait(5) and None
     info = inspect(data_file("CT_small.dcm"))
     try:
-        with Channel(association, 4096, dimse_timeout=0.5) as ch:
-            ch.send_store(
-                _cx(association),
-                encode_store_command(CT, info.sop_instance_uid, 1),
-                (info.path, info.dataset_offset),
-            )
-            with pytest.raises(WireError, match="DIMSE timeout"):
-                ch.read_response()
+        association.link.settimeout(0.5)
+        association.link.send_message(
+            _cx(association),
+            encode_store_command(CT, info.sop_instance_uid, 1),
+            (info.path, info.dataset_offset),
+            4096,
+        )
+        with pytest.raises(WireError, match="DIMSE timeout"):
+            association.link.read_response()
     finally:
         release.set()
         association.abort()
+
+
+def test_echo_command_answered_by_pynetdicom(make_scp: Callable[..., SCP]) -> None:
+    scp = make_scp(sop_classes=[VERIFICATION])
+    association = open_association(Peer("127.0.0.1", scp.port), [(VERIFICATION, [IMPLICIT_LE])])
+    try:
+        cx = association.accepted[VERIFICATION][0][0]
+        association.link.send_message(cx, encode_echo_command(3), None, association.send_pdu)
+        rsp = association.link.read_response(C_ECHO_RSP)
+        assert (rsp.status, rsp.message_id) == (0x0000, 3)
+    finally:
+        association.release()
