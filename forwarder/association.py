@@ -16,6 +16,7 @@ import contextlib
 import socket
 import ssl
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,8 +343,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def open_association(peer: Peer, contexts: Iterable[tuple[str, Sequence[str]]]) -> Association:
+def open_association(
+    peer: Peer,
+    contexts: Iterable[tuple[str, Sequence[str]]],
+    cancel: threading.Event | None = None,
+) -> Association:
     """Connect to `peer` and negotiate `contexts` (abstract syntax, transfer syntaxes).
+
+    Setting `cancel` ends the wait for the peer's answer early (an association nobody needs
+    any more, or a shutdown); the request then fails as "cancelled".
 
     Returns an established Association; when the peer accepted none of the contexts, its
     ``accepted`` is empty and it is already aborted.
@@ -364,6 +372,11 @@ def open_association(peer: Peer, contexts: Iterable[tuple[str, Sequence[str]]]) 
     try:
         link.settimeout(peer.acse_timeout)
         link.send_pdu(ASSOCIATE_RQ, rq)
+        if not link.wait_readable(peer.acse_timeout, cancel):
+            with contextlib.suppress(WireError):
+                link.send_pdu(ABORT, bytes(4))
+            link.close()
+            raise _failed("association request cancelled")
         pdu_type, body = link.read_pdu("association request")
     except WireError as exc:
         link.close()

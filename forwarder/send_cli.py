@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from forwarder.concurrency import DEFAULT_MAX_ASSOCIATIONS, MAX_ASSOCIATIONS, Autoscale
 from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
 from forwarder.dicomfile import inspect as inspect_file
 from forwarder.errors import ConfigError, add_config_argument
-from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult, client_tls_context
+from forwarder.pool import Outcome, send_all
+from forwarder.sender import AssociationFailed, Peer, StoreResult, client_tls_context
 from forwarder.status import Action
 
 __all__ = ["add_arguments", "collect_files", "main", "run"]
@@ -135,10 +137,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--associations",
+        metavar="N|auto",
+        type=_associations,
+        default="auto",
+        help="send over N associations in parallel, or 'auto' (default): start with one and "
+        "add one while throughput keeps rising, up to --max-associations",
+    )
+    net.add_argument(
+        "--max-associations",
         metavar="N",
         type=int,
-        default=None,
-        help="send over N associations in parallel (default: 1)",
+        default=DEFAULT_MAX_ASSOCIATIONS,
+        choices=range(1, MAX_ASSOCIATIONS + 1),
+        help=f"the most associations 'auto' opens (default: {DEFAULT_MAX_ASSOCIATIONS})",
     )
     ts = parser.add_argument_group("Transfer Syntax Options")
     grp = ts.add_mutually_exclusive_group()
@@ -339,57 +350,40 @@ class _Progress:
             self.stream.flush()
 
 
+def _associations(text: str) -> int | str:
+    """`--associations`: "auto" or a number from 1 to 16."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a number, not {text!r}") from None
+    if not 1 <= n <= MAX_ASSOCIATIONS:
+        raise argparse.ArgumentTypeError(f"from 1 to {MAX_ASSOCIATIONS}, not {n}")
+    return n
+
+
 def _send_all(
     peer: Peer,
     infos: Sequence[DicomInfo],
     restrict: str | None,
-    workers: int,
+    scale: Autoscale,
     progress: _Progress,
-) -> dict[Path, StoreResult | AssociationFailed]:
-    """Send over `workers` associations; each takes the next chunk of files from a shared list."""
-    results: dict[Path, StoreResult | AssociationFailed] = {}
+) -> dict[Path, Outcome]:
+    """Send over up to ``scale.allowed`` associations; one outcome per file's path."""
+    results: dict[Path, Outcome] = {}
     lock = threading.Lock()
-    # Chunks of at most 64, but small enough that every association gets some: with a
-    # fixed 64, `--associations 2` sent 10 files over one association.
-    chunk = max(1, min(64, -(-len(infos) // workers)))
-    position = 0
 
-    def take() -> list[DicomInfo]:
-        nonlocal position
+    def done(info: DicomInfo, outcome: Outcome) -> None:
+        if isinstance(outcome, StoreResult):
+            _log_result(outcome)
         with lock:
-            part = list(infos[position : position + chunk])
-            position += len(part)
-            return part
+            results[info.path] = outcome
+        progress.update(info.size)
 
-    def work() -> None:
-        with Sender(peer, restrict=restrict) as sender:
-            while batch := take():
-                sent: set[Path] = set()
-                try:
-                    for result in sender.send(batch):
-                        _log_result(result)
-                        with lock:
-                            results[result.info.path] = result
-                        sent.add(result.info.path)
-                        progress.update(result.info.size)
-                except AssociationFailed as exc:
-                    LOGGER.error(
-                        f"Association with {peer.label} failed: {exc.classification.meaning}"
-                    )
-                    with lock:
-                        for info in batch:
-                            if info.path not in sent:
-                                results[info.path] = exc
-                                progress.update(info.size)
-
-    if workers <= 1:
-        work()
-    else:
-        threads = [threading.Thread(target=work, name=f"send-{n}") for n in range(workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+    send_all(peer, infos, restrict, scale, done)
+    if scale.auto:
+        LOGGER.info(f"Associations: {scale.describe()}")
     return results
 
 
@@ -464,8 +458,11 @@ def run(args: argparse.Namespace) -> int:
 
     show = sys.stderr.isatty() and not args.quiet and not args.no_progress
     progress = _Progress(len(infos), sum(i.size for i in infos), sys.stderr if show else None)
-    workers = max(1, min(args.associations or 1, 16, max(len(infos), 1)))
-    results = _send_all(peer, infos, args.restrict, workers, progress) if infos else {}
+    if args.associations == "auto":
+        scale = Autoscale(min(args.max_associations, max(len(infos), 1)), auto=True)
+    else:
+        scale = Autoscale(min(args.associations, max(len(infos), 1)), auto=False)
+    results = _send_all(peer, infos, args.restrict, scale, progress) if infos else {}
     progress.finish()
 
     assoc_failed = store_failed = False

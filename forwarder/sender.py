@@ -101,7 +101,7 @@ class Sender:
     def _associate(self, specs: Sequence[ContextSpec]) -> Association:
         self._log(logging.INFO, f"Requesting Association with {self.peer.label}")
         assoc = open_association(
-            self.peer, ((spec.sop_class, spec.transfer_syntaxes) for spec in specs)
+            self.peer, ((spec.sop_class, spec.transfer_syntaxes) for spec in specs), self.stop
         )
         if not assoc.accepted:
             self._log(logging.ERROR, "No accepted presentation contexts")
@@ -171,11 +171,26 @@ class Sender:
         for specs in groups:
             classes = {s.sop_class for s in specs}
             todo = [i for i in items if i.sop_class_uid in classes]
-            yield from self._send_group(specs, todo)
+            yield from self.send_with(specs, todo)
 
-    def _send_group(
-        self, specs: Sequence[ContextSpec], todo: list[DicomInfo]
+    def open(self, specs: Sequence[ContextSpec]) -> None:
+        """Establish an association proposing `specs` now, before there is anything to send.
+
+        Raises
+        ------
+        AssociationFailed
+            As :meth:`send` would.
+        """
+        self._ensure(specs)
+
+    def send_with(
+        self, specs: Sequence[ContextSpec], todo: Sequence[DicomInfo]
     ) -> Iterator[StoreResult]:
+        """:meth:`send`, proposing `specs` (one group of ``split_by_contexts``) for `todo`.
+
+        For callers that hand out the items of one large set a few at a time: every call
+        proposes the whole set's contexts, so the association is kept between calls.
+        """
         idx = 0
         dropped = 0  # associations in a row that died before a store went out on them
         while idx < len(todo) and not self.stop.is_set():

@@ -19,6 +19,8 @@ import socket
 import ssl
 import stat
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ _HEADERS = _PDU_HEADER.size + _PDV_HEADER.size  # 12 bytes in front of every fra
 MAX_PDU_IN = 1 << 24
 """The largest PDU accepted from a peer (16 MiB); a longer length is nonsense or an attack."""
 _RECV_SIZE = 1 << 16  # what one recv asks for
+_CANCEL_POLL = 0.1  # how often a wait for a slow peer looks whether it was cancelled
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
@@ -222,6 +225,25 @@ class Link:
         except (OSError, ValueError):  # closed
             return True
         return bool(readable)
+
+    def wait_readable(self, timeout: float, cancel: threading.Event | None = None) -> bool:
+        """Wait up to `timeout` for the peer to send something; False when `cancel` is set.
+
+        Raises
+        ------
+        WireError
+            Nothing came within `timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        while not self.pending():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WireError(f"no answer from the peer within {timeout:g} s")
+            if cancel is not None and cancel.is_set():
+                return False
+            with contextlib.suppress(OSError, ValueError):
+                select.select([self.sock], [], [], min(left, _CANCEL_POLL))
+        return True
 
     def _quickack(self) -> None:
         """Re-arm TCP_QUICKACK: the kernel drops out of quick-ACK mode on its own.

@@ -1,0 +1,144 @@
+"""How many associations a destination gets: a fixed number, or "auto", grown while it pays.
+
+On a WAN each C-STORE waits a round trip for its response, so a peer tens of milliseconds away
+takes instances only as fast as 1/RTT per association; parallel associations are what win
+there. On a LAN the sender's CPU is the limit and more associations gain little. "auto" finds
+out instead of asking the operator: it starts with one association, adds one when the last one
+added raised the throughput by at least `GAIN`, stops at the first that did not (dropping it
+again if it made things slower), and never goes past the maximum. A peer that refuses an extra
+association settles it at what the peer accepts; that is not a failure of the destination.
+
+This module only decides; the callers (``forwarder send``'s pool and the daemon's workers)
+open and close the associations and report what happened, with the clock passed in.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_MAX_ASSOCIATIONS",
+    "GAIN",
+    "MAX_ASSOCIATIONS",
+    "WINDOW_SECONDS",
+    "WINDOW_STORES",
+    "Autoscale",
+]
+
+MAX_ASSOCIATIONS = 16
+"""The most parallel associations to one peer, configured or automatic."""
+DEFAULT_MAX_ASSOCIATIONS = 4
+"""How far "auto" goes unless told otherwise (many PACS limit associations per caller)."""
+
+GAIN = 1.15
+"""An extra association stays when throughput rose by at least this factor."""
+LOSS = 0.95
+"""Below this factor of the rate before it, the newest association is dropped again."""
+WINDOW_SECONDS = 1.0
+"""The shortest measurement of one level (and at least `WINDOW_STORES` stores)."""
+WINDOW_STORES = 8
+
+
+@dataclass
+class _Phase:
+    level: int
+    start: float
+    stores: int = 0
+
+
+class Autoscale:
+    """The number of associations allowed now, for one destination; thread-safe.
+
+    Parameters
+    ----------
+    maximum : int
+        The most associations ever allowed (the fixed number when not `auto`).
+    auto : bool
+        False: exactly `maximum`, always.
+    window_seconds, window_stores : float, int
+        The shortest measurement of one level: this long, and this many stores.
+    """
+
+    def __init__(
+        self,
+        maximum: int,
+        *,
+        auto: bool = True,
+        window_seconds: float = WINDOW_SECONDS,
+        window_stores: int = WINDOW_STORES,
+    ) -> None:
+        if maximum < 1:
+            raise ValueError(f"maximum must be at least 1, got {maximum}")
+        self.maximum = maximum
+        self.auto = auto and maximum > 1
+        self.allowed = 1 if self.auto else maximum
+        self.peak = self.allowed  # the most allowed at any time
+        self.settled = not self.auto
+        self.reason = "auto" if self.auto else "fixed"
+        self._rates: dict[int, float] = {}  # measured inst/s per level
+        self._phase: _Phase | None = None
+        self._lock = threading.Lock()
+        self._window = (window_seconds, window_stores)
+
+    def describe(self) -> str:
+        """A short text for logs and status: ``3 (auto, settled: no gain past 3)``."""
+        if not self.auto:
+            return f"{self.allowed}"
+        state = f"settled: {self.reason}" if self.settled else "probing"
+        return f"{self.allowed} (auto, {state})"
+
+    def established(self, level: int, now: float) -> None:
+        """The association that makes `level` is up: measure that level from `now`."""
+        with self._lock:
+            if self.settled or level != self.allowed:
+                return
+            self._phase = _Phase(level, now)
+
+    def interrupted(self) -> None:
+        """Work ran out (or stalled for another reason): the running measurement is void."""
+        with self._lock:
+            if self._phase is not None:
+                self._phase = _Phase(self._phase.level, float("inf"))
+
+    def resumed(self, now: float) -> None:
+        """Work is there again after `interrupted`: measure the current level afresh."""
+        with self._lock:
+            if self._phase is not None and self._phase.start == float("inf"):
+                self._phase = _Phase(self._phase.level, now)
+
+    def stored(self, now: float, n: int = 1) -> None:
+        """`n` stores finished at `now` (any outcome with a response); may change `allowed`."""
+        with self._lock:
+            phase = self._phase
+            if phase is None or self.settled or now < phase.start:
+                return
+            phase.stores += n
+            elapsed = now - phase.start
+            if elapsed < self._window[0] or phase.stores < self._window[1]:
+                return
+            rate = phase.stores / elapsed
+            self._rates[phase.level] = rate
+            self._phase = None
+            before = self._rates.get(phase.level - 1)
+            if before is not None and rate < before * LOSS:
+                self._settle(phase.level - 1, f"{phase.level} was slower than {phase.level - 1}")
+            elif before is not None and rate < before * GAIN:
+                self._settle(phase.level, f"no gain past {phase.level}")
+            elif phase.level >= self.maximum:
+                self._settle(phase.level, "maximum reached")
+            else:
+                self.allowed = phase.level + 1
+                self.peak = max(self.peak, self.allowed)
+
+    def refused(self, level: int) -> None:
+        """The association that would make `level` could not be opened: settle below it."""
+        with self._lock:
+            if level > 1 and level == self.allowed and not self.settled:
+                self._phase = None
+                self._settle(level - 1, f"the peer accepts {level - 1}")
+
+    def _settle(self, level: int, reason: str) -> None:
+        self.allowed = max(1, level)
+        self.settled = True
+        self.reason = reason

@@ -1,0 +1,165 @@
+"""Send one set of files over parallel associations that all finish together.
+
+Each association's thread takes the next file from one shared queue as soon as its last store
+is answered, so no association idles while another still has a backlog (handing out chunks
+left one association carrying a third of the set at the end). How many associations run is
+decided by ``forwarder.concurrency.Autoscale``: a fixed number, or "auto". An extra
+association is opened beside the ones already sending, never in front of them: a peer that
+makes it wait (a single-process storescp queues the second connection until the first is
+released) or refuses it costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from forwarder.association import AssociationFailed, Peer
+from forwarder.concurrency import Autoscale
+from forwarder.contexts import ContextSpec, split_by_contexts
+from forwarder.dicomfile import DicomInfo
+from forwarder.sender import Sender, StoreResult
+
+__all__ = ["Outcome", "send_all"]
+
+LOGGER = logging.getLogger("forwarder.pool")
+
+Outcome = StoreResult | AssociationFailed
+"""What became of one file: its store result, or why no association could carry it."""
+
+_POLL = 0.05  # how often the starter looks whether another association is wanted
+
+
+class _Group:
+    """The files of one context group and the associations sending them."""
+
+    def __init__(
+        self,
+        peer: Peer,
+        specs: Sequence[ContextSpec],
+        todo: Sequence[DicomInfo],
+        scale: Autoscale,
+        restrict: str | None,
+        done: Callable[[DicomInfo, Outcome], None],
+    ) -> None:
+        self.peer, self.specs, self.scale, self.restrict = peer, specs, scale, restrict
+        self.todo: deque[DicomInfo] = deque(todo)
+        self.done = done
+        self.lock = threading.Lock()
+        self.sending = 0  # associations established and taking files
+        self.changed = threading.Event()
+        self.finished = threading.Event()  # cancels an extra association still being opened
+
+    def take(self, level: int) -> DicomInfo | None:
+        with self.lock:
+            if level > self.scale.allowed or not self.todo:
+                return None
+            return self.todo.popleft()
+
+    def fail_rest(self, exc: AssociationFailed) -> None:
+        """No association at all: every file not yet sent fails with the reason."""
+        with self.lock:
+            rest = list(self.todo)
+            self.todo.clear()
+        for info in rest:
+            self.done(info, exc)
+
+    def work(self, level: int) -> None:
+        """One association's thread; `level` is its rank (1 = the first association)."""
+        try:
+            self._work(level)
+        finally:
+            self.changed.set()
+
+    def _work(self, level: int) -> None:
+        with Sender(self.peer, restrict=self.restrict, stop=self.finished) as sender:
+            try:
+                sender.open(self.specs)
+            except AssociationFailed as exc:
+                with self.lock:
+                    alone = self.sending == 0
+                if level > 1 and not alone:
+                    LOGGER.info(
+                        f"{self.peer.label}: association {level} not opened "
+                        f"({exc.classification.meaning}); going on with {level - 1}"
+                    )
+                    self.scale.refused(level)
+                    return
+                LOGGER.error(f"Association with {self.peer.label} failed: {exc}")
+                self.fail_rest(exc)
+                return
+            with self.lock:
+                self.sending += 1
+            self.scale.established(level, time.monotonic())
+            try:
+                while (info := self.take(level)) is not None:
+                    try:
+                        for result in sender.send_with(self.specs, [info]):
+                            self.done(info, result)
+                            if result.classification.status is not None:
+                                self.scale.stored(time.monotonic())
+                    except AssociationFailed as exc:
+                        # it went away and would not come back: this file fails with the
+                        # reason, and the others too unless another association carries them
+                        LOGGER.error(f"Association with {self.peer.label} failed: {exc}")
+                        self.done(info, exc)
+                        with self.lock:
+                            others = self.sending > 1
+                        if not others:
+                            self.fail_rest(exc)
+                        return
+            finally:
+                with self.lock:
+                    self.sending -= 1
+
+    def run(self) -> None:
+        threads: list[threading.Thread] = []
+
+        def start() -> None:
+            level = len(threads) + 1
+            t = threading.Thread(target=self.work, args=(level,), name=f"send-{level}")
+            threads.append(t)
+            t.start()
+
+        start()
+        while not self.scale.auto and len(threads) < min(self.scale.allowed, len(self.todo)):
+            start()  # a fixed number: all at once
+        while True:
+            self.changed.wait(_POLL)
+            self.changed.clear()
+            alive = [t for t in threads if t.is_alive()]
+            with self.lock:
+                more = bool(self.todo) and self.sending > 0
+                if not self.todo and self.sending == 0:
+                    self.finished.set()
+            if more and self.scale.allowed > len(threads) and len(alive) == len(threads):
+                start()
+            elif not alive:
+                break
+        for t in threads:
+            t.join()
+        if self.todo:  # the last sender left as an extra one was refused: carry on here
+            self.finished.clear()
+            self.work(1)
+
+
+def send_all(
+    peer: Peer,
+    infos: Sequence[DicomInfo],
+    restrict: str | None,
+    scale: Autoscale,
+    done: Callable[[DicomInfo, Outcome], None],
+) -> None:
+    """Send `infos`, calling `done` once per file (from the sending threads) with its outcome.
+
+    Files are grouped by the presentation contexts they need (at most 128 per association);
+    the groups go one after another, each over up to ``scale.allowed`` associations.
+    """
+    pairs = [(i.sop_class_uid, i.transfer_syntax) for i in infos]
+    for specs in split_by_contexts(pairs, restrict):
+        classes = {s.sop_class for s in specs}
+        todo = [i for i in infos if i.sop_class_uid in classes]
+        _Group(peer, specs, todo, scale, restrict, done).run()

@@ -1,0 +1,130 @@
+"""Tests for forwarder.pool: parallel associations that share one set and finish together,
+and "auto" against peers that gain from more associations, refuse them or make them wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SCP, StoreSCP, make_instance
+
+from forwarder.association import Peer
+from forwarder.concurrency import Autoscale
+from forwarder.dicomfile import DicomInfo, inspect
+from forwarder.pool import Outcome, send_all
+from forwarder.sender import StoreResult
+
+
+def instances(folder: Path, n: int) -> list[DicomInfo]:
+    for i in range(n):
+        make_instance(folder / f"{i:04}.dcm", f"1.2.826.0.1.3680043.9.9999.31.{i}")
+    return [inspect(folder / f"{i:04}.dcm") for i in range(n)]
+
+
+def slow_peer(scp: SCP, seconds: float) -> Counter[int]:
+    """Each store takes `seconds` at the SCP (a round trip away); counts stores per association."""
+    per_assoc: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def store(event: Any) -> None:
+        time.sleep(seconds)
+        with lock:
+            per_assoc[id(event.assoc)] += 1
+
+    scp.on_store = store
+    return per_assoc
+
+
+def run(peer: Peer, infos: list[DicomInfo], scale: Autoscale) -> dict[Path, Outcome]:
+    out: dict[Path, Outcome] = {}
+    lock = threading.Lock()
+
+    def done(info: DicomInfo, outcome: Outcome) -> None:
+        with lock:
+            assert info.path not in out, f"{info.path} reported twice"
+            out[info.path] = outcome
+
+    send_all(peer, infos, None, scale, done)
+    return out
+
+
+def all_sent(results: dict[Path, Outcome], infos: list[DicomInfo]) -> bool:
+    return sorted(results) == sorted(i.path for i in infos) and all(
+        isinstance(r, StoreResult) and r.delivered for r in results.values()
+    )
+
+
+def test_associations_share_the_work_evenly(scp: SCP, tmp_path: Path) -> None:
+    """Per-file hand-out: 4 associations on 60 files each carry about a quarter (chunks of
+    min(64, N/4) left one association with 1/3 of a set at the end)."""
+    per_assoc = slow_peer(scp, 0.01)
+    infos = instances(tmp_path, 60)
+    results = run(Peer("127.0.0.1", scp.port), infos, Autoscale(4, auto=False))
+    assert all_sent(results, infos)
+    assert sorted(scp.uids()) == sorted(i.sop_instance_uid for i in infos)
+    assert len(per_assoc) == 4
+    assert max(per_assoc.values()) - min(per_assoc.values()) <= 3, per_assoc
+
+
+def test_auto_opens_more_associations_for_a_slow_peer(scp: SCP, tmp_path: Path) -> None:
+    per_assoc = slow_peer(scp, 0.03)  # ~33 stores/s per association: a WAN peer
+    infos = instances(tmp_path, 240)
+    scale = Autoscale(3)
+    results = run(Peer("127.0.0.1", scp.port), infos, scale)
+    assert all_sent(results, infos)
+    assert len(set(scp.uids())) == 240
+    assert len(per_assoc) == 3 and scale.allowed == 3, scale.describe()
+
+
+def test_auto_settles_where_the_peer_refuses_more(scp: SCP, tmp_path: Path) -> None:
+    """A peer that rejects a second association ("local limit exceeded"): everything is sent
+    over the one it accepted, nothing fails, and auto settles at 1."""
+    slow_peer(scp, 0.02)
+    scp.server.ae.maximum_associations = 1
+    infos = instances(tmp_path, 120)
+    scale = Autoscale(4)
+    results = run(Peer("127.0.0.1", scp.port), infos, scale)
+    assert all_sent(results, infos)
+    assert len(set(scp.uids())) == 120
+    assert scale.settled and scale.allowed == 1 and scale.reason == "the peer accepts 1"
+
+
+def test_auto_never_waits_for_a_single_process_peer(
+    make_storescp: Callable[..., StoreSCP], tmp_path: Path
+) -> None:
+    """DCMTK storescp without --fork serves one association at a time and leaves a second
+    connection in its listen queue: the extra association is tried beside the first, which
+    carries the whole set, and the send ends without waiting out the ACSE timeout."""
+    storescp = make_storescp("--sleep-after", "1", env={"TCP_NODELAY": "1"})
+    infos = instances(tmp_path / "in", 4)
+    peer = Peer("127.0.0.1", storescp.port, called_aet="STORESCP", acse_timeout=30)
+    scale = Autoscale(4, window_seconds=0.5, window_stores=2)  # try the extra after 2 stores
+    start = time.monotonic()
+    results = run(peer, infos, scale)
+    elapsed = time.monotonic() - start
+    assert all_sent(results, infos)
+    assert len(storescp.files()) == 4
+    assert scale.peak == 2, f"the extra association was never tried: {scale.describe()}"
+    assert elapsed < 15, f"the send waited {elapsed:.1f} s for the extra association"
+
+
+def test_a_peer_that_is_down_fails_every_file_once(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    infos = instances(tmp_path, 5)
+    for scale in (Autoscale(4), Autoscale(3, auto=False)):
+        results = run(Peer("127.0.0.1", free_port()), infos, scale)
+        assert sorted(results) == sorted(i.path for i in infos)
+        assert all(not isinstance(r, StoreResult) for r in results.values())
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_more_associations_than_files(scp: SCP, tmp_path: Path, auto: bool) -> None:
+    infos = instances(tmp_path, 2)
+    results = run(Peer("127.0.0.1", scp.port), infos, Autoscale(8, auto=auto))
+    assert all_sent(results, infos)
