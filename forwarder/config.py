@@ -18,6 +18,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from forwarder.concurrency import DEFAULT_MAX_ASSOCIATIONS, MAX_ASSOCIATIONS
 from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
 
 __all__ = [
@@ -72,7 +73,8 @@ class Destination(_Model):
     port: int = Field(ge=1, le=65535)
     called_aet: str = "ANY-SCP"
     calling_aet: str = "FORWARDER"
-    associations: int = Field(default=1, ge=1, le=16)
+    associations: int | Literal["auto"] = "auto"
+    max_associations: int = Field(default=DEFAULT_MAX_ASSOCIATIONS, ge=1, le=MAX_ASSOCIATIONS)
     max_pdu: int = Field(default=0, ge=0)
     connect_timeout: float = Field(default=10, gt=0)
     acse_timeout: float = Field(default=30, gt=0)
@@ -81,6 +83,13 @@ class Destination(_Model):
     tls: TLSSettings | None = None
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
+
+    @field_validator("associations")
+    @classmethod
+    def _associations(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_ASSOCIATIONS:
+            raise ValueError(f'a number from 1 to {MAX_ASSOCIATIONS}, or "auto"')
+        return value
 
 
 class WatchSettings(_Model):

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from forwarder import __version__, filing
+from forwarder.concurrency import Autoscale
 from forwarder.config import (
     EX_CONFIG,
     ConfigError,
@@ -26,6 +27,7 @@ from forwarder.config import (
     add_config_argument,
     load_settings,
 )
+from forwarder.contexts import ContextSpec
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
@@ -56,6 +58,8 @@ _GATHER_SECONDS = 0.005  # after the first file of a burst, let the watcher hand
 _DISPOSE_RETRY_SECONDS = 30.0
 _MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
 _SWITCH_INTERVAL = 0.0005  # GIL switch interval while running (see `run`)
+_IDLE_SECONDS = 30.0  # the longest a worker sleeps without looking at the outbox again
+_WAIT_FOR_FIRST_SECONDS = 1.0  # an extra worker waits this long for the first one's contexts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +164,8 @@ class Worker(threading.Thread):
         self._sender = Sender(Peer.from_destination(dest), stop=self.stop)
         self._fresh = False
         self._associations_counted = 0
+        self.level = index + 1  # this worker's association is the level-th of its destination
+        self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
 
     def run(self) -> None:
         try:
@@ -185,12 +191,35 @@ class Worker(threading.Thread):
         if breaker.paused_until > now:
             self._idle(breaker.paused_until - now)
             return
+        scale = self.d.scales[name]
+        if self.level > scale.allowed:  # not wanted now ("auto" has not grown this far)
+            if self._sender.is_open:
+                self._sender.release()
+            self._idle(_IDLE_SECONDS)
+            return
+        if (
+            scale.auto
+            and self.level > 1
+            and not self._sender.is_open
+            and not self._open_extra(scale)
+        ):
+            return
         batch = self.d.outbox.claim(
-            name, settings.sender.batch_size, now, settings.outbox.lease_seconds
+            name,
+            settings.sender.batch_size,
+            now,
+            settings.outbox.lease_seconds,
+            share=2 * scale.allowed if scale.allowed > 1 else 1,
         )
         if not batch:
+            if not self._ran_dry:
+                self._ran_dry = True
+                scale.interrupted()
             self._idle_no_work(now)
             return
+        if self._ran_dry:
+            self._ran_dry = False
+            scale.resumed(time.monotonic())
         self.busy_since = time.monotonic()
         try:
             self._send_batch(batch)
@@ -198,17 +227,71 @@ class Worker(threading.Thread):
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
+        self.d.recent_contexts[name] = self._sender.recent_contexts()
         if self._fresh:
             self._sender.release()
             self._fresh = False
 
+    def _open_extra(self, scale: Autoscale) -> bool:
+        """Open this worker's association before it takes any work: True when it is up.
+
+        An extra association is tried beside the ones sending: while it waits for the
+        peer, no claimed file waits with it. When the peer refuses it (or makes it wait
+        past the ACSE timeout) while another association of the destination is open,
+        "auto" settles below it; nothing is paused and no attempt is counted.
+        """
+        specs = self.d.recent_contexts.get(self.dest.name)
+        if not specs:  # the first association has not sent anything yet
+            self._idle(_WAIT_FOR_FIRST_SECONDS)
+            return False
+        self.busy_since = time.monotonic()  # an ACSE wait is work, not a wedged worker
+        try:
+            self._sender.open(specs)
+        except AssociationFailed as exc:
+            if self.stop.is_set():
+                return False
+            others = [w for w in self.d.workers_of(self.dest.name) if w is not self]
+            if scale.auto and any(w.holds_association for w in others):
+                scale.refused(self.level)
+                LOGGER.info(
+                    f"destination {self.dest.name}: association {self.level} not opened "
+                    f"({exc.classification.meaning}); associations: {scale.describe()}",
+                    extra=fields(destination=self.dest.name, outcome="associations"),
+                )
+                return False
+            return True  # the destination itself may be down: the batch finds out
+        finally:
+            self.busy_since = None
+        self._count_associations()
+        return True
+
+    @property
+    def holds_association(self) -> bool:
+        return self._sender.is_open
+
+    def _scale_stored(self) -> None:
+        """Tell the scale a store was answered; wake the next worker when it may start."""
+        scale = self.d.scales[self.dest.name]
+        before = (scale.allowed, scale.settled)
+        scale.stored(time.monotonic())
+        if (scale.allowed, scale.settled) == before:
+            return
+        if scale.allowed > before[0]:
+            for worker in self.d.workers_of(self.dest.name):
+                worker.wake.set()
+        if scale.settled:
+            LOGGER.info(
+                f"destination {self.dest.name}: associations: {scale.describe()}",
+                extra=fields(destination=self.dest.name, outcome="associations"),
+            )
+
     def _idle(self, seconds: float) -> None:
-        self.wake.wait(max(0.0, min(seconds, 30.0)))
+        self.wake.wait(max(0.0, min(seconds, _IDLE_SECONDS)))
         self.wake.clear()
 
     def _idle_no_work(self, now: float) -> None:
         linger = self.d.settings.sender.linger_seconds
-        waits = [30.0]
+        waits = [_IDLE_SECONDS]
         if self._sender.is_open:
             idle = time.monotonic() - self._last_activity
             if idle >= linger:
@@ -242,6 +325,11 @@ class Worker(threading.Thread):
             self._flush(pending)
             rest = [d.id for d in by_path.values() if d.id not in handled]
             self.d.outbox.release(rest, time.time())
+            scale = self.d.scales[self.dest.name]
+            others = [w for w in self.d.workers_of(self.dest.name) if w is not self]
+            if self.level > 1 and scale.auto and any(w.holds_association for w in others):
+                scale.refused(self.level)  # the peer takes fewer associations: not a failure
+                return
             self._trip(exc)
             return
         finally:
@@ -320,16 +408,19 @@ class Worker(threading.Thread):
         self.d.event(logging.WARNING, "gone", d, reason)
 
     def _count_associations(self) -> None:
-        """Report associations established since the last report to the metrics."""
+        """Report associations established since the last report (metrics, the scale)."""
         new = self._sender.associations - self._associations_counted
         if new > 0:
             self._associations_counted += new
             self.d.metrics.association(self.dest.name, new)
+            self.d.scales[self.dest.name].established(self.level, time.monotonic())
 
     def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
         self._count_associations()  # as soon as a store shows it, not at the batch's end
         now = time.time()
         cls = result.classification
+        if cls.status is not None:
+            self._scale_stored()
         if cls.action is Action.UNREADABLE and not os.path.lexists(d.path):
             # deleted between the claim and the send: nothing went out, nothing to retry
             pending.add(Mark(d.id, State.GONE, None, "the file disappeared before it was sent"), d)
@@ -579,6 +670,8 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.outbox = Outbox(settings.outbox.path)
         self.breakers: dict[str, _Breaker] = {}
+        self.scales: dict[str, Autoscale] = {}  # how many associations each destination gets
+        self.recent_contexts: dict[str, list[ContextSpec]] = {}  # what extra ones propose
         self.workers: list[Worker] = []
         self._retired: list[Worker] = []  # stopped by a reload while still in a store
         self.enqueuer = Enqueuer(self)
@@ -644,7 +737,12 @@ class Daemon:
             if info is not None and info.paused(time.time()):
                 self.breakers[dest.name].paused_until = info.paused_until or 0.0
                 self.breakers[dest.name].failures = info.consecutive_failures
-            for n in range(dest.associations):
+            if dest.associations == "auto":
+                scale = Autoscale(dest.max_associations)
+            else:
+                scale = Autoscale(dest.associations, auto=False)
+            self.scales[dest.name] = scale
+            for n in range(scale.maximum):
                 worker = Worker(self, dest, n)
                 self.workers.append(worker)
                 worker.start()
@@ -843,6 +941,8 @@ class Daemon:
         limit = self.stall_limit()
         for w in self.workers:
             if not w.is_alive():
+                if w.stop.is_set():  # stopped on purpose (a reload retiring it)
+                    continue
                 return f"worker {w.name} died"
             since = w.busy_since
             if since is not None and now - since > limit:

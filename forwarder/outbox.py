@@ -356,6 +356,13 @@ SQL_PAUSED_UNTIL: Final = """
     SELECT paused_until FROM destinations WHERE name = ? AND paused_until > ?
 """
 
+SQL_COUNT_DUE: Final = """
+    SELECT count(*) FROM (SELECT 1 FROM deliveries
+                           WHERE destination = :destination AND state = 0
+                             AND next_attempt_at <= :now
+                           LIMIT :cap)
+"""
+
 SQL_CLAIM: Final = (
     """
     UPDATE deliveries
@@ -918,9 +925,19 @@ class Outbox:
     # ---------------------------------------------------------------------------- workers
 
     def claim(
-        self, destination: str, limit: int, now: float, lease_seconds: float
+        self,
+        destination: str,
+        limit: int,
+        now: float,
+        lease_seconds: float,
+        share: int = 1,
     ) -> builtins.list[Delivery]:
         """Lease up to `limit` due rows of `destination` to the caller.
+
+        With `share` > 1 (that many callers drain the destination together), a caller takes
+        at most 1/`share` of the due rows (at least one), so that near the end of a backlog
+        every caller gets some and they finish together. Counting is bounded by
+        `limit` x `share` rows: it costs the same whatever the backlog.
 
         In one ``BEGIN IMMEDIATE`` transaction, the `State.PENDING` rows of `destination` with
         ``next_attempt_at <= now`` become `State.INFLIGHT` with ``lease_until = now +
@@ -940,6 +957,12 @@ class Outbox:
         with self._write("claim") as conn:
             if conn.execute(SQL_PAUSED_UNTIL, (destination, now)).fetchone() is not None:
                 return []
+            if share > 1:
+                cap = limit * share
+                due = conn.execute(
+                    SQL_COUNT_DUE, {"destination": destination, "now": now, "cap": cap}
+                ).fetchone()[0]
+                limit = min(limit, max(1, -(-due // share)))
             rows = conn.execute(
                 SQL_CLAIM,
                 {

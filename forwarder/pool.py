@@ -93,13 +93,18 @@ class _Group:
                 return
             with self.lock:
                 self.sending += 1
-            self.scale.established(level, time.monotonic())
+            first = True
             try:
                 while (info := self.take(level)) is not None:
                     try:
                         for result in sender.send_with(self.specs, [info]):
                             self.done(info, result)
-                            if result.classification.status is not None:
+                            if result.classification.status is None:
+                                continue
+                            if first:  # measure from the first answer on (TCP warmed up)
+                                self.scale.established(level, time.monotonic())
+                                first = False
+                            else:
                                 self.scale.stored(time.monotonic())
                     except AssociationFailed as exc:
                         # it went away and would not come back: this file fails with the

@@ -139,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--associations",
         metavar="N|auto",
         type=_associations,
-        default="auto",
+        default=None,
         help="send over N associations in parallel, or 'auto' (default): start with one and "
         "add one while throughput keeps rising, up to --max-associations",
     )
@@ -147,7 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-associations",
         metavar="N",
         type=int,
-        default=DEFAULT_MAX_ASSOCIATIONS,
+        default=None,
         choices=range(1, MAX_ASSOCIATIONS + 1),
         help=f"the most associations 'auto' opens (default: {DEFAULT_MAX_ASSOCIATIONS})",
     )
@@ -280,6 +280,10 @@ def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
             raise ConfigError(str(args.config), [f"--destination: {exc.args[0]}"]) from exc
         base = Peer.from_destination(dest)
         files = list(args.args)
+        if args.associations is None:  # the command line wins over the destination's
+            args.associations = dest.associations
+        if args.max_associations is None:
+            args.max_associations = dest.max_associations
     else:
         if len(args.args) < 3:
             raise SystemExit("forwarder send: error: ADDR PORT PATH... required (or --destination)")
@@ -458,8 +462,9 @@ def run(args: argparse.Namespace) -> int:
 
     show = sys.stderr.isatty() and not args.quiet and not args.no_progress
     progress = _Progress(len(infos), sum(i.size for i in infos), sys.stderr if show else None)
-    if args.associations == "auto":
-        scale = Autoscale(min(args.max_associations, max(len(infos), 1)), auto=True)
+    if args.associations in (None, "auto"):
+        most = args.max_associations or DEFAULT_MAX_ASSOCIATIONS
+        scale = Autoscale(min(most, max(len(infos), 1)), auto=True)
     else:
         scale = Autoscale(min(args.associations, max(len(infos), 1)), auto=False)
     results = _send_all(peer, infos, args.restrict, scale, progress) if infos else {}

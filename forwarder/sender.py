@@ -173,6 +173,10 @@ class Sender:
             todo = [i for i in items if i.sop_class_uid in classes]
             yield from self.send_with(specs, todo)
 
+    def recent_contexts(self) -> list[ContextSpec]:
+        """The contexts proposed lately, most recent first (at most 128)."""
+        return list(reversed(self._seen))[:MAX_CONTEXTS]
+
     def open(self, specs: Sequence[ContextSpec]) -> None:
         """Establish an association proposing `specs` now, before there is anything to send.
 

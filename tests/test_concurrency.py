@@ -65,7 +65,7 @@ def test_auto_with_a_maximum_of_one_is_one() -> None:
 
 def test_a_refused_extra_association_settles_below_it() -> None:
     scale = Autoscale(4)
-    assert drive(scale, {1: 10, 2: 20, 3: 30}, seconds=2.5) == [1, 2, 3]
+    assert drive(scale, {1: 10, 2: 20, 3: 30}, seconds=1.3) == [1, 2, 3]
     scale.refused(3)
     assert scale.allowed == 2 and scale.settled
     assert scale.reason == "the peer accepts 2"
@@ -76,7 +76,7 @@ def test_a_refused_extra_association_settles_below_it() -> None:
 
 def test_a_refusal_of_an_old_level_is_ignored() -> None:
     scale = Autoscale(4)
-    drive(scale, {1: 10, 2: 20}, seconds=1.5)
+    drive(scale, {1: 10, 2: 20}, seconds=1.0)
     assert scale.allowed == 2
     scale.refused(1)
     assert scale.allowed == 2 and not scale.settled
@@ -95,7 +95,7 @@ def test_measuring_needs_a_whole_window_and_enough_stores() -> None:
 def test_running_out_of_work_voids_the_measurement() -> None:
     """A backlog that ends mid-measurement looks like a slower level; it must not count."""
     scale = Autoscale(4)
-    drive(scale, {1: 20, 2: 40}, seconds=1.2)
+    drive(scale, {1: 20, 2: 40}, seconds=0.5)
     assert scale.allowed == 2
     scale.established(2, 2.0)
     scale.stored(2.1)

@@ -537,6 +537,68 @@ def test_two_associations_share_the_work_without_sending_twice(
     assert scp.associations >= 2
 
 
+def per_association(scp: SCP, seconds: float) -> Counter[Any]:
+    """Each store takes `seconds` at the SCP (a peer a round trip away); stores per association."""
+    counts: Counter[Any] = Counter()
+    lock = threading.Lock()
+
+    def store(event: Any) -> None:
+        time.sleep(seconds)
+        with lock:
+            counts[event.assoc] += 1  # the object itself: an id() is reused
+
+    scp.on_store = store
+    return counts
+
+
+def test_four_associations_finish_together(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    """Claims shrink as the backlog does: no association is left alone with a tail
+    (batches of 64 left one association with most of a 300-file set)."""
+    counts = per_association(scp, 0.01)
+    sent = corpus.many(fwd.inbox, 200)
+    fwd.configure([dest("pacs", scp.port, associations=4)]).start()
+    fwd.wait(has_all(scp, sent), timeout=60)
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    assert len(counts) == 4
+    assert max(counts.values()) <= 1.5 * min(counts.values()), counts
+
+
+def test_auto_adds_associations_for_a_slow_peer(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    counts = per_association(scp, 0.03)
+    sent = corpus.many(fwd.inbox, 300)
+    fwd.configure([dest("pacs", scp.port, max_associations=3)]).start()  # auto: the default
+    fwd.wait(has_all(scp, sent), timeout=60)
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    assert len(counts) == 3, counts
+    assert "associations: 3 (auto, settled: maximum reached)" in fwd.text()
+
+
+def test_auto_settles_where_the_peer_refuses_more_without_pausing(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    """A peer rejecting a second association ("local limit exceeded") is not a failing
+    destination: nothing is paused, no attempt is used, everything goes over one."""
+    per_association(scp, 0.02)
+    scp.server.ae.maximum_associations = 1
+    sent = corpus.many(fwd.inbox, 150)
+    fwd.configure([dest("pacs", scp.port)]).start()
+    fwd.wait(has_all(scp, sent), timeout=60)
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(sent)
+    text = fwd.text()
+    assert "association 2 not opened" in text and "local limit exceeded" in text
+    assert "(auto, settled: the peer accepts 1)" in text
+    assert "paused" not in text
+    with Outbox(fwd.outbox_path, readonly=True) as ob:
+        rows = ob.list(limit=1000)
+    assert len(rows) == 150 and all(r.attempts == 1 for r in rows)
+
+
 def test_identical_file_dropped_again_is_not_resent_but_logged(
     fwd: Forwarder, scp: SCP, corpus: Corpus
 ) -> None:

@@ -26,15 +26,15 @@ def instances(folder: Path, n: int) -> list[DicomInfo]:
     return [inspect(folder / f"{i:04}.dcm") for i in range(n)]
 
 
-def slow_peer(scp: SCP, seconds: float) -> Counter[int]:
+def slow_peer(scp: SCP, seconds: float) -> Counter[Any]:
     """Each store takes `seconds` at the SCP (a round trip away); counts stores per association."""
-    per_assoc: Counter[int] = Counter()
+    per_assoc: Counter[Any] = Counter()
     lock = threading.Lock()
 
     def store(event: Any) -> None:
         time.sleep(seconds)
         with lock:
-            per_assoc[id(event.assoc)] += 1
+            per_assoc[event.assoc] += 1  # the object itself: an id() is reused
 
     scp.on_store = store
     return per_assoc
