@@ -59,6 +59,10 @@ _SEND_PDU_CAP = 1 << 20
 otherwise put a whole file in one PDV."""
 
 
+_MAX_PDUS_BEFORE_RP = 16
+"""PDUs read while waiting for an A-RELEASE-RP before the association is aborted instead."""
+
+
 @dataclass(frozen=True)
 class Peer:
     """Where and how to associate: address, AE titles, limits and timeouts."""
@@ -279,7 +283,7 @@ class Association:
         try:
             self.link.settimeout(self.peer.acse_timeout)
             self.link.send_pdu(RELEASE_RQ, bytes(4))
-            while True:
+            for _ in range(_MAX_PDUS_BEFORE_RP):
                 pdu_type, _ = self.link.read_pdu("A-RELEASE")
                 if pdu_type == RELEASE_RP:
                     break
@@ -289,6 +293,8 @@ class Association:
                 if pdu_type == ABORT:
                     break
                 # a late P-DATA (a response nobody waits for): skip it
+            else:
+                raise WireError("no A-RELEASE-RP among the peer's answers")
         except WireError:
             self.abort()
             return

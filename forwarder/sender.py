@@ -311,7 +311,10 @@ class Sender:
         command = encode_store_command(info.sop_class_uid, info.sop_instance_uid, msg_id)
         link = current.link
         try:
+            # network timeout while the peer takes nothing; DIMSE timeout for its answer
+            link.settimeout(self.peer.network_timeout)
             link.send_message(cx_id, command, payload, current.send_pdu)
+            link.settimeout(self.peer.dimse_timeout)
             rsp = link.read_response()
         except WireError as exc:
             if exc.unsent and may_resend:
