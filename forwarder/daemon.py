@@ -286,7 +286,7 @@ class Worker(threading.Thread):
             return None
         except (InvalidDicom, OSError) as exc:
             reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
-            self.d.outbox.mark_quarantined(d.id, None, reason, now)
+            self.d.outbox.mark_quarantined(d.id, None, reason, now, refusal=True)
             self.d.event(logging.ERROR, "quarantined", d, reason)
             self.d.file_done(d)
             return None
@@ -336,7 +336,13 @@ class Worker(threading.Thread):
             self.d.event(logging.WARNING, "gone", d, "the file disappeared before it was sent")
             return
         decision = decide(
-            cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random()
+            cls,
+            d.attempts,
+            d.first_attempt_at,
+            now,
+            self.d.settings.retry,
+            random.random(),
+            d.refusals,
         )
         self.d.metrics.observe_store(
             d.destination, decision.next.value, cls.status, result.seconds, result.info.size
@@ -349,14 +355,24 @@ class Worker(threading.Thread):
             self.d.event(level, "warning" if warning else "sent", d, cls.describe(), cls.status)
         elif decision.next is Next.RETRY:
             assert decision.next_attempt_at is not None
-            mark = Mark(d.id, State.PENDING, cls.status, decision.reason, decision.next_attempt_at)
+            mark = Mark(
+                d.id,
+                State.PENDING,
+                cls.status,
+                decision.reason,
+                decision.next_attempt_at,
+                refusal=decision.refusal,
+            )
             pending.add(mark)
             wait = decision.next_attempt_at - now
             detail = f"{decision.reason}; retry in {wait:.0f} s"
             self.d.event(logging.WARNING, "retry", d, detail, cls.status)
             self._fresh = self._fresh or decision.fresh_association
         elif decision.next is Next.QUARANTINE:
-            pending.add(Mark(d.id, State.QUARANTINED, cls.status, decision.reason), d)
+            mark = Mark(
+                d.id, State.QUARANTINED, cls.status, decision.reason, refusal=decision.refusal
+            )
+            pending.add(mark, d)
             self.d.event(logging.ERROR, "quarantined", d, decision.reason, cls.status)
         else:  # HOLD: the destination refuses us; keep the instance, pause the destination
             until = self._pause(decision.reason, hold=True)
@@ -771,6 +787,10 @@ class Daemon:
                     "status": None if r.last_status is None else f"0x{r.last_status:04X}",
                     "meaning": r.last_error,
                     "attempts": r.attempts,
+                    # which attempts were which: the peer refusing the instance, or passing
+                    # trouble (out of resources, no response) that says nothing about it
+                    "refusals": r.refusals,
+                    "transient_failures": r.transient_failures,
                     "first_attempt": _iso(r.first_attempt_at),
                     "last_attempt": _iso(r.last_attempt_at),
                     "delivery_id": r.id,
