@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list, show, requeue or purge quarantined files",
     ),
     "find": ("forwarder.ops_find", "where is this SOP Instance or Study UID"),
+    "outbox": ("forwarder.ops_outbox", "check the outbox file for damage"),
     "echo": ("forwarder.ops_echo", "C-ECHO the destinations with their AE titles and TLS"),
     "config": ("forwarder.ops_config", "validate the config, or show the effective settings"),
 }

@@ -27,6 +27,7 @@ from forwarder.config import (
     load_settings,
 )
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
+from forwarder.lockfile import Held, LockedError, LockError, hold
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
@@ -36,6 +37,7 @@ from forwarder.outbox import (
     FileRecord,
     Mark,
     Outbox,
+    OutboxCorruptError,
     OutboxError,
     State,
 )
@@ -48,8 +50,11 @@ __all__ = ["Daemon", "add_arguments", "run"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
-EX_CANTCREAT = 73  # sysexits.h: a directory or the outbox cannot be created
-EX_SOFTWARE = 70
+EX_CANTCREAT = 73  # sysexits.h: a directory or the outbox cannot be created, or is damaged
+EX_SOFTWARE = 70  # a pipeline stage died: exit so that the supervisor restarts us
+EX_TEMPFAIL = 75  # another daemon holds the outbox or the inbox
+INBOX_LOCK = ".forwarder.lock"
+"""The lock file in each watched folder; the watcher always ignores it."""
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _ENQUEUE_BATCH = 256
 _GATHER_SECONDS = 0.005  # after the first file of a burst, let the watcher hand over more
@@ -701,7 +706,7 @@ class Daemon:
             settle_seconds=w.settle_seconds,
             settle_from_mtime=w.settle_from_mtime,
             rescan_seconds=w.rescan_seconds,
-            ignore=w.ignore,
+            ignore=[*w.ignore, INBOX_LOCK],
         )
 
     # -- files leaving the inbox ---------------------------------------------------------
@@ -1091,6 +1096,74 @@ def _prepare_dirs(settings: Settings) -> list[str]:
     return errors
 
 
+def _outbox_lock_path(settings: Settings) -> Path:
+    path = settings.outbox.path
+    return path.with_name(path.name + ".lock")
+
+
+def _take_locks(settings: Settings) -> list[Held] | int:
+    """Lock the outbox and every watched folder for this daemon's life.
+
+    Two daemons on one outbox took each other's in-flight deliveries back at start-up, and two
+    on one inbox sent every file twice. Returns the locks held, or the exit status after
+    logging who holds one. Operator commands take no lock: they read the outbox as before.
+    """
+    held: list[Held] = []
+    wanted = [("outbox", settings.outbox.path, _outbox_lock_path(settings))]
+    wanted += [("inbox", root, root / INBOX_LOCK) for root in settings.watch.paths]
+    for what, path, lock in wanted:
+        status = None
+        try:
+            held.append(hold(lock))
+        except LockedError as exc:
+            holder = f"pid {exc.pid}" if exc.pid is not None else "another process"
+            LOGGER.error(
+                f"{what} {path} is in use by {holder} (lock {lock}): another forwarder runs "
+                "on it; stop that one first"
+            )
+            status = EX_TEMPFAIL
+        except LockError as exc:
+            if what == "outbox":
+                LOGGER.error(f"outbox.path: {exc}")
+                status = EX_CANTCREAT
+            else:  # a read-only inbox (disposition keep) still works, just unguarded
+                LOGGER.warning(f"watch.paths: {exc}; a second daemon on {path} would go unseen")
+        if status is not None:
+            for h in held:
+                h.release()
+            return status
+    return held
+
+
+def _damaged(settings: Settings, config: Path | None, problem: str) -> None:
+    cfg = f" --config {config}" if config else ""
+    LOGGER.error(
+        f"outbox.path: {settings.outbox.path} is damaged ({problem}); not starting. "
+        f"Run `forwarder outbox check{cfg}` and restore the outbox from a backup"
+    )
+
+
+def _open_daemon(settings: Settings, config: Path | None) -> Daemon | int:
+    """The daemon on a sound, writable outbox, or the exit status after logging why not."""
+    try:
+        daemon = Daemon(settings, config)
+    except OutboxCorruptError as exc:
+        _damaged(settings, config, str(exc))
+        return EX_CANTCREAT
+    except OutboxError as exc:
+        LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
+        return EX_CANTCREAT
+    try:
+        problems = daemon.outbox.integrity_check(quick=True)
+    except OutboxError as exc:
+        problems = [str(exc)]
+    if problems:
+        _damaged(settings, config, " ".join("; ".join(problems[:3]).split()))
+        daemon.outbox.close()
+        return EX_CANTCREAT
+    return daemon
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
     # A worker waiting for a C-STORE response gets the GIL back only when the running
@@ -1111,11 +1184,20 @@ def run(args: argparse.Namespace) -> int:
         LOGGER.error(line)
     if errors:
         return EX_CANTCREAT
+    locks = _take_locks(settings)
+    if isinstance(locks, int):
+        return locks
     try:
-        daemon = Daemon(settings, args.config)
-    except OutboxError as exc:
-        LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
-        return EX_CANTCREAT
+        return _run_locked(args, settings)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, settings: Settings) -> int:
+    daemon = _open_daemon(settings, args.config)
+    if isinstance(daemon, int):
+        return daemon
     _install_signals(daemon)
     try:
         daemon.start()

@@ -424,6 +424,9 @@ _PRAGMAS: Final[tuple[str, ...]] = (
 _PRAGMA_WAL: Final = "PRAGMA journal_mode = WAL"
 _PRAGMA_QUERY_ONLY: Final = "PRAGMA query_only = ON"
 _GET_VERSION: Final = "PRAGMA user_version"
+_PROBE_WRITE: Final = f"PRAGMA user_version = {SCHEMA_VERSION}"
+"""Rewrites the header with the version it has: a write that changes nothing, to find a
+read-only file (SQLite opens one read-only without a word) when it is opened, not later."""
 
 # --------------------------------------------------------------------------------------------
 # Statements.
@@ -786,6 +789,9 @@ class Outbox:
                     raise OutboxError(f"{self._path}: cannot use WAL mode (journal_mode={mode})")
                 self._migrate(conn)
             version = conn.execute(_GET_VERSION).fetchone()[0]
+            if not readonly and version == SCHEMA_VERSION:
+                with self._write(f"writing to {self._path}") as probe:
+                    probe.execute(_PROBE_WRITE)
         except sqlite3.Error as exc:
             self.close()
             raise _translate(exc, f"opening {self._path}") from exc

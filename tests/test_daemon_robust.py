@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCP, wait_for
+from conftest import SCP
 from test_daemon import (  # the daemon fixtures and helpers
     ROOT,
     Corpus,
@@ -23,7 +26,10 @@ from test_daemon import (  # the daemon fixtures and helpers
     dest,
     fwd,
     has_all,
+    to_toml,
 )
+
+from forwarder.outbox import FileRecord, Outbox
 
 __all__ = ["corpus", "fwd"]  # fixtures, imported for pytest
 
@@ -115,3 +121,142 @@ def test_a_latin1_file_name_is_delivered_and_logged_escaped(
     assert b"Traceback" not in log and b"crashed" not in log
     assert b"caf\\xe9.dcm" in log or b"caf\\udce9.dcm" in log  # escaped, never raw
     assert b"caf\xe9" not in log
+
+
+# -- a second daemon (items 7 and 8) ----------------------------------------------------------
+
+
+def run_once(cfg: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """``forwarder run`` that is expected to refuse to start: its status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", "run", "--config", str(cfg)],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_second_daemon_on_the_same_outbox_exits_75_naming_the_first(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    uids = corpus.many(fwd.inbox, 30)
+    second = run_once(fwd.cfg)
+    assert second.returncode == EX_TEMPFAIL, second.stderr
+    lines = [line for line in second.stderr.splitlines() if " E: " in line]
+    assert len(lines) == 1, second.stderr
+    assert f"outbox {fwd.outbox_path} is in use by pid {fwd.pid}" in lines[0]
+    assert "Traceback" not in second.stderr
+    fwd.wait(has_all(scp, uids), what="the first daemon sends everything")
+    assert fwd.alive()
+    # operator commands still read the outbox while the daemon holds it
+    status = cli(fwd, "status")
+    assert status.returncode == 0, status.stderr
+    assert fwd.stop() == 0
+    assert sorted(scp.uids()) == sorted(uids)  # nothing twice
+    # the lock goes with the daemon: the next start takes it
+    fwd.start()
+    assert fwd.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_inbox_exits_75_naming_the_first(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    other = fwd.tmp / "other.toml"
+    config = {**fwd.config, "outbox": {"path": str(fwd.tmp / "other" / "outbox.sqlite3")}}
+    other.write_text(to_toml(config))
+    second = run_once(other)
+    assert second.returncode == EX_TEMPFAIL, second.stderr
+    assert f"inbox {fwd.inbox} is in use by pid {fwd.pid}" in second.stderr
+    # the lock file is not taken for a file to send
+    uids = corpus.many(fwd.inbox, 5)
+    fwd.wait(has_all(scp, uids))
+    assert (fwd.inbox / ".forwarder.lock").exists()
+    assert fwd.stop() == 0
+    assert sorted(scp.uids()) == sorted(uids)
+    assert fwd.quarantined() == []
+
+
+def test_the_inbox_lock_is_ignored_even_when_dotfiles_are_not(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)], watch={"ignore": ["*.part"]}).start()
+    uid = corpus.write(fwd.inbox / "x.dcm")
+    fwd.wait(has_all(scp, [uid]))
+    assert fwd.stop() == 0
+    assert fwd.quarantined() == []
+    assert "forwarder.lock" not in fwd.text()
+
+
+# -- an outbox that cannot be written or is damaged (items 16 and 5) --------------------------
+
+
+@contextmanager
+def immutable(path: Path) -> Iterator[None]:
+    """``chattr +i``: not even root may write the file (our tests run as root)."""
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        if os.environ.get("REQUIRE_TEST_TOOLS"):
+            pytest.fail(f"chattr +i {path} failed: {done.stderr}")
+        pytest.skip(f"chattr +i not possible here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_a_read_only_outbox_file_exits_73_with_one_line(fwd: Forwarder, scp: SCP) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    assert fwd.stop() == 0
+    with immutable(fwd.outbox_path):
+        refused = run_once(fwd.cfg)
+    assert refused.returncode == EX_CANTCREAT, refused.stderr
+    assert "Traceback" not in refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if " E: " in line]
+    assert len(lines) == 1, refused.stderr
+    assert "outbox.path" in lines[0] and str(fwd.outbox_path) in lines[0]
+    assert "readonly" in lines[0] or "read-only" in lines[0]
+
+
+def _fill_and_damage(outbox_path: Path) -> None:
+    """An outbox with 3000 rows whose middle pages are then overwritten with garbage."""
+    with Outbox(outbox_path) as ob:
+        recs = [
+            FileRecord(f"/old/{i}.dcm", 1000, i, "1.2.840.10008.5.1.4.1.1.7", f"1.2.3.{i}",
+                       "1.2.840.10008.1.2.1", "1.2.9")
+            for i in range(3000)
+        ]  # fmt: skip
+        ob.enqueue_many(recs, ["retired"], 1.0)
+    with closing(sqlite3.connect(outbox_path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = outbox_path.stat().st_size
+    with open(outbox_path, "r+b") as fp:
+        for offset in range(4 * 4096, size - 4096, 4096):
+            fp.seek(offset + 100)
+            fp.write(b"\xde\xad\xbe\xef" * 200)
+
+
+def test_a_damaged_outbox_refuses_to_start_with_73_and_outbox_check_fails(
+    fwd: Forwarder, scp: SCP
+) -> None:
+    fwd.configure([dest("pacs", scp.port)])
+    with Outbox(fwd.outbox_path):
+        pass
+    ok = cli(fwd, "outbox", "check")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.startswith("ok: ")
+    _fill_and_damage(fwd.outbox_path)
+    refused = run_once(fwd.cfg)
+    assert refused.returncode == EX_CANTCREAT, refused.stderr
+    assert "Traceback" not in refused.stderr
+    (line,) = [x for x in refused.stderr.splitlines() if " E: " in x]
+    assert str(fwd.outbox_path) in line and "damaged" in line
+    assert "forwarder outbox check" in line and "backup" in line
+    for argv in (["outbox", "check"], ["outbox", "check", "--quick"]):
+        check = cli(fwd, *argv)
+        assert check.returncode == 1, check.stdout + check.stderr
+        assert check.stdout.startswith(f"damaged: {fwd.outbox_path}")
+        assert "Traceback" not in check.stderr
