@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -27,6 +27,7 @@ from forwarder.config import (
     load_settings,
 )
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
+from forwarder.health import disk_full
 from forwarder.lockfile import Held, LockedError, LockError, hold
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
@@ -39,11 +40,12 @@ from forwarder.outbox import (
     Outbox,
     OutboxCorruptError,
     OutboxError,
+    OutboxFullError,
     State,
 )
 from forwarder.policy import Next, decide, pause_for
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
-from forwarder.status import Action
+from forwarder.status import Action, Classification
 from forwarder.watcher import ReadyFile, Watcher, WatchRootError
 
 __all__ = ["Daemon", "add_arguments", "run"]
@@ -57,6 +59,8 @@ INBOX_LOCK = ".forwarder.lock"
 """The lock file in each watched folder; the watcher always ignores it."""
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _ENQUEUE_BATCH = 256
+_MAX_HELD = 10_000  # files the enqueuer keeps while the outbox cannot be written
+_FULL_DISK_POLL = 2.0  # seconds between tries to open the outbox on a full disk
 _GATHER_SECONDS = 0.005  # after the first file of a burst, let the watcher hand over more
 _DISPOSE_RETRY_SECONDS = 30.0
 _MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
@@ -108,6 +112,64 @@ def load(path: Path | None) -> Settings:
     if errors:
         raise ConfigError(str(path) if path else "environment", errors)
     return settings
+
+
+# -- outbox trouble -----------------------------------------------------------------------
+
+
+class OutboxTrouble:
+    """The outbox cannot be written (full disk, read-only, locked too long) since when, and why.
+
+    Every stage reports its failed writes here and carries on: the trouble is logged once a
+    minute, not once per thread and try; `unhealthy` names it; the first write that works
+    again ends it (logged). Thread-safe.
+    """
+
+    LOG_EVERY = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None  # wall clock
+        self.reason = ""
+        self._logged = 0.0  # monotonic
+
+    def report(self, what: str, exc: OutboxError) -> None:
+        now = time.monotonic()
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.time()
+            self.reason = str(exc)
+            due = first or now - self._logged >= self.LOG_EVERY
+            if due:
+                self._logged = now
+        if due:
+            LOGGER.error(
+                f"outbox {what}: {exc}; new files stay in the inbox, sending resumes by "
+                "itself once the outbox can be written (repeated once a minute while it lasts)",
+                extra=fields(outcome="outbox-error"),
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            since, self.since = self.since, None
+        if since is not None:
+            LOGGER.warning(
+                f"the outbox can be written again after {time.time() - since:.0f} s; resuming",
+                extra=fields(outcome="outbox-ok"),
+            )
+
+    def problem(self) -> str | None:
+        """One line for `health`, or None."""
+        with self._lock:
+            if self.since is None:
+                return None
+            return f"the outbox cannot be written since {_iso(self.since)}: {self.reason}"
+
+
+def _pause_after(failures: int) -> float:
+    """Seconds a stage waits after `failures` unexpected errors in a row (0.5 s .. 30 s)."""
+    return float(min(30.0, 0.5 * 2 ** min(failures - 1, 6)))
 
 
 # -- circuit breaker --------------------------------------------------------------------
@@ -165,13 +227,36 @@ class Worker(threading.Thread):
         self._sender = Sender(Peer.from_destination(dest), stop=self.stop)
         self._fresh = False
         self._associations_counted = 0
+        # outcomes and releases not yet committed (the outbox could not be written): kept
+        # and committed first once it can, so a full disk costs no resends
+        self._pending = _Pending()
+        self._to_release: list[int] = []
 
     def run(self) -> None:
+        failures = 0
         try:
             while not self.stop.is_set():
-                self.loop(time.time())
-        except Exception:  # a bug must not take the daemon down silently
-            LOGGER.exception("worker %s crashed", self.name)
+                try:
+                    self.loop(time.time())
+                except OutboxCorruptError as exc:
+                    self.d.die(f"worker {self.name}: {exc}", EX_CANTCREAT)
+                    return
+                except OutboxError as exc:  # full disk, read-only, busy: wait and try again
+                    self.d.trouble.report(f"worker {self.name}", exc)
+                    failures += 1
+                    self._idle(min(_pause_after(failures), 5.0))
+                except Exception:  # one row or association must not end the thread
+                    failures += 1
+                    LOGGER.exception(f"worker {self.name}: unexpected error; carrying on")
+                    with contextlib.suppress(Exception):  # whatever state it was left in
+                        self._sender.abort()
+                    self._fresh = False
+                    self._idle(_pause_after(failures))
+                else:
+                    failures = 0
+        except BaseException:
+            self.d.die(f"worker {self.name} died", EX_SOFTWARE)
+            raise
         finally:
             try:
                 if self.stop.is_set() and self.d.hard_stop.is_set():
@@ -184,6 +269,7 @@ class Worker(threading.Thread):
     # one iteration; `now` is wall-clock seconds (the outbox's clock)
     def loop(self, now: float) -> None:
         self.last_beat = time.monotonic()
+        self._settle()
         settings = self.d.settings
         name = self.dest.name
         breaker = self.d.breakers[name]
@@ -196,6 +282,7 @@ class Worker(threading.Thread):
         if not batch:
             self._idle_no_work(now)
             return
+        self.d.trouble.clear()  # a claim that took rows wrote to the outbox
         self.busy_since = time.monotonic()
         try:
             self._send_batch(batch)
@@ -235,7 +322,8 @@ class Worker(threading.Thread):
                 by_path[info.path] = d
                 infos.append(info)
         handled: set[int] = set()
-        pending = _Pending()
+        pending = self._pending
+        tripped: AssociationFailed | None = None
         try:
             for result in self._sender.send(infos):
                 d = by_path[result.info.path]
@@ -244,27 +332,67 @@ class Worker(threading.Thread):
                 if pending.due():
                     self._flush(pending)
         except AssociationFailed as exc:
-            self._flush(pending)
-            rest = [d.id for d in by_path.values() if d.id not in handled]
-            self.d.outbox.release(rest, time.time())
-            self._trip(exc)
-            return
+            tripped = exc
+        except OutboxError:
+            raise
+        except Exception as exc:  # one file broke the sender: count it against that file only
+            rest = [d for d in by_path.values() if d.id not in handled]
+            if rest:
+                handled.add(rest[0].id)
+                self._suspect(rest[0], exc, pending)
+            raise
         finally:
-            self._flush(pending)
-            if self.stop.is_set():
-                rest = [d.id for d in by_path.values() if d.id not in handled]
-                self.d.outbox.release(rest, time.time())
+            self._to_release += [d.id for d in by_path.values() if d.id not in handled]
+            self._settle()
+        if tripped is not None:
+            self._trip(tripped)
+
+    def _suspect(self, d: Delivery, exc: Exception, pending: _Pending) -> None:
+        """The sender raised while `d` was next: a refusal of `d` (quarantined after a few),
+        so that one poison file can neither stop the worker nor come back forever."""
+        cls = Classification(Action.RETRY_FEW, f"internal error while sending: {exc!r}")
+        now = time.time()
+        decision = decide(
+            cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random(),
+            d.refusals,
+        )  # fmt: skip
+        if decision.next is Next.QUARANTINE:
+            pending.add(Mark(d.id, State.QUARANTINED, None, decision.reason, refusal=True), d)
+            self.d.event(logging.ERROR, "quarantined", d, decision.reason)
+        else:
+            assert decision.next_attempt_at is not None
+            mark = Mark(
+                d.id, State.PENDING, None, decision.reason, decision.next_attempt_at, refusal=True
+            )
+            pending.add(mark)
+            self.d.event(logging.ERROR, "retry", d, decision.reason)
+        self._fresh = True
+
+    def _settle(self) -> None:
+        """Commit what earlier tries could not: recorded outcomes, then rows to give back.
+
+        Raises `OutboxError` while the outbox still cannot be written (they stay kept).
+        """
+        self._flush(self._pending)
+        if self._to_release:
+            self.d.outbox.release(self._to_release, time.time())
+            self._to_release = []
 
     def _flush(self, pending: _Pending) -> None:
         """Commit the recorded outcomes (one transaction), then dispose of finished files.
 
         A file leaves the inbox only after its outcome is committed; a crash before the
-        commit means the instance is sent again, never that it is lost.
+        commit means the instance is sent again, never that it is lost. When the commit
+        fails the outcomes stay in `pending` for the next try.
         """
         if not pending.marks:
             return
         marks, done = pending.take()
-        self.d.outbox.mark_many(marks, time.time())
+        try:
+            self.d.outbox.mark_many(marks, time.time())
+        except BaseException:
+            pending.marks[:0], pending.done[:0] = marks, done
+            raise
         self.d.files_done(done)
 
     def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
@@ -452,6 +580,9 @@ class Enqueuer(threading.Thread):
         self.stop = threading.Event()
         self.last_beat = time.monotonic()
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
+        # examined but not queued: the outbox could not be written; tried again every second
+        # (beyond _MAX_HELD the watcher is asked to offer them again at its next rescan)
+        self._held: list[FileRecord] = []
 
     def halt(self) -> None:
         """Stop, waking a `loop` blocked on the empty queue (it would sleep out its 30 s)."""
@@ -469,15 +600,27 @@ class Enqueuer(threading.Thread):
                 continue
 
     def run(self) -> None:
+        failures = 0
         try:
             while not self.stop.is_set():
-                self.loop()
-        except Exception:
-            LOGGER.exception("the enqueuer crashed")
+                try:
+                    self.loop()
+                except OutboxCorruptError as exc:
+                    self.d.die(f"enqueuer: {exc}", EX_CANTCREAT)
+                    return
+                except Exception:  # one file or batch must not end the thread
+                    failures += 1
+                    LOGGER.exception("enqueuer: unexpected error; carrying on")
+                    self.stop.wait(_pause_after(failures))
+                else:
+                    failures = 0
+        except BaseException:
+            self.d.die("the enqueuer died", EX_SOFTWARE)
+            raise
 
     def loop(self) -> None:
         self.last_beat = time.monotonic()
-        timeout = 1.0 if self._suspects else 30.0
+        timeout = 1.0 if self._suspects or self._held else 30.0
         try:
             first = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -495,19 +638,55 @@ class Enqueuer(threading.Thread):
             if item is not None:
                 batch.append(item)
         records: list[FileRecord] = []
-        known = self.d.outbox.known_files(
-            (str(r.path), r.size, r.mtime_ns) for r in batch
-        )  # one query for the batch
+        try:
+            known = self.d.outbox.known_files(
+                (str(r.path), r.size, r.mtime_ns) for r in batch
+            )  # one query for the batch
+        except OutboxCorruptError:
+            raise
+        except OutboxError as exc:
+            self.d.trouble.report("enqueuer", exc)
+            self._drop(r.path for r in batch)
+            return
         for ready in batch:
             self._suspects.pop(ready.path, None)
-            rec = self._examine(ready, time.monotonic(), known=known)
+            try:
+                rec = self._examine(ready, time.monotonic(), known=known)
+            except OutboxCorruptError:
+                raise
+            except OutboxError as exc:
+                self.d.trouble.report("enqueuer", exc)
+                self._drop([ready.path])
+                continue
+            except Exception:  # this file only; the watcher offers it again at a rescan
+                LOGGER.exception(f"{ready.path}: unexpected error looking at it; carrying on")
+                self._drop([ready.path])
+                continue
             if rec is not None:
                 records.append(rec)
         self._recheck(records)
+        records = self._held + records
         if records:
-            added = self.d.enqueue(records)
+            try:
+                added = self.d.enqueue(records)
+            except OutboxCorruptError:
+                raise
+            except OutboxError as exc:
+                self.d.trouble.report("enqueuer", exc)
+                self._held = records[:_MAX_HELD]
+                self._drop(r.path for r in records[_MAX_HELD:])
+                return
+            self._held = []
             if added:
+                self.d.trouble.clear()
                 self.d.wake_workers()
+
+    def _drop(self, paths: Iterable[str | Path]) -> None:
+        """Let files go without queuing them: they stay in the inbox, and the watcher offers
+        them again at its next rescan."""
+        if self.d.watcher is not None:
+            for path in paths:
+                self.d.watcher.forget(Path(path))
 
     def _recheck(self, records: list[FileRecord]) -> None:
         now = time.monotonic()
@@ -615,6 +794,22 @@ class Daemon:
         self.stats = {"sent": 0, "quarantined": 0, "retry": 0}
         self._stats_lock = threading.Lock()
         self.metrics: Metrics = NO_METRICS
+        self.trouble = OutboxTrouble()
+        self.exit_status = 0
+        self._recovered_at_start = False
+
+    def die(self, reason: str, status: int) -> None:
+        """A stage cannot go on: stop the daemon with a non-zero exit `status`, so that the
+        supervisor (systemd, Docker) notices and restarts it, instead of living on as a
+        zombie whose health says ok. The first reason wins."""
+        with self._stats_lock:
+            first = self.exit_status == 0
+            if first:
+                self.exit_status = status
+        if first:
+            LOGGER.critical(f"stopping: {reason}", extra=fields(outcome="fatal"))
+        self.stopping.set()
+        self.wakeup.set()
 
     # -- wiring ---------------------------------------------------------------------
 
@@ -863,6 +1058,9 @@ class Daemon:
     def unhealthy(self) -> str | None:
         """Why the daemon is not healthy, or None."""
         now = time.monotonic()
+        trouble = self.trouble.problem()
+        if trouble is not None:
+            return trouble
         if not self.enqueuer.is_alive():
             return "the enqueuer thread died"
         limit = self.stall_limit()
@@ -955,10 +1153,25 @@ class Daemon:
 
     # -- main loop --------------------------------------------------------------------
 
-    def start(self) -> None:
-        recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
+    def _recover_at_start(self) -> None:
+        """Queue again what was in flight at the last stop (no worker of ours holds any yet).
+
+        On a full disk this waits for the main loop to try again: until then those rows come
+        back when their leases run out, like after a crash.
+        """
+        try:
+            recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
+        except OutboxCorruptError:
+            raise
+        except OutboxError as exc:
+            self.trouble.report("start-up", exc)
+            return
+        self._recovered_at_start = True
         if recovered:
             LOGGER.info(f"{recovered} deliveries were in flight at the last stop; queued again")
+
+    def start(self) -> None:
+        self._recover_at_start()
         self.metrics = start_metrics(
             self.settings.metrics.listen,
             self.outbox,
@@ -974,8 +1187,25 @@ class Daemon:
             f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
         )
         LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")
-        self._heartbeat()
+        self._tend(self._heartbeat)
         self.notifier.ready(self.status_line())
+
+    def _tend(self, step: Callable[[], object]) -> bool:
+        """Run one step of the main loop; an outbox error is reported, not raised. True if ok.
+
+        A damaged outbox stops the daemon (`die`).
+        """
+        try:
+            step()
+        except OutboxCorruptError as exc:
+            self.die(str(exc), EX_CANTCREAT)
+        except OutboxError as exc:
+            self.trouble.report("main loop", exc)
+        except Exception:
+            LOGGER.exception("main loop: unexpected error; carrying on")
+        else:
+            return True
+        return False
 
     def serve(self) -> None:
         """The main loop: heartbeat, status, watchdog, leases, summary, reload; until stop."""
@@ -990,11 +1220,15 @@ class Daemon:
             if self.nudge_requested.is_set():
                 self.nudge_requested.clear()
                 self.wake_workers()
+            self._check_stages()
+            if not self._recovered_at_start:
+                self._tend(self._recover_at_start)
             if now >= next_hb:
-                self._heartbeat()
+                if self._tend(self._heartbeat):
+                    self.trouble.clear()
                 next_hb = now + hb_every
             if now >= next_status:
-                self.notifier.status(self.status_line())
+                self._tend(lambda: self.notifier.status(self.status_line()))
                 next_status = now + 5.0
             if wd_every is not None and now >= next_wd:
                 problem = self.unhealthy()
@@ -1004,21 +1238,34 @@ class Daemon:
                     LOGGER.error(f"not pinging the watchdog: {problem}")
                 next_wd = now + wd_every
             if now >= next_lease:
-                n = self.outbox.recover_leases(time.time())
-                if n:
-                    LOGGER.warning(f"{n} deliveries outlived their lease; queued again")
-                    self.wake_workers()
+                self._tend(self._recover_leases)
                 next_lease = now + max(self.settings.outbox.lease_seconds / 4, 1.0)
             if now >= next_summary:
                 if next_summary:
-                    LOGGER.info(f"summary: {self.status_line()}")
+                    self._tend(lambda: LOGGER.info(f"summary: {self.status_line()}"))
                 next_summary = now + self.settings.log.summary_seconds
-            self._retry_dispositions()
+            self._tend(self._retry_dispositions)
             deadlines = [next_hb, next_status, next_summary, next_lease]
             if wd_every is not None:
                 deadlines.append(next_wd)
             self.wakeup.wait(max(0.01, min(deadlines) - time.monotonic()))
             self.wakeup.clear()
+
+    def _recover_leases(self) -> None:
+        n = self.outbox.recover_leases(time.time())
+        if n:
+            LOGGER.warning(f"{n} deliveries outlived their lease; queued again")
+            self.wake_workers()
+
+    def _check_stages(self) -> None:
+        """A stage thread that ended while we are not stopping makes the daemon exit non-zero."""
+        if self.stopping.is_set():
+            return
+        if not self.enqueuer.is_alive():
+            self.die("the enqueuer thread died", EX_SOFTWARE)
+        for w in self.workers:
+            if not w.is_alive() and not w.stop.is_set():
+                self.die(f"worker {w.name} died", EX_SOFTWARE)
 
     def shutdown(self) -> bool:
         """Stop watching, finish the in-flight stores, release, close. True if clean."""
@@ -1144,15 +1391,27 @@ def _damaged(settings: Settings, config: Path | None, problem: str) -> None:
 
 
 def _open_daemon(settings: Settings, config: Path | None) -> Daemon | int:
-    """The daemon on a sound, writable outbox, or the exit status after logging why not."""
-    try:
-        daemon = Daemon(settings, config)
-    except OutboxCorruptError as exc:
-        _damaged(settings, config, str(exc))
-        return EX_CANTCREAT
-    except OutboxError as exc:
-        LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
-        return EX_CANTCREAT
+    """The daemon on a sound, writable outbox, or the exit status after logging why not.
+
+    On a full disk SQLite cannot even create the outbox's WAL files: wait for space (logged
+    once a minute) instead of exiting, as a running daemon would.
+    """
+    trouble = OutboxTrouble()
+    while True:
+        try:
+            daemon = Daemon(settings, config)
+        except OutboxCorruptError as exc:
+            _damaged(settings, config, str(exc))
+            return EX_CANTCREAT
+        except OutboxError as exc:
+            if disk_full(settings.outbox.path) is None:
+                LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
+                return EX_CANTCREAT
+            trouble.report("start-up", OutboxFullError(f"{exc}; {disk_full(settings.outbox.path)}"))
+            time.sleep(_FULL_DISK_POLL)
+            continue
+        break
+    trouble.clear()
     try:
         problems = daemon.outbox.integrity_check(quick=True)
     except OutboxError as exc:
@@ -1215,8 +1474,8 @@ def _run_locked(args: argparse.Namespace, settings: Settings) -> int:
         # peer kept the interpreter from exiting at all (until SIGKILL). Leave now; the
         # outbox is as safe as after kill -9 and the in-flight deliveries are sent again.
         logging.shutdown()
-        os._exit(1)
-    return 0
+        os._exit(daemon.exit_status or 1)
+    return daemon.exit_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

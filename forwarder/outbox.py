@@ -790,8 +790,11 @@ class Outbox:
                 self._migrate(conn)
             version = conn.execute(_GET_VERSION).fetchone()[0]
             if not readonly and version == SCHEMA_VERSION:
-                with self._write(f"writing to {self._path}") as probe:
-                    probe.execute(_PROBE_WRITE)
+                try:
+                    with self._write(f"writing to {self._path}") as probe:
+                        probe.execute(_PROBE_WRITE)
+                except OutboxFullError as exc:  # writable, just no room now: the caller copes
+                    log.warning("outbox: %s", exc)
         except sqlite3.Error as exc:
             self.close()
             raise _translate(exc, f"opening {self._path}") from exc

@@ -260,3 +260,81 @@ def test_a_damaged_outbox_refuses_to_start_with_73_and_outbox_check_fails(
         assert check.returncode == 1, check.stdout + check.stderr
         assert check.stdout.startswith(f"damaged: {fwd.outbox_path}")
         assert "Traceback" not in check.stderr
+
+
+# -- a full disk under the outbox (item 4) ----------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of its own (root only), unmounted at the end."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        if os.environ.get("REQUIRE_TEST_TOOLS"):
+            pytest.fail(f"mounting a small tmpfs failed (run as root): {done.stderr}")
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the file system refuses another byte; return it."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fp:
+        try:
+            while True:
+                fp.write(b"\0" * 65536)
+        except OSError:
+            pass
+    return filler
+
+
+def outbox_full_lines(fwd: Forwarder) -> list[str]:
+    return [x for x in fwd.text(since_start=True).splitlines() if "disk holding the outbox" in x]
+
+
+def test_a_full_disk_holds_new_files_in_the_inbox_and_sending_resumes_by_itself(
+    fwd: Forwarder, scp: SCP, corpus: Corpus, small_fs: Path
+) -> None:
+    fwd.outbox_path = small_fs / "outbox.sqlite3"
+    fwd.configure([dest("pacs", scp.port)], watch={"rescan_seconds": 1}).start()
+    first = corpus.write(fwd.inbox / "first.dcm")
+    fwd.wait(has_all(scp, [first]))
+    filler = fill(small_fs)
+    uids = corpus.many(fwd.inbox, 20)
+    fwd.wait(lambda: outbox_full_lines(fwd), timeout=20, what="the full disk reported")
+    fwd.wait(lambda: fwd.health().returncode == 1, what="health failing")
+    assert "full" in fwd.health().stderr
+    fwd.wait(lambda: fwd.text(since_start=True).count("outbox") > 0)
+    assert fwd.alive()
+    assert set(uids).isdisjoint(scp.uids())
+    assert len(fwd.inbox_files()) == 20  # nothing lost, nothing taken
+    assert len([x for x in outbox_full_lines(fwd) if " E: " in x]) == 1  # once a minute
+    filler.unlink()
+    fwd.wait(has_all(scp, uids), timeout=30, what="sending resumed by itself")
+    fwd.wait(lambda: not fwd.inbox_files(), what="the inbox emptied")
+    fwd.wait(lambda: fwd.health().returncode == 0, what="healthy again")
+    assert "can be written again" in fwd.text(since_start=True)
+    # a start on a full disk does not crash either (SQLite cannot even create its WAL
+    # files): it waits for room, and then starts by itself
+    assert fwd.stop() == 0
+    filler = fill(small_fs)
+    fwd.start(wait=False)
+    late = corpus.write(fwd.inbox / "late.dcm")
+    fwd.wait(lambda: outbox_full_lines(fwd), timeout=20, what="the full disk reported at start")
+    assert fwd.alive() and fwd.inbox_files() == [fwd.inbox / "late.dcm"]
+    assert fwd.health().returncode == 1
+    filler.unlink()
+    fwd.wait_log("watching", timeout=20)
+    fwd.wait(has_all(scp, [late]), timeout=30, what="sending after a start on a full disk")
+    assert fwd.stop() == 0
+    assert "Traceback" not in fwd.text()
+    assert sorted(scp.uids()) == sorted([first, *uids, late])
