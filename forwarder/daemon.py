@@ -239,7 +239,7 @@ class Worker(threading.Thread):
                 try:
                     self.loop(time.time())
                 except OutboxCorruptError as exc:
-                    self.d.die(f"worker {self.name}: {exc}", EX_CANTCREAT)
+                    self.d.damaged(f"worker {self.name}", exc)
                     return
                 except OutboxError as exc:  # full disk, read-only, busy: wait and try again
                     self.d.trouble.report(f"worker {self.name}", exc)
@@ -606,7 +606,7 @@ class Enqueuer(threading.Thread):
                 try:
                     self.loop()
                 except OutboxCorruptError as exc:
-                    self.d.die(f"enqueuer: {exc}", EX_CANTCREAT)
+                    self.d.damaged("enqueuer", exc)
                     return
                 except Exception:  # one file or batch must not end the thread
                     failures += 1
@@ -797,6 +797,14 @@ class Daemon:
         self.trouble = OutboxTrouble()
         self.exit_status = 0
         self._recovered_at_start = False
+
+    def damaged(self, where: str, exc: OutboxCorruptError) -> None:
+        """The outbox turned out damaged while running: stop (exit 73), saying what to do."""
+        self.die(
+            f"{where}: {exc}: run `forwarder outbox check` and restore {self.outbox.path} "
+            "from a backup",
+            EX_CANTCREAT,
+        )
 
     def die(self, reason: str, status: int) -> None:
         """A stage cannot go on: stop the daemon with a non-zero exit `status`, so that the
@@ -1198,7 +1206,7 @@ class Daemon:
         try:
             step()
         except OutboxCorruptError as exc:
-            self.die(str(exc), EX_CANTCREAT)
+            self.damaged("main loop", exc)
         except OutboxError as exc:
             self.trouble.report("main loop", exc)
         except Exception:

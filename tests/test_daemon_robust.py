@@ -29,7 +29,8 @@ from test_daemon import (  # the daemon fixtures and helpers
     to_toml,
 )
 
-from forwarder.outbox import FileRecord, Outbox
+from forwarder.dicomfile import inspect
+from forwarder.outbox import FileRecord, Outbox, State
 
 __all__ = ["corpus", "fwd"]  # fixtures, imported for pytest
 
@@ -338,3 +339,75 @@ def test_a_full_disk_holds_new_files_in_the_inbox_and_sending_resumes_by_itself(
     assert fwd.stop() == 0
     assert "Traceback" not in fwd.text()
     assert sorted(scp.uids()) == sorted([first, *uids, late])
+
+
+# -- nothing from one row, and no damage found at run time, leaves a zombie (items 6, 5) ----
+
+
+def _damage(path: Path, start_page: int = 2) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as fp:
+        for offset in range(start_page * 4096, size, 4096):
+            fp.seek(offset)
+            fp.write(b"\xde\xad\xbe\xef" * 1024)
+
+
+def test_damage_found_while_running_stops_the_daemon_with_73(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)])
+    with Outbox(fwd.outbox_path) as ob:
+        recs = [
+            FileRecord(f"/old/{i}.dcm", 1000, i, "1.2.840.10008.5.1.4.1.1.7", f"1.2.3.{i}",
+                       "1.2.840.10008.1.2.1", "1.2.9")
+            for i in range(3000)
+        ]  # fmt: skip
+        ob.enqueue_many(recs, ["retired"], 1.0)
+    with closing(sqlite3.connect(fwd.outbox_path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    fwd.start()
+    first = corpus.write(fwd.inbox / "first.dcm")
+    fwd.wait(has_all(scp, [first]))
+    _damage(fwd.outbox_path)
+    corpus.write(fwd.inbox / "second.dcm")  # its look-up reads damaged pages
+    assert fwd.proc is not None
+    status = fwd.proc.wait(30)
+    assert status == EX_CANTCREAT, fwd.tail()
+    text = fwd.text()
+    assert "forwarder outbox check" in text and "backup" in text
+    assert fwd.health().returncode == 1
+
+
+def test_a_row_that_breaks_the_sender_does_not_stop_its_worker(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)])
+    # a row as a buggy older version could have queued it: a UID that is not ASCII
+    bad = fwd.inbox / "bad.dcm"
+    corpus.write(bad)
+    st = bad.stat()
+    with Outbox(fwd.outbox_path) as ob:
+        rec = FileRecord(
+            str(bad), st.st_size, st.st_mtime_ns, "1.2.840.10008.5.1.4.1.1.7",
+            "1.2.826.0.1.3680043.10.999.\u00e9", "1.2.840.10008.1.2.1", "1.2.9",
+            dataset_offset=inspect(bad).dataset_offset,
+        )  # fmt: skip
+        ob.enqueue(rec, ["pacs"], 1.0)
+    fwd.start()
+    good = corpus.many(fwd.inbox, 5)
+    fwd.wait(has_all(scp, good), timeout=30, what="the good files past the bad row")
+    fwd.wait(
+        lambda: (
+            [d.state for d in fwd.deliveries() if d.sop_instance_uid == rec.sop_instance_uid]
+            == [State.QUARANTINED]
+        ),
+        timeout=30,
+        what="the bad row quarantined after a few tries",
+    )
+    assert fwd.alive()
+    assert fwd.health().returncode == 0, fwd.health().stderr
+    later = corpus.write(fwd.inbox / "later.dcm")
+    fwd.wait(has_all(scp, [later]))
+    assert fwd.stop() == 0
+    assert "died" not in fwd.text()
+    assert (fwd.quarantine / "bad.dcm").exists()
