@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCP
+from conftest import SCP, free_port
 from test_daemon import (  # the daemon fixtures and helpers
     ROOT,
     Corpus,
@@ -411,3 +411,26 @@ def test_a_row_that_breaks_the_sender_does_not_stop_its_worker(
     assert fwd.stop() == 0
     assert "died" not in fwd.text()
     assert (fwd.quarantine / "bad.dcm").exists()
+
+
+# -- find on a destination that refuses connections (item 21) --------------------------------
+
+
+def test_find_says_a_delivery_to_a_refusing_destination_is_paused_until_when_and_why(
+    fwd: Forwarder, corpus: Corpus
+) -> None:
+    port = free_port()  # nothing listens: every connection is refused
+    fwd.configure([dest("pacs", port)], retry={"initial_seconds": 30, "max_seconds": 60}).start()
+    uid = corpus.write(fwd.inbox / "x.dcm")
+    fwd.wait_log("paused", timeout=20)
+    shown = cli(fwd, "find", uid)
+    assert shown.returncode == 0, shown.stderr
+    (row,) = [x for x in shown.stdout.splitlines() if x.startswith(uid) and " pacs " in x]
+    assert "inflight" not in row and "sending now" not in row, row
+    assert " paused " in row and " until " in row, row
+    assert "refused" in row or "connect" in row, row
+    as_json = json.loads(cli(fwd, "find", uid, "--json").stdout)
+    (d,) = as_json["deliveries"]
+    assert d["paused_until"] is not None
+    assert "refused" in d["pause_reason"] or "connect" in d["pause_reason"]
+    assert fwd.stop() == 0
