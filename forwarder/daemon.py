@@ -637,6 +637,16 @@ class Enqueuer(threading.Thread):
                 break
             if item is not None:
                 batch.append(item)
+        try:
+            self._take(batch)
+        except OutboxCorruptError:
+            raise
+        except Exception:  # the watcher offers these files again at its next rescan
+            self._drop(r.path for r in batch)
+            raise
+
+    def _take(self, batch: list[ReadyFile]) -> None:
+        """Examine `batch` and queue what is new (with any files held back before)."""
         records: list[FileRecord] = []
         try:
             known = self.d.outbox.known_files(
