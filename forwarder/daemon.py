@@ -905,7 +905,7 @@ class Daemon:
 
     def _keepalive(self) -> None:
         self._heartbeat()
-        if self.notifier.watchdog_interval() is not None and self.unhealthy() is None:
+        if self.notifier.watchdog_interval() is not None and self.stuck() is None:
             self.notifier.watchdog()
 
     def _make_watcher(self) -> Watcher:
@@ -1074,11 +1074,16 @@ class Daemon:
         return self.settings.health.stall_seconds or (worst * 2 + 60.0)
 
     def unhealthy(self) -> str | None:
-        """Why the daemon is not healthy, or None."""
+        """Why the daemon is not healthy (for `forwarder health`), or None."""
+        return self.trouble.problem() or self.stuck()
+
+    def stuck(self) -> str | None:
+        """Why the daemon is hung or broken (for the watchdog), or None.
+
+        An outbox that cannot be written is not among the reasons: the daemon waits for it
+        as it should, and a restart by the watchdog would not bring the space back.
+        """
         now = time.monotonic()
-        trouble = self.trouble.problem()
-        if trouble is not None:
-            return trouble
         if not self.enqueuer.is_alive():
             return "the enqueuer thread died"
         limit = self.stall_limit()
@@ -1249,7 +1254,7 @@ class Daemon:
                 self._tend(lambda: self.notifier.status(self.status_line()))
                 next_status = now + 5.0
             if wd_every is not None and now >= next_wd:
-                problem = self.unhealthy()
+                problem = self.stuck()
                 if problem is None:
                     self.notifier.watchdog()
                 else:
