@@ -53,7 +53,7 @@ class Held:
 
 
 def _holder(fd: int) -> int | None:
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, IndexError):  # no pid, or garbage
         return int(os.pread(fd, 32, 0).split()[0])
     return None
 

@@ -29,6 +29,8 @@ from test_daemon import (  # the daemon fixtures and helpers
     to_toml,
 )
 
+from forwarder.config import Settings
+from forwarder.daemon import EX_SOFTWARE, Daemon
 from forwarder.dicomfile import inspect
 from forwarder.outbox import FileRecord, Outbox, State
 
@@ -434,3 +436,20 @@ def test_find_says_a_delivery_to_a_refusing_destination_is_paused_until_when_and
     assert d["paused_until"] is not None
     assert "refused" in d["pause_reason"] or "connect" in d["pause_reason"]
     assert fwd.stop() == 0
+
+
+def test_a_stage_thread_that_ended_stops_the_daemon_with_70(tmp_path: Path) -> None:
+    settings = Settings(
+        watch={"paths": [tmp_path / "inbox"]},
+        outbox={"path": tmp_path / "outbox.sqlite3"},
+        quarantine={"dir": tmp_path / "quarantine"},
+        destinations=[{"name": "pacs", "host": "127.0.0.1", "port": 104}],
+    )
+    d = Daemon(settings, None)
+    try:
+        d._check_stages()  # the enqueuer never ran: as good as dead
+        assert d.exit_status == EX_SOFTWARE and d.stopping.is_set()
+        d.die("a later reason", EX_CANTCREAT)
+        assert d.exit_status == EX_SOFTWARE  # the first reason wins
+    finally:
+        d.outbox.close()
