@@ -1420,20 +1420,27 @@ def _open_daemon(settings: Settings, config: Path | None) -> Daemon | int:
     once a minute) instead of exiting, as a running daemon would.
     """
     trouble = OutboxTrouble()
-    while True:
-        try:
-            daemon = Daemon(settings, config)
-        except OutboxCorruptError as exc:
-            _damaged(settings, config, str(exc))
-            return EX_CANTCREAT
-        except OutboxError as exc:
-            if disk_full(settings.outbox.path) is None:
-                LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
+    # under systemd: say why, and keep the start from timing out
+    with Notifier() as waiting:
+        while True:
+            try:
+                daemon = Daemon(settings, config)
+            except OutboxCorruptError as exc:
+                _damaged(settings, config, str(exc))
                 return EX_CANTCREAT
-            trouble.report("start-up", OutboxFullError(f"{exc}; {disk_full(settings.outbox.path)}"))
-            time.sleep(_FULL_DISK_POLL)
-            continue
-        break
+            except OutboxError as exc:
+                if disk_full(settings.outbox.path) is None:
+                    LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
+                    return EX_CANTCREAT
+                full = disk_full(settings.outbox.path)
+                trouble.report("start-up", OutboxFullError(f"{exc}; {full}"))
+                waiting.send(
+                    STATUS=f"waiting for space: {full}",
+                    EXTEND_TIMEOUT_USEC=int((_FULL_DISK_POLL + 30) * 1e6),
+                )
+                time.sleep(_FULL_DISK_POLL)
+                continue
+            break
     trouble.clear()
     try:
         problems = daemon.outbox.integrity_check(quick=True)
