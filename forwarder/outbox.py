@@ -52,7 +52,16 @@ Versioned with ``PRAGMA user_version``; `MIGRATIONS` takes a database from any o
 to `SCHEMA_VERSION`, one transaction per step. States are the `State` IntEnum, mirrored by a
 ``CHECK`` constraint, and the tables are ``STRICT``. The SQL lives below as constants with
 ``?``/``:name`` placeholders; the few queries with optional filters are joined from constant
-fragments, never from values.
+fragments, never from values. Paths are stored as the bytes of the name (``os.fsencode``) and
+handed out as ``str`` (``os.fsdecode``): a name that is not UTF-8 round-trips exactly.
+
+Errors
+------
+Every SQLite error becomes an `OutboxError`; the ones a caller acts on have subclasses:
+`OutboxBusyError` (another process held the lock too long), `OutboxFullError` (no space:
+transient), `OutboxReadOnlyError` (the file or folder cannot be written; found when a writer
+opens the outbox, not at its first write), `OutboxCorruptError` (damaged pages: restore from a
+backup; `Outbox.integrity_check` finds them all).
 """
 
 from __future__ import annotations
