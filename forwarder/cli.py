@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "list, show, requeue or purge quarantined files",
     ),
     "find": ("forwarder.ops_find", "where is this SOP Instance or Study UID"),
+    "outbox": ("forwarder.ops_outbox", "check the outbox file for damage"),
     "echo": ("forwarder.ops_echo", "C-ECHO the destinations with their AE titles and TLS"),
     "config": ("forwarder.ops_config", "validate the config, or show the effective settings"),
 }
@@ -49,6 +51,11 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``forwarder`` command line; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # File names are bytes and need not be UTF-8 (a Latin-1 name arrives as a surrogate
+    # escape): show such a byte as \udcxx, never write it raw or fail on it.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     if not args or args[0] not in COMMANDS:
         _parser().parse_args(args)  # prints usage or --help/--version and exits
         return 2

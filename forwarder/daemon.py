@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -29,6 +29,8 @@ from forwarder.config import (
 )
 from forwarder.contexts import ContextSpec
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
+from forwarder.health import disk_full
+from forwarder.lockfile import Held, LockedError, LockError, hold
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
@@ -38,22 +40,29 @@ from forwarder.outbox import (
     FileRecord,
     Mark,
     Outbox,
+    OutboxCorruptError,
     OutboxError,
+    OutboxFullError,
     State,
 )
 from forwarder.policy import Next, decide, pause_for
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
-from forwarder.status import Action
+from forwarder.status import Action, Classification
 from forwarder.watcher import ReadyFile, Watcher, WatchRootError
 
 __all__ = ["Daemon", "add_arguments", "run"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
-EX_CANTCREAT = 73  # sysexits.h: a directory or the outbox cannot be created
-EX_SOFTWARE = 70
+EX_CANTCREAT = 73  # sysexits.h: a directory or the outbox cannot be created, or is damaged
+EX_SOFTWARE = 70  # a pipeline stage died: exit so that the supervisor restarts us
+EX_TEMPFAIL = 75  # another daemon holds the outbox or the inbox
+INBOX_LOCK = ".forwarder.lock"
+"""The lock file in each watched folder; the watcher always ignores it."""
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _ENQUEUE_BATCH = 256
+_MAX_HELD = 10_000  # files the enqueuer keeps while the outbox cannot be written
+_FULL_DISK_POLL = 2.0  # seconds between tries to open the outbox on a full disk
 _GATHER_SECONDS = 0.005  # after the first file of a burst, let the watcher hand over more
 _DISPOSE_RETRY_SECONDS = 30.0
 _MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not authorised)
@@ -107,6 +116,64 @@ def load(path: Path | None) -> Settings:
     if errors:
         raise ConfigError(str(path) if path else "environment", errors)
     return settings
+
+
+# -- outbox trouble -----------------------------------------------------------------------
+
+
+class OutboxTrouble:
+    """The outbox cannot be written (full disk, read-only, locked too long) since when, and why.
+
+    Every stage reports its failed writes here and carries on: the trouble is logged once a
+    minute, not once per thread and try; `unhealthy` names it; the first write that works
+    again ends it (logged). Thread-safe.
+    """
+
+    LOG_EVERY = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.since: float | None = None  # wall clock
+        self.reason = ""
+        self._logged = 0.0  # monotonic
+
+    def report(self, what: str, exc: OutboxError) -> None:
+        now = time.monotonic()
+        with self._lock:
+            first = self.since is None
+            if first:
+                self.since = time.time()
+            self.reason = str(exc)
+            due = first or now - self._logged >= self.LOG_EVERY
+            if due:
+                self._logged = now
+        if due:
+            LOGGER.error(
+                f"outbox {what}: {exc}; new files stay in the inbox, sending resumes by "
+                "itself once the outbox can be written (repeated once a minute while it lasts)",
+                extra=fields(outcome="outbox-error"),
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            since, self.since = self.since, None
+        if since is not None:
+            LOGGER.warning(
+                f"the outbox can be written again after {time.time() - since:.0f} s; resuming",
+                extra=fields(outcome="outbox-ok"),
+            )
+
+    def problem(self) -> str | None:
+        """One line for `health`, or None."""
+        with self._lock:
+            if self.since is None:
+                return None
+            return f"the outbox cannot be written since {_iso(self.since)}: {self.reason}"
+
+
+def _pause_after(failures: int) -> float:
+    """Seconds a stage waits after `failures` unexpected errors in a row (0.5 s .. 30 s)."""
+    return float(min(30.0, 0.5 * 2 ** min(failures - 1, 6)))
 
 
 # -- circuit breaker --------------------------------------------------------------------
@@ -166,13 +233,36 @@ class Worker(threading.Thread):
         self._associations_counted = 0
         self.level = index + 1  # this worker's association is the level-th of its destination
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
+        # outcomes and releases not yet committed (the outbox could not be written): kept
+        # and committed first once it can, so a full disk costs no resends
+        self._pending = _Pending()
+        self._to_release: list[int] = []
 
     def run(self) -> None:
+        failures = 0
         try:
             while not self.stop.is_set():
-                self.loop(time.time())
-        except Exception:  # a bug must not take the daemon down silently
-            LOGGER.exception("worker %s crashed", self.name)
+                try:
+                    self.loop(time.time())
+                except OutboxCorruptError as exc:
+                    self.d.damaged(f"worker {self.name}", exc)
+                    return
+                except OutboxError as exc:  # full disk, read-only, busy: wait and try again
+                    self.d.trouble.report(f"worker {self.name}", exc)
+                    failures += 1
+                    self._idle(min(_pause_after(failures), 5.0))
+                except Exception:  # one row or association must not end the thread
+                    failures += 1
+                    LOGGER.exception(f"worker {self.name}: unexpected error; carrying on")
+                    with contextlib.suppress(Exception):  # whatever state it was left in
+                        self._sender.abort()
+                    self._fresh = False
+                    self._idle(_pause_after(failures))
+                else:
+                    failures = 0
+        except BaseException:
+            self.d.die(f"worker {self.name} died", EX_SOFTWARE)
+            raise
         finally:
             try:
                 if self.stop.is_set() and self.d.hard_stop.is_set():
@@ -185,6 +275,7 @@ class Worker(threading.Thread):
     # one iteration; `now` is wall-clock seconds (the outbox's clock)
     def loop(self, now: float) -> None:
         self.last_beat = time.monotonic()
+        self._settle()
         settings = self.d.settings
         name = self.dest.name
         breaker = self.d.breakers[name]
@@ -197,12 +288,7 @@ class Worker(threading.Thread):
                 self._sender.release()
             self._idle(_IDLE_SECONDS)
             return
-        if (
-            scale.auto
-            and self.level > 1
-            and not self._sender.is_open
-            and not self._open_extra(scale)
-        ):
+        if scale.auto and self.level > 1 and not self._sender.is_open and not self._open_extra():
             return
         batch = self.d.outbox.claim(
             name,
@@ -220,6 +306,7 @@ class Worker(threading.Thread):
         if self._ran_dry:
             self._ran_dry = False
             scale.resumed(time.monotonic())
+        self.d.trouble.clear()  # a claim that took rows wrote to the outbox
         self.busy_since = time.monotonic()
         try:
             self._send_batch(batch)
@@ -232,7 +319,7 @@ class Worker(threading.Thread):
             self._sender.release()
             self._fresh = False
 
-    def _open_extra(self, scale: Autoscale) -> bool:
+    def _open_extra(self) -> bool:
         """Open this worker's association before it takes any work: True when it is up.
 
         An extra association is tried beside the ones sending: while it waits for the
@@ -250,16 +337,9 @@ class Worker(threading.Thread):
         except AssociationFailed as exc:
             if self.stop.is_set():
                 return False
-            others = [w for w in self.d.workers_of(self.dest.name) if w is not self]
-            if scale.auto and any(w.holds_association for w in others):
-                scale.refused(self.level)
-                LOGGER.info(
-                    f"destination {self.dest.name}: association {self.level} not opened "
-                    f"({exc.classification.meaning}); associations: {scale.describe()}",
-                    extra=fields(destination=self.dest.name, outcome="associations"),
-                )
-                return False
-            return True  # the destination itself may be down: the batch finds out
+            # refused while another is open: settled below it; otherwise the destination
+            # itself may be down, and the batch finds out
+            return not self._refused_extra(exc)
         finally:
             self.busy_since = None
         self._count_associations()
@@ -313,7 +393,8 @@ class Worker(threading.Thread):
                 by_path[info.path] = d
                 infos.append(info)
         handled: set[int] = set()
-        pending = _Pending()
+        pending = self._pending
+        tripped: AssociationFailed | None = None
         try:
             for result in self._sender.send(infos):
                 d = by_path[result.info.path]
@@ -322,32 +403,82 @@ class Worker(threading.Thread):
                 if pending.due():
                     self._flush(pending)
         except AssociationFailed as exc:
-            self._flush(pending)
-            rest = [d.id for d in by_path.values() if d.id not in handled]
-            self.d.outbox.release(rest, time.time())
-            scale = self.d.scales[self.dest.name]
-            others = [w for w in self.d.workers_of(self.dest.name) if w is not self]
-            if self.level > 1 and scale.auto and any(w.holds_association for w in others):
-                scale.refused(self.level)  # the peer takes fewer associations: not a failure
-                return
-            self._trip(exc)
-            return
+            tripped = exc
+        except OutboxError:
+            raise
+        except Exception as exc:  # one file broke the sender: count it against that file only
+            rest = [d for d in by_path.values() if d.id not in handled]
+            if rest:
+                handled.add(rest[0].id)
+                self._suspect(rest[0], exc, pending)
+            raise
         finally:
-            self._flush(pending)
-            if self.stop.is_set():
-                rest = [d.id for d in by_path.values() if d.id not in handled]
-                self.d.outbox.release(rest, time.time())
+            self._to_release += [d.id for d in by_path.values() if d.id not in handled]
+            self._settle()
+        if tripped is not None and not self._refused_extra(tripped):
+            self._trip(tripped)
+
+    def _refused_extra(self, exc: AssociationFailed) -> bool:
+        """True when this worker's association is an extra one the peer would not open while
+        another of the destination is open: "auto" settles below it; nothing is paused."""
+        scale = self.d.scales[self.dest.name]
+        others = [w for w in self.d.workers_of(self.dest.name) if w is not self]
+        if not (self.level > 1 and scale.auto and any(w.holds_association for w in others)):
+            return False
+        scale.refused(self.level)
+        LOGGER.info(
+            f"destination {self.dest.name}: association {self.level} not opened "
+            f"({exc.classification.meaning}); associations: {scale.describe()}",
+            extra=fields(destination=self.dest.name, outcome="associations"),
+        )
+        return True
+
+    def _suspect(self, d: Delivery, exc: Exception, pending: _Pending) -> None:
+        """The sender raised while `d` was next: a refusal of `d` (quarantined after a few),
+        so that one poison file can neither stop the worker nor come back forever."""
+        cls = Classification(Action.RETRY_FEW, f"internal error while sending: {exc!r}")
+        now = time.time()
+        decision = decide(
+            cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random(),
+            d.refusals,
+        )  # fmt: skip
+        if decision.next is Next.QUARANTINE:
+            pending.add(Mark(d.id, State.QUARANTINED, None, decision.reason, refusal=True), d)
+            self.d.event(logging.ERROR, "quarantined", d, decision.reason)
+        else:
+            assert decision.next_attempt_at is not None
+            mark = Mark(
+                d.id, State.PENDING, None, decision.reason, decision.next_attempt_at, refusal=True
+            )
+            pending.add(mark)
+            self.d.event(logging.ERROR, "retry", d, decision.reason)
+        self._fresh = True
+
+    def _settle(self) -> None:
+        """Commit what earlier tries could not: recorded outcomes, then rows to give back.
+
+        Raises `OutboxError` while the outbox still cannot be written (they stay kept).
+        """
+        self._flush(self._pending)
+        if self._to_release:
+            self.d.outbox.release(self._to_release, time.time())
+            self._to_release = []
 
     def _flush(self, pending: _Pending) -> None:
         """Commit the recorded outcomes (one transaction), then dispose of finished files.
 
         A file leaves the inbox only after its outcome is committed; a crash before the
-        commit means the instance is sent again, never that it is lost.
+        commit means the instance is sent again, never that it is lost. When the commit
+        fails the outcomes stay in `pending` for the next try.
         """
         if not pending.marks:
             return
         marks, done = pending.take()
-        self.d.outbox.mark_many(marks, time.time())
+        try:
+            self.d.outbox.mark_many(marks, time.time())
+        except BaseException:
+            pending.marks[:0], pending.done[:0] = marks, done
+            raise
         self.d.files_done(done)
 
     def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
@@ -374,7 +505,7 @@ class Worker(threading.Thread):
             return None
         except (InvalidDicom, OSError) as exc:
             reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
-            self.d.outbox.mark_quarantined(d.id, None, reason, now)
+            self.d.outbox.mark_quarantined(d.id, None, reason, now, refusal=True)
             self.d.event(logging.ERROR, "quarantined", d, reason)
             self.d.file_done(d)
             return None
@@ -427,7 +558,13 @@ class Worker(threading.Thread):
             self.d.event(logging.WARNING, "gone", d, "the file disappeared before it was sent")
             return
         decision = decide(
-            cls, d.attempts, d.first_attempt_at, now, self.d.settings.retry, random.random()
+            cls,
+            d.attempts,
+            d.first_attempt_at,
+            now,
+            self.d.settings.retry,
+            random.random(),
+            d.refusals,
         )
         self.d.metrics.observe_store(
             d.destination, decision.next.value, cls.status, result.seconds, result.info.size
@@ -440,14 +577,24 @@ class Worker(threading.Thread):
             self.d.event(level, "warning" if warning else "sent", d, cls.describe(), cls.status)
         elif decision.next is Next.RETRY:
             assert decision.next_attempt_at is not None
-            mark = Mark(d.id, State.PENDING, cls.status, decision.reason, decision.next_attempt_at)
+            mark = Mark(
+                d.id,
+                State.PENDING,
+                cls.status,
+                decision.reason,
+                decision.next_attempt_at,
+                refusal=decision.refusal,
+            )
             pending.add(mark)
             wait = decision.next_attempt_at - now
             detail = f"{decision.reason}; retry in {wait:.0f} s"
             self.d.event(logging.WARNING, "retry", d, detail, cls.status)
             self._fresh = self._fresh or decision.fresh_association
         elif decision.next is Next.QUARANTINE:
-            pending.add(Mark(d.id, State.QUARANTINED, cls.status, decision.reason), d)
+            mark = Mark(
+                d.id, State.QUARANTINED, cls.status, decision.reason, refusal=decision.refusal
+            )
+            pending.add(mark, d)
             self.d.event(logging.ERROR, "quarantined", d, decision.reason, cls.status)
         else:  # HOLD: the destination refuses us; keep the instance, pause the destination
             until = self._pause(decision.reason, hold=True)
@@ -522,6 +669,9 @@ class Enqueuer(threading.Thread):
         self.stop = threading.Event()
         self.last_beat = time.monotonic()
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
+        # examined but not queued: the outbox could not be written; tried again every second
+        # (beyond _MAX_HELD the watcher is asked to offer them again at its next rescan)
+        self._held: list[FileRecord] = []
 
     def halt(self) -> None:
         """Stop, waking a `loop` blocked on the empty queue (it would sleep out its 30 s)."""
@@ -539,15 +689,27 @@ class Enqueuer(threading.Thread):
                 continue
 
     def run(self) -> None:
+        failures = 0
         try:
             while not self.stop.is_set():
-                self.loop()
-        except Exception:
-            LOGGER.exception("the enqueuer crashed")
+                try:
+                    self.loop()
+                except OutboxCorruptError as exc:
+                    self.d.damaged("enqueuer", exc)
+                    return
+                except Exception:  # one file or batch must not end the thread
+                    failures += 1
+                    LOGGER.exception("enqueuer: unexpected error; carrying on")
+                    self.stop.wait(_pause_after(failures))
+                else:
+                    failures = 0
+        except BaseException:
+            self.d.die("the enqueuer died", EX_SOFTWARE)
+            raise
 
     def loop(self) -> None:
         self.last_beat = time.monotonic()
-        timeout = 1.0 if self._suspects else 30.0
+        timeout = 1.0 if self._suspects or self._held else 30.0
         try:
             first = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -564,20 +726,66 @@ class Enqueuer(threading.Thread):
                 break
             if item is not None:
                 batch.append(item)
+        try:
+            self._take(batch)
+        except OutboxCorruptError:
+            raise
+        except Exception:  # the watcher offers these files again at its next rescan
+            self._drop(r.path for r in batch)
+            raise
+
+    def _take(self, batch: list[ReadyFile]) -> None:
+        """Examine `batch` and queue what is new (with any files held back before)."""
         records: list[FileRecord] = []
-        known = self.d.outbox.known_files(
-            (str(r.path), r.size, r.mtime_ns) for r in batch
-        )  # one query for the batch
+        try:
+            known = self.d.outbox.known_files(
+                (str(r.path), r.size, r.mtime_ns) for r in batch
+            )  # one query for the batch
+        except OutboxCorruptError:
+            raise
+        except OutboxError as exc:
+            self.d.trouble.report("enqueuer", exc)
+            self._drop(r.path for r in batch)
+            return
         for ready in batch:
             self._suspects.pop(ready.path, None)
-            rec = self._examine(ready, time.monotonic(), known=known)
+            try:
+                rec = self._examine(ready, time.monotonic(), known=known)
+            except OutboxCorruptError:
+                raise
+            except OutboxError as exc:
+                self.d.trouble.report("enqueuer", exc)
+                self._drop([ready.path])
+                continue
+            except Exception:  # this file only; the watcher offers it again at a rescan
+                LOGGER.exception(f"{ready.path}: unexpected error looking at it; carrying on")
+                self._drop([ready.path])
+                continue
             if rec is not None:
                 records.append(rec)
         self._recheck(records)
+        records = self._held + records
         if records:
-            added = self.d.enqueue(records)
+            try:
+                added = self.d.enqueue(records)
+            except OutboxCorruptError:
+                raise
+            except OutboxError as exc:
+                self.d.trouble.report("enqueuer", exc)
+                self._held = records[:_MAX_HELD]
+                self._drop(r.path for r in records[_MAX_HELD:])
+                return
+            self._held = []
             if added:
+                self.d.trouble.clear()
                 self.d.wake_workers()
+
+    def _drop(self, paths: Iterable[str | Path]) -> None:
+        """Let files go without queuing them: they stay in the inbox, and the watcher offers
+        them again at its next rescan."""
+        if self.d.watcher is not None:
+            for path in paths:
+                self.d.watcher.forget(Path(path))
 
     def _recheck(self, records: list[FileRecord]) -> None:
         now = time.monotonic()
@@ -687,6 +895,30 @@ class Daemon:
         self.stats = {"sent": 0, "quarantined": 0, "retry": 0}
         self._stats_lock = threading.Lock()
         self.metrics: Metrics = NO_METRICS
+        self.trouble = OutboxTrouble()
+        self.exit_status = 0
+        self._recovered_at_start = False
+
+    def damaged(self, where: str, exc: OutboxCorruptError) -> None:
+        """The outbox turned out damaged while running: stop (exit 73), saying what to do."""
+        self.die(
+            f"{where}: {exc}: run `forwarder outbox check` and restore {self.outbox.path} "
+            "from a backup",
+            EX_CANTCREAT,
+        )
+
+    def die(self, reason: str, status: int) -> None:
+        """A stage cannot go on: stop the daemon with a non-zero exit `status`, so that the
+        supervisor (systemd, Docker) notices and restarts it, instead of living on as a
+        zombie whose health says ok. The first reason wins."""
+        with self._stats_lock:
+            first = self.exit_status == 0
+            if first:
+                self.exit_status = status
+        if first:
+            LOGGER.critical(f"stopping: {reason}", extra=fields(outcome="fatal"))
+        self.stopping.set()
+        self.wakeup.set()
 
     # -- wiring ---------------------------------------------------------------------
 
@@ -769,7 +1001,7 @@ class Daemon:
 
     def _keepalive(self) -> None:
         self._heartbeat()
-        if self.notifier.watchdog_interval() is not None and self.unhealthy() is None:
+        if self.notifier.watchdog_interval() is not None and self.stuck() is None:
             self.notifier.watchdog()
 
     def _make_watcher(self) -> Watcher:
@@ -783,7 +1015,7 @@ class Daemon:
             settle_seconds=w.settle_seconds,
             settle_from_mtime=w.settle_from_mtime,
             rescan_seconds=w.rescan_seconds,
-            ignore=w.ignore,
+            ignore=[*w.ignore, INBOX_LOCK],
         )
 
     # -- files leaving the inbox ---------------------------------------------------------
@@ -869,6 +1101,10 @@ class Daemon:
                     "status": None if r.last_status is None else f"0x{r.last_status:04X}",
                     "meaning": r.last_error,
                     "attempts": r.attempts,
+                    # which attempts were which: the peer refusing the instance, or passing
+                    # trouble (out of resources, no response) that says nothing about it
+                    "refusals": r.refusals,
+                    "transient_failures": r.transient_failures,
                     "first_attempt": _iso(r.first_attempt_at),
                     "last_attempt": _iso(r.last_attempt_at),
                     "delivery_id": r.id,
@@ -934,7 +1170,15 @@ class Daemon:
         return self.settings.health.stall_seconds or (worst * 2 + 60.0)
 
     def unhealthy(self) -> str | None:
-        """Why the daemon is not healthy, or None."""
+        """Why the daemon is not healthy (for `forwarder health`), or None."""
+        return self.trouble.problem() or self.stuck()
+
+    def stuck(self) -> str | None:
+        """Why the daemon is hung or broken (for the watchdog), or None.
+
+        An outbox that cannot be written is not among the reasons: the daemon waits for it
+        as it should, and a restart by the watchdog would not bring the space back.
+        """
         now = time.monotonic()
         if not self.enqueuer.is_alive():
             return "the enqueuer thread died"
@@ -1030,10 +1274,25 @@ class Daemon:
 
     # -- main loop --------------------------------------------------------------------
 
-    def start(self) -> None:
-        recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
+    def _recover_at_start(self) -> None:
+        """Queue again what was in flight at the last stop (no worker of ours holds any yet).
+
+        On a full disk this waits for the main loop to try again: until then those rows come
+        back when their leases run out, like after a crash.
+        """
+        try:
+            recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
+        except OutboxCorruptError:
+            raise
+        except OutboxError as exc:
+            self.trouble.report("start-up", exc)
+            return
+        self._recovered_at_start = True
         if recovered:
             LOGGER.info(f"{recovered} deliveries were in flight at the last stop; queued again")
+
+    def start(self) -> None:
+        self._recover_at_start()
         self.metrics = start_metrics(
             self.settings.metrics.listen,
             self.outbox,
@@ -1049,8 +1308,25 @@ class Daemon:
             f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
         )
         LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")
-        self._heartbeat()
+        self._tend(self._heartbeat)
         self.notifier.ready(self.status_line())
+
+    def _tend(self, step: Callable[[], object]) -> bool:
+        """Run one step of the main loop; an outbox error is reported, not raised. True if ok.
+
+        A damaged outbox stops the daemon (`die`).
+        """
+        try:
+            step()
+        except OutboxCorruptError as exc:
+            self.damaged("main loop", exc)
+        except OutboxError as exc:
+            self.trouble.report("main loop", exc)
+        except Exception:
+            LOGGER.exception("main loop: unexpected error; carrying on")
+        else:
+            return True
+        return False
 
     def serve(self) -> None:
         """The main loop: heartbeat, status, watchdog, leases, summary, reload; until stop."""
@@ -1065,35 +1341,52 @@ class Daemon:
             if self.nudge_requested.is_set():
                 self.nudge_requested.clear()
                 self.wake_workers()
+            self._check_stages()
+            if not self._recovered_at_start:
+                self._tend(self._recover_at_start)
             if now >= next_hb:
-                self._heartbeat()
+                if self._tend(self._heartbeat):
+                    self.trouble.clear()
                 next_hb = now + hb_every
             if now >= next_status:
-                self.notifier.status(self.status_line())
+                self._tend(lambda: self.notifier.status(self.status_line()))
                 next_status = now + 5.0
             if wd_every is not None and now >= next_wd:
-                problem = self.unhealthy()
+                problem = self.stuck()
                 if problem is None:
                     self.notifier.watchdog()
                 else:
                     LOGGER.error(f"not pinging the watchdog: {problem}")
                 next_wd = now + wd_every
             if now >= next_lease:
-                n = self.outbox.recover_leases(time.time())
-                if n:
-                    LOGGER.warning(f"{n} deliveries outlived their lease; queued again")
-                    self.wake_workers()
+                self._tend(self._recover_leases)
                 next_lease = now + max(self.settings.outbox.lease_seconds / 4, 1.0)
             if now >= next_summary:
                 if next_summary:
-                    LOGGER.info(f"summary: {self.status_line()}")
+                    self._tend(lambda: LOGGER.info(f"summary: {self.status_line()}"))
                 next_summary = now + self.settings.log.summary_seconds
-            self._retry_dispositions()
+            self._tend(self._retry_dispositions)
             deadlines = [next_hb, next_status, next_summary, next_lease]
             if wd_every is not None:
                 deadlines.append(next_wd)
             self.wakeup.wait(max(0.01, min(deadlines) - time.monotonic()))
             self.wakeup.clear()
+
+    def _recover_leases(self) -> None:
+        n = self.outbox.recover_leases(time.time())
+        if n:
+            LOGGER.warning(f"{n} deliveries outlived their lease; queued again")
+            self.wake_workers()
+
+    def _check_stages(self) -> None:
+        """A stage thread that ended while we are not stopping makes the daemon exit non-zero."""
+        if self.stopping.is_set():
+            return
+        if not self.enqueuer.is_alive():
+            self.die("the enqueuer thread died", EX_SOFTWARE)
+        for w in self.workers:
+            if not w.is_alive() and not w.stop.is_set():
+                self.die(f"worker {w.name} died", EX_SOFTWARE)
 
     def shutdown(self) -> bool:
         """Stop watching, finish the in-flight stores, release, close. True if clean."""
@@ -1171,6 +1464,93 @@ def _prepare_dirs(settings: Settings) -> list[str]:
     return errors
 
 
+def _outbox_lock_path(settings: Settings) -> Path:
+    path = settings.outbox.path
+    return path.with_name(path.name + ".lock")
+
+
+def _take_locks(settings: Settings) -> list[Held] | int:
+    """Lock the outbox and every watched folder for this daemon's life.
+
+    Two daemons on one outbox took each other's in-flight deliveries back at start-up, and two
+    on one inbox sent every file twice. Returns the locks held, or the exit status after
+    logging who holds one. Operator commands take no lock: they read the outbox as before.
+    """
+    held: list[Held] = []
+    wanted = [("outbox", settings.outbox.path, _outbox_lock_path(settings))]
+    wanted += [("inbox", root, root / INBOX_LOCK) for root in settings.watch.paths]
+    for what, path, lock in wanted:
+        status = None
+        try:
+            held.append(hold(lock))
+        except LockedError as exc:
+            holder = f"pid {exc.pid}" if exc.pid is not None else "another process"
+            LOGGER.error(
+                f"{what} {path} is in use by {holder} (lock {lock}): another forwarder runs "
+                "on it; stop that one first"
+            )
+            status = EX_TEMPFAIL
+        except LockError as exc:
+            if what == "outbox":
+                LOGGER.error(f"outbox.path: {exc}")
+                status = EX_CANTCREAT
+            else:  # a read-only inbox (disposition keep) still works, just unguarded
+                LOGGER.warning(f"watch.paths: {exc}; a second daemon on {path} would go unseen")
+        if status is not None:
+            for h in held:
+                h.release()
+            return status
+    return held
+
+
+def _damaged(settings: Settings, config: Path | None, problem: str) -> None:
+    cfg = f" --config {config}" if config else ""
+    LOGGER.error(
+        f"outbox.path: {settings.outbox.path} is damaged ({problem}); not starting. "
+        f"Run `forwarder outbox check{cfg}` and restore the outbox from a backup"
+    )
+
+
+def _open_daemon(settings: Settings, config: Path | None) -> Daemon | int:
+    """The daemon on a sound, writable outbox, or the exit status after logging why not.
+
+    On a full disk SQLite cannot even create the outbox's WAL files: wait for space (logged
+    once a minute) instead of exiting, as a running daemon would.
+    """
+    trouble = OutboxTrouble()
+    # under systemd: say why, and keep the start from timing out
+    with Notifier() as waiting:
+        while True:
+            try:
+                daemon = Daemon(settings, config)
+            except OutboxCorruptError as exc:
+                _damaged(settings, config, str(exc))
+                return EX_CANTCREAT
+            except OutboxError as exc:
+                if disk_full(settings.outbox.path) is None:
+                    LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
+                    return EX_CANTCREAT
+                full = disk_full(settings.outbox.path)
+                trouble.report("start-up", OutboxFullError(f"{exc}; {full}"))
+                waiting.send(
+                    STATUS=f"waiting for space: {full}",
+                    EXTEND_TIMEOUT_USEC=int((_FULL_DISK_POLL + 30) * 1e6),
+                )
+                time.sleep(_FULL_DISK_POLL)
+                continue
+            break
+    trouble.clear()
+    try:
+        problems = daemon.outbox.integrity_check(quick=True)
+    except OutboxError as exc:
+        problems = [str(exc)]
+    if problems:
+        _damaged(settings, config, " ".join("; ".join(problems[:3]).split()))
+        daemon.outbox.close()
+        return EX_CANTCREAT
+    return daemon
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
     # A worker waiting for a C-STORE response gets the GIL back only when the running
@@ -1191,11 +1571,20 @@ def run(args: argparse.Namespace) -> int:
         LOGGER.error(line)
     if errors:
         return EX_CANTCREAT
+    locks = _take_locks(settings)
+    if isinstance(locks, int):
+        return locks
     try:
-        daemon = Daemon(settings, args.config)
-    except OutboxError as exc:
-        LOGGER.error(f"outbox.path: cannot open {settings.outbox.path}: {exc}")
-        return EX_CANTCREAT
+        return _run_locked(args, settings)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, settings: Settings) -> int:
+    daemon = _open_daemon(settings, args.config)
+    if isinstance(daemon, int):
+        return daemon
     _install_signals(daemon)
     try:
         daemon.start()
@@ -1213,8 +1602,8 @@ def run(args: argparse.Namespace) -> int:
         # peer kept the interpreter from exiting at all (until SIGKILL). Leave now; the
         # outbox is as safe as after kill -9 and the in-flight deliveries are sent again.
         logging.shutdown()
-        os._exit(1)
-    return 0
+        os._exit(daemon.exit_status or 1)
+    return daemon.exit_status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from forwarder.config import (
     EX_CONFIG,
@@ -15,7 +17,7 @@ from forwarder.config import (
 )
 from forwarder.outbox import Outbox, OutboxError
 
-__all__ = ["add_arguments", "check", "run"]
+__all__ = ["MIN_FREE_BYTES", "add_arguments", "check", "disk_full", "run"]
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -48,6 +50,9 @@ def check(settings: Settings, now: float | None = None) -> tuple[bool, str]:
     age = now - beat.updated_at
     if beat.info.get("stopped"):
         return False, f"the daemon stopped {age:.0f} s ago"
+    full = disk_full(path)
+    if full is not None:
+        return False, full
     if age > settings.health.stale_seconds:
         return False, f"last heartbeat {age:.0f} s ago (pid {beat.pid}): the daemon is hung or gone"
     problem = beat.info.get("unhealthy")
@@ -63,6 +68,26 @@ def check(settings: Settings, now: float | None = None) -> tuple[bool, str]:
                     f"destination {name} paused for {paused / 60:.0f} min: {info.pause_reason}"
                 )
     return True, f"ok: pid {beat.pid}, heartbeat {age:.0f} s ago"
+
+
+MIN_FREE_BYTES = 256 * 1024
+"""Less free space than this where the outbox lives: the daemon cannot queue new files (its
+heartbeat may not get written either, so this is checked here, not only by the daemon)."""
+
+
+def disk_full(path: Path) -> str | None:
+    """One line when the file system holding the outbox `path` is (nearly) full, else None."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free >= MIN_FREE_BYTES:
+        return None
+    return (
+        f"the disk holding the outbox {path} is full ({free // 1024} KiB free): "
+        "the daemon takes no new files until space is freed"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -228,6 +228,8 @@ def delivery_json(d: Delivery, now: float) -> dict[str, Any]:
         "study_uid": d.study_uid,
         "transfer_syntax": d.transfer_syntax,
         "attempts": d.attempts,
+        "refusals": d.refusals,
+        "transient_failures": d.transient_failures,
         "next_attempt_at": iso(d.next_attempt_at) if d.state is State.PENDING else None,
         "first_attempt_at": iso(d.first_attempt_at),
         "last_attempt_at": iso(d.last_attempt_at),

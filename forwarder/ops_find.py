@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from forwarder import ops
-from forwarder.outbox import State
+from forwarder.outbox import Delivery, DestinationInfo, State
 
 __all__ = ["EXIT_NOT_FOUND", "add_arguments", "run"]
 
@@ -33,13 +33,31 @@ def run(args: argparse.Namespace) -> int:
     uid = args.uid.strip()
     with ops.open_outbox(settings) as outbox:
         rows = outbox.find(uid)
+        breakers = outbox.destination_info()
     files = {d.path: ops.location(Path(d.path), settings) for d in rows}
+
+    def pause_of(d: Delivery) -> DestinationInfo | None:
+        """The pause that holds `d` back now: a waiting delivery to a paused destination is
+        not being sent, whatever its row says (it is in flight only while we try to connect)."""
+        info = breakers.get(d.destination)
+        if d.state in (State.PENDING, State.INFLIGHT) and info is not None and info.paused(now):
+            return info
+        return None
+
     if args.json:
         ops.print_json(
             {
                 "uid": uid,
                 "found": bool(rows),
-                "deliveries": [{**ops.delivery_json(d, now), "file": files[d.path]} for d in rows],
+                "deliveries": [
+                    {
+                        **ops.delivery_json(d, now),
+                        "file": files[d.path],
+                        "paused_until": ops.iso(p.paused_until) if (p := pause_of(d)) else None,
+                        "pause_reason": p.pause_reason if p else None,
+                    }
+                    for d in rows
+                ],
             }
         )
         return 0 if rows else EXIT_NOT_FOUND
@@ -51,7 +69,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"{uid}: {what}")
     table = []
     for d in rows:
-        if d.state is State.PENDING:
+        state, detail = d.state.name.lower(), d.last_error
+        pause = pause_of(d)
+        if pause is not None:
+            state, detail = "paused", pause.pause_reason
+            until = pause.paused_until
+            when = f"until {ops.local_time(until, now)} ({ops.ago(until, now)})"
+        elif d.state is State.PENDING:
             due = "due now" if d.next_attempt_at <= now else ops.ago(d.next_attempt_at, now)
             when = f"next {due}"
         elif d.state is State.INFLIGHT:
@@ -65,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
             [
                 d.sop_instance_uid,
                 d.destination,
-                d.state.name.lower(),
+                state,
                 when,
                 d.attempts,
                 ops.status_hex(d.last_status),
-                ops.short(d.last_error, 50),
+                ops.short(detail, 50),
                 f"{file}: {d.path}" if file not in ("missing", "deleted after delivery") else file,
             ]
         )

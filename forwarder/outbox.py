@@ -52,7 +52,16 @@ Versioned with ``PRAGMA user_version``; `MIGRATIONS` takes a database from any o
 to `SCHEMA_VERSION`, one transaction per step. States are the `State` IntEnum, mirrored by a
 ``CHECK`` constraint, and the tables are ``STRICT``. The SQL lives below as constants with
 ``?``/``:name`` placeholders; the few queries with optional filters are joined from constant
-fragments, never from values.
+fragments, never from values. Paths are stored as the bytes of the name (``os.fsencode``) and
+handed out as ``str`` (``os.fsdecode``): a name that is not UTF-8 round-trips exactly.
+
+Errors
+------
+Every SQLite error becomes an `OutboxError`; the ones a caller acts on have subclasses:
+`OutboxBusyError` (another process held the lock too long), `OutboxFullError` (no space:
+transient), `OutboxReadOnlyError` (the file or folder cannot be written; found when a writer
+opens the outbox, not at its first write), `OutboxCorruptError` (damaged pages: restore from a
+backup; `Outbox.integrity_check` finds them all).
 """
 
 from __future__ import annotations
@@ -84,7 +93,10 @@ __all__ = [
     "Mark",
     "Outbox",
     "OutboxBusyError",
+    "OutboxCorruptError",
     "OutboxError",
+    "OutboxFullError",
+    "OutboxReadOnlyError",
     "PathConflictError",
     "State",
 ]
@@ -136,6 +148,24 @@ class PathConflictError(OutboxError):
     """Moving rows to a new path would collide with rows already there for the same file."""
 
 
+class OutboxFullError(OutboxError):
+    """The disk (or the file system's quota) holding the outbox is full: nothing was written.
+
+    Transient: the same write succeeds once space is freed.
+    """
+
+
+class OutboxCorruptError(OutboxError):
+    """The outbox file is damaged (SQLite reports a malformed page or a non-database file).
+
+    Not transient: restore the file from a backup (see ``forwarder outbox check``).
+    """
+
+
+class OutboxReadOnlyError(OutboxError):
+    """The outbox file, or its folder, cannot be written (permissions, read-only mount)."""
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """What the enqueuer knows about one complete DICOM file.
@@ -167,6 +197,9 @@ class Mark:
     """The reason; for SENT, the warning (or None)."""
     next_attempt_at: float | None = None
     count_attempt: bool = True
+    refusal: bool = False
+    """The peer refused this instance (counted in ``refusals`` as well as ``attempts``), as
+    opposed to a transient failure (out of resources, no response)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +227,13 @@ class Delivery:
     dataset_offset: int | None = None
     """From the enqueuer's inspection, so a worker need not read the file meta again; None
     for rows queued by an older version."""
+    refusals: int = 0
+    """Of `attempts`, those the peer refused the instance itself; the rest were transient."""
+
+    @property
+    def transient_failures(self) -> int:
+        """Attempts that failed for a passing reason (out of resources, no response)."""
+        return max(0, self.attempts - self.refusals - (self.state is State.SENT))
 
 
 @dataclass(frozen=True)
@@ -310,7 +350,76 @@ _SCHEMA_V2: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 2",
 )
 
-MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2))
+# Version 3 rebuilds the table (a STRICT column's type cannot be altered):
+# * ``path`` becomes a BLOB holding the name's bytes (``os.fsencode``). Names on Linux are bytes,
+#   not text: a Latin-1 ``\xe9`` cannot be stored as TEXT at all (it killed the enqueuer). Old
+#   rows keep their UTF-8 bytes, which is what ``os.fsencode`` gives for them.
+# * ``refusals`` counts the attempts the peer refused the instance itself (0xCxxx, 0x0110,
+#   0x021x, an unreadable file), apart from transient failures (0xA7xx, no response), so the
+#   policy limits each on its own.
+# The AUTOINCREMENT counter is carried over, so ids stay never reused.
+_SCHEMA_V3: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE deliveries_v3 (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        path             BLOB    NOT NULL CHECK (length(path) > 0),
+        size             INTEGER NOT NULL CHECK (size >= 0),
+        mtime_ns         INTEGER NOT NULL,
+        sop_class_uid    TEXT    NOT NULL,
+        sop_instance_uid TEXT    NOT NULL,
+        transfer_syntax  TEXT    NOT NULL,
+        study_uid        TEXT,
+        destination      TEXT    NOT NULL CHECK (destination <> ''),
+        -- State: 0 PENDING, 1 INFLIGHT, 2 SENT, 3 QUARANTINED, 4 GONE
+        state            INTEGER NOT NULL DEFAULT 0 CHECK (state IN (0, 1, 2, 3, 4)),
+        attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        next_attempt_at  REAL    NOT NULL,
+        lease_until      REAL,
+        first_attempt_at REAL,
+        last_attempt_at  REAL,
+        last_status      INTEGER,
+        last_error       TEXT,
+        created_at       REAL    NOT NULL,
+        updated_at       REAL    NOT NULL,
+        done_at          REAL,
+        dataset_offset   INTEGER CHECK (dataset_offset >= 0),
+        refusals         INTEGER NOT NULL DEFAULT 0 CHECK (refusals BETWEEN 0 AND attempts),
+        CHECK ((state = 1) = (lease_until IS NOT NULL)),       -- leased iff INFLIGHT
+        CHECK ((state IN (2, 3, 4)) = (done_at IS NOT NULL))   -- done iff final
+    ) STRICT
+    """,
+    """
+    INSERT INTO deliveries_v3 (id, path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                               transfer_syntax, study_uid, destination, state, attempts,
+                               next_attempt_at, lease_until, first_attempt_at,
+                               last_attempt_at, last_status, last_error, created_at,
+                               updated_at, done_at, dataset_offset)
+    SELECT id, CAST(path AS BLOB), size, mtime_ns, sop_class_uid, sop_instance_uid,
+           transfer_syntax, study_uid, destination, state, attempts, next_attempt_at,
+           lease_until, first_attempt_at, last_attempt_at, last_status, last_error,
+           created_at, updated_at, done_at, dataset_offset
+      FROM deliveries
+    """,
+    """
+    DELETE FROM sqlite_sequence WHERE name = 'deliveries_v3'
+    """,
+    """
+    INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'deliveries_v3', max(coalesce((SELECT seq FROM sqlite_sequence
+                                           WHERE name = 'deliveries'), 0),
+                                coalesce((SELECT max(id) FROM deliveries_v3), 0))
+    """,
+    "DROP TABLE deliveries",
+    "ALTER TABLE deliveries_v3 RENAME TO deliveries",
+    *(sql for sql in _SCHEMA_V1 if "INDEX" in sql and "ON deliveries " in sql),
+    "PRAGMA user_version = 3",
+)
+
+MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
+    (1, _SCHEMA_V1),
+    (2, _SCHEMA_V2),
+    (3, _SCHEMA_V3),
+)
 """(version reached, statements) in order; version 0 is an empty database."""
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -324,6 +433,9 @@ _PRAGMAS: Final[tuple[str, ...]] = (
 _PRAGMA_WAL: Final = "PRAGMA journal_mode = WAL"
 _PRAGMA_QUERY_ONLY: Final = "PRAGMA query_only = ON"
 _GET_VERSION: Final = "PRAGMA user_version"
+_PROBE_WRITE: Final = f"PRAGMA user_version = {SCHEMA_VERSION}"
+"""Rewrites the header with the version it has: a write that changes nothing, to find a
+read-only file (SQLite opens one read-only without a word) when it is opened, not later."""
 
 # --------------------------------------------------------------------------------------------
 # Statements.
@@ -331,7 +443,7 @@ _GET_VERSION: Final = "PRAGMA user_version"
 _COLUMNS: Final = (
     "id, path, destination, state, size, mtime_ns, sop_class_uid, sop_instance_uid, "
     "transfer_syntax, study_uid, attempts, next_attempt_at, first_attempt_at, "
-    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset"
+    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset, refusals"
 )
 _SELECT: Final = "SELECT " + _COLUMNS + " FROM deliveries"
 
@@ -397,7 +509,7 @@ SQL_MARK_RETRY: Final = """
        SET state = 0, lease_until = NULL, next_attempt_at = :next_attempt_at,
            updated_at = :now, last_attempt_at = :now,
            last_status = :status, last_error = :error,
-           attempts = attempts + :counted,
+           attempts = attempts + :counted, refusals = refusals + :refusal,
            first_attempt_at = CASE WHEN :counted THEN coalesce(first_attempt_at, :now)
                                    ELSE first_attempt_at END
      WHERE id = :id AND state = 1
@@ -406,7 +518,8 @@ SQL_MARK_RETRY: Final = """
 SQL_MARK_QUARANTINED: Final = """
     UPDATE deliveries
        SET state = 3, lease_until = NULL, done_at = :now, updated_at = :now,
-           attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :now),
+           attempts = attempts + 1, refusals = refusals + :refusal,
+           first_attempt_at = coalesce(first_attempt_at, :now),
            last_attempt_at = :now, last_status = :status, last_error = :error
      WHERE id = :id AND state = 1
 """
@@ -531,7 +644,7 @@ _RETRY_NOW_FILTERS: Final[tuple[tuple[str, str], ...]] = (
 
 SQL_REQUEUE: Final = """
     UPDATE deliveries
-       SET state = 0, attempts = 0, first_attempt_at = NULL, next_attempt_at = :now,
+       SET state = 0, attempts = 0, refusals = 0, first_attempt_at = NULL, next_attempt_at = :now,
            lease_until = NULL, done_at = NULL, updated_at = :now,
            path = coalesce(:new_path, path)
      WHERE id = :id AND state IN (3, 4)
@@ -553,6 +666,7 @@ SQL_PRUNE: Final = """
 """
 
 SQL_INTEGRITY: Final = "PRAGMA integrity_check"
+SQL_QUICK_CHECK: Final = "PRAGMA quick_check"
 
 
 def _compose(base: str, fragments: Sequence[tuple[str, str]], given: Mapping[str, Any]) -> str:
@@ -564,7 +678,7 @@ def _compose(base: str, fragments: Sequence[tuple[str, str]], given: Mapping[str
 def _delivery(row: Sequence[Any]) -> Delivery:
     return Delivery(
         id=row[0],
-        path=row[1],
+        path=_path_str(row[1]),
         destination=row[2],
         state=State(row[3]),
         size=row[4],
@@ -582,7 +696,18 @@ def _delivery(row: Sequence[Any]) -> Delivery:
         created_at=row[16],
         done_at=row[17],
         dataset_offset=row[18],
+        refusals=row[19],
     )
+
+
+def _path_bytes(path: str) -> bytes:
+    """A path as stored: its bytes on disk (a name that is not UTF-8 survives the round trip)."""
+    return os.fsencode(path)
+
+
+def _path_str(stored: bytes) -> str:
+    """A stored path back as the str the rest of the program uses (``os.fsdecode``)."""
+    return os.fsdecode(stored)
 
 
 def _check_absolute(path: str) -> None:
@@ -604,8 +729,15 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 def _translate(exc: sqlite3.Error, what: str) -> OutboxError:
     """Map a SQLite error to the outbox's exceptions (callers never import sqlite3)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
     if _is_busy(exc):
         return OutboxBusyError(f"{what}: the outbox is locked by another process ({exc})")
+    if name == "SQLITE_FULL":
+        return OutboxFullError(f"{what}: the disk holding the outbox is full ({exc})")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return OutboxCorruptError(f"{what}: the outbox is damaged ({exc})")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+        return OutboxReadOnlyError(f"{what}: the outbox cannot be written ({exc})")
     return OutboxError(f"{what}: {exc}")
 
 
@@ -673,6 +805,12 @@ class Outbox:
                     raise OutboxError(f"{self._path}: cannot use WAL mode (journal_mode={mode})")
                 self._migrate(conn)
             version = conn.execute(_GET_VERSION).fetchone()[0]
+            if not readonly and version == SCHEMA_VERSION:
+                try:
+                    with self._write(f"writing to {self._path}") as probe:
+                        probe.execute(_PROBE_WRITE)
+                except OutboxFullError as exc:  # writable, just no room now: the caller copes
+                    log.warning("outbox: %s", exc)
         except sqlite3.Error as exc:
             self.close()
             raise _translate(exc, f"opening {self._path}") from exc
@@ -830,9 +968,19 @@ class Outbox:
                     conn.execute(sql)
                 log.info("outbox %s migrated to schema version %d", self._path, version)
 
-    def integrity_check(self) -> builtins.list[str]:
-        """Run ``PRAGMA integrity_check``; return the problems found (empty when sound)."""
-        rows = self._query("integrity check", SQL_INTEGRITY)
+    def integrity_check(self, *, quick: bool = False) -> builtins.list[str]:
+        """Run ``PRAGMA integrity_check`` (``quick_check`` with `quick`); return the problems.
+
+        An empty list: the file is sound. ``quick_check`` reads every page but skips the
+        comparison of indexes with their tables: it is several times faster and what the
+        daemon runs at start-up. A file too damaged to be read at all gives one problem
+        (the SQLite error), not an exception.
+        """
+        sql = SQL_QUICK_CHECK if quick else SQL_INTEGRITY
+        try:
+            rows = self._query("integrity check", sql)
+        except OutboxCorruptError as exc:
+            return [str(exc)]
         problems = [str(row[0]) for row in rows]
         return [] if problems == ["ok"] else problems
 
@@ -840,7 +988,7 @@ class Outbox:
 
     def is_known(self, path: str, size: int, mtime_ns: int) -> bool:
         """Return True when any row, in any state, exists for this exact file version."""
-        return bool(self._query("is_known", SQL_IS_KNOWN, (path, size, mtime_ns)))
+        return bool(self._query("is_known", SQL_IS_KNOWN, (_path_bytes(path), size, mtime_ns)))
 
     def known_files(
         self, keys: Iterable[tuple[str, int, int]]
@@ -865,13 +1013,13 @@ class Outbox:
     ) -> Iterator[Any]:
         """The rows of `keys` (each a file version), looked up by path through the
         ``deliveries_file`` index: their key, or (key, destination, state) with `states`."""
-        paths = sorted({k[0] for k in keys})
+        paths = sorted({_path_bytes(k[0]) for k in keys})
         cols = "path, size, mtime_ns" + (", destination, state" if states else "")
         for i in range(0, len(paths), _MANY):
             chunk = paths[i : i + _MANY]
             sql = f"SELECT {cols} FROM deliveries WHERE path IN ({', '.join('?' * len(chunk))})"
             for row in self._query(what, sql, chunk):
-                key = (row[0], row[1], row[2])
+                key = (_path_str(row[0]), row[1], row[2])
                 if key in keys:  # other versions of the same path are not asked for
                     yield (key, row[3], row[4]) if states else key
 
@@ -903,7 +1051,7 @@ class Outbox:
             return 0
         params = (
             {
-                "path": rec.path,
+                "path": _path_bytes(rec.path),
                 "size": rec.size,
                 "mtime_ns": rec.mtime_ns,
                 "sop_class_uid": rec.sop_class_uid,
@@ -1002,10 +1150,11 @@ class Outbox:
                         error=m.error or "",
                         next_attempt_at=m.next_attempt_at,
                         counted=1 if m.count_attempt else 0,
+                        refusal=1 if m.refusal and m.count_attempt else 0,
                     )
                 elif m.state is State.QUARANTINED:
                     sql = SQL_MARK_QUARANTINED
-                    params["error"] = m.error or ""
+                    params.update(error=m.error or "", refusal=1 if m.refusal else 0)
                 elif m.state is State.GONE:
                     sql = SQL_MARK_GONE
                     params = {"id": m.delivery_id, "now": now, "error": m.error or ""}
@@ -1039,6 +1188,7 @@ class Outbox:
         next_attempt_at: float,
         *,
         count_attempt: bool = True,
+        refusal: bool = False,
     ) -> None:
         """Put an in-flight row back to `State.PENDING`, due at `next_attempt_at`.
 
@@ -1048,17 +1198,27 @@ class Outbox:
         ``last_attempt_at``, ``last_status`` and ``last_error`` are recorded either way. A row
         that is not `State.INFLIGHT` (its lease was recovered, an operator acted) is left alone.
         """
-        mark = Mark(delivery_id, State.PENDING, status, error, next_attempt_at, count_attempt)
+        mark = Mark(
+            delivery_id, State.PENDING, status, error, next_attempt_at, count_attempt, refusal
+        )
         self.mark_many([mark], now)
 
     def mark_quarantined(
-        self, delivery_id: int, status: int | None, error: str, now: float
+        self,
+        delivery_id: int,
+        status: int | None,
+        error: str,
+        now: float,
+        *,
+        refusal: bool = False,
     ) -> None:
         """An in-flight row becomes `State.QUARANTINED` (counts an attempt; sets ``done_at``).
 
-        A row that is not `State.INFLIGHT` is left alone (logged).
+        With `refusal` the attempt is counted in ``refusals`` too. A row that is not
+        `State.INFLIGHT` is left alone (logged).
         """
-        self.mark_many([Mark(delivery_id, State.QUARANTINED, status, error)], now)
+        mark = Mark(delivery_id, State.QUARANTINED, status, error, refusal=refusal)
+        self.mark_many([mark], now)
 
     def mark_gone(self, delivery_id: int, error: str, now: float) -> None:
         """An in-flight row becomes `State.GONE`: its file vanished (no attempt counted).
@@ -1091,7 +1251,7 @@ class Outbox:
 
     def file_states(self, path: str, size: int, mtime_ns: int) -> dict[str, State]:
         """Return destination -> state of every row of this exact file version."""
-        rows = self._query("file_states", SQL_FILE_STATES, (path, size, mtime_ns))
+        rows = self._query("file_states", SQL_FILE_STATES, (_path_bytes(path), size, mtime_ns))
         return {dest: State(state) for dest, state in rows}
 
     def set_path(self, old_path: str, new_path: str, *, now: float | None = None) -> int:
@@ -1107,7 +1267,11 @@ class Outbox:
             When `new_path` is not absolute.
         """
         _check_absolute(new_path)
-        params = {"old_path": old_path, "new_path": new_path, "now": now}
+        params = {
+            "old_path": _path_bytes(old_path),
+            "new_path": _path_bytes(new_path),
+            "now": now,
+        }
         try:
             with self._write("set_path") as conn:
                 return conn.execute(SQL_SET_PATH, params).rowcount
@@ -1225,7 +1389,7 @@ class Outbox:
             "destination": destination,
             "states": None if states is None else json.dumps([int(s) for s in states]),
             "study_uid": study_uid,
-            "path": path,
+            "path": None if path is None else _path_bytes(path),
             "limit": limit,
         }
         sql = _compose(_SELECT + " WHERE 1", _LIST_FILTERS, params) + _LIST_ORDER
@@ -1266,7 +1430,8 @@ class Outbox:
         """
         if new_path is not None:
             _check_absolute(new_path)
-        params = ({"id": i, "now": now, "new_path": new_path} for i in delivery_ids)
+        stored = None if new_path is None else _path_bytes(new_path)
+        params = ({"id": i, "now": now, "new_path": stored} for i in delivery_ids)
         try:
             with self._write("requeue") as conn:
                 before = conn.total_changes

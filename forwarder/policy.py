@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from forwarder.config import RetrySettings
 from forwarder.status import Action, Classification
 
-__all__ = ["Decision", "Next", "backoff", "decide", "pause_for"]
+__all__ = ["REFUSALS", "Decision", "Next", "backoff", "decide", "pause_for"]
 
-RETRY_FEW_LIMIT = 3  # attempts for "probably transient" statuses (0x0110, 0xCxxx)
+RETRY_FEW_LIMIT = 3  # refusals for "probably transient" statuses (0x0110, 0xCxxx)
 RETRY_FRESH_LIMIT = 2  # one retry on a fresh association (0x0210-0x0212)
+
+REFUSALS = frozenset({Action.RETRY_FEW, Action.RETRY_FRESH, Action.UNREADABLE, Action.PERMANENT})
+"""Outcomes that say something about the instance itself (the peer refused it, or our file
+could not be read), as opposed to a passing condition (out of resources, no response)."""
 FRESH_RETRY_SECONDS = 1.0
 
 
@@ -28,6 +32,9 @@ class Decision:
     reason: str
     next_attempt_at: float | None = None
     fresh_association: bool = False
+    refusal: bool = False
+    """This attempt counts as a refusal of the instance (see `REFUSALS`), not a transient
+    failure: the outbox counts the two apart and `decide` limits each on its own."""
 
 
 def backoff(attempt: int, initial: float, maximum: float, rand: float) -> float:
@@ -54,37 +61,67 @@ def decide(
     now: float,
     retry: RetrySettings,
     rand: float,
+    refusals_before: int = 0,
 ) -> Decision:
     """What to do with one delivery after an attempt classified as `cls`.
 
-    `attempts_before` does not count this attempt. A retry is refused (quarantine) once
-    ``retry.max_attempts`` (or the lower limit of the status class) is reached, or once the
-    first attempt is older than ``retry.max_age_seconds``.
+    `attempts_before` counts every earlier attempt, `refusals_before` those of them that were
+    refusals (`REFUSALS`); neither counts this attempt. Transient failures and refusals are
+    limited apart: a transient failure gives up once the transient ones reach
+    ``retry.max_attempts``; a refusal once the refusals reach the lower limit of its status
+    class (`RETRY_FEW_LIMIT`, `RETRY_FRESH_LIMIT`, never above ``retry.max_attempts``). So a
+    peer out of resources, then timing out, then answering 0xC000 once has refused the
+    instance once, not three times. Either way a retry is refused once the first attempt is
+    older than ``retry.max_age_seconds``.
     """
+    refusal = cls.action in REFUSALS
     if cls.delivered:
         return Decision(Next.SENT, cls.describe())
     if cls.action is Action.PERMANENT:
-        return Decision(Next.QUARANTINE, f"rejected: {cls.describe()}")
+        return Decision(Next.QUARANTINE, f"rejected: {cls.describe()}", refusal=True)
     if cls.action is Action.DESTINATION:
         return Decision(Next.HOLD, f"destination refuses us: {cls.describe()}")
     attempts = attempts_before + 1
-    limit = retry.max_attempts
-    if cls.action in (Action.RETRY_FEW, Action.UNREADABLE):
-        limit = min(limit, RETRY_FEW_LIMIT)
-    elif cls.action is Action.RETRY_FRESH:
-        limit = min(limit, RETRY_FRESH_LIMIT)
+    refusals = refusals_before + refusal
+    transient = attempts - refusals
+    if refusal:
+        count, limit = refusals, retry.max_attempts
+        if cls.action is Action.RETRY_FRESH:
+            limit = min(limit, RETRY_FRESH_LIMIT)
+        else:
+            limit = min(limit, RETRY_FEW_LIMIT)
+    else:
+        count, limit = transient, retry.max_attempts
     started = first_attempt_at if first_attempt_at is not None else now
-    if attempts >= limit:
-        return Decision(Next.QUARANTINE, f"gave up after {attempts} attempts: {cls.describe()}")
+    if count >= limit:
+        tally = (
+            f"{attempts} attempts"
+            if refusals in (0, attempts)
+            else (f"{attempts} attempts: {refusals} refused, {transient} transient")
+        )
+        return Decision(
+            Next.QUARANTINE, f"gave up after {tally}: {cls.describe()}", refusal=refusal
+        )
     if now - started >= retry.max_age_seconds:
         hours = (now - started) / 3600
         return Decision(
             Next.QUARANTINE,
             f"gave up after {hours:.1f} h ({attempts} attempts): {cls.describe()}",
+            refusal=refusal,
         )
     if cls.action is Action.RETRY_FRESH:
         return Decision(
-            Next.RETRY, cls.describe(), now + FRESH_RETRY_SECONDS, fresh_association=True
+            Next.RETRY,
+            cls.describe(),
+            now + FRESH_RETRY_SECONDS,
+            fresh_association=True,
+            refusal=True,
         )
     wait = backoff(attempts, retry.initial_seconds, retry.max_seconds, rand)
-    return Decision(Next.RETRY, cls.describe(), now + wait, fresh_association=cls.status is None)
+    return Decision(
+        Next.RETRY,
+        cls.describe(),
+        now + wait,
+        fresh_association=cls.status is None,
+        refusal=refusal,
+    )

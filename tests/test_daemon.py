@@ -338,7 +338,10 @@ class Forwarder:
         return self.text(since_start=True)
 
     def inbox_files(self) -> list[Path]:
-        return sorted(p for p in self.inbox.rglob("*") if p.is_file())
+        """Files in the inbox, but the daemon's lock file."""
+        return sorted(
+            p for p in self.inbox.rglob("*") if p.is_file() and p.name != ".forwarder.lock"
+        )
 
     def quarantined(self) -> list[Path]:
         """Quarantined files (not their sidecars)."""

@@ -283,15 +283,15 @@ def test_state_check_constraint_mirrors_the_enum(outbox: Outbox, db_path: Path) 
         for state in State:
             lease = 1.0 if state is State.INFLIGHT else None
             done = 1.0 if state in outbox_module.FINAL_STATES else None
-            conn.execute(insert, (f"/ok/{state.name}", int(state), lease, done))
+            conn.execute(insert, (f"/ok/{state.name}".encode(), int(state), lease, done))
         for bad in (-1, len(State)):
             with pytest.raises(sqlite3.IntegrityError):
-                conn.execute(insert, (f"/bad/{bad}", bad, None, None))
+                conn.execute(insert, (f"/bad/{bad}".encode(), bad, None, None))
         # the lease and done_at invariants are enforced too
         with pytest.raises(sqlite3.IntegrityError):
-            conn.execute(insert, ("/bad/lease", int(State.INFLIGHT), None, None))
+            conn.execute(insert, (b"/bad/lease", int(State.INFLIGHT), None, None))
         with pytest.raises(sqlite3.IntegrityError):
-            conn.execute(insert, ("/bad/done", int(State.SENT), None, None))
+            conn.execute(insert, (b"/bad/done", int(State.SENT), None, None))
 
 
 def test_refuses_a_file_that_is_not_a_database(db_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 from forwarder.config import RetrySettings
 from forwarder.policy import (
     FRESH_RETRY_SECONDS,
+    REFUSALS,
     RETRY_FEW_LIMIT,
     RETRY_FRESH_LIMIT,
     Next,
@@ -77,9 +78,12 @@ def test_first_attempt(status: int | None, expected: Next) -> None:
 )
 def test_transient_failures_give_up_at_their_limit(status: int | None, limit: int) -> None:
     cls = classify_status(status)
+    refused = cls.action in REFUSALS  # then every earlier attempt was a refusal too
     for before in range(limit - 1):
-        assert decide(cls, before, NOW - 10, NOW, RETRY, 0.5).next is Next.RETRY, before
-    last = decide(cls, limit - 1, NOW - 10, NOW, RETRY, 0.5)
+        d = decide(cls, before, NOW - 10, NOW, RETRY, 0.5, before if refused else 0)
+        assert d.next is Next.RETRY, before
+        assert d.refusal is refused
+    last = decide(cls, limit - 1, NOW - 10, NOW, RETRY, 0.5, limit - 1 if refused else 0)
     assert last.next is Next.QUARANTINE
     assert last.reason.startswith(f"gave up after {limit} attempts")
 
@@ -88,7 +92,7 @@ def test_max_attempts_lower_than_the_status_limit_wins() -> None:
     retry = RETRY.model_copy(update={"max_attempts": 2})
     cls = classify_status(0xC000)
     assert decide(cls, 0, None, NOW, retry, 0.5).next is Next.RETRY
-    assert decide(cls, 1, NOW, NOW, retry, 0.5).next is Next.QUARANTINE
+    assert decide(cls, 1, NOW, NOW, retry, 0.5, 1).next is Next.QUARANTINE
 
 
 def test_one_attempt_allowed_quarantines_the_first_transient_failure() -> None:
@@ -174,3 +178,44 @@ def test_pause_for_backs_off_like_retries() -> None:
 def test_pause_for_a_destination_down_for_days_does_not_overflow() -> None:
     # 1 s pauses, ~20 minutes of failures in a row: the breaker count passes 1024
     assert pause_for(1100, 0.2, 1.0, 0.5) == pytest.approx(0.75)
+
+
+def _run(statuses: list[int | None], retry: RetrySettings = RETRY) -> list[Next]:
+    """Decide a sequence of outcomes for one instance, counting as the daemon and outbox do."""
+    refusals = 0
+    out = []
+    for attempts, status in enumerate(statuses):
+        d = decide(classify_status(status), attempts, NOW, NOW, retry, 0.5, refusals)
+        out.append(d.next)
+        refusals += d.refusal
+    return out
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        # the attack: out of resources, a timeout, then one 0xC000 quarantined the instance
+        ([0xA700, None, 0xC000], [Next.RETRY, Next.RETRY, Next.RETRY]),
+        ([0xA700, None, 0xC000, 0xC000, 0xC000], [Next.RETRY] * 4 + [Next.QUARANTINE]),
+        ([None] * 10 + [0x0210, 0x0210], [Next.RETRY] * 11 + [Next.QUARANTINE]),
+        ([0xC000, 0xC000] + [0xA700] * 17, [Next.RETRY] * 19),
+        ([0xC000, 0xC000] + [0xA700] * 20, [Next.RETRY] * 21 + [Next.QUARANTINE]),
+        ([0xA700] * 5 + [0xA900], [Next.RETRY] * 5 + [Next.QUARANTINE]),
+    ],
+)
+def test_transient_failures_and_refusals_are_limited_apart(
+    statuses: list[int | None], expected: list[Next]
+) -> None:
+    assert _run(statuses) == expected
+
+
+def test_the_reason_for_giving_up_tells_refusals_from_transient_failures() -> None:
+    d = decide(classify_status(0xC000), 4, NOW, NOW, RETRY, 0.5, 2)
+    assert d.next is Next.QUARANTINE
+    assert d.reason == "gave up after 5 attempts: 3 refused, 2 transient: 0xC000 cannot understand"
+    assert d.refusal
+
+
+def test_a_low_max_attempts_still_bounds_refusals() -> None:
+    retry = RETRY.model_copy(update={"max_attempts": 2})
+    assert _run([0xA700, 0xC000, 0xC000], retry) == [Next.RETRY, Next.RETRY, Next.QUARANTINE]
