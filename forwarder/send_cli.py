@@ -18,6 +18,7 @@ from typing import TextIO
 from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
 from forwarder.dicomfile import inspect as inspect_file
 from forwarder.errors import ConfigError, add_config_argument
+from forwarder.logs import EscapingFormatter
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult, client_tls_context
 from forwarder.status import Action
 
@@ -216,7 +217,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     if args.log_level:
         level = getattr(logging, args.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname).1s: %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(levelname).1s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

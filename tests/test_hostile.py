@@ -99,3 +99,28 @@ def test_send_skips_a_file_with_a_bad_uid_and_sends_the_rest(
     assert any("a-bad-ts.dcm" in s and "Transfer Syntax UID" in s for s in skipped), err
     assert any("b-bad-uid.dcm" in s and "SOP Instance UID" in s for s in skipped), err
     assert "Traceback" not in err
+
+
+# -- item 12: control characters in names and UIDs never reach the log raw ------------------
+
+
+def test_newlines_and_nul_in_names_and_uids_cannot_forge_log_lines(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)], log={"level": "debug"}).start()
+    forged = "2026-01-01T00:00:00.000+00:00 I: sent: forged.dcm (1.2.3) -> pacs: Success"
+    (fwd.inbox / f"x\n{forged}").write_text("not DICOM\n")
+    uid, data = corpus.encode()
+    nul_uid = uid[:-2].encode() + b"\x00\n"  # NULs inside a UID were seen; padding is stripped
+    (fwd.inbox / f"y\r\x1b[2K{forged}.dcm").write_bytes(data.replace(uid.encode(), nul_uid))
+    fwd.wait(lambda: len(fwd.quarantined()) == 2, timeout=15, what="2 quarantined files")
+    good = corpus.many(fwd.inbox, 2)
+    fwd.wait(has_all(scp, good), timeout=15, what="good files")
+    assert fwd.stop() == 0
+    lines = fwd.text().splitlines()
+    assert not [line for line in lines if "forged.dcm" in line and line.startswith("2026-01-01")]
+    assert any("x\\n2026-01-01T00:00:00.000+00:00 I: sent: forged.dcm" in li for li in lines)
+    assert any("y\\r\\x1b[2K2026" in li for li in lines), fwd.tail()
+    raw = fwd.log.read_bytes()
+    assert b"\x00" not in raw and b"\x1b" not in raw and b"\r" not in raw
+    assert_no_crash(fwd.text())
