@@ -7,9 +7,11 @@ real SCP on loopback, and asserts what the peer received and where every file en
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from test_daemon import Corpus, Forwarder, dest, has_all, once, received
 from test_daemon import corpus as corpus
 from test_daemon import fwd as fwd
 
+from forwarder.cli import main as cli_main
+from forwarder.outbox import Outbox
 from forwarder.send_cli import main as send_main
 
 EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
@@ -124,3 +128,96 @@ def test_newlines_and_nul_in_names_and_uids_cannot_forge_log_lines(
     raw = fwd.log.read_bytes()
     assert b"\x00" not in raw and b"\x1b" not in raw and b"\r" not in raw
     assert_no_crash(fwd.text())
+
+
+# -- items 9 and 10: requeue never moves a file from or to outside its folders ---------------
+
+
+def quarantine_cli(*argv: str) -> tuple[int, str, str]:
+    """``forwarder quarantine ARGV`` in this process: (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            status = cli_main(["quarantine", *argv])
+        except SystemExit as exc:
+            status = int(exc.code or 0)
+    return status, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def configured(fwd: Forwarder, corpus: Corpus) -> Forwarder:
+    """A config and an outbox (no daemon running) with one quarantined file, ``q.dcm``."""
+    fwd.configure([dest("pacs", 9)])
+    Outbox(fwd.outbox_path).close()
+    fwd.quarantine.mkdir()
+    corpus.write(fwd.quarantine / "q.dcm")
+    return fwd
+
+
+def test_requeue_refuses_a_path_that_leads_out_of_the_quarantine(
+    configured: Forwarder, corpus: Corpus
+) -> None:
+    fwd = configured
+    victim = fwd.tmp / "victim" / "file.dcm"
+    corpus.write(victim)
+    before = victim.read_bytes()
+    (fwd.quarantine / "link.dcm").symlink_to(victim)
+    (fwd.quarantine / "dirlink").symlink_to(victim.parent, target_is_directory=True)
+    for given in (
+        "../victim/file.dcm",
+        str(fwd.quarantine / ".." / "victim" / "file.dcm"),
+        "link.dcm",
+        "dirlink/file.dcm",
+    ):
+        status, out, err = quarantine_cli("requeue", given, "--config", str(fwd.cfg))
+        assert status != 0, (given, out)
+        assert "not under quarantine.dir" in err and len(err.strip().splitlines()) == 1, err
+        assert victim.read_bytes() == before
+        assert not fwd.inbox_files()
+    # --all does not take a symlink for a quarantined file either
+    status, out, err = quarantine_cli("requeue", "--all", "--config", str(fwd.cfg))
+    assert status == 0, err
+    assert [p.name for p in fwd.inbox_files()] == ["q.dcm"]
+    assert victim.read_bytes() == before and (fwd.quarantine / "link.dcm").is_symlink()
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        "{inbox}/../victim/file.dcm",  # lexically under the inbox, really outside
+        "{inbox}/sub/../../victim/file.dcm",
+        "{inbox}/escape/file.dcm",  # a symlinked folder in the inbox leading out
+        "../victim/file.dcm",  # not absolute
+    ],
+)
+def test_requeue_refuses_a_forged_sidecar_original_path(
+    configured: Forwarder, original: str
+) -> None:
+    fwd = configured
+    outside = fwd.tmp / "victim"
+    outside.mkdir()
+    (fwd.inbox / "escape").symlink_to(outside, target_is_directory=True)
+    sidecar = {"reason": "test", "original_path": original.format(inbox=fwd.inbox)}
+    (fwd.quarantine / "q.dcm.json").write_text(json.dumps(sidecar))
+    status, out, err = quarantine_cli("requeue", "q.dcm", "--config", str(fwd.cfg))
+    assert status != 0, out
+    assert "cannot requeue" in err and len(err.strip().splitlines()) == 1, err
+    assert not list(outside.iterdir())
+    assert (fwd.quarantine / "q.dcm").is_file()
+
+
+def test_requeue_goes_back_to_the_inbox_relative_path(configured: Forwarder) -> None:
+    fwd = configured
+    sidecar = {"reason": "test", "original_path": str(fwd.inbox / "a" / "b.dcm")}
+    (fwd.quarantine / "q.dcm.json").write_text(json.dumps(sidecar))
+    status, _out, err = quarantine_cli("requeue", "q.dcm", "--config", str(fwd.cfg))
+    assert status == 0, err
+    assert fwd.inbox_files() == [fwd.inbox / "a" / "b.dcm"]
+    # a sidecar naming a folder that is no longer watched: back at its quarantine path
+    (fwd.quarantine / "c").mkdir()
+    Path(fwd.inbox / "a" / "b.dcm").rename(fwd.quarantine / "c" / "d.dcm")
+    sidecar = {"reason": "test", "original_path": str(fwd.tmp / "old-inbox" / "x.dcm")}
+    (fwd.quarantine / "c" / "d.dcm.json").write_text(json.dumps(sidecar))
+    status, _out, err = quarantine_cli("requeue", "c/d.dcm", "--config", str(fwd.cfg))
+    assert status == 0, err
+    assert fwd.inbox_files() == [fwd.inbox / "c" / "d.dcm"]
