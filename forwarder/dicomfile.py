@@ -392,11 +392,12 @@ def _inflate_check(fp: BinaryIO, path: Path, prefix_size: int = 1 << 16) -> byte
     return bytes(prefix)
 
 
-def inspect(path: Path | str) -> DicomInfo:
+def inspect(path: Path | str, *, follow_symlinks: bool = True) -> DicomInfo:
     """Read the file meta and header of a DICOM file and check that it is complete.
 
     Only element headers are read; values are skipped, so pixel data is never
-    read (a deflated data set is inflated in chunks to prove it ends).
+    read (a deflated data set is inflated in chunks to prove it ends). With
+    ``follow_symlinks=False`` a symlink at `path` is not opened (OSError ELOOP).
 
     Raises
     ------
@@ -413,7 +414,8 @@ def inspect(path: Path | str) -> DicomInfo:
         The file cannot be opened or read (vanished, permissions).
     """
     path = Path(path)
-    with open(path, "rb") as fp:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    with os.fdopen(os.open(path, flags), "rb") as fp:
         st = os.fstat(fp.fileno())
         size = st.st_size
         reader = _Reader(fp, path, size)
