@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -27,6 +28,7 @@ from forwarder.config import (
     load_settings,
 )
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
+from forwarder.inodes import FileKey, FirstName, InodeIndex
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
@@ -298,7 +300,8 @@ class Worker(threading.Thread):
     def _stat_file(self, d: Delivery, now: float) -> DicomInfo | None:
         """`_check_file` for a row that knows its data set offset; raises like `locate`."""
         assert d.dataset_offset is not None
-        st = os.stat(d.path)
+        # not through a symlink that replaced the file since (unless symlinks are followed)
+        st = os.stat(d.path, follow_symlinks=self.d.settings.watch.follow_symlinks)
         if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
             self._changed(d, now)
             return None
@@ -431,6 +434,9 @@ class Enqueuer(threading.Thread):
         self.stop = threading.Event()
         self.last_beat = time.monotonic()
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
+        self._inodes = InodeIndex(track_all=daemon.settings.watch.follow_symlinks)
+        self._twins: dict[Path, tuple[ReadyFile, FirstName]] = {}  # waiting for their first name
+        self._batch: set[FileKey] = set()  # files of the batch being examined, not yet queued
 
     def halt(self) -> None:
         """Stop, waking a `loop` blocked on the empty queue (it would sleep out its 30 s)."""
@@ -456,7 +462,7 @@ class Enqueuer(threading.Thread):
 
     def loop(self) -> None:
         self.last_beat = time.monotonic()
-        timeout = 1.0 if self._suspects else 30.0
+        timeout = 1.0 if self._suspects or self._twins else 30.0
         try:
             first = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -479,14 +485,17 @@ class Enqueuer(threading.Thread):
         )  # one query for the batch
         for ready in batch:
             self._suspects.pop(ready.path, None)
+            self._twins.pop(ready.path, None)
             rec = self._examine(ready, time.monotonic(), known=known)
             if rec is not None:
                 records.append(rec)
         self._recheck(records)
+        self._recheck_twins(records)
         if records:
             added = self.d.enqueue(records)
             if added:
                 self.d.wake_workers()
+        self._batch.clear()
 
     def _recheck(self, records: list[FileRecord]) -> None:
         now = time.monotonic()
@@ -520,6 +529,7 @@ class Enqueuer(threading.Thread):
         outbox = self.d.outbox
         key = (str(path), ready.size, ready.mtime_ns)
         if key in known if known is not None else outbox.is_known(*key):
+            self._inodes.register(ready)
             states = outbox.file_states(*key)
             if states and all(s in FINAL_STATES for s in states.values()):
                 # Left over from a crash, or dropped again with the same path, size and mtime
@@ -533,26 +543,34 @@ class Enqueuer(threading.Thread):
                     )
                 self.d.dispose(path, ready.size, ready.mtime_ns)
             return None
+        first = self._inodes.first_name(ready)
+        if first is not None and self._twin(ready, first):
+            return None
+        follow = self.d.settings.watch.follow_symlinks
         try:
-            info = inspect(path)
+            info = inspect(path, follow_symlinks=follow)
         except FileNotFoundError:  # deleted meanwhile (the watcher is not told of that)
             if self.d.watcher is not None:
                 self.d.watcher.forget(path)
             return None
-        except (InvalidDicom, OSError) as exc:
-            reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
-            first = first_seen if first_seen is not None else now
-            grace = self.d.settings.watch.invalid_grace_seconds
-            if now - first >= grace:
-                self.d.quarantine_invalid(path, reason)
-            else:
-                self._suspects[path] = (first, ready, reason)
-                if first_seen is None:
-                    LOGGER.debug("%s: not valid DICOM yet (%s); looking again", path, reason)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP or follow:
+                self._invalid(ready, now, first_seen, f"unreadable: {exc}")
+                return None
+            # replaced by a symlink after the watcher looked: never read, sent or moved
+            LOGGER.warning(
+                f"skipped symlink {path}: watch.follow_symlinks is false",
+                extra=fields(path=str(path), outcome="skipped"),
+            )
+            return None
+        except InvalidDicom as exc:
+            self._invalid(ready, now, first_seen, exc.reason)
             return None
         if info.sop_class_uid == _DICOMDIR:
             self.d.quarantine_invalid(path, "a DICOMDIR is not a storage instance")
             return None
+        self._inodes.register(ready, info.sop_instance_uid)
+        self._batch.add(key)
         return FileRecord(
             path=str(info.path),
             size=info.size,
@@ -563,6 +581,70 @@ class Enqueuer(threading.Thread):
             study_uid=info.study_uid,
             dataset_offset=info.dataset_offset,
         )
+
+    def _invalid(self, ready: ReadyFile, now: float, first_seen: float | None, reason: str) -> None:
+        """Not valid DICOM (yet): look again, or quarantine once the grace is over."""
+        path = ready.path
+        first = first_seen if first_seen is not None else now
+        grace = self.d.settings.watch.invalid_grace_seconds
+        if now - first >= grace:
+            self.d.quarantine_invalid(path, reason)
+        else:
+            self._suspects[path] = (first, ready, reason)
+            if first_seen is None:
+                LOGGER.debug("%s: not valid DICOM yet (%s); looking again", path, reason)
+
+    def _twin(self, ready: ReadyFile, first: FirstName) -> bool:
+        """`ready` is another name of the file queued as `first` (a hard link): the instance
+        is sent once, under `first`; this name leaves the inbox as `first` does (deleted,
+        archived or kept once delivered; quarantined beside it when refused). False when
+        `first` has no deliveries (any more): `ready` is then examined as a file of its own.
+        """
+        states = self._first_states(first)
+        if not states:
+            return False
+        if ready.path not in self._twins:
+            LOGGER.info(
+                f"{ready.path} is another name (hard link) of {first.key[0]}: sent once, under "
+                "that name; this one leaves the inbox with it",
+                extra=fields(path=str(ready.path), outcome="same-file"),
+            )
+        if any(s not in FINAL_STATES for s in states.values()):
+            self._twins[ready.path] = (ready, first)
+            return True
+        self._twins.pop(ready.path, None)
+        if any(s is State.QUARANTINED for s in states.values()):
+            self.d.quarantine_invalid(
+                ready.path, f"another name (hard link) of {first.key[0]}, which was refused"
+            )
+        else:
+            self.d.dispose(ready.path, ready.size, ready.mtime_ns, states)
+        return True
+
+    def _first_states(self, first: FirstName) -> dict[str, State]:
+        """The delivery states of the file queued as `first`, wherever it moved since."""
+        states = self.d.outbox.file_states(*first.key)
+        if states:
+            return states
+        if first.key in self._batch:  # queued with this very batch
+            return {"": State.PENDING}
+        if first.sop_instance_uid is None:
+            return {}
+        # archived or quarantined: its rows followed it to another path
+        size, mtime_ns = first.key[1:]
+        return {
+            d.destination: d.state
+            for d in self.d.outbox.find(first.sop_instance_uid)
+            if (d.size, d.mtime_ns) == (size, mtime_ns)
+        }
+
+    def _recheck_twins(self, records: list[FileRecord]) -> None:
+        for path, (ready, first) in list(self._twins.items()):
+            if not self._twin(ready, first):
+                self._twins.pop(path, None)
+                rec = self._examine(ready, time.monotonic())
+                if rec is not None:
+                    records.append(rec)
 
 
 # -- the daemon -------------------------------------------------------------------------
@@ -680,6 +762,7 @@ class Daemon:
             w.paths,
             self.enqueuer.offer,
             recursive=w.recursive,
+            follow_symlinks=w.follow_symlinks,
             poll=w.poll,
             poll_interval=w.poll_interval_seconds,
             settle_seconds=w.settle_seconds,

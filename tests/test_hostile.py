@@ -10,6 +10,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import random
+import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -23,6 +27,7 @@ from test_daemon import corpus as corpus
 from test_daemon import fwd as fwd
 
 from forwarder.cli import main as cli_main
+from forwarder.dicomfile import InvalidDicom, inspect
 from forwarder.outbox import Outbox
 from forwarder.send_cli import main as send_main
 
@@ -221,3 +226,235 @@ def test_requeue_goes_back_to_the_inbox_relative_path(configured: Forwarder) -> 
     status, _out, err = quarantine_cli("requeue", "c/d.dcm", "--config", str(fwd.cfg))
     assert status == 0, err
     assert fwd.inbox_files() == [fwd.inbox / "c" / "d.dcm"]
+
+
+# -- item 11: symlinks in the inbox ----------------------------------------------------------
+
+
+def test_symlinks_are_skipped_with_one_warning_and_never_read_or_moved(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    outside = fwd.tmp / "outside"
+    secret_uid = corpus.write(outside / "secret.dcm")
+    fwd.configure(
+        [dest("pacs", scp.port)], watch={"rescan_seconds": 0.5}, log={"level": "debug"}
+    ).start()
+    links = {
+        fwd.inbox / "passwd.dcm": Path("/etc/passwd"),
+        fwd.inbox / "secret.dcm": outside / "secret.dcm",
+        fwd.inbox / "folder": outside,
+        fwd.inbox / "dangling.dcm": outside / "nothing-here",
+    }
+    for link, target in links.items():
+        link.symlink_to(target)
+    good = corpus.many(fwd.inbox, 3)
+    fwd.wait(has_all(scp, good), timeout=15, what="the good files")
+    for link in links:
+        fwd.wait_log(f"skipped symlink {link} -> ", timeout=10)
+    scans = fwd.text().count("scanned ")
+    fwd.wait(lambda: fwd.text().count("scanned ") >= scans + 2, what="two more rescans")
+    assert fwd.stop() == 0
+    assert received(scp) == once(good)
+    assert secret_uid not in scp.uids()
+    assert fwd.quarantined() == []
+    assert all(link.is_symlink() for link in links)
+    assert (outside / "secret.dcm").is_file()
+    text = fwd.text()
+    for link in links:
+        assert text.count(f"skipped symlink {link} -> ") == 1, text
+    assert_no_crash(text)
+
+
+def test_follow_symlinks_follows_links_inside_the_watched_folders_only(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    outside = fwd.tmp / "outside"
+    secret_uid = corpus.write(outside / "secret.dcm")
+    fwd.configure([dest("pacs", scp.port)], watch={"follow_symlinks": True}).start()
+    hidden_uid = corpus.write(fwd.inbox / ".store" / "hidden.dcm")  # ignored folder (".*")
+    (fwd.inbox / "hidden-link.dcm").symlink_to(fwd.inbox / ".store" / "hidden.dcm")
+    (fwd.inbox / "secret.dcm").symlink_to(outside / "secret.dcm")
+    plain_uid = corpus.write(fwd.tmp / "plain.dcm")
+    (fwd.tmp / "plain.dcm").rename(fwd.inbox / "plain.dcm")
+    (fwd.inbox / "plain-link.dcm").symlink_to(fwd.inbox / "plain.dcm")
+    fwd.wait(has_all(scp, [hidden_uid, plain_uid]), timeout=15, what="the linked files")
+    fwd.wait_log(f"skipped symlink {fwd.inbox / 'secret.dcm'} -> ", timeout=10)
+    fwd.wait(
+        lambda: {p.name for p in fwd.inbox_files()} == {"hidden.dcm", "secret.dcm"},
+        what="the inbox emptied but for the ignored file and the link to outside",
+    )
+    assert fwd.stop() == 0
+    assert received(scp) == once([hidden_uid, plain_uid])  # a link and its target: once
+    assert secret_uid not in scp.uids()
+    assert (fwd.inbox / "secret.dcm").is_symlink() and fwd.quarantined() == []
+    assert_no_crash(fwd.text())
+
+
+# -- item 14: two names of one file are one instance -----------------------------------------
+
+
+@pytest.mark.parametrize("on_success", ["delete", "move"])
+def test_hard_links_are_sent_once_and_every_name_leaves_the_inbox(
+    fwd: Forwarder, scp: SCP, corpus: Corpus, on_success: str
+) -> None:
+    fwd.configure([dest("pacs", scp.port)], disposition={"on_success": on_success}).start()
+    uids = []
+    names = []
+    for n in range(3):
+        src = fwd.tmp / f"src{n}.dcm"
+        uids.append(corpus.write(src))
+        names += [fwd.inbox / f"a{n}.dcm", fwd.inbox / "sub" / f"b{n}.dcm"]
+        (fwd.inbox / "sub").mkdir(exist_ok=True)
+        os.link(src, names[-2])
+        os.link(src, names[-1])
+    fwd.wait(has_all(scp, uids), timeout=15, what="the linked instances")
+    fwd.wait(lambda: not fwd.inbox_files(), what="every name out of the inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once(uids)
+    assert fwd.text().count("another name (hard link)") == 3
+    if on_success == "move":
+        archived = sorted(p.relative_to(fwd.archive) for p in fwd.archive.rglob("*.dcm"))
+        assert archived == sorted(p.relative_to(fwd.inbox) for p in names)
+    assert_no_crash(fwd.text())
+
+
+# -- fuzz: mutated headers never stop the pipeline -------------------------------------------
+
+FUZZ_SEED = 20261210
+FUZZ_FILES = 240
+ODD_NAMES = [
+    "new\nline",
+    "carriage\rreturn",
+    "tab\there",
+    "esc\x1b[31mred",
+    "  spaced  name  ",
+    "ünïcödé-名前",
+    "-leading-dash",
+    "back\\slash",
+    "bidi\u202egpj.exe",
+    "x" * 200,
+    "no-extension",
+]
+BAD_UID_BYTES = [b"\xe9", b"\xff", b"\x00", b"\n", b"a", b".", b" ", b"\x1b", b"5", b"0"]
+
+
+def _elements(data: bytes, start: int) -> list[tuple[int, int]]:
+    """(offset of the length field, its width) of each top-level explicit VR LE element."""
+    found = []
+    pos = start
+    while pos + 8 <= len(data):
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL"):
+            length = int.from_bytes(data[pos + 8 : pos + 12], "little")
+            found.append((pos + 8, 4))
+            pos += 12 + length
+        else:
+            found.append((pos + 6, 2))
+            pos += 8 + int.from_bytes(data[pos + 6 : pos + 8], "little")
+    return found
+
+
+def _replace_some(value: bytes, rng: random.Random) -> bytes:
+    """`value` with 1-3 of its characters replaced by bytes a UID must not (or may) have."""
+    out = bytearray(value)
+    for _ in range(rng.randint(1, 3)):
+        out[rng.randrange(len(out))] = rng.choice(BAD_UID_BYTES)[0]
+    return bytes(out)
+
+
+def mutate(uid: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """One mutation of an encoded instance: (kind, bytes)."""
+    meta_end = 144 + int.from_bytes(data[140:144], "little")
+    header_end = data.rindex(b"\xe0\x7f\x10\x00O")  # the pixel data element
+    kind = rng.choice(["flip", "truncate", "length", "uid", "ts", "class", "name"])
+    out = bytearray(data)
+    if kind == "flip":
+        for _ in range(rng.randint(1, 4)):
+            out[rng.randrange(124, header_end)] ^= 1 << rng.randrange(8)
+    elif kind == "truncate":
+        out = out[: rng.randrange(0, len(out))]
+    elif kind == "length":
+        at, width = rng.choice(_elements(data, 132) + _elements(data, meta_end))
+        limit = 1 << (8 * width)
+        value = rng.choice([len(data) - at + rng.randint(1, 9999), limit - 1, limit - 2])
+        out[at : at + width] = (value % limit).to_bytes(width, "little")
+    elif kind == "uid":
+        which = rng.choice([data.index(uid.encode()), data.rindex(uid.encode())])
+        out[which : which + len(uid)] = _replace_some(uid.encode(), rng)
+    elif kind == "ts":
+        at = data.index(EXPLICIT_LE)
+        out[at : at + 19] = _replace_some(EXPLICIT_LE[:19], rng)
+    elif kind == "class":
+        sc = b"1.2.840.10008.5.1.4.1.1.7"
+        at = rng.choice([data.index(sc), data.rindex(sc)])
+        out[at : at + len(sc)] = _replace_some(sc, rng)
+    return kind, bytes(out)
+
+
+def _dataset_bytes(path: Path) -> bytes | str:
+    """What the peer must receive for this file (its data set), or why it is invalid."""
+    try:
+        info = inspect(path)
+    except InvalidDicom as exc:
+        return exc.reason
+    data = path.read_bytes()[info.dataset_offset :]
+    return data + b"\x00" if len(data) % 2 else data
+
+
+def test_fuzzed_headers_are_sent_complete_or_quarantined_with_a_reason(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    rng = random.Random(FUZZ_SEED)
+    staged = fwd.tmp / "staged"
+    staged.mkdir()
+    expected: dict[str, bytes | str] = {}  # name in the inbox -> data set, or reason
+    kinds: Counter[str] = Counter()
+    for i in range(FUZZ_FILES):
+        uid, data = corpus.encode()
+        kind, mutated = mutate(uid, data, rng)
+        kinds[kind] += 1
+        name = f"m{i:03d}-{kind}.dcm"
+        if kind == "name" or rng.random() < 0.2:
+            name = f"m{i:03d}-{rng.choice(ODD_NAMES)}"
+        (staged / name).write_bytes(mutated)
+        expected[name] = _dataset_bytes(staged / name)
+    invalid = {n for n, e in expected.items() if isinstance(e, str)}
+    assert 30 <= len(invalid) <= FUZZ_FILES - 30, kinds  # both outcomes are well exercised
+    fwd.configure([dest("pacs", scp.port)], retry={"max_attempts": 2}).start()
+    t0 = time.monotonic()
+    for name in expected:
+        (staged / name).rename(fwd.inbox / name)
+    fwd.wait(lambda: not fwd.inbox_files(), timeout=45, what="every fuzzed file handled")
+    control = corpus.many(fwd.inbox, 1, prefix="control")
+    fwd.wait(has_all(scp, control), timeout=15, what="the control file after the fuzz")
+    elapsed = time.monotonic() - t0
+    assert fwd.alive()
+    assert fwd.stop() == 0
+    by_data = {e: n for n, e in expected.items() if isinstance(e, bytes)}
+    delivered: Counter[str] = Counter()
+    with scp.lock:
+        got = [r for r in scp.received if r.sop_instance_uid not in control]
+    for r in got:
+        assert r.encoded in by_data, f"{r.sop_instance_uid}: not the data set of any file"
+        delivered[by_data[r.encoded]] += 1
+    assert all(count == 1 for count in delivered.values()), delivered.most_common(3)
+    for name, want in expected.items():
+        sidecar = fwd.quarantine / f"{name}.json"
+        if name in delivered:
+            assert not sidecar.exists(), name
+            continue
+        assert (fwd.quarantine / name).is_file(), f"{name!r}: neither sent nor quarantined"
+        reason = json.loads(sidecar.read_text())["reason"]
+        assert reason, name
+        if isinstance(want, str):
+            assert reason == want, (name, reason, want)
+        else:
+            print(f"quarantined although valid: {name!r}: {reason}")
+    text = fwd.text()
+    assert_no_crash(text)
+    # bad input is the file's problem, never the association's: the peer was never paused
+    assert "paused" not in text, [line for line in text.splitlines() if "paused" in line][:3]
+    print(
+        f"\nfuzz: {FUZZ_FILES} files ({dict(kinds)}), {len(delivered)} delivered, "
+        f"{FUZZ_FILES - len(delivered)} quarantined ({len(invalid)} invalid), {elapsed:.1f} s"
+    )
