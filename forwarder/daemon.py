@@ -27,7 +27,7 @@ from forwarder.config import (
     add_config_argument,
     load_settings,
 )
-from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
+from forwarder.dicomfile import DicomInfo, InvalidDicom, escape_bytes, inspect, locate, uid_problem
 from forwarder.inodes import FileKey, FirstName, InodeIndex
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
@@ -271,6 +271,12 @@ class Worker(threading.Thread):
         file, so only a stat is needed here (rows queued by an older version, without the data
         set offset, have their file meta read again).
         """
+        bad = _bad_uid(d)
+        if bad is not None:  # queued before UIDs were checked: never let it reach a peer
+            self.d.outbox.mark_quarantined(d.id, None, bad, now)
+            self.d.event(logging.ERROR, "quarantined", d, bad)
+            self.d.file_done(d)
+            return None
         try:
             if d.dataset_offset is not None:
                 return self._stat_file(d, now)
@@ -414,6 +420,20 @@ class Worker(threading.Thread):
         if hold:
             reason += " (check called_aet/calling_aet and the peer's configuration)"
         self._pause(reason, hold=hold)
+
+
+def _bad_uid(d: Delivery) -> str | None:
+    """Why a queued row's UIDs cannot be sent (see `dicomfile.uid_problem`), or None."""
+    for name, uid in (
+        ("Transfer Syntax UID", d.transfer_syntax),
+        ("SOP Class UID", d.sop_class_uid),
+        ("SOP Instance UID", d.sop_instance_uid),
+    ):
+        problem = uid_problem(uid)
+        if problem is not None:
+            shown = escape_bytes(uid.encode("utf-8", "surrogateescape"))
+            return f"invalid {name} '{shown}': {problem}"
+    return None
 
 
 # -- enqueuer -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from test_daemon import fwd as fwd
 
 from forwarder.cli import main as cli_main
 from forwarder.dicomfile import InvalidDicom, inspect
-from forwarder.outbox import Outbox
+from forwarder.outbox import FileRecord, Outbox, State
 from forwarder.send_cli import main as send_main
 
 EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
@@ -85,6 +85,47 @@ def test_bad_uids_are_quarantined_and_never_block_the_good_files(
     assert "Transfer Syntax UID (0002,0010) '1.2.840.10008.\\xe9.2.1'" in reasons["bad-ts.dcm"]
     assert "SOP Instance UID" in reasons["bad-uid.dcm"] and "\\xe9" in reasons["bad-uid.dcm"]
     assert not fwd.inbox_files()
+    assert_no_crash(fwd.text())
+
+
+def test_rows_queued_with_bad_uids_before_the_upgrade_never_reach_the_peer(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    # queued by a version that did not check UIDs (the issue's stuck outbox): after the
+    # upgrade the rows are quarantined and the good files behind them are sent
+    bad = {
+        "ts.dcm": ("1.2.840.10008.\ufffd.2.1", None),
+        "uid.dcm": (None, "1.2.826.0.1.3680043.10.999.\ufffd"),
+    }
+    fwd.outbox_path.parent.mkdir(parents=True)
+    with Outbox(fwd.outbox_path) as ob:
+        for name, (ts, uid) in bad.items():
+            path = fwd.inbox / name
+            corpus.write(path)
+            info = inspect(path)
+            rec = FileRecord(
+                path=str(path),
+                size=info.size,
+                mtime_ns=info.mtime_ns,
+                sop_class_uid=info.sop_class_uid,
+                sop_instance_uid=uid or info.sop_instance_uid,
+                transfer_syntax=ts or info.transfer_syntax,
+                study_uid=info.study_uid,
+                dataset_offset=info.dataset_offset,
+            )
+            ob.enqueue_many([rec], ["pacs"], time.time())
+    good = corpus.many(fwd.inbox, 3)
+    fwd.configure([dest("pacs", scp.port)]).start()
+    fwd.wait(has_all(scp, good), timeout=20, what="the good files")
+    fwd.wait(lambda: len(fwd.quarantined()) == 2, what="the two bad rows' files quarantined")
+    assert fwd.stop() == 0
+    assert received(scp) == once(good)
+    rows = {Path(d.path).name: d for d in fwd.deliveries()}
+    assert rows["ts.dcm"].state is State.QUARANTINED
+    assert "invalid Transfer Syntax UID '1.2.840.10008.\\xef\\xbf\\xbd.2.1'" in str(
+        rows["ts.dcm"].last_error
+    )
+    assert "invalid SOP Instance UID" in str(rows["uid.dcm"].last_error)
     assert_no_crash(fwd.text())
 
 
