@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import SCP
+from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from test_daemon import Corpus, Forwarder, dest, has_all, once, received
 
 # the daemon fixtures, re-exported for pytest
@@ -361,7 +363,7 @@ def test_hard_links_are_sent_once_and_every_name_leaves_the_inbox(
 
 # -- fuzz: mutated headers never stop the pipeline -------------------------------------------
 
-FUZZ_SEED = 20261210
+FUZZ_SEED = int(os.environ.get("FUZZ_SEED", "20261210"))  # fixed; set FUZZ_SEED to explore
 FUZZ_FILES = 240
 ODD_NAMES = [
     "new\nline",
@@ -379,19 +381,24 @@ ODD_NAMES = [
 BAD_UID_BYTES = [b"\xe9", b"\xff", b"\x00", b"\n", b"a", b".", b" ", b"\x1b", b"5", b"0"]
 
 
-def _elements(data: bytes, start: int) -> list[tuple[int, int]]:
-    """(offset of the length field, its width) of each top-level explicit VR LE element."""
+_LONG_VRS = (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL")
+
+
+def _elements(data: bytes, start: int, *, explicit: bool = True) -> list[tuple[int, int]]:
+    """(offset of the length field, its width) of each top-level little-endian element."""
     found = []
     pos = start
     while pos + 8 <= len(data):
-        vr = data[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL"):
-            length = int.from_bytes(data[pos + 8 : pos + 12], "little")
-            found.append((pos + 8, 4))
-            pos += 12 + length
+        if data[pos : pos + 2] != b"\x02\x00" and start > 0 and pos < 132 + 8:
+            break
+        if not explicit:
+            at, width = pos + 4, 4
+        elif data[pos + 4 : pos + 6] in _LONG_VRS:
+            at, width = pos + 8, 4
         else:
-            found.append((pos + 6, 2))
-            pos += 8 + int.from_bytes(data[pos + 6 : pos + 8], "little")
+            at, width = pos + 6, 2
+        found.append((at, width))
+        pos = at + width + int.from_bytes(data[at : at + width], "little")
     return found
 
 
@@ -403,19 +410,43 @@ def _replace_some(value: bytes, rng: random.Random) -> bytes:
     return bytes(out)
 
 
-def mutate(uid: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
+def encode_as(data: bytes, encoding: str) -> bytes:
+    """An explicit VR little endian Part 10 file re-encoded: implicit VR, deflated, or a bare
+    data set with no preamble and no file meta."""
+    if encoding == "explicit":
+        return data
+    ds = dcmread(io.BytesIO(data))
+    buf = io.BytesIO()
+    if encoding == "nometa":
+        ds.preamble = None
+        del ds.file_meta
+        ds.save_as(buf, implicit_vr=False, little_endian=True)
+    else:
+        ts = {"implicit": ImplicitVRLittleEndian, "deflated": DeflatedExplicitVRLittleEndian}
+        ds.file_meta.TransferSyntaxUID = ts[encoding]
+        ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def mutate(uid: str, data: bytes, encoding: str, rng: random.Random) -> tuple[str, bytes]:
     """One mutation of an encoded instance: (kind, bytes)."""
-    meta_end = 144 + int.from_bytes(data[140:144], "little")
-    header_end = data.rindex(b"\xe0\x7f\x10\x00O")  # the pixel data element
-    kind = rng.choice(["flip", "truncate", "length", "uid", "ts", "class", "name"])
+    has_meta = data[128:132] == b"DICM"
+    meta_end = 144 + int.from_bytes(data[140:144], "little") if has_meta else 0
+    pixels = data.rfind(b"\xe0\x7f\x10\x00")  # the pixel data element (not in a deflated set)
+    header_end = pixels if pixels > meta_end else len(data)
+    kinds = ["flip", "truncate", "length", "uid", "class", "name"]
+    kind = rng.choice([*kinds, "ts"] if has_meta else kinds)
     out = bytearray(data)
     if kind == "flip":
         for _ in range(rng.randint(1, 4)):
-            out[rng.randrange(124, header_end)] ^= 1 << rng.randrange(8)
+            out[rng.randrange(124 if has_meta else 0, header_end)] ^= 1 << rng.randrange(8)
     elif kind == "truncate":
         out = out[: rng.randrange(0, len(out))]
     elif kind == "length":
-        at, width = rng.choice(_elements(data, 132) + _elements(data, meta_end))
+        places = _elements(data, 132) if has_meta else []
+        if encoding != "deflated":
+            places += _elements(data, meta_end, explicit=encoding != "implicit")
+        at, width = rng.choice(places)
         limit = 1 << (8 * width)
         value = rng.choice([len(data) - at + rng.randint(1, 9999), limit - 1, limit - 2])
         out[at : at + width] = (value % limit).to_bytes(width, "little")
@@ -423,8 +454,10 @@ def mutate(uid: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
         which = rng.choice([data.index(uid.encode()), data.rindex(uid.encode())])
         out[which : which + len(uid)] = _replace_some(uid.encode(), rng)
     elif kind == "ts":
-        at = data.index(EXPLICIT_LE)
-        out[at : at + 19] = _replace_some(EXPLICIT_LE[:19], rng)
+        at = data.index(b"\x02\x00\x10\x00UI") + 8
+        size = int.from_bytes(data[at - 2 : at], "little")
+        value = data[at : at + size].rstrip(b"\x00")
+        out[at : at + len(value)] = _replace_some(value, rng)
     elif kind == "class":
         sc = b"1.2.840.10008.5.1.4.1.1.7"
         at = rng.choice([data.index(sc), data.rindex(sc)])
@@ -450,11 +483,14 @@ def test_fuzzed_headers_are_sent_complete_or_quarantined_with_a_reason(
     staged.mkdir()
     expected: dict[str, bytes | str] = {}  # name in the inbox -> data set, or reason
     kinds: Counter[str] = Counter()
+    encodings: Counter[str] = Counter()
     for i in range(FUZZ_FILES):
         uid, data = corpus.encode()
-        kind, mutated = mutate(uid, data, rng)
+        encoding = rng.choice(["explicit", "explicit", "implicit", "deflated", "nometa"])
+        kind, mutated = mutate(uid, encode_as(data, encoding), encoding, rng)
         kinds[kind] += 1
-        name = f"m{i:03d}-{kind}.dcm"
+        encodings[encoding] += 1
+        name = f"m{i:03d}-{encoding}-{kind}.dcm"
         if kind == "name" or rng.random() < 0.2:
             name = f"m{i:03d}-{rng.choice(ODD_NAMES)}"
         (staged / name).write_bytes(mutated)
@@ -496,6 +532,7 @@ def test_fuzzed_headers_are_sent_complete_or_quarantined_with_a_reason(
     # bad input is the file's problem, never the association's: the peer was never paused
     assert "paused" not in text, [line for line in text.splitlines() if "paused" in line][:3]
     print(
-        f"\nfuzz: {FUZZ_FILES} files ({dict(kinds)}), {len(delivered)} delivered, "
+        f"\nfuzz: {FUZZ_FILES} files ({dict(kinds)}, {dict(encodings)}), "
+        f"{len(delivered)} delivered, "
         f"{FUZZ_FILES - len(delivered)} quarantined ({len(invalid)} invalid), {elapsed:.1f} s"
     )
