@@ -178,6 +178,18 @@ def test_newlines_and_nul_in_names_and_uids_cannot_forge_log_lines(
     assert_no_crash(fwd.text())
 
 
+def test_send_escapes_control_characters_in_file_names(
+    scp: SCP, tmp_path: Path, restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a\nE: forged line").write_text("not DICOM")
+    assert send_main(["127.0.0.1", str(scp.port), str(folder)]) != 0
+    err = capsys.readouterr().err
+    assert "\nE: forged line" not in err
+    assert "a\\nE: forged line" in err
+
+
 # -- items 9 and 10: requeue never moves a file from or to outside its folders ---------------
 
 
