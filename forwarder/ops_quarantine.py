@@ -41,6 +41,7 @@ from typing import Any
 
 from forwarder import filing, ops
 from forwarder.config import Settings
+from forwarder.logs import escape
 from forwarder.outbox import Delivery, Outbox, PathConflictError, State
 
 __all__ = ["Entry", "QuarantinedFile", "add_arguments", "entries", "files", "run"]
@@ -333,12 +334,13 @@ def _show(args: argparse.Namespace) -> int:
         )
         return 0
     side = f.sidecar or {}
-    print(f"file:         {path} ({path.stat().st_size} bytes)")
+    print(f"file:         {escape(str(path))} ({path.stat().st_size} bytes)")
     when = f.quarantined_at
     print(f"quarantined:  {ops.local_time(when, now)} ({ops.ago(when, now)})")
-    print(f"original:     {side.get('original_path') or '-'}")
-    print(f"reason:       {side.get('reason') or ('(no sidecar)' if f.sidecar is None else '-')}")
-    print(f"sidecar:      {f.sidecar_path if f.sidecar is not None else '-'}")
+    print(f"original:     {escape(str(side.get('original_path') or '-'))}")
+    reason = side.get("reason") or ("(no sidecar)" if f.sidecar is None else "-")
+    print(f"reason:       {escape(str(reason))}")
+    print(f"sidecar:      {escape(str(f.sidecar_path)) if f.sidecar is not None else '-'}")
     if rows:
         print("destinations:")
         table = [
@@ -522,7 +524,7 @@ def _requeue(args: argparse.Namespace) -> int:
                 done.append(requeue_file(settings, outbox, f, want))
             except (OSError, PathConflictError, UnsafeTarget) as exc:
                 failed += 1
-                print(f"cannot requeue {f.path}: {exc}", file=sys.stderr)
+                print(f"cannot requeue {escape(str(f.path))}: {escape(str(exc))}", file=sys.stderr)
         if not args.paths:
             qdir = settings.quarantine.dir
             waiting = [
@@ -540,9 +542,10 @@ def _requeue(args: argparse.Namespace) -> int:
     for r in done:
         dests = ", ".join(r.destinations) if r.destinations else "a fresh look by the daemon"
         if r.target is None:
-            print(f"requeued {r.source} (still in the inbox) for {dests}")
+            print(f"requeued {escape(r.source)} (still in the inbox) for {dests}")
         else:
-            print(f"requeued {_shown(r.source, settings)} -> {r.target} for {dests}")
+            shown = escape(_shown(r.source, settings))
+            print(f"requeued {shown} -> {escape(str(r.target))} for {dests}")
     if not done and not failed:
         print("nothing to requeue")
         return EXIT_NOTHING

@@ -548,3 +548,17 @@ def test_fuzzed_headers_are_sent_complete_or_quarantined_with_a_reason(
         f"{len(delivered)} delivered, "
         f"{FUZZ_FILES - len(delivered)} quarantined ({len(invalid)} invalid), {elapsed:.1f} s"
     )
+
+
+def test_quarantine_list_and_show_escape_control_characters(configured: Forwarder) -> None:
+    fwd = configured
+    name = "evil\x1b[2J\nforged.dcm"
+    (fwd.quarantine / "q.dcm").rename(fwd.quarantine / name)
+    sidecar = {"reason": "bad\rreason", "original_path": str(fwd.inbox / name)}
+    (fwd.quarantine / f"{name}.json").write_text(json.dumps(sidecar))
+    status, out, err = quarantine_cli("list", "--config", str(fwd.cfg))
+    assert status == 0, err
+    assert "evil\\x1b[2J\\nforged.dcm" in out and "\x1b" not in out and "\r" not in out
+    status, out, err = quarantine_cli("show", name, "--config", str(fwd.cfg))
+    assert status == 0, err
+    assert "\x1b" not in out and "\r" not in out and "bad\\rreason" in out
