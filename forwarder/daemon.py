@@ -589,6 +589,10 @@ class Enqueuer(threading.Thread):
         if info.sop_class_uid == _DICOMDIR:
             self.d.quarantine_invalid(path, "a DICOMDIR is not a storage instance")
             return None
+        if self._inodes.tracks(ready):
+            first = self._queued_elsewhere(ready, info.sop_instance_uid)
+            if first is not None and self._twin(ready, first):
+                return None
         self._inodes.register(ready, info.sop_instance_uid)
         self._batch.add(key)
         return FileRecord(
@@ -640,6 +644,29 @@ class Enqueuer(threading.Thread):
         else:
             self.d.dispose(ready.path, ready.size, ready.mtime_ns, states)
         return True
+
+    def remember_name(self, path: Path, st: os.stat_result) -> None:
+        """`path`, delivered and about to leave the inbox, has other names (hard links): keep
+        its inode, so that another name met later (with one link left by then) is known."""
+        rows = self.d.outbox.list(path=str(path), limit=1)
+        uid = rows[0].sop_instance_uid if rows else None
+        seen = ReadyFile(path, st.st_size, st.st_mtime_ns, path.parent, st.st_dev, st.st_ino, 2)
+        self._inodes.register(seen, uid)
+
+    def _queued_elsewhere(self, ready: ReadyFile, uid: str) -> FirstName | None:
+        """Another name of `ready`'s file that the outbox has rows for (queued before a
+        restart, when the index was empty): same instance, size and mtime at a path that
+        is the same inode. A name gone since cannot be proved the same file: None."""
+        for d in self.d.outbox.find(uid):
+            if d.path == str(ready.path) or (d.size, d.mtime_ns) != (ready.size, ready.mtime_ns):
+                continue
+            try:
+                st = os.stat(d.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (ready.dev, ready.ino):
+                return FirstName((d.path, d.size, d.mtime_ns), uid)
+        return None
 
     def _first_states(self, first: FirstName) -> dict[str, State]:
         """The delivery states of the file queued as `first`, wherever it moved since."""
@@ -820,6 +847,8 @@ class Daemon:
                 st = path.stat()
                 if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
                     return  # a new version: it has rows of its own
+                if st.st_nlink > 1:
+                    self.enqueuer.remember_name(path, st)
                 if any(s is State.QUARANTINED for s in states.values()):
                     self._quarantine_delivered(path, key, states)
                 else:

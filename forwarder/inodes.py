@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -32,13 +33,15 @@ class InodeIndex:
     than one hard link, or reached through a symlink), unless `track_all` (symlinks are
     followed, so a plain file may be a link's target); at most `limit` entries, oldest
     forgotten first. A match also needs the same size and mtime: an inode number reused
-    by a new file after the old one was deleted is not taken for the old file.
+    by a new file after the old one was deleted is not taken for the old file. Any file is
+    looked up (a name whose siblings were disposed of has one link left). Thread-safe.
     """
 
     def __init__(self, *, track_all: bool = False, limit: int = 100_000) -> None:
         self.track_all = track_all
         self._limit = limit
         self._first: OrderedDict[tuple[int, int], FirstName] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._first)
@@ -54,18 +57,21 @@ class InodeIndex:
         if not self.tracks(ready):
             return
         inode = (ready.dev, ready.ino)
-        if inode in self._first:
-            return
         key = (str(ready.path), ready.size, ready.mtime_ns)
-        self._first[inode] = FirstName(key, sop_instance_uid)
-        while len(self._first) > self._limit:
-            self._first.popitem(last=False)
+        with self._lock:
+            known = self._first.get(inode)
+            if known is not None and known.key[1:] == key[1:]:
+                return
+            self._first[inode] = FirstName(key, sop_instance_uid)
+            while len(self._first) > self._limit:
+                self._first.popitem(last=False)
 
     def first_name(self, ready: ReadyFile) -> FirstName | None:
         """The other name `ready`'s file was queued under, or None."""
-        if not self.tracks(ready):
+        if ready.dev == 0 and ready.ino == 0:
             return None
-        first = self._first.get((ready.dev, ready.ino))
+        with self._lock:
+            first = self._first.get((ready.dev, ready.ino))
         if first is None or first.key[0] == str(ready.path):
             return None
         if first.key[1:] != (ready.size, ready.mtime_ns):

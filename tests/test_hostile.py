@@ -19,7 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from conftest import SCP
+from conftest import SCP, free_port
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from test_daemon import Corpus, Forwarder, dest, has_all, once, received
@@ -562,3 +562,20 @@ def test_quarantine_list_and_show_escape_control_characters(configured: Forwarde
     status, out, err = quarantine_cli("show", name, "--config", str(fwd.cfg))
     assert status == 0, err
     assert "\x1b" not in out and "\r" not in out and "bad\\rreason" in out
+
+
+def test_a_hard_link_made_while_the_first_name_waits_across_a_restart_is_sent_once(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", free_port())]).start()  # nobody listens: it stays queued
+    uid = corpus.write(fwd.inbox / "a.dcm")
+    fwd.wait(lambda: len(fwd.deliveries()) == 1, what="a.dcm queued")
+    assert fwd.stop() == 0
+    (fwd.inbox / "sub").mkdir()
+    os.link(fwd.inbox / "a.dcm", fwd.inbox / "sub" / "b.dcm")
+    fwd.configure([dest("pacs", scp.port)]).start()
+    fwd.wait(has_all(scp, [uid]), timeout=30, what="the instance")
+    fwd.wait(lambda: not fwd.inbox_files(), what="both names out of the inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once([uid])
+    assert "another name (hard link)" in fwd.text()

@@ -28,8 +28,8 @@ def ready(
         (ready("a", 7), ready("b", 7, size=11), False, False),
         (ready("a", 7, links=1), ready("b", 7, via=True), False, False),  # target not tracked
         (ready("a", 7, links=1), ready("b", 7, via=True), True, True),  # follow_symlinks
-        (ready("a", 7, via=True), ready("b", 7, links=1), False, False),  # b is plain
-        (ready("a", 7, via=True), ready("b", 7, links=1), True, True),
+        (ready("a", 7, via=True), ready("b", 7, links=1), False, True),  # the link's target
+        (ready("a", 7), ready("b", 7, links=1), False, True),  # a's other names left since
     ],
 )
 def test_first_name(first: ReadyFile, second: ReadyFile, track_all: bool, twin: bool) -> None:
