@@ -622,10 +622,11 @@ class Enqueuer(threading.Thread):
         """`ready` is another name of the file queued as `first` (a hard link): the instance
         is sent once, under `first`; this name leaves the inbox as `first` does (deleted,
         archived or kept once delivered; quarantined beside it when refused). False when
-        `first` has no deliveries (any more): `ready` is then examined as a file of its own.
+        `first` has no deliveries (any more), or lost some (it vanished or changed before it
+        was sent): `ready` is then examined as a file of its own, and sent.
         """
         states = self._first_states(first)
-        if not states:
+        if not states or State.GONE in states.values():
             return False
         if ready.path not in self._twins:
             LOGGER.info(

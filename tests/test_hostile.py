@@ -14,7 +14,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -579,3 +579,22 @@ def test_a_hard_link_made_while_the_first_name_waits_across_a_restart_is_sent_on
     assert fwd.stop() == 0
     assert received(scp) == once([uid])
     assert "another name (hard link)" in fwd.text()
+
+
+def test_a_hard_link_whose_first_name_vanishes_before_sending_is_sent_itself(
+    fwd: Forwarder, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    port = free_port()
+    fwd.configure([dest("pacs", port)]).start()  # the peer is down for now
+    uid = corpus.write(fwd.tmp / "src.dcm")
+    os.link(fwd.tmp / "src.dcm", fwd.inbox / "a.dcm")
+    os.link(fwd.tmp / "src.dcm", fwd.inbox / "b.dcm")
+    fwd.wait_log("another name (hard link)")
+    (row,) = fwd.wait(fwd.deliveries, what="the first name queued")
+    first = Path(row.path)
+    first.unlink()  # the name it was queued under vanishes before it could be sent
+    scp = make_scp(port=port)
+    fwd.wait(has_all(scp, [uid]), timeout=30, what="the instance, sent under its other name")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once([uid])
