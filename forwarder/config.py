@@ -102,6 +102,7 @@ class WatchSettings(_Model):
     rescan_seconds: float = Field(default=300, gt=0)
     invalid_grace_seconds: float = Field(default=30, ge=0)
     ignore: list[str] = [".*", "*.part", "*.tmp", "*.partial"]
+    follow_symlinks: bool = False
 
 
 class OutboxSettings(_Model):

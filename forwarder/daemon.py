@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -28,8 +29,9 @@ from forwarder.config import (
     load_settings,
 )
 from forwarder.contexts import ContextSpec
-from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, locate
+from forwarder.dicomfile import DicomInfo, InvalidDicom, escape_bytes, inspect, locate, uid_problem
 from forwarder.health import disk_full
+from forwarder.inodes import FileKey, FirstName, InodeIndex
 from forwarder.lockfile import Held, LockedError, LockError, hold
 from forwarder.logs import fields, setup_logging
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
@@ -488,6 +490,12 @@ class Worker(threading.Thread):
         file, so only a stat is needed here (rows queued by an older version, without the data
         set offset, have their file meta read again).
         """
+        bad = _bad_uid(d)
+        if bad is not None:  # queued before UIDs were checked: never let it reach a peer
+            self.d.outbox.mark_quarantined(d.id, None, bad, now)
+            self.d.event(logging.ERROR, "quarantined", d, bad)
+            self.d.file_done(d)
+            return None
         try:
             if d.dataset_offset is not None:
                 return self._stat_file(d, now)
@@ -517,7 +525,8 @@ class Worker(threading.Thread):
     def _stat_file(self, d: Delivery, now: float) -> DicomInfo | None:
         """`_check_file` for a row that knows its data set offset; raises like `locate`."""
         assert d.dataset_offset is not None
-        st = os.stat(d.path)
+        # not through a symlink that replaced the file since (unless symlinks are followed)
+        st = os.stat(d.path, follow_symlinks=self.d.settings.watch.follow_symlinks)
         if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
             self._changed(d, now)
             return None
@@ -651,6 +660,20 @@ class Worker(threading.Thread):
         self._pause(reason, hold=hold)
 
 
+def _bad_uid(d: Delivery) -> str | None:
+    """Why a queued row's UIDs cannot be sent (see `dicomfile.uid_problem`), or None."""
+    for name, uid in (
+        ("Transfer Syntax UID", d.transfer_syntax),
+        ("SOP Class UID", d.sop_class_uid),
+        ("SOP Instance UID", d.sop_instance_uid),
+    ):
+        problem = uid_problem(uid)
+        if problem is not None:
+            shown = escape_bytes(uid.encode("utf-8", "surrogateescape"))
+            return f"invalid {name} '{shown}': {problem}"
+    return None
+
+
 # -- enqueuer -------------------------------------------------------------------------
 
 
@@ -672,6 +695,9 @@ class Enqueuer(threading.Thread):
         # examined but not queued: the outbox could not be written; tried again every second
         # (beyond _MAX_HELD the watcher is asked to offer them again at its next rescan)
         self._held: list[FileRecord] = []
+        self._inodes = InodeIndex(track_all=daemon.settings.watch.follow_symlinks)
+        self._twins: dict[Path, tuple[ReadyFile, FirstName]] = {}  # waiting for their first name
+        self._batch: set[FileKey] = set()  # files of the batch being examined, not yet queued
 
     def halt(self) -> None:
         """Stop, waking a `loop` blocked on the empty queue (it would sleep out its 30 s)."""
@@ -709,7 +735,7 @@ class Enqueuer(threading.Thread):
 
     def loop(self) -> None:
         self.last_beat = time.monotonic()
-        timeout = 1.0 if self._suspects or self._held else 30.0
+        timeout = 1.0 if self._suspects or self._held or self._twins else 30.0
         try:
             first = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -749,6 +775,7 @@ class Enqueuer(threading.Thread):
             return
         for ready in batch:
             self._suspects.pop(ready.path, None)
+            self._twins.pop(ready.path, None)
             try:
                 rec = self._examine(ready, time.monotonic(), known=known)
             except OutboxCorruptError:
@@ -764,6 +791,7 @@ class Enqueuer(threading.Thread):
             if rec is not None:
                 records.append(rec)
         self._recheck(records)
+        self._recheck_twins(records)
         records = self._held + records
         if records:
             try:
@@ -774,11 +802,13 @@ class Enqueuer(threading.Thread):
                 self.d.trouble.report("enqueuer", exc)
                 self._held = records[:_MAX_HELD]
                 self._drop(r.path for r in records[_MAX_HELD:])
+                self._batch.clear()
                 return
             self._held = []
             if added:
                 self.d.trouble.clear()
                 self.d.wake_workers()
+        self._batch.clear()
 
     def _drop(self, paths: Iterable[str | Path]) -> None:
         """Let files go without queuing them: they stay in the inbox, and the watcher offers
@@ -819,6 +849,7 @@ class Enqueuer(threading.Thread):
         outbox = self.d.outbox
         key = (str(path), ready.size, ready.mtime_ns)
         if key in known if known is not None else outbox.is_known(*key):
+            self._inodes.register(ready)
             states = outbox.file_states(*key)
             if states and all(s in FINAL_STATES for s in states.values()):
                 # Left over from a crash, or dropped again with the same path, size and mtime
@@ -832,26 +863,38 @@ class Enqueuer(threading.Thread):
                     )
                 self.d.dispose(path, ready.size, ready.mtime_ns)
             return None
+        first = self._inodes.first_name(ready)
+        if first is not None and self._twin(ready, first):
+            return None
+        follow = self.d.settings.watch.follow_symlinks
         try:
-            info = inspect(path)
+            info = inspect(path, follow_symlinks=follow)
         except FileNotFoundError:  # deleted meanwhile (the watcher is not told of that)
             if self.d.watcher is not None:
                 self.d.watcher.forget(path)
             return None
-        except (InvalidDicom, OSError) as exc:
-            reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
-            first = first_seen if first_seen is not None else now
-            grace = self.d.settings.watch.invalid_grace_seconds
-            if now - first >= grace:
-                self.d.quarantine_invalid(path, reason)
-            else:
-                self._suspects[path] = (first, ready, reason)
-                if first_seen is None:
-                    LOGGER.debug("%s: not valid DICOM yet (%s); looking again", path, reason)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP or follow:
+                self._invalid(ready, now, first_seen, f"unreadable: {exc}")
+                return None
+            # replaced by a symlink after the watcher looked: never read, sent or moved
+            LOGGER.warning(
+                f"skipped symlink {path}: watch.follow_symlinks is false",
+                extra=fields(path=str(path), outcome="skipped"),
+            )
+            return None
+        except InvalidDicom as exc:
+            self._invalid(ready, now, first_seen, exc.reason)
             return None
         if info.sop_class_uid == _DICOMDIR:
             self.d.quarantine_invalid(path, "a DICOMDIR is not a storage instance")
             return None
+        if self._inodes.tracks(ready):
+            first = self._queued_elsewhere(ready, info.sop_instance_uid)
+            if first is not None and self._twin(ready, first):
+                return None
+        self._inodes.register(ready, info.sop_instance_uid)
+        self._batch.add(key)
         return FileRecord(
             path=str(info.path),
             size=info.size,
@@ -862,6 +905,94 @@ class Enqueuer(threading.Thread):
             study_uid=info.study_uid,
             dataset_offset=info.dataset_offset,
         )
+
+    def _invalid(self, ready: ReadyFile, now: float, first_seen: float | None, reason: str) -> None:
+        """Not valid DICOM (yet): look again, or quarantine once the grace is over."""
+        path = ready.path
+        first = first_seen if first_seen is not None else now
+        grace = self.d.settings.watch.invalid_grace_seconds
+        if now - first >= grace:
+            self.d.quarantine_invalid(path, reason)
+        else:
+            self._suspects[path] = (first, ready, reason)
+            if first_seen is None:
+                LOGGER.debug("%s: not valid DICOM yet (%s); looking again", path, reason)
+
+    def _twin(self, ready: ReadyFile, first: FirstName) -> bool:
+        """`ready` is another name of the file queued as `first` (a hard link): the instance
+        is sent once, under `first`; this name leaves the inbox as `first` does (deleted,
+        archived or kept once delivered; quarantined beside it when refused). False when
+        `first` has no deliveries (any more), or lost some (it vanished or changed before it
+        was sent): `ready` is then examined as a file of its own, and sent.
+        """
+        states = self._first_states(first)
+        if not states or State.GONE in states.values():
+            return False
+        if ready.path not in self._twins:
+            LOGGER.info(
+                f"{ready.path} is another name (hard link) of {first.key[0]}: sent once, under "
+                "that name; this one leaves the inbox with it",
+                extra=fields(path=str(ready.path), outcome="same-file"),
+            )
+        if any(s not in FINAL_STATES for s in states.values()):
+            self._twins[ready.path] = (ready, first)
+            return True
+        self._twins.pop(ready.path, None)
+        if any(s is State.QUARANTINED for s in states.values()):
+            self.d.quarantine_invalid(
+                ready.path, f"another name (hard link) of {first.key[0]}, which was refused"
+            )
+        else:
+            self.d.dispose(ready.path, ready.size, ready.mtime_ns, states)
+        return True
+
+    def remember_name(self, path: Path, st: os.stat_result) -> None:
+        """`path`, delivered and about to leave the inbox, has other names (hard links): keep
+        its inode, so that another name met later (with one link left by then) is known."""
+        rows = self.d.outbox.list(path=str(path), limit=1)
+        uid = rows[0].sop_instance_uid if rows else None
+        seen = ReadyFile(path, st.st_size, st.st_mtime_ns, path.parent, st.st_dev, st.st_ino, 2)
+        self._inodes.register(seen, uid)
+
+    def _queued_elsewhere(self, ready: ReadyFile, uid: str) -> FirstName | None:
+        """Another name of `ready`'s file that the outbox has rows for (queued before a
+        restart, when the index was empty): same instance, size and mtime at a path that
+        is the same inode. A name gone since cannot be proved the same file: None."""
+        for d in self.d.outbox.find(uid):
+            if d.path == str(ready.path) or (d.size, d.mtime_ns) != (ready.size, ready.mtime_ns):
+                continue
+            try:
+                st = os.stat(d.path)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (ready.dev, ready.ino):
+                return FirstName((d.path, d.size, d.mtime_ns), uid)
+        return None
+
+    def _first_states(self, first: FirstName) -> dict[str, State]:
+        """The delivery states of the file queued as `first`, wherever it moved since."""
+        states = self.d.outbox.file_states(*first.key)
+        if states:
+            return states
+        if first.key in self._batch:  # queued with this very batch
+            return {"": State.PENDING}
+        if first.sop_instance_uid is None:
+            return {}
+        # archived or quarantined: its rows followed it to another path
+        size, mtime_ns = first.key[1:]
+        return {
+            d.destination: d.state
+            for d in self.d.outbox.find(first.sop_instance_uid)
+            if (d.size, d.mtime_ns) == (size, mtime_ns)
+        }
+
+    def _recheck_twins(self, records: list[FileRecord]) -> None:
+        for path, (ready, first) in list(self._twins.items()):
+            if not self._twin(ready, first):
+                self._twins.pop(path, None)
+                rec = self._examine(ready, time.monotonic())
+                if rec is not None:
+                    records.append(rec)
 
 
 # -- the daemon -------------------------------------------------------------------------
@@ -1010,6 +1141,7 @@ class Daemon:
             w.paths,
             self.enqueuer.offer,
             recursive=w.recursive,
+            follow_symlinks=w.follow_symlinks,
             poll=w.poll,
             poll_interval=w.poll_interval_seconds,
             settle_seconds=w.settle_seconds,
@@ -1047,6 +1179,8 @@ class Daemon:
                 st = path.stat()
                 if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
                     return  # a new version: it has rows of its own
+                if st.st_nlink > 1:
+                    self.enqueuer.remember_name(path, st)
                 if any(s is State.QUARANTINED for s in states.values()):
                     self._quarantine_delivered(path, key, states)
                 else:

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "BadUID",
     "DicomInfo",
     "InvalidDicom",
     "MissingUID",
     "NotDicom",
     "Truncated",
+    "escape_bytes",
     "inspect",
     "locate",
+    "uid_problem",
 ]
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -73,6 +76,10 @@ class Truncated(InvalidDicom):
 
 class MissingUID(InvalidDicom):
     """SOP Class UID or SOP Instance UID is missing."""
+
+
+class BadUID(InvalidDicom):
+    """A Transfer Syntax, SOP Class or SOP Instance UID that no peer can be sent."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +279,63 @@ def _text(value: bytes | None) -> str | None:
     return text or None
 
 
+_UID_MAX = 64
+_UID_NAMES = {
+    _META_TS: "Transfer Syntax UID (0002,0010)",
+    _META_SOP_CLASS: "Media Storage SOP Class UID (0002,0002)",
+    _META_SOP_INSTANCE: "Media Storage SOP Instance UID (0002,0003)",
+    _SOP_CLASS: "SOP Class UID (0008,0016)",
+    _SOP_INSTANCE: "SOP Instance UID (0008,0018)",
+}
+
+
+def escape_bytes(raw: bytes, limit: int = 80) -> str:
+    """`raw` as printable ASCII: anything else (and the backslash) as ``\\xNN``; cut at `limit`."""
+    shown = raw[:limit]
+    text = "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in shown)
+    return text + ("..." if len(raw) > limit else "")
+
+
+def uid_problem(uid: str) -> str | None:
+    """Why `uid` (padding already stripped) cannot be sent as a UID, or None when it can.
+
+    Rejected: anything but ASCII digits and dots, more than 64 characters, an empty
+    component (a leading, trailing or doubled dot). These cannot be encoded in an
+    association request or a C-STORE command, or no peer parses them. Accepted although
+    PS3.5 9.1 forbids them: components with a leading zero ("1.2.03"). Real archives hold
+    such UIDs from old modalities, DCMTK's dcmsend and most PACS accept them, and refusing
+    them here would quarantine instances a peer would store; a peer that does refuse one
+    says so with a C-STORE status, which the retry policy handles per destination.
+    """
+    if not uid:
+        return "empty"
+    if len(uid) > _UID_MAX:
+        return f"{len(uid)} characters (at most {_UID_MAX})"
+    if uid.strip("0123456789."):
+        return "not only digits and dots"
+    if "" in uid.split("."):
+        return "an empty component"
+    return None
+
+
+def _uid(path: Path, tag: int, value: bytes | None) -> str | None:
+    """The UID in `value` with its NUL/space padding stripped; None when absent or empty.
+
+    Raises BadUID (naming the element and showing the value escaped) for a UID that
+    `uid_problem` refuses.
+    """
+    if value is None:
+        return None
+    raw = value.rstrip(b"\x00 ").lstrip(b" ")
+    if not raw:
+        return None
+    text = raw.decode("ascii", errors="replace")
+    problem = uid_problem(text)
+    if problem is not None:
+        raise BadUID(path, f"invalid {_UID_NAMES[tag]} '{escape_bytes(raw)}': {problem}")
+    return text
+
+
 def _guess_encoding(head: bytes) -> tuple[bool, bool] | None:
     """(explicit, little) for a raw data set without file meta, or None if not DICOM-like."""
     if len(head) < 8:
@@ -328,11 +392,12 @@ def _inflate_check(fp: BinaryIO, path: Path, prefix_size: int = 1 << 16) -> byte
     return bytes(prefix)
 
 
-def inspect(path: Path | str) -> DicomInfo:
+def inspect(path: Path | str, *, follow_symlinks: bool = True) -> DicomInfo:
     """Read the file meta and header of a DICOM file and check that it is complete.
 
     Only element headers are read; values are skipped, so pixel data is never
-    read (a deflated data set is inflated in chunks to prove it ends).
+    read (a deflated data set is inflated in chunks to prove it ends). With
+    ``follow_symlinks=False`` a symlink at `path` is not opened (OSError ELOOP).
 
     Raises
     ------
@@ -342,11 +407,15 @@ def inspect(path: Path | str) -> DicomInfo:
         An element's length runs past the end of the file (still being written, or cut).
     MissingUID
         No SOP Class UID or SOP Instance UID.
+    BadUID
+        A Transfer Syntax, SOP Class or SOP Instance UID (file meta or data set) that
+        `uid_problem` refuses: the file is invalid, so it never reaches an association.
     OSError
         The file cannot be opened or read (vanished, permissions).
     """
     path = Path(path)
-    with open(path, "rb") as fp:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    with os.fdopen(os.open(path, flags), "rb") as fp:
         st = os.fstat(fp.fileno())
         size = st.st_size
         reader = _Reader(fp, path, size)
@@ -358,7 +427,10 @@ def inspect(path: Path | str) -> DicomInfo:
             reader.pos = 132
         if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in _ALL_VRS):
             meta = _read_meta(reader)
-            ts = _text(meta.get(_META_TS))
+            ts = _uid(path, _META_TS, meta.get(_META_TS))
+            # The sender may take the file meta's copies for the C-STORE (a chunked send)
+            for tag in (_META_SOP_CLASS, _META_SOP_INSTANCE):
+                _uid(path, tag, meta.get(tag))
             if ts is None:
                 raise NotDicom(path, "file meta has no Transfer Syntax UID (0002,0010)")
         else:
@@ -387,14 +459,14 @@ def inspect(path: Path | str) -> DicomInfo:
             found = reader.dataset(explicit, little, wanted=_WANTED)
             if offset == size:
                 raise Truncated(path, "file meta only, no data set")
-    sop_class = _text(found.get(_SOP_CLASS))
-    sop_instance = _text(found.get(_SOP_INSTANCE))
+    sop_class = _uid(path, _SOP_CLASS, found.get(_SOP_CLASS))
+    sop_instance = _uid(path, _SOP_INSTANCE, found.get(_SOP_INSTANCE))
     if not walked:
         # Only when the data set could not be read that far: the file meta's copies.
         # A data set without its own UIDs is invalid even when the meta has them (the
         # peer gets the data set, and the C-STORE's UIDs must be the data set's).
-        sop_class = sop_class or _text(meta.get(_META_SOP_CLASS))
-        sop_instance = sop_instance or _text(meta.get(_META_SOP_INSTANCE))
+        sop_class = sop_class or _uid(path, _META_SOP_CLASS, meta.get(_META_SOP_CLASS))
+        sop_instance = sop_instance or _uid(path, _META_SOP_INSTANCE, meta.get(_META_SOP_INSTANCE))
     if not sop_class:
         raise MissingUID(path, "no SOP Class UID (0008,0016)")
     if not sop_instance:

@@ -58,11 +58,12 @@ def move_durably(src: Path, dst: Path) -> None:
     """Move `src` to `dst` (which must not exist) so that a crash leaves at least one copy.
 
     Same file system: ``rename``. Across file systems: copy to a temporary name beside
-    `dst`, fsync, rename into place, fsync the directory, then remove `src`.
+    `dst`, fsync, rename into place, fsync the directory, then remove `src`. A symlink is
+    moved as the link itself: what it points to is never read or copied.
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)  # fails rather than overwrite, unlike rename
+        os.link(src, dst, follow_symlinks=False)  # fails rather than overwrite, unlike rename
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
             raise
@@ -72,13 +73,14 @@ def move_durably(src: Path, dst: Path) -> None:
         return
     tmp = dst.with_name(f".{dst.name}.forwarder-tmp")
     try:
-        shutil.copy2(src, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if dst.exists():
+        shutil.copy2(src, tmp, follow_symlinks=False)
+        if not tmp.is_symlink():  # a symlink has no data to sync
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if os.path.lexists(dst):
             raise OSError(errno.EEXIST, "target appeared while copying", str(dst))
         os.rename(tmp, dst)
         _fsync_dir(dst.parent)

@@ -6,15 +6,18 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 __all__ = [
     "JOURNAL_FIELDS",
+    "EscapingFormatter",
     "JournalHandler",
     "JsonFormatter",
     "TextFormatter",
+    "escape",
     "fields",
     "journal_fields",
     "journal_stream_matches",
@@ -45,6 +48,54 @@ _TEXT_FORMAT = "%(asctime)s %(levelname).1s: %(message)s"
 
 JournalSender = Callable[..., object]
 """``systemd.journal.sendv``: takes ``"FIELD=value"`` strings."""
+
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _escape_char(c: str) -> str:
+    if c in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[c]
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """`text` safe for one log line: control characters as escapes, everything else as is.
+
+    A file name or a UID comes from whoever writes into the inbox: a newline in it would
+    start a forged log line, a NUL or an ANSI escape would hide text, a bidi override would
+    reorder it. Escaped: C0/C1 controls and DEL (``\\n``, ``\\r``, ``\\t``, else
+    ``\\xNN``), format characters (bidi overrides, zero-width), line and paragraph
+    separators (``\\uNNNN``), and lone surrogates: a path byte that is not UTF-8 (decoded
+    with surrogateescape) shows as the ``\\xNN`` of that byte. Backslashes are left alone, so
+    ordinary text reads as it is. Every log format uses this one function.
+    """
+    if text.isprintable():  # the common case: nothing to do
+        return text
+    return "".join(
+        _escape_char(c) if unicodedata.category(c) in _ESCAPED_CATEGORIES else c for c in text
+    )
+
+
+def _escape_value(value: Any) -> Any:
+    """A structured field's value escaped like a message (numbers stay numbers)."""
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return escape(str(value))
+
+
+class EscapingFormatter(logging.Formatter):
+    """A formatter whose message part is `escape`d; a traceback after it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
 
 
 def fields(**kw: Any) -> dict[str, Any]:
@@ -87,12 +138,13 @@ def journal_fields(
 ) -> dict[str, str]:
     """Map a log record to journald fields (a pure function; nothing is sent).
 
-    MESSAGE is the formatted message (with the traceback, if any, also in EXCEPTION_TEXT);
+    MESSAGE is the formatted message, `escape`d (with the traceback, if any, also in
+    EXCEPTION_TEXT); structured field values are escaped too;
     PRIORITY the syslog priority; SYSLOG_IDENTIFIER ``forwarder``; LOGGER, THREAD_NAME and
     CODE_FILE/LINE/FUNC from the record; the record's structured fields (see `fields`) under
     the names in `JOURNAL_FIELDS`, so that ``journalctl FORWARDER_OUTCOME=quarantined`` works.
     """
-    fmt = formatter or logging.Formatter("%(message)s")
+    fmt = formatter or EscapingFormatter("%(message)s")
     out = {
         "MESSAGE": fmt.format(record),
         "PRIORITY": str(syslog_priority(record.levelno)),
@@ -108,7 +160,7 @@ def journal_fields(
     for key, value in _record_fields(record).items():
         name = JOURNAL_FIELDS.get(key) or _journal_name(key)
         if name is not None and value is not None:
-            out[name] = str(value)
+            out[name] = escape(str(value))
     return out
 
 
@@ -162,7 +214,7 @@ def journal_stream_matches(stream: TextIO, env: Mapping[str, str] | None = None)
         return False
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(EscapingFormatter):
     """``<ISO-8601 local time with ms> <L>: <message>``; or, with `journal_prefix`, no time and
     a ``<N>`` syslog priority before each line (sd-daemon(3)) so journald keeps the level."""
 
@@ -196,12 +248,12 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        out: dict[str, Any] = _record_fields(record)
+        out: dict[str, Any] = {k: _escape_value(v) for k, v in _record_fields(record).items()}
         out.update(
             ts=ts.replace("+00:00", "Z"),
             level=record.levelname.lower(),
             logger=record.name,
-            msg=record.getMessage(),
+            msg=escape(record.getMessage()),
         )
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from forwarder.config import EX_CONFIG, ConfigError, Settings, add_config_argument, load_settings
+from forwarder.logs import escape
 from forwarder.outbox import Delivery, Outbox, OutboxError, State
 
 __all__ = [
@@ -256,7 +257,9 @@ def table(
     line out further than it needs to.
     """
     cells = [[str(h) for h in headers]]
-    cells += [["-" if v is None else str(v) for v in row] for row in rows]
+    # file names and UIDs come from whoever writes into the inbox: no control characters
+    # reach the operator's terminal (see `logs.escape`)
+    cells += [["-" if v is None else escape(str(v)) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for row in cells:

@@ -41,6 +41,7 @@ from typing import Any
 
 from forwarder import filing, ops
 from forwarder.config import Settings
+from forwarder.logs import escape
 from forwarder.outbox import Delivery, Outbox, PathConflictError, State
 
 __all__ = ["Entry", "QuarantinedFile", "add_arguments", "entries", "files", "run"]
@@ -130,7 +131,9 @@ def files(settings: Settings) -> list[QuarantinedFile]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = Path(top) / name
-            if name.startswith(".") or not path.is_file() or _is_sidecar(path):
+            if name.startswith(".") or path.is_symlink() or not path.is_file():
+                continue  # a symlink is never a quarantined file: the daemon moves files
+            if _is_sidecar(path):
                 continue
             found.append(QuarantinedFile(path, filing.read_sidecar(path)))
     return found
@@ -183,14 +186,36 @@ def _shown(path: str, settings: Settings) -> str:
     return f"(inbox) {path}"
 
 
+def _within(path: Path, root: Path) -> Path | None:
+    """`path` relative to `root` once both are resolved for real (symlinks and ``..``
+    followed, as the kernel would), or None when it lies outside."""
+    real = Path(os.path.realpath(path))
+    real_root = Path(os.path.realpath(root))
+    if real == real_root or not real.is_relative_to(real_root):
+        return None
+    return real.relative_to(real_root)
+
+
 def _resolve(text: str, settings: Settings) -> Path:
-    """A PATH argument: absolute, relative to ``quarantine.dir``, or relative to the cwd."""
+    """A PATH argument: absolute, relative to ``quarantine.dir``, or relative to the cwd.
+
+    Returns the file as ``quarantine.dir / <its real path relative to the quarantine>``, the
+    form the daemon records. Anything that resolves outside ``quarantine.dir`` (``..``, a
+    symlink to elsewhere) is refused: requeue moves the file it names.
+    """
     given = Path(text)
-    candidates = [given] if given.is_absolute() else [settings.quarantine.dir / given, given]
+    qdir = settings.quarantine.dir
+    candidates = [given] if given.is_absolute() else [qdir / given, given]
     for c in candidates:
-        if c.is_file():
-            return c.absolute()
-    raise ops.CommandError(f"{text}: no such file in {settings.quarantine.dir}")
+        if not c.is_file():
+            continue
+        rel = _within(c, qdir)
+        if rel is None:
+            raise ops.CommandError(
+                f"{text}: not under quarantine.dir {qdir} (resolves to {os.path.realpath(c)})"
+            )
+        return qdir / rel
+    raise ops.CommandError(f"{text}: no such file in {qdir}")
 
 
 # -- list ---------------------------------------------------------------------------------
@@ -309,12 +334,13 @@ def _show(args: argparse.Namespace) -> int:
         )
         return 0
     side = f.sidecar or {}
-    print(f"file:         {path} ({path.stat().st_size} bytes)")
+    print(f"file:         {escape(str(path))} ({path.stat().st_size} bytes)")
     when = f.quarantined_at
     print(f"quarantined:  {ops.local_time(when, now)} ({ops.ago(when, now)})")
-    print(f"original:     {side.get('original_path') or '-'}")
-    print(f"reason:       {side.get('reason') or ('(no sidecar)' if f.sidecar is None else '-')}")
-    print(f"sidecar:      {f.sidecar_path if f.sidecar is not None else '-'}")
+    print(f"original:     {escape(str(side.get('original_path') or '-'))}")
+    reason = side.get("reason") or ("(no sidecar)" if f.sidecar is None else "-")
+    print(f"reason:       {escape(str(reason))}")
+    print(f"sidecar:      {escape(str(f.sidecar_path)) if f.sidecar is not None else '-'}")
     if rows:
         print("destinations:")
         table = [
@@ -345,16 +371,47 @@ def _indent(text: str) -> str:
 # -- requeue ------------------------------------------------------------------------------
 
 
+class UnsafeTarget(ValueError):
+    """The place a quarantined file would go back to is not under the inbox."""
+
+
 def _target(f: QuarantinedFile, settings: Settings) -> Path:
-    """Where the file goes back: its original path under the watched folder it came from."""
+    """Where the file goes back: its original path under the watched folder it came from.
+
+    The sidecar's ``original_path`` is only a hint (anyone who can write the quarantine can
+    edit it). An absolute path under a watched folder, without ``..``, is used; one under no
+    watched folder (the inbox moved since) or no sidecar at all: the file's path relative to
+    ``quarantine.dir`` (the quarantine keeps the inbox's relative paths) under the first
+    watched folder. Either way the target must resolve inside its watched folder (no
+    symlinked folder leading out).
+
+    Raises
+    ------
+    UnsafeTarget
+        ``original_path`` has ``..`` or is not absolute, or the target resolves outside the
+        watched folder; nothing is moved.
+    """
     roots = sorted(settings.watch.paths, key=lambda r: len(r.parts), reverse=True)
     original = (f.sidecar or {}).get("original_path")
-    if isinstance(original, str):
-        for root in roots:
-            if Path(original).is_relative_to(root):
-                return filing.unique_target(root, Path(original).relative_to(root))
-    rel = f.path.relative_to(settings.quarantine.dir)
-    return filing.unique_target(settings.watch.paths[0], rel)
+    given = Path(str(original)) if original is not None else None
+    if given is not None and (
+        not isinstance(original, str) or not given.is_absolute() or ".." in given.parts
+    ):
+        raise UnsafeTarget(
+            f"its sidecar's original_path {str(original)!r} is not a plain path under "
+            "watch.paths; fix or remove the sidecar"
+        )
+    root = next((r for r in roots if given is not None and given.is_relative_to(r)), None)
+    if given is not None and root is not None and given != root:
+        target = filing.unique_target(root, given.relative_to(root))
+    else:
+        root = settings.watch.paths[0]
+        target = filing.unique_target(root, f.path.relative_to(settings.quarantine.dir))
+    if _within(target, root) is None:
+        raise UnsafeTarget(
+            f"{target} resolves to {os.path.realpath(target)}, outside the watched folder {root}"
+        )
+    return target
 
 
 def _lead(f: QuarantinedFile, target: Path) -> float:
@@ -390,10 +447,12 @@ def requeue_file(
         requeued ones are sent from there).
     PathConflictError
         The outbox already has rows for this very file at the target path (nothing changed).
+    UnsafeTarget
+        The file would go back outside the inbox (see `_target`; nothing changed).
     """
+    target = _target(f, settings)
     rows = outbox.list(path=str(f.path), limit=_ALL_ROWS)
     again = [d for d in rows if d.state in (State.QUARANTINED, State.GONE) and want(d)]
-    target = _target(f, settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
     outbox.set_path(str(f.path), str(target), now=now)
@@ -438,9 +497,6 @@ def _selected(
     if args.paths:
         for text in args.paths:
             path = _resolve(text, settings)
-            if not path.is_relative_to(settings.quarantine.dir):
-                qdir = settings.quarantine.dir
-                raise ops.CommandError(f"{text}: not under quarantine.dir {qdir}")
             yield QuarantinedFile(path, filing.read_sidecar(path)), lambda d: True
         return
 
@@ -466,9 +522,9 @@ def _requeue(args: argparse.Namespace) -> int:
         for f, want in list(_selected(args, settings, outbox)):
             try:
                 done.append(requeue_file(settings, outbox, f, want))
-            except (OSError, PathConflictError) as exc:
+            except (OSError, PathConflictError, UnsafeTarget) as exc:
                 failed += 1
-                print(f"cannot requeue {f.path}: {exc}", file=sys.stderr)
+                print(f"cannot requeue {escape(str(f.path))}: {escape(str(exc))}", file=sys.stderr)
         if not args.paths:
             qdir = settings.quarantine.dir
             waiting = [
@@ -486,9 +542,10 @@ def _requeue(args: argparse.Namespace) -> int:
     for r in done:
         dests = ", ".join(r.destinations) if r.destinations else "a fresh look by the daemon"
         if r.target is None:
-            print(f"requeued {r.source} (still in the inbox) for {dests}")
+            print(f"requeued {escape(r.source)} (still in the inbox) for {dests}")
         else:
-            print(f"requeued {_shown(r.source, settings)} -> {r.target} for {dests}")
+            shown = escape(_shown(r.source, settings))
+            print(f"requeued {shown} -> {escape(str(r.target))} for {dests}")
     if not done and not failed:
         print("nothing to requeue")
         return EXIT_NOTHING

@@ -19,6 +19,7 @@ from forwarder.concurrency import DEFAULT_MAX_ASSOCIATIONS, MAX_ASSOCIATIONS, Au
 from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
 from forwarder.dicomfile import inspect as inspect_file
 from forwarder.errors import ConfigError, add_config_argument
+from forwarder.logs import EscapingFormatter
 from forwarder.pool import Outcome, send_all
 from forwarder.sender import AssociationFailed, Peer, StoreResult, client_tls_context
 from forwarder.status import Action
@@ -227,7 +228,7 @@ def _setup_logging(args: argparse.Namespace) -> None:
     if args.log_level:
         level = getattr(logging, args.log_level.upper())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname).1s: %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(levelname).1s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

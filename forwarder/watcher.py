@@ -57,6 +57,9 @@ _GATHER_SECONDS = 0.01
 A burst of N files is then a pass per 10 ms instead of a wake-up (a thread switch, the
 costliest part of an event) per event; 10 ms is nothing next to the settle time."""
 
+_MAX_WARNED_LINKS = 10_000
+"""Symlinks remembered as warned about; past this the memory starts afresh (warned again)."""
+
 _SECOND_LOOK = 0.1
 """A file found by a scan is looked at again this soon (at most the settle time) before its
 mtime is trusted: it must be unchanged between the two looks."""
@@ -89,6 +92,14 @@ class ReadyFile:
     """Modification time (ns) when it was judged complete."""
     root: Path
     """The watched folder the file is under."""
+    dev: int = 0
+    """``st_dev`` of the file (of a followed symlink's target)."""
+    ino: int = 0
+    """``st_ino`` of the file: with `dev`, the same file under another name (a hard link)."""
+    links: int = 1
+    """``st_nlink``: more than 1 when the file has other names (hard links)."""
+    via_symlink: bool = False
+    """Reached through a symlink (``follow_symlinks``): `path` is the link's path."""
 
     @property
     def relative(self) -> Path:
@@ -325,7 +336,12 @@ class Watcher:
         then not remembered as reported, so the next rescan offers it again.
     recursive
         Watch subfolders too. Symlinked subfolders are never entered (no loops, nothing
-        outside the tree); symlinked files are followed.
+        outside the tree).
+    follow_symlinks
+        False (the default): a symlink under a root is skipped with one warning per path:
+        never followed, so nothing it points to is read, copied or moved. True: a symlink to
+        a file is reported (under the link's path) only when its target resolves inside a
+        watched folder; others are skipped with a warning.
     poll, poll_interval
         Use watchdog's PollingObserver every `poll_interval` seconds instead of inotify:
         for NFS/SMB/container mounts, where inotify sees no remote writes.
@@ -361,6 +377,7 @@ class Watcher:
         on_ready: Callable[[ReadyFile], None],
         *,
         recursive: bool = True,
+        follow_symlinks: bool = False,
         poll: bool = False,
         poll_interval: float = 2.0,
         settle_seconds: float = 1.0,
@@ -394,6 +411,9 @@ class Watcher:
         self._roots_by_depth = sorted(self._roots, key=len, reverse=True)
         self._on_ready = on_ready
         self._recursive = recursive
+        self._follow = follow_symlinks
+        self._real_root_list = sorted(set(self._real_roots.values()), key=len, reverse=True)
+        self._warned_links: set[str] = set()  # symlinks already warned about (once per path)
         self._poll = poll
         self._poll_interval = poll_interval
         self._settle = float(settle_seconds)
@@ -725,7 +745,14 @@ class Watcher:
 
     def _check(self, path: str, cand: _Candidate, now: float) -> None:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
+            via_symlink = stat.S_ISLNK(st.st_mode)
+            if via_symlink:
+                if not self._followed(path):
+                    self._candidates.pop(path, None)
+                    self._emitted.pop(path, None)
+                    return
+                st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             self._candidates.pop(path, None)
             self._emitted.pop(path, None)
@@ -749,7 +776,16 @@ class Watcher:
         del self._candidates[path]
         if self._emitted.get(path) == sig:
             return
-        ready = ReadyFile(Path(path), st.st_size, st.st_mtime_ns, Path(cand.root))
+        ready = ReadyFile(
+            Path(path),
+            st.st_size,
+            st.st_mtime_ns,
+            Path(cand.root),
+            dev=st.st_dev,
+            ino=st.st_ino,
+            links=st.st_nlink,
+            via_symlink=via_symlink,
+        )
         log.debug("ready: %s (%d bytes)", path, st.st_size)
         try:
             self._on_ready(ready)
@@ -852,16 +888,42 @@ class Watcher:
                 if self._ignore is not None and self._ignore.match(os.path.normcase(entry.name)):
                     continue
                 try:
+                    if entry.is_symlink() and not self._followed(entry.path):
+                        continue
                     if entry.is_dir(follow_symlinks=False):
                         if self._recursive:
                             stack.append(entry.path)
                         continue
-                    if not entry.is_file():  # follows symlinks; broken links are not files
+                    if not entry.is_file():  # a followed link: its target; broken: not a file
                         continue
                     st = entry.stat()
                 except OSError:
                     continue
                 yield entry.path, st
+
+    def _followed(self, path: str) -> bool:
+        """Whether the symlink at `path` is followed (see ``follow_symlinks``); warns once per
+        path when it is not. A symlinked folder is never followed (no loops)."""
+        target = os.path.realpath(path)
+        if not self._follow:
+            why = "watch.follow_symlinks is false"
+        elif os.path.isdir(target):
+            why = "symlinked folders are never entered"
+        elif not any(target.startswith(r + os.sep) for r in self._real_root_list):
+            why = "its target is outside the watched folders"
+        else:
+            return True
+        if path not in self._warned_links:
+            if len(self._warned_links) >= _MAX_WARNED_LINKS:
+                self._warned_links.clear()  # bounded memory against a flood of links
+            self._warned_links.add(path)
+            log.warning(
+                "skipped symlink %s -> %s: %s; it is not read, sent or moved",
+                path,
+                target,
+                why,
+            )
+        return False
 
     def _stop_observer(self) -> None:
         observer = self._observer

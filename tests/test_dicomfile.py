@@ -23,6 +23,7 @@ from forwarder.dicomfile import (
     NotDicom,
     Truncated,
     inspect,
+    uid_problem,
 )
 
 JPEG2000 = "1.2.840.10008.1.2.4.91"
@@ -330,3 +331,106 @@ def test_cut_inside_an_undefined_length_item_is_truncated(tmp_path: Path) -> Non
     cut.write_bytes(data[:delimiter])
     with pytest.raises(Truncated):
         inspect(cut)
+
+
+# -- UIDs that cannot be sent make the file invalid -----------------------------------------
+
+
+def _placeholder(n: int, digit: str) -> str:
+    """A valid UID of exactly `n` characters (n >= 3), unique per `digit`."""
+    return "1." + digit * (n - 2)
+
+
+def _file_with_uid(tmp_path: Path, where: str, value: bytes) -> Path:
+    """CT-like file whose `where` UID (ts, meta_class, meta_instance, class, instance) is
+    exactly `value`, patched in over a same-length placeholder (pydicom would not write it)."""
+    n = len(value)
+    names = ("ts", "meta_class", "meta_instance", "class", "instance")
+    uids = {
+        name: _placeholder(n, str(i + 1)) if name == where else None for i, name in enumerate(names)
+    }
+    ds = Dataset()
+    ds.SOPClassUID = uids["class"] or uids["meta_class"] or "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = uids["instance"] or uids["meta_instance"] or "1.2.826.0.1.3680043.10.9"
+    ds.PatientName = "Bad^UID"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uids["ts"] or ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = uids["meta_class"] or "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = uids["meta_instance"] or "1.2.826.0.1.3680043.10.9"
+    path = tmp_path / f"{where}.dcm"
+    with pytest.warns() if n > 64 else _no_warning():
+        ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    placeholder = next(u for u in uids.values() if u is not None).encode()
+    data = path.read_bytes()
+    # pydicom copies the data set's SOP UIDs into the file meta: patch only the one asked for
+    at = data.index(placeholder) if where.startswith(("ts", "meta")) else data.rindex(placeholder)
+    path.write_bytes(data[:at] + value + data[at + n :])
+    return path
+
+
+class _no_warning:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# (where, value as stored, what the reason must contain)
+BAD_UIDS: list[tuple[str, bytes, str]] = [
+    # issue 10 item 2: a non-ASCII byte in the transfer syntax blocked every association
+    ("ts", b"1.2.840.10008.\xe9.2.1", r"Transfer Syntax UID (0002,0010) '1.2.840.10008.\xe9.2.1'"),
+    # item 3: a non-ASCII SOP Instance UID crashed the worker in the C-STORE command
+    ("instance", b"1.2.3.\xe9.5", r"SOP Instance UID (0008,0018) '1.2.3.\xe9.5'"),
+    ("instance", b"1.2.3.4\n5", r"'1.2.3.4\x0a5'"),
+    ("instance", b"1.2.abc.4", "not only digits and dots"),
+    ("instance", b"1.2." + b"3" * 61, "65 characters"),
+    ("instance", b"1.2..3", "an empty component"),
+    ("instance", b"1.2.3.", "an empty component"),
+    ("class", b"1.2.840.10008.5.1.4.1.1.7\x01", r"SOP Class UID (0008,0016) '1.2.840"),
+    ("meta_instance", b"1.2.3\xff.4", "Media Storage SOP Instance UID (0002,0003)"),
+    ("meta_class", b"1.2.3 4", "Media Storage SOP Class UID (0002,0002)"),
+]
+
+
+@pytest.mark.parametrize(("where", "value", "reason"), BAD_UIDS)
+def test_a_uid_that_cannot_be_sent_makes_the_file_invalid(
+    tmp_path: Path, where: str, value: bytes, reason: str
+) -> None:
+    path = _file_with_uid(tmp_path, where, value)
+    with pytest.raises(InvalidDicom) as exc:
+        inspect(path)
+    assert reason in exc.value.reason, exc.value.reason
+    assert exc.value.reason.isprintable(), exc.value.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"1.2.826.0.1.3680043.10.999.7\x00", "1.2.826.0.1.3680043.10.999.7"),  # NUL padding
+        (b"1.2.826.0.1.3680043.10.999.7 ", "1.2.826.0.1.3680043.10.999.7"),  # space padding
+        (b"1.2.826.0.01.3680043.10.999.7", "1.2.826.0.01.3680043.10.999.7"),  # leading zero
+        (b"1.2." + b"3" * 60, "1.2." + "3" * 60),  # exactly 64
+    ],
+)
+def test_padded_and_leading_zero_uids_are_accepted(
+    tmp_path: Path, value: bytes, expected: str
+) -> None:
+    assert inspect(_file_with_uid(tmp_path, "instance", value)).sop_instance_uid == expected
+
+
+@pytest.mark.parametrize(
+    ("uid", "problem"),
+    [
+        ("1.2.840.10008.1.2.1", None),
+        ("0", None),
+        ("1.2.03", None),  # PS3.5 forbids it; peers accept it (see uid_problem)
+        ("", "empty"),
+        ("1.2.x", "not only digits and dots"),
+        ("1.2.\ufffd", "not only digits and dots"),
+        (".1.2", "an empty component"),
+        ("1.2" + ".3" * 31, "65 characters (at most 64)"),
+    ],
+)
+def test_uid_problem(uid: str, problem: str | None) -> None:
+    assert uid_problem(uid) == problem

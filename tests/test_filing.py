@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def test_move_durably_never_overwrites(tmp_path: Path) -> None:
 def test_move_durably_copies_across_file_systems(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_link(src: object, dst: object) -> None:
+    def no_link(src: object, dst: object, **kw: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(filing.os, "link", no_link)
@@ -77,6 +78,21 @@ def test_move_durably_copies_across_file_systems(
     assert not src.exists()
     assert dst.read_bytes() == b"x" * 100_000
     assert sorted(p.name for p in dst.parent.iterdir()) == ["a.dcm"]  # no temporary left
+
+
+def test_a_symlink_is_moved_as_a_link_never_copied_across_file_systems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) here")
+    link = tmp_path / "passwd.dcm"
+    link.symlink_to("/etc/passwd")  # os.link refuses (EXDEV); a copy must not follow it
+    dst = shm / f"forwarder-test-{os.getpid()}" / "passwd.dcm"
+    try:
+        filing.move_durably(link, dst)
+        assert not os.path.lexists(link)
+        assert dst.is_symlink() and os.readlink(dst) == "/etc/passwd"
+    finally:
+        shutil.rmtree(dst.parent, ignore_errors=True)
 
 
 def test_move_durably_to_a_real_other_file_system(tmp_path: Path) -> None:
@@ -99,10 +115,10 @@ def test_move_durably_to_a_real_other_file_system(tmp_path: Path) -> None:
 def test_failed_copy_leaves_the_source_and_no_temporary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_link(src: object, dst: object) -> None:
+    def no_link(src: object, dst: object, **kw: object) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    def full(src: object, dst: object) -> None:
+    def full(src: object, dst: object, **kw: object) -> None:
         Path(str(dst)).write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 

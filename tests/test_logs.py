@@ -18,6 +18,7 @@ import pytest
 from forwarder import logs
 from forwarder.logs import (
     JournalHandler,
+    escape,
     fields,
     journal_fields,
     journal_stream_matches,
@@ -438,3 +439,66 @@ def test_default_stream_is_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.rstrip().endswith("I: to stderr")
+
+
+# --- escaping (issue 10 item 12: forged log lines) ----------------------------------------------
+
+FORGED = "evil.dcm\n2026-01-01T00:00:00.000+00:00 I: sent: /in/forged.dcm"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("/in/a.dcm", "/in/a.dcm"),
+        ("plain ünïcode 1.2.3", "plain ünïcode 1.2.3"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("uid\x00\x00", "uid\\x00\\x00"),
+        ("\x1b[2Jcleared", "\\x1b[2Jcleared"),
+        ("del\x7f c1\x85", "del\\x7f c1\\x85"),
+        ("line\u2028sep", "line\\u2028sep"),
+        ("bidi\u202etxt.dcm", "bidi\\u202etxt.dcm"),
+        ("latin1-\udce9.dcm", "latin1-\\xe9.dcm"),  # a non-UTF-8 byte via surrogateescape
+        ("back\\slash", "back\\slash"),
+    ],
+)
+def test_escape(text: str, shown: str) -> None:
+    assert escape(text) == shown
+    assert escape(shown) == shown
+
+
+def test_text_format_escapes_message_but_keeps_the_traceback() -> None:
+    out = io.StringIO()
+    setup_logging("info", "text", "stderr", stream=out)
+    log.error("quarantined: %s", FORGED, extra=fields(path=FORGED))
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed for %s", "a\x00b")
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(
+        "E: quarantined: evil.dcm\\n2026-01-01T00:00:00.000+00:00 I: sent: /in/forged.dcm"
+    )
+    assert lines[1].endswith("E: failed for a\\x00b")
+    assert lines[2] == "Traceback (most recent call last):"
+    assert sum(bool(TEXT_LINE.match(line)) for line in lines) == 2
+
+
+def test_json_format_escapes_message_and_fields() -> None:
+    out = io.StringIO()
+    setup_logging("info", "json", "stderr", stream=out)
+    log.error("quarantined: %s", FORGED, extra=fields(path=FORGED, sop_instance_uid="1.2\x85", n=3))
+    (line,) = out.getvalue().splitlines()
+    entry = json.loads(line)
+    assert entry["msg"] == "quarantined: " + escape(FORGED)
+    assert entry["path"] == escape(FORGED) and "\n" not in entry["path"]
+    assert entry["sop_instance_uid"] == "1.2\\x85"
+    assert entry["n"] == 3
+    assert "\x85" not in line
+
+
+def test_journal_fields_are_escaped() -> None:
+    record = make_record("sent %s", FORGED, **fields(path=FORGED, sop_instance_uid="1.2\x00"))
+    entry = journal_fields(record)
+    assert entry["MESSAGE"] == "sent " + escape(FORGED)
+    assert entry["FORWARDER_PATH"] == escape(FORGED)
+    assert entry["DICOM_SOP_INSTANCE_UID"] == "1.2\\x00"

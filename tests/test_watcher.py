@@ -130,7 +130,9 @@ def test_write_and_close_in_existing_folder(make_watcher: MakeWatcher, inbox: Pa
     flush(inbox, got)
     (ready,) = got.get("a.dcm")
     st = path.stat()
-    assert ready == ReadyFile(path, 4321, st.st_mtime_ns, inbox)
+    assert ready == ReadyFile(
+        path, 4321, st.st_mtime_ns, inbox, dev=st.st_dev, ino=st.st_ino, links=1
+    )
     assert ready.relative == Path("study/a.dcm")
     assert watcher.pending == 0
     # Read, chmod-ed, touched to the same mtime: unchanged, so not reported again.
@@ -653,22 +655,48 @@ def test_a_file_that_keeps_changing_is_not_ready(make_watcher: MakeWatcher, inbo
     assert got.get("grow.dcm")[0].size == 6
 
 
-def test_symlinks_files_followed_folders_not(
-    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path
+def test_symlinks_are_skipped_with_one_warning(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     target = write(tmp_path / "elsewhere" / "t.dcm", b"t" * 300)
     write(tmp_path / "elsewhere" / "via-dir.dcm")
+    write(inbox / ".hidden" / "h.dcm")
     (inbox / "link.dcm").symlink_to(target)
+    (inbox / "inside.dcm").symlink_to(inbox / ".hidden" / "h.dcm")
     (inbox / "loop").symlink_to(inbox)  # would loop forever if followed
     (inbox / "dirlink").symlink_to(tmp_path / "elsewhere")
     (inbox / "broken.dcm").symlink_to(tmp_path / "nothing")
+    write(inbox / "plain.dcm")
     watcher, got = make_watcher(start=False, clock=FakeClock())
+    with caplog.at_level(logging.WARNING, logger="forwarder.watcher"):
+        watcher.loop(0.0)
+        watcher.loop(SETTLE)
+        watcher.rescan()
+        watcher.loop(SETTLE * 2)
+    assert got.names() == Counter({"plain.dcm": 1})
+    warned = [r.getMessage() for r in caplog.records if "skipped symlink" in r.getMessage()]
+    names = ("link.dcm", "inside.dcm", "loop", "dirlink", "broken.dcm")
+    assert sorted(m.split()[2].rsplit("/", 1)[1] for m in warned) == sorted(names)  # once each
+    assert all("watch.follow_symlinks is false" in m for m in warned)
+
+
+def test_follow_symlinks_only_to_files_inside_the_watched_folders(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path
+) -> None:
+    target = write(tmp_path / "elsewhere" / "t.dcm", b"t" * 300)
+    inside = write(inbox / ".hidden" / "h.dcm", b"h" * 200)
+    (inbox / "link.dcm").symlink_to(target)
+    (inbox / "inside.dcm").symlink_to(inside)
+    (inbox / "relative.dcm").symlink_to(Path(".hidden") / "h.dcm")
+    (inbox / "loop").symlink_to(inbox)
+    (inbox / "sub").mkdir()
+    watcher, got = make_watcher(start=False, clock=FakeClock(), follow_symlinks=True)
     watcher.loop(0.0)
     watcher.loop(SETTLE)
-    assert got.names() == Counter({"link.dcm": 1})
-    (ready,) = got.items
-    assert ready.path == inbox / "link.dcm"
-    assert ready.size == 300
+    assert got.names() == Counter({"inside.dcm": 1, "relative.dcm": 1})
+    for ready in got.items:
+        assert ready.via_symlink and ready.size == 200
+        assert (ready.dev, ready.ino) == (inside.stat().st_dev, inside.stat().st_ino)
 
 
 def test_unreadable_folder_warns_once(
