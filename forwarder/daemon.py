@@ -25,6 +25,7 @@ from forwarder.config import (
     Destination,
     Settings,
     add_config_argument,
+    check_tls,
     load_settings,
 )
 from forwarder.contexts import ContextSpec
@@ -101,9 +102,9 @@ def check_layout(settings: Settings) -> list[str]:
 
 
 def load(path: Path | None) -> Settings:
-    """Settings for the daemon: schema + layout checks; raises ConfigError listing them all."""
+    """Settings for the daemon: schema, layout and TLS files; raises ConfigError listing all."""
     settings = load_settings(path, require_destinations=True)
-    errors = check_layout(settings)
+    errors = check_layout(settings) + check_tls(settings)
     if errors:
         raise ConfigError(str(path) if path else "environment", errors)
     return settings
@@ -987,8 +988,8 @@ class Daemon:
         try:
             new = load(self.config_path)
         except ConfigError as exc:
-            for line in exc.errors:
-                LOGGER.error(f"reload refused, keeping the running config: {exc.source}: {line}")
+            for line in exc.lines():
+                LOGGER.error(f"reload refused, keeping the running config: {line}")
             self.notifier.ready(self.status_line())
             return
         old = self.settings

@@ -271,13 +271,18 @@ class _Row:
 def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
     """Build the peer from ADDR PORT or --destination; returns it and the file arguments."""
     if args.destination:
-        from forwarder.config import load_settings  # pydantic: only when a config is used
+        from forwarder.config import check_tls, load_settings  # pydantic: only with a config
 
         settings = load_settings(args.config, require_destinations=True)
+        source = str(args.config) if args.config else "environment"
         try:
             dest = settings.destination(args.destination)
         except KeyError as exc:
-            raise ConfigError(str(args.config), [f"--destination: {exc.args[0]}"]) from exc
+            raise ConfigError(source, [f"--destination: {exc.args[0]}"]) from exc
+        index = settings.destinations.index(dest)
+        errors = [e for e in check_tls(settings) if e.startswith(f"destinations.{index}.")]
+        if errors:
+            raise ConfigError(source, errors)
         base = Peer.from_destination(dest)
         files = list(args.args)
         if args.associations is None:  # the command line wins over the destination's
@@ -429,8 +434,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         peer, paths = _peer(args)
     except ConfigError as exc:
-        for line in exc.errors:
-            LOGGER.error(f"{exc.source}: {line}")
+        for line in exc.lines():
+            LOGGER.error(line)
         return EXIT_CONFIG
     files, missing = collect_files(paths, args.recurse)
     for line in missing:
