@@ -993,6 +993,7 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return
         old = self.settings
+        os.umask(new.umask_bits)
         if new.outbox.path != old.outbox.path:
             LOGGER.warning("outbox.path changed: it takes effect at the next restart only")
             new = new.model_copy(update={"outbox": old.outbox})
@@ -1183,6 +1184,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         exc.report("forwarder")
         return EX_CONFIG
+    # Before anything is created: outside systemd (UMask=) the caller's umask, often 022,
+    # would leave the outbox, the sidecars and copied files readable by every local user.
+    os.umask(settings.umask_bits)
     log = settings.log
     setup_logging(
         args.log_level or log.level, args.log_format or log.format, args.log_target or log.target
