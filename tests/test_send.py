@@ -334,7 +334,7 @@ def test_invalid_files_are_skipped_and_the_rest_sent(
     nouid.save_as(folder / "nouid.dcm", enforce_file_format=True)
     rc = send(*addr(scp), folder)
     captured = capsys.readouterr()
-    assert rc == 21
+    assert rc == 22
     assert summary(captured.out) == (2, 0, 0, 3)
     assert scp.uids() == [inspect(p).sop_instance_uid for p in good]
     errors = error_lines(captured.err)
@@ -352,7 +352,7 @@ def test_dicomdir_is_skipped(scp: SCP, tmp_path: Path, capsys: pytest.CaptureFix
     folder = tmp_path / "in"
     copy_files(["CT_small.dcm"], folder)
     shutil.copyfile(data_file("dicomdirtests") / "DICOMDIR", folder / "DICOMDIR")
-    assert send(*addr(scp), folder) == 21
+    assert send(*addr(scp), folder) == 22
     assert summary(capsys.readouterr().out) == (1, 0, 0, 1)
     assert len(scp.received) == 1
 
@@ -373,8 +373,8 @@ def test_peer_accepting_none_of_the_classes(
 
 def test_no_input_files(scp: SCP, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    assert send(*addr(scp), tmp_path / "empty") == 20
-    assert send(*addr(scp), tmp_path / "missing") == 20
+    assert send(*addr(scp), tmp_path / "empty") == 21
+    assert send(*addr(scp), tmp_path / "missing") == 22  # an invalid input file, as dcmsend
     err = capsys.readouterr().err
     assert "no such file or directory" in err and "No input files" in err
     assert scp.associations == 0
@@ -906,13 +906,13 @@ def test_exit_codes_of_the_command(scp: SCP, tmp_path: Path) -> None:
     run = [FORWARDER, "send", *addr(scp)]
     assert subprocess.run([*run, *files], capture_output=True, timeout=60).returncode == 62
     assert (
-        subprocess.run([*run, tmp_path / "empty"], capture_output=True, timeout=60).returncode == 20
+        subprocess.run([*run, tmp_path / "empty"], capture_output=True, timeout=60).returncode == 21
     )
     bad = subprocess.run([*run, data_file("README.txt")], capture_output=True, timeout=60)
     assert bad.returncode == 22
     usage = subprocess.run([FORWARDER, "send", "-xe", "-xi", *addr(scp), *files],
                            capture_output=True, timeout=60)  # fmt: skip
-    assert usage.returncode == 2
+    assert usage.returncode == 1
     assert len(scp.received) == 1
 
 
@@ -980,3 +980,82 @@ def test_progress_bar_on_a_terminal_only(scp: SCP, tmp_path: Path) -> None:
         proc.wait(60)
     finally:
         os.close(quiet_master)
+
+
+# ------------------------------------------------------------------- exit codes vs dcmsend
+
+
+def _exit_case(case: str, tmp_path: Path, port: int) -> list[str]:
+    """The command line (after the program) of one exit-code case, its inputs made here."""
+    good = tmp_path / "good.dcm"
+    shutil.copyfile(data_file("CT_small.dcm"), good)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not DICOM\n")
+    dicomdir = tmp_path / "DICOMDIR"
+    shutil.copyfile(data_file("dicomdirtests") / "DICOMDIR", dicomdir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    peer = ["127.0.0.1", str(port)]
+    dead = ["127.0.0.1", str(free_port())]
+    cases = {
+        "all valid": [*peer, str(good)],
+        "no input files": [*peer, str(empty)],
+        "a missing file": [*peer, str(tmp_path / "missing.dcm")],
+        "a valid and a missing file": [*peer, str(good), str(tmp_path / "missing.dcm")],
+        "a valid and an invalid file": [*peer, str(good), str(bad)],
+        "an invalid and a valid file": [*peer, str(bad), str(good)],
+        "only invalid files": [*peer, str(bad)],
+        "a DICOMDIR and a valid file": [*peer, str(dicomdir), str(good)],
+        "an empty folder and a valid file": [*peer, str(empty), str(good)],
+        "a bad option": [*peer, str(good), "--no-such-option"],
+        "a bad option value": [*peer, "-ta", "x", str(good)],
+        "a bad PORT": ["127.0.0.1", "x", str(good)],
+        "no files": peer,
+        "no arguments": [],
+        "nobody listening": [*dead, str(good)],
+    }
+    return cases[case]
+
+
+EXIT_CASES = {
+    "all valid": 0,
+    "no input files": 21,
+    "a missing file": 22,
+    "a valid and a missing file": 22,
+    "a valid and an invalid file": 22,
+    "an invalid and a valid file": 22,
+    "only invalid files": 22,
+    "a DICOMDIR and a valid file": 22,
+    "an empty folder and a valid file": 0,
+    "a bad option": 1,
+    "a bad option value": 1,
+    "a bad PORT": 1,
+    "no files": 1,
+    "no arguments": 0,
+    "nobody listening": 61,
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_CASES))
+def test_exit_codes_match_dcmsend(storescp: StoreSCP, tmp_path: Path, case: str) -> None:
+    """Both tools on the same inputs against the same storescp: the same exit status."""
+    from conftest import require_tool
+
+    dcmsend = require_tool("dcmsend")
+    argv = _exit_case(case, tmp_path, storescp.port)
+    theirs = subprocess.run([dcmsend, *argv], capture_output=True, timeout=60, check=False)
+    ours = subprocess.run(
+        [str(FORWARDER), "send", *argv], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (theirs.returncode, ours.returncode) == (EXIT_CASES[case],) * 2, ours.stderr
+    assert "Traceback" not in ours.stderr
+
+
+def test_help_states_the_dcmsend_exit_codes() -> None:
+    done = subprocess.run(
+        [str(FORWARDER), "send", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for words in ("dcmsend", "1 bad command line", "21 no input files", "22 some input files"):
+        assert words in text, words
