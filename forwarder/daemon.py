@@ -435,10 +435,12 @@ class Worker(threading.Thread):
         )
         if decision.next is Next.SENT:
             warning = cls.describe() if cls.action is Action.WARNING else None
-            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning), d)
+            how = result.sent_as or None
+            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning, sent_as=how), d)
             self._succeeded()
             level = logging.WARNING if warning else logging.INFO
-            self.d.event(level, "warning" if warning else "sent", d, cls.describe(), cls.status)
+            detail = f"{cls.describe()}; {how}" if how else cls.describe()
+            self.d.event(level, "warning" if warning else "sent", d, detail, cls.status)
         elif decision.next is Next.RETRY:
             assert decision.next_attempt_at is not None
             mark = Mark(d.id, State.PENDING, cls.status, decision.reason, decision.next_attempt_at)

@@ -167,6 +167,8 @@ class Mark:
     """The reason; for SENT, the warning (or None)."""
     next_attempt_at: float | None = None
     count_attempt: bool = True
+    sent_as: str | None = None
+    """For SENT: how it went out ("as is", "converted to ...", "decompressed to ...")."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,9 @@ class Delivery:
     dataset_offset: int | None = None
     """From the enqueuer's inspection, so a worker need not read the file meta again; None
     for rows queued by an older version."""
+    sent_as: str | None = None
+    """Once SENT: "as is", "converted to ..." or "decompressed to ..." (None before, or for
+    rows sent by an older version)."""
 
 
 @dataclass(frozen=True)
@@ -310,7 +315,18 @@ _SCHEMA_V2: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 2",
 )
 
-MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = ((1, _SCHEMA_V1), (2, _SCHEMA_V2))
+_SCHEMA_V3_SENT_AS: Final[tuple[str, ...]] = (
+    # how a SENT delivery went out: "as is", "converted to <syntax>", "decompressed to <syntax>"
+    # (a peer that refused the file's own syntax got something else: the operator must see it)
+    "ALTER TABLE deliveries ADD COLUMN sent_as TEXT",
+    "PRAGMA user_version = 3",
+)
+
+MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
+    (1, _SCHEMA_V1),
+    (2, _SCHEMA_V2),
+    (3, _SCHEMA_V3_SENT_AS),
+)
 """(version reached, statements) in order; version 0 is an empty database."""
 
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
@@ -331,7 +347,7 @@ _GET_VERSION: Final = "PRAGMA user_version"
 _COLUMNS: Final = (
     "id, path, destination, state, size, mtime_ns, sop_class_uid, sop_instance_uid, "
     "transfer_syntax, study_uid, attempts, next_attempt_at, first_attempt_at, "
-    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset"
+    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset, sent_as"
 )
 _SELECT: Final = "SELECT " + _COLUMNS + " FROM deliveries"
 
@@ -380,7 +396,8 @@ SQL_MARK_SENT: Final = """
     UPDATE deliveries
        SET state = 2, lease_until = NULL, done_at = :now, updated_at = :now,
            attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :now),
-           last_attempt_at = :now, last_status = :status, last_error = :warning
+           last_attempt_at = :now, last_status = :status, last_error = :warning,
+           sent_as = :sent_as
      WHERE id = :id AND state <> 2
     RETURNING destination
 """
@@ -582,6 +599,7 @@ def _delivery(row: Sequence[Any]) -> Delivery:
         created_at=row[16],
         done_at=row[17],
         dataset_offset=row[18],
+        sent_as=row[19],
     )
 
 
@@ -988,7 +1006,8 @@ class Outbox:
             for m in marks:
                 params: dict[str, Any] = {"id": m.delivery_id, "now": now, "status": m.status}
                 if m.state is State.SENT:
-                    row = conn.execute(SQL_MARK_SENT, {**params, "warning": m.error}).fetchone()
+                    sent = {**params, "warning": m.error, "sent_as": m.sent_as}
+                    row = conn.execute(SQL_MARK_SENT, sent).fetchone()
                     if row is None:
                         ignored.append((m, "unknown or already sent"))
                     else:

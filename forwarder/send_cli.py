@@ -198,8 +198,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report",
         metavar="FILE",
         type=Path,
-        help="write one row per file (path, SOP Instance UID, status, outcome, "
-        "reason); .json for JSON, otherwise CSV",
+        help="write one row per file (path, SOP Instance UID, status, outcome, reason, "
+        "sent_as: as is / converted to X / decompressed to X); .json for JSON, otherwise CSV",
     )
     misc.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     tls = parser.add_argument_group("TLS Options")
@@ -274,6 +274,7 @@ class _Row:
     status: int | None = None
     outcome: str = ""
     reason: str = ""
+    sent_as: str = ""  # "as is", "converted to ...", "decompressed to ..."; "" if nothing went
 
 
 def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
@@ -418,7 +419,7 @@ def _log_result(result: StoreResult) -> None:
     cls = result.classification
     info = result.info
     if cls.status is not None:
-        LOGGER.info(f"Sending file: {info.path}")
+        LOGGER.info(f"Sending file: {info.path} ({result.sent_as})")
         LOGGER.info(f"Received Store Response (Status: 0x{cls.status:04X} - {cls.meaning})")
     if cls.action is Action.WARNING:
         LOGGER.warning(f"{info.path}: {cls.describe()}")
@@ -434,6 +435,7 @@ def _write_report(path: Path, rows: Sequence[_Row]) -> None:
             "status": "" if r.status is None else f"0x{r.status:04X}",
             "outcome": r.outcome,
             "reason": r.reason,
+            "sent_as": r.sent_as,
         }
         for r in rows
     ]
@@ -503,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         cls = res.classification
         row.status = cls.status
+        row.sent_as = res.sent_as
         if cls.action is Action.SENT:
             row.outcome = "sent"
         elif cls.action is Action.WARNING:

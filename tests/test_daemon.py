@@ -1665,3 +1665,40 @@ def test_umask_is_configurable(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None
     fwd.wait(has_all(scp, [uid]), what="sent")
     assert fwd.outbox_path.stat().st_mode & 0o777 == 0o600
     assert fwd.stop() == 0
+
+
+# -- how a file went out ---------------------------------------------------------------------
+
+
+def test_a_decompressed_lossy_file_says_so_to_the_peer_the_log_and_the_outbox(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    from conftest import UNCOMPRESSED
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    scp = make_scp(transfer_syntaxes=UNCOMPRESSED)  # refuses JPEG baseline
+    fwd.configure([dest("pacs", scp.port)]).start()
+    source = data_file("JPGExtended.dcm")  # JPEG extended: (0028,2110) "01", no method
+    uid = inspect(source).sop_instance_uid
+    path = fwd.inbox / "lossy.dcm"
+    tmp = fwd.inbox / ".lossy.dcm.part"
+    tmp.write_bytes(source.read_bytes())
+    tmp.rename(path)
+    fwd.wait(has_all(scp, [uid]), what="the lossy file sent")
+    (got,) = scp.received
+    assert got.transfer_syntax == "1.2.840.10008.1.2.1"
+    fp = DicomBytesIO(got.encoded)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    ds = read_dataset(fp, False, True)
+    assert ds.LossyImageCompression == "01"
+    assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert str(ds.LossyImageCompressionRatio) == "76"
+    how = "decompressed to Explicit VR Little Endian"
+    fwd.wait(lambda: f"sent: {path} ({uid}) -> pacs: " in fwd.text(), what="the sent line")
+    line = next(x for x in fwd.text().splitlines() if f"sent: {path} " in x)
+    assert line.endswith(how), line
+    with Outbox(fwd.outbox_path, readonly=True) as ob:
+        (row,) = ob.find(uid)
+    assert (row.state, row.sent_as) == (State.SENT, how)
+    assert fwd.stop() == 0

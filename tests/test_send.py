@@ -713,7 +713,7 @@ def test_report_rows(suffix: str, scp: SCP, tmp_path: Path) -> None:
         with open(report, newline="") as fp:
             rows = list(csv.DictReader(fp))
     assert [list(r) for r in rows] == [
-        ["path", "sop_instance_uid", "status", "outcome", "reason"]
+        ["path", "sop_instance_uid", "status", "outcome", "reason", "sent_as"]
     ] * 3
     by_name = {Path(r["path"]).name: r for r in rows}
     assert by_name[ok.name] == {
@@ -722,8 +722,11 @@ def test_report_rows(suffix: str, scp: SCP, tmp_path: Path) -> None:
         "status": "0x0000",
         "outcome": "sent",
         "reason": "",
+        "sent_as": "as is",
     }
     assert by_name[refused.name]["outcome"] == "failed"
+    assert by_name[refused.name]["sent_as"] == "as is"  # how the refused store went out
+    assert by_name[junk.name]["sent_as"] == ""
     assert by_name[refused.name]["status"] == "0xA700"
     assert by_name[refused.name]["reason"] == "out of resources"
     assert by_name[refused.name]["sop_instance_uid"] == inspect(refused).sop_instance_uid
@@ -1059,3 +1062,63 @@ def test_help_states_the_dcmsend_exit_codes() -> None:
     text = " ".join(done.stdout.split())
     for words in ("dcmsend", "1 bad command line", "21 no input files", "22 some input files"):
         assert words in text, words
+
+
+# ---------------------------------------------------------- lossy sources, decompressed
+
+
+LOSSY_SOURCES = {
+    # file: (its syntax, (0028,2112) and (0028,2114) the peer must get; None = computed)
+    "SC_rgb_jpeg_dcmtk.dcm": ("1.2.840.10008.1.2.4.50", "17.401", "ISO_10918_1"),
+    "JPGExtended.dcm": ("1.2.840.10008.1.2.4.51", "76", "ISO_10918_1"),
+    "JPEGLSNearLossless_08.dcm": ("1.2.840.10008.1.2.4.81", None, "ISO_14495_1"),
+    "JPEG2000.dcm": ("1.2.840.10008.1.2.4.91", "2097", "ISO_15444_1"),
+}
+
+
+def test_decompressed_lossy_files_say_they_were_lossy_and_how_they_were_sent(
+    make_scp: Callable[..., SCP], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scp = make_scp(transfer_syntaxes=UNCOMPRESSED)  # refuses every compressed syntax
+    names = [*LOSSY_SOURCES, "MR_small_jp2klossless.dcm", "CT_small.dcm"]
+    files = copy_files(names, tmp_path / "in")
+    report = tmp_path / "report.csv"
+    rc = send("-v", "--report", report, *addr(scp), *files)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    got = {p.name: decode(r) for p, r in zip(sorted(files), scp.received, strict=True)}
+    for name, (syntax, ratio, method) in LOSSY_SOURCES.items():
+        assert inspect(tmp_path / "in" / name).transfer_syntax == syntax
+        ds = got[name]
+        assert ds.LossyImageCompression == "01", name
+        assert ds.LossyImageCompressionMethod == method, name
+        if ratio is not None:
+            assert str(ds.LossyImageCompressionRatio) == ratio, name
+        else:  # uncompressed / compressed pixel bytes
+            assert float(ds.LossyImageCompressionRatio) > 1, name
+        assert "PixelData" in ds and not ds["PixelData"].is_undefined_length
+    # a lossless source says nothing new; a file sent in its own syntax is untouched
+    assert "LossyImageCompression" not in got["MR_small_jp2klossless.dcm"]
+    assert "LossyImageCompressionMethod" not in got["MR_small_jp2klossless.dcm"]
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(report.open(encoding="utf-8"))}
+    decompressed = "decompressed to Explicit VR Little Endian"
+    for name in [*LOSSY_SOURCES, "MR_small_jp2klossless.dcm"]:
+        assert rows[name]["sent_as"] == decompressed, rows[name]
+        assert f"Sending file: {tmp_path / 'in' / name} ({decompressed})" in err
+    assert rows["CT_small.dcm"]["sent_as"] == "as is"
+    assert f"Sending file: {tmp_path / 'in' / 'CT_small.dcm'} (as is)" in err
+
+
+def test_converted_files_are_reported_as_converted(
+    make_scp: Callable[..., SCP], tmp_path: Path
+) -> None:
+    scp = make_scp(transfer_syntaxes=[IMPLICIT_LE])
+    files = copy_files(["CT_small.dcm", "MR_small_implicit.dcm"], tmp_path / "in")
+    report = tmp_path / "report.json"
+    assert send("--report", report, *addr(scp), *files) == 0
+    rows = {Path(r["path"]).name: r["sent_as"] for r in json.loads(report.read_text())}
+    assert rows == {
+        "CT_small.dcm": "converted to Implicit VR Little Endian",
+        "MR_small_implicit.dcm": "as is",
+    }
+    assert len(scp.received) == 2
