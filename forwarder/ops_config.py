@@ -12,6 +12,7 @@ from typing import Any
 from forwarder import ops
 from forwarder.config import (
     EX_CONFIG,
+    NO_CONFIG,
     ConfigError,
     Settings,
     check_tls,
@@ -140,7 +141,7 @@ def _check(args: argparse.Namespace) -> int:
     source = str(args.config) if args.config else "environment"
     if errors or settings is None:
         for line in errors:
-            print(f"{source}: {line}", file=sys.stderr)
+            print(line if line == NO_CONFIG else f"{source}: {line}", file=sys.stderr)
         return EX_CONFIG
     names = ", ".join(d.name for d in settings.destinations)
     print(f"ok: {source}: {len(settings.destinations)} destination(s): {names}")

@@ -768,6 +768,25 @@ def test_config_unknown_destination(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "no destination named 'nope'" in capsys.readouterr().err
 
 
+def test_missing_tls_files_are_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "ca.pem"
+    config = tmp_path / "forwarder.toml"
+    config.write_text(
+        '[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\n'
+        f'[destinations.tls]\nca = "{missing}"\n'
+    )
+    files = make_files(tmp_path / "in", 1)
+    assert send("--config", config, "--destination", "pacs", *files) == 78
+    err = capsys.readouterr().err
+    assert f"destinations.0.tls.ca: file not found: {missing}" in err
+    assert_no_traceback(err)
+    with pytest.raises(SystemExit) as info:  # a command line error, as dcmsend's: 1
+        send("--tls-ca", missing, "127.0.0.1", "104", *files)
+    assert info.value.code == f"forwarder send: error: --tls-ca: file not found: {missing}"
+
+
 # ------------------------------------------------------------------------ parallelism
 
 
