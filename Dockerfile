@@ -52,9 +52,12 @@ RUN /opt/forwarder/bin/pip install --no-cache-dir --no-deps /src \
 # settings with FORWARDER_... variables (below, and `docker run -e`).
 COPY config/forwarder.toml /etc/forwarder/forwarder.toml
 
-# The container's paths: inbox and quarantine as their own volumes, the outbox and the sent archive
-# in the state volume. The log goes to stderr (`docker logs`); there is no journald here.
-ENV FORWARDER_WATCH__PATHS='["/inbox"]' \
+# Every command finds that file through FORWARDER_CONFIG, so `docker exec CONTAINER forwarder
+# status` needs no --config. The container's paths: inbox and quarantine as their own volumes, the
+# outbox and the sent archive in the state volume. The log goes to stderr (`docker logs`); there
+# is no journald here.
+ENV FORWARDER_CONFIG=/etc/forwarder/forwarder.toml \
+    FORWARDER_WATCH__PATHS='["/inbox"]' \
     FORWARDER_QUARANTINE__DIR=/quarantine \
     FORWARDER_OUTBOX__PATH=/var/lib/forwarder/outbox.sqlite3 \
     FORWARDER_DISPOSITION__ARCHIVE_DIR=/var/lib/forwarder/sent \
@@ -82,12 +85,14 @@ STOPSIGNAL SIGTERM
 # Exit 0 while the daemon's heartbeat is fresh and no destination has been paused too long.
 # Start period: the first heartbeat comes once the outbox is open and the inbox is scanned.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["forwarder", "health", "--config", "/etc/forwarder/forwarder.toml"]
+    CMD ["forwarder", "health"]
 
 # Exec form: PID 1 is the forwarder itself, no shell in between, so SIGTERM reaches it and its
 # handler runs. No tini/--init is needed: it starts no child processes, so there are no zombies
 # to reap (add `docker run --init` if a future version shells out).
 ENTRYPOINT ["forwarder"]
 
-# Default command: the daemon with the config above. `docker run IMAGE send ...` runs another one.
-CMD ["run", "--config", "/etc/forwarder/forwarder.toml"]
+# Default command: the daemon with the config in FORWARDER_CONFIG (`-e FORWARDER_CONFIG=...` points
+# it, the health check and `docker exec` alike at another file). `docker run IMAGE send ...` runs
+# another command.
+CMD ["run"]

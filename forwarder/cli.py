@@ -7,6 +7,7 @@ import importlib
 import io
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 # command -> (module, one-line help). Each module offers `add_arguments(parser)` and
 # `run(args) -> int`; modules are imported only when their command runs.
@@ -28,6 +29,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("forwarder.ops_echo", "C-ECHO the destinations with their AE titles and TLS"),
     "config": ("forwarder.ops_config", "validate the config, or show the effective settings"),
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command's own exit status for usage errors (argparse's is 2)."""
+
+    def __init__(self, *args: Any, usage_status: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_status = usage_status
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(self.usage_status, f"{self.prog}: error: {message}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,8 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rest = args[0], args[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"forwarder {name}", description=help_text)
+    # a command may have its own status for a bad command line (`send`: 1, as dcmsend)
+    usage_status = int(getattr(module, "USAGE_ERROR_STATUS", 2))
+    parser = _Parser(prog=f"forwarder {name}", description=help_text, usage_status=usage_status)
     module.add_arguments(parser)
+    if not rest and getattr(module, "HELP_WITHOUT_ARGUMENTS", False):
+        parser.print_help()
+        return 0
     # storescu-style commands take options after the files too (`ADDR PORT FILE -xe`)
     intermixed = getattr(module, "INTERMIXED_ARGS", False)
     ns = parser.parse_intermixed_args(rest) if intermixed else parser.parse_args(rest)

@@ -6,10 +6,13 @@ import contextvars
 import json
 import os
 import re
+import ssl
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -28,18 +31,31 @@ __all__ = [
     "Settings",
     "TLSSettings",
     "add_config_argument",
+    "check_tls",
     "load_raw",
     "load_settings",
+    "parse_umask",
 ]
 
 
 ENV_PREFIX = "FORWARDER_"
 _RAW: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("forwarder_raw_config")
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_UMASK = re.compile(r"^0?[0-7]{3}$")
+NO_CONFIG = "no config file: pass --config or set FORWARDER_CONFIG"
+
+# Durations: finite, positive where a zero would spin, and bounded. `inf`, `nan` or 1e308
+# seconds pass a bare `gt=0` and then overflow the clock and socket calls they reach
+# (OverflowError in a thread, or a wait that never ends).
+_MAX_SECONDS = 366 * 86400  # a year: longer is a typo, not a policy
+_MAX_NETWORK_SECONDS = 86400  # a peer silent for a day is dead, whatever the setting says
+Seconds = Annotated[float, Field(gt=0, le=_MAX_SECONDS, allow_inf_nan=False)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=_MAX_SECONDS, allow_inf_nan=False)]
+NetworkSeconds = Annotated[float, Field(gt=0, le=_MAX_NETWORK_SECONDS, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TLSSettings(_Model):
@@ -56,6 +72,27 @@ class TLSSettings(_Model):
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key must be given together")
         return self
+
+
+def _check_host(value: str) -> str:
+    value = value.strip()
+    if not value or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ValueError("a host name or IP address is required (no blanks or control characters)")
+    return value
+
+
+def parse_umask(value: str) -> int:
+    """The file mode creation mask written as octal text (``"0027"``, ``"027"``), as an int.
+
+    Raises ValueError unless it is 3 or 4 octal digits leaving the owner read and write:
+    the daemon must be able to open what it creates.
+    """
+    if not _UMASK.match(value):
+        raise ValueError('write the umask as 3 or 4 octal digits in quotes, e.g. "0027"')
+    mask = int(value, 8)
+    if mask & 0o600:
+        raise ValueError("the umask must leave the owner read and write (0o0xx)")
+    return mask
 
 
 def _check_ae(value: str) -> str:
@@ -76,13 +113,14 @@ class Destination(_Model):
     associations: int | Literal["auto"] = "auto"
     max_associations: int = Field(default=DEFAULT_MAX_ASSOCIATIONS, ge=1, le=MAX_ASSOCIATIONS)
     max_pdu: int = Field(default=0, ge=0)
-    connect_timeout: float = Field(default=10, gt=0)
-    acse_timeout: float = Field(default=30, gt=0)
-    dimse_timeout: float = Field(default=30, gt=0)
-    network_timeout: float = Field(default=60, gt=0)
+    connect_timeout: NetworkSeconds = 10
+    acse_timeout: NetworkSeconds = 30
+    dimse_timeout: NetworkSeconds = 30
+    network_timeout: NetworkSeconds = 60
     tls: TLSSettings | None = None
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
+    _host = field_validator("host")(_check_host)
 
     @field_validator("associations")
     @classmethod
@@ -96,25 +134,25 @@ class WatchSettings(_Model):
     paths: list[Path] = [Path("/var/spool/forwarder/inbox")]
     recursive: bool = True
     poll: bool = False
-    poll_interval_seconds: float = Field(default=2.0, gt=0)
-    settle_seconds: float = Field(default=1.0, ge=0)
+    poll_interval_seconds: Seconds = 2.0
+    settle_seconds: SecondsOrZero = 1.0
     settle_from_mtime: bool = True
-    rescan_seconds: float = Field(default=300, gt=0)
-    invalid_grace_seconds: float = Field(default=30, ge=0)
+    rescan_seconds: Seconds = 300
+    invalid_grace_seconds: SecondsOrZero = 30
     ignore: list[str] = [".*", "*.part", "*.tmp", "*.partial"]
     follow_symlinks: bool = False
 
 
 class OutboxSettings(_Model):
     path: Path = Path("/var/lib/forwarder/outbox.sqlite3")
-    lease_seconds: float = Field(default=300, gt=0)
+    lease_seconds: Seconds = 300
 
 
 class RetrySettings(_Model):
-    initial_seconds: float = Field(default=5, gt=0)
-    max_seconds: float = Field(default=600, gt=0)
+    initial_seconds: Seconds = 5
+    max_seconds: Seconds = 600
     max_attempts: int = Field(default=20, ge=1)
-    max_age_seconds: float = Field(default=86400, gt=0)
+    max_age_seconds: Seconds = 86400
 
 
 class DispositionSettings(_Model):
@@ -128,14 +166,14 @@ class QuarantineSettings(_Model):
 
 class SenderSettings(_Model):
     batch_size: int = Field(default=64, ge=1, le=10000)
-    linger_seconds: float = Field(default=5, ge=0)
+    linger_seconds: SecondsOrZero = 5
 
 
 class LogSettings(_Model):
     level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     format: Literal["text", "json"] = "text"
     target: Literal["auto", "stderr", "journal"] = "auto"
-    summary_seconds: float = Field(default=60, gt=0)
+    summary_seconds: Seconds = 60
 
 
 class MetricsSettings(_Model):
@@ -143,12 +181,12 @@ class MetricsSettings(_Model):
 
 
 class HealthSettings(_Model):
-    heartbeat_seconds: float = Field(default=5, gt=0)
-    stale_seconds: float = Field(default=60, gt=0)
-    max_paused_seconds: float = Field(default=3600, gt=0)
+    heartbeat_seconds: Seconds = 5
+    stale_seconds: Seconds = 60
+    max_paused_seconds: Seconds = 3600
     # a worker busy with one batch longer than this is wedged (no WATCHDOG=1, health fails);
     # default: twice the slowest destination's dimse_timeout + network_timeout, plus 60 s
-    stall_seconds: float | None = Field(default=None, gt=0)
+    stall_seconds: Seconds | None = None
 
 
 class Settings(BaseSettings):
@@ -159,6 +197,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     destinations: list[Destination] = []
@@ -171,7 +210,22 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     health: HealthSettings = HealthSettings()
-    shutdown_timeout: float = Field(default=30, gt=0)
+    shutdown_timeout: Seconds = 30
+    # file mode creation mask of the daemon (outbox, sidecars, copies, folders it creates)
+    umask: str = "0027"
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _umask(cls, value: Any) -> str:
+        if not isinstance(value, str):  # a TOML integer: 27 and 0o27 read the same here
+            raise ValueError('write the umask as octal digits in quotes, e.g. "0027"')
+        parse_umask(value)
+        return value
+
+    @property
+    def umask_bits(self) -> int:
+        """`umask` as the number ``os.umask`` takes."""
+        return parse_umask(self.umask)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -217,46 +271,102 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def _env_value(text: str) -> Any:
-    """An environment value: JSON when it parses as JSON (lists, numbers, booleans), else text."""
+def _unwrap(annotation: Any) -> Any:
+    """`annotation` without ``Annotated[...]`` and ``... | None``."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _child(annotation: Any, part: str) -> Any:
+    """The type of `part` (a field name or list index) inside `annotation`; None if unknown."""
+    ann = _unwrap(annotation)
+    if typing.get_origin(ann) is list:
+        return typing.get_args(ann)[0] if part.isdigit() else None
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        field = ann.model_fields.get(part)
+        return None if field is None else field.annotation
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(_unwrap(annotation)) is list
+
+
+def _is_structured(annotation: Any) -> bool:
+    """A list, a table (model) or a mapping: written as JSON in the environment."""
+    ann = _unwrap(annotation)
+    if typing.get_origin(ann) in (list, dict):
+        return True
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _env_value(var: str, text: str, annotation: Any, errors: list[str]) -> Any:
+    """An environment value: JSON for list and table settings, the text as is for the rest.
+
+    Scalars stay text and pydantic converts them ("104" -> 104, "true" -> True), so an AE
+    title or a host that happens to look like a number (``12345``) stays a string.
+    """
+    if not _is_structured(annotation):
+        return text
     try:
         return json.loads(text)
     except ValueError:
+        errors.append(f"{var}: a list or table is written as JSON here, e.g. '[\"/inbox\"]'")
         return text
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: dict[str, str]) -> list[str]:
-    """Merge ``FORWARDER_A__B__0__C`` variables into `raw`; return lines for unusable ones."""
-    errors = []
+    """Merge ``FORWARDER_A__B__0__C`` variables into `raw`; return lines for unusable ones.
+
+    The settings schema says what each level is: a missing list (``destinations``) is
+    created as a list, a missing table as a table, whatever the file had or had not.
+    """
+    errors: list[str] = []
     for var in sorted(env):
         if not var.startswith(ENV_PREFIX) or var == "FORWARDER_CONFIG":
             continue
         parts = var[len(ENV_PREFIX) :].lower().split("__")
         node: Any = raw
+        ann: Any = Settings
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
+            ann = _child(ann, part)
             if isinstance(node, list):
                 if not part.isdigit() or int(part) > len(node):
                     errors.append(f"{var}: list index {part!r} is not 0..{len(node)}")
                     break
                 idx = int(part)
                 if idx == len(node):
-                    node.append({})
+                    node.append([] if _is_list(ann) else {})
                 if last:
-                    node[idx] = _env_value(env[var])
+                    node[idx] = _env_value(var, env[var], ann, errors)
                 else:
                     node = node[idx]
             elif isinstance(node, dict):
                 if last:
-                    node[part] = _env_value(env[var])
+                    node[part] = _env_value(var, env[var], ann, errors)
                 else:
-                    node = node.setdefault(part, {})
+                    node = node.setdefault(part, [] if _is_list(ann) else {})
             else:
                 errors.append(f"{var}: {'.'.join(parts[:depth])} is not a table")
                 break
         else:
             origin[".".join(parts)] = f"environment ({var})"
     return errors
+
+
+def has_env_settings(env: Mapping[str, str]) -> bool:
+    """True when `env` holds at least one ``FORWARDER_...`` setting (not FORWARDER_CONFIG)."""
+    return any(k.startswith(ENV_PREFIX) and k != "FORWARDER_CONFIG" for k in env)
 
 
 def _flatten(raw: Any, prefix: str, origin: dict[str, str], source: str) -> None:
@@ -275,13 +385,19 @@ def load_raw(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Return the merged file + environment settings as plain data, and where each came from.
 
+    With no file (`path` None) the environment alone is the configuration, provided it
+    holds at least one ``FORWARDER_...`` setting.
+
     Raises
     ------
     ConfigError
-        When the file is missing, unreadable or not TOML, or a variable cannot be applied.
+        When the file is missing, unreadable or not TOML, a variable cannot be applied, or
+        there is neither a file nor a ``FORWARDER_...`` setting.
     """
     env = os.environ if env is None else env
     source = str(path) if path is not None else "environment"
+    if path is None and not has_env_settings(env):
+        raise ConfigError("", [NO_CONFIG])
     raw: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if path is not None:
@@ -310,8 +426,10 @@ def load_settings(
     """Load the settings from `path` (TOML) and the ``FORWARDER_...`` environment.
 
     Environment variables override the file; ``__`` separates nesting levels and list items
-    are addressed by index (``FORWARDER_DESTINATIONS__0__PORT=104``). Values are parsed as
-    JSON when they are JSON (``FORWARDER_WATCH__PATHS='["/in"]'``), otherwise taken as text.
+    are addressed by index (``FORWARDER_DESTINATIONS__0__PORT=104``). Values of list and
+    table settings are JSON (``FORWARDER_WATCH__PATHS='["/in"]'``); every other value is
+    text, converted by the schema. Without a file the environment alone may configure
+    everything (`load_raw`).
 
     Raises
     ------
@@ -335,3 +453,59 @@ def load_settings(
     if require_destinations and not settings.destinations:
         raise ConfigError(source, ["destinations: at least one [[destinations]] entry is required"])
     return settings
+
+
+def check_tls(settings: Settings) -> list[str]:
+    """The TLS files of every destination, loaded as the sender will; one line per problem.
+
+    A missing, unreadable or malformed CA, certificate or key is named by its setting
+    (``destinations.0.tls.ca: file not found: /etc/forwarder/ca.pem``). Kept out of the
+    schema so that `forwarder config show` and the operator commands still work on a host
+    without the files.
+    """
+    errors: list[str] = []
+    for i, dest in enumerate(settings.destinations):
+        tls = dest.tls
+        if tls is None:
+            continue
+        files = {"ca": tls.ca, "cert": tls.cert, "key": tls.key}
+        bad = False
+        for name, path in files.items():
+            if path is None:
+                continue
+            problem = _file_problem(path)
+            if problem is not None:
+                errors.append(f"destinations.{i}.tls.{name}: {problem}: {path}")
+                bad = True
+        if bad:
+            continue
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if tls.ca is not None:
+            try:
+                ctx.load_verify_locations(cafile=str(tls.ca))
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(f"destinations.{i}.tls.ca: not a PEM CA bundle: {tls.ca} ({exc})")
+        if tls.cert is not None:
+            try:
+                ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(
+                    f"destinations.{i}.tls.cert: cannot load the certificate {tls.cert} "
+                    f"with the key {tls.key} ({exc})"
+                )
+    return errors
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a file, or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return "file not found"
+    except IsADirectoryError:
+        return "a folder, not a file"
+    except PermissionError:
+        return "not readable (permission denied)"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"

@@ -26,6 +26,7 @@ from forwarder.config import (
     Destination,
     Settings,
     add_config_argument,
+    check_tls,
     load_settings,
 )
 from forwarder.contexts import ContextSpec
@@ -112,9 +113,9 @@ def check_layout(settings: Settings) -> list[str]:
 
 
 def load(path: Path | None) -> Settings:
-    """Settings for the daemon: schema + layout checks; raises ConfigError listing them all."""
+    """Settings for the daemon: schema, layout and TLS files; raises ConfigError listing all."""
     settings = load_settings(path, require_destinations=True)
-    errors = check_layout(settings)
+    errors = check_layout(settings) + check_tls(settings)
     if errors:
         raise ConfigError(str(path) if path else "environment", errors)
     return settings
@@ -580,10 +581,12 @@ class Worker(threading.Thread):
         )
         if decision.next is Next.SENT:
             warning = cls.describe() if cls.action is Action.WARNING else None
-            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning), d)
+            how = result.sent_as or None
+            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning, sent_as=how), d)
             self._succeeded()
             level = logging.WARNING if warning else logging.INFO
-            self.d.event(level, "warning" if warning else "sent", d, cls.describe(), cls.status)
+            detail = f"{cls.describe()}; {how}" if how else cls.describe()
+            self.d.event(level, "warning" if warning else "sent", d, detail, cls.status)
         elif decision.next is Next.RETRY:
             assert decision.next_attempt_at is not None
             mark = Mark(
@@ -1365,11 +1368,12 @@ class Daemon:
         try:
             new = load(self.config_path)
         except ConfigError as exc:
-            for line in exc.errors:
-                LOGGER.error(f"reload refused, keeping the running config: {exc.source}: {line}")
+            for line in exc.lines():
+                LOGGER.error(f"reload refused, keeping the running config: {line}")
             self.notifier.ready(self.status_line())
             return
         old = self.settings
+        os.umask(new.umask_bits)
         if new.outbox.path != old.outbox.path:
             LOGGER.warning("outbox.path changed: it takes effect at the next restart only")
             new = new.model_copy(update={"outbox": old.outbox})
@@ -1696,6 +1700,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         exc.report("forwarder")
         return EX_CONFIG
+    # Before anything is created: outside systemd (UMask=) the caller's umask, often 022,
+    # would leave the outbox, the sidecars and copied files readable by every local user.
+    os.umask(settings.umask_bits)
     log = settings.log
     setup_logging(
         args.log_level or log.level, args.log_format or log.format, args.log_target or log.target

@@ -20,13 +20,17 @@ class ConfigError(Exception):
     def __init__(self, source: str, errors: list[str]) -> None:
         self.source = source
         self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
+        super().__init__(f"{source}: " * bool(source) + "; ".join(errors))
+
+    def lines(self) -> list[str]:
+        """``SOURCE: line`` per bad setting (just the line when there is no source)."""
+        return [f"{self.source}: {line}" if self.source else line for line in self.errors]
 
     def report(self, prog: str, stream: TextIO | None = None) -> None:
         """Print one ``PROG: config error: SOURCE: line`` per bad setting (to stderr)."""
         out = sys.stderr if stream is None else stream
-        for line in self.errors:
-            print(f"{prog}: config error: {self.source}: {line}", file=out)
+        for line in self.lines():
+            print(f"{prog}: config error: {line}", file=out)
 
 
 def add_config_argument(

@@ -6,7 +6,7 @@ import contextlib
 import errno
 import json
 import os
-import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,8 +73,10 @@ def move_durably(src: Path, dst: Path) -> None:
         return
     tmp = dst.with_name(f".{dst.name}.forwarder-tmp")
     try:
-        shutil.copy2(src, tmp, follow_symlinks=False)
-        if not tmp.is_symlink():  # a symlink has no data to sync
+        if src.is_symlink():  # the link itself, never what it points to
+            os.symlink(os.readlink(src), tmp)
+        else:
+            _copy_new(src, tmp)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -89,6 +91,29 @@ def move_durably(src: Path, dst: Path) -> None:
             tmp.unlink()
         raise
     os.unlink(src)
+
+
+def _copy_new(src: Path, dst: Path) -> None:
+    """Copy the bytes and times of `src` to a new file `dst`, never following a symlink.
+
+    The copy is created by us, so the process umask applies (on top of the source's own
+    mode): ``shutil.copy2`` copied the mode as it was, and a world-readable file in the
+    inbox stayed world-readable in quarantine whatever the daemon's umask.
+    """
+    fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fin)
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IMODE(st.st_mode) & 0o666)
+        try:
+            while chunk := os.read(fin, 1 << 20):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fout, view) :]
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -236,6 +236,7 @@ def delivery_json(d: Delivery, now: float) -> dict[str, Any]:
         "last_attempt_at": iso(d.last_attempt_at),
         "last_status": status_hex(d.last_status),
         "last_error": d.last_error,
+        "sent_as": d.sent_as,
         "created_at": iso(d.created_at),
         "done_at": iso(d.done_at),
         "age_seconds": round(now - d.created_at, 3),

@@ -5,13 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 from forwarder import ops
-from forwarder.config import EX_CONFIG, ConfigError, Settings, load_raw, load_settings
+from forwarder.config import (
+    EX_CONFIG,
+    NO_CONFIG,
+    ConfigError,
+    Settings,
+    check_tls,
+    load_raw,
+    load_settings,
+)
 
 __all__ = ["MASK", "add_arguments", "check", "effective", "masked", "run"]
 
@@ -27,7 +34,6 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
     """
     from forwarder.daemon import check_layout
     from forwarder.metrics import parse_listen
-    from forwarder.sender import Peer
 
     try:
         settings = load_settings(path, require_destinations=True)
@@ -39,13 +45,7 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
             parse_listen(settings.metrics.listen)
         except ValueError as exc:
             errors.append(f"metrics.listen: {exc}")
-    for i, dest in enumerate(settings.destinations):
-        if dest.tls is None:
-            continue
-        try:
-            Peer.from_destination(dest)
-        except (OSError, ssl.SSLError) as exc:
-            errors.append(f"destinations.{i}.tls ({dest.name}): cannot load the TLS files: {exc}")
+    errors += check_tls(settings)
     return settings, errors
 
 
@@ -141,7 +141,7 @@ def _check(args: argparse.Namespace) -> int:
     source = str(args.config) if args.config else "environment"
     if errors or settings is None:
         for line in errors:
-            print(f"{source}: {line}", file=sys.stderr)
+            print(line if line == NO_CONFIG else f"{source}: {line}", file=sys.stderr)
         return EX_CONFIG
     names = ", ".join(d.name for d in settings.destinations)
     print(f"ok: {source}: {len(settings.destinations)} destination(s): {names}")

@@ -200,6 +200,8 @@ class Mark:
     refusal: bool = False
     """The peer refused this instance (counted in ``refusals`` as well as ``attempts``), as
     opposed to a transient failure (out of resources, no response)."""
+    sent_as: str | None = None
+    """For SENT: how it went out ("as is", "converted to ...", "decompressed to ...")."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,9 @@ class Delivery:
     for rows queued by an older version."""
     refusals: int = 0
     """Of `attempts`, those the peer refused the instance itself; the rest were transient."""
+    sent_as: str | None = None
+    """Once SENT: "as is", "converted to ..." or "decompressed to ..." (None before, or for
+    rows sent by an older version)."""
 
     @property
     def transient_failures(self) -> int:
@@ -415,10 +420,18 @@ _SCHEMA_V3: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 3",
 )
 
+_SCHEMA_V4_SENT_AS: Final[tuple[str, ...]] = (
+    # how a SENT delivery went out: "as is", "converted to <syntax>", "decompressed to <syntax>"
+    # (a peer that refused the file's own syntax got something else: the operator must see it)
+    "ALTER TABLE deliveries ADD COLUMN sent_as TEXT",
+    "PRAGMA user_version = 4",
+)
+
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (1, _SCHEMA_V1),
     (2, _SCHEMA_V2),
     (3, _SCHEMA_V3),
+    (4, _SCHEMA_V4_SENT_AS),
 )
 """(version reached, statements) in order; version 0 is an empty database."""
 
@@ -443,7 +456,8 @@ read-only file (SQLite opens one read-only without a word) when it is opened, no
 _COLUMNS: Final = (
     "id, path, destination, state, size, mtime_ns, sop_class_uid, sop_instance_uid, "
     "transfer_syntax, study_uid, attempts, next_attempt_at, first_attempt_at, "
-    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset, refusals"
+    "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset, refusals, "
+    "sent_as"
 )
 _SELECT: Final = "SELECT " + _COLUMNS + " FROM deliveries"
 
@@ -492,7 +506,8 @@ SQL_MARK_SENT: Final = """
     UPDATE deliveries
        SET state = 2, lease_until = NULL, done_at = :now, updated_at = :now,
            attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :now),
-           last_attempt_at = :now, last_status = :status, last_error = :warning
+           last_attempt_at = :now, last_status = :status, last_error = :warning,
+           sent_as = :sent_as
      WHERE id = :id AND state <> 2
     RETURNING destination
 """
@@ -697,6 +712,7 @@ def _delivery(row: Sequence[Any]) -> Delivery:
         done_at=row[17],
         dataset_offset=row[18],
         refusals=row[19],
+        sent_as=row[20],
     )
 
 
@@ -1136,7 +1152,8 @@ class Outbox:
             for m in marks:
                 params: dict[str, Any] = {"id": m.delivery_id, "now": now, "status": m.status}
                 if m.state is State.SENT:
-                    row = conn.execute(SQL_MARK_SENT, {**params, "warning": m.error}).fetchone()
+                    sent = {**params, "warning": m.error, "sent_as": m.sent_as}
+                    row = conn.execute(SQL_MARK_SENT, sent).fetchone()
                     if row is None:
                         ignored.append((m, "unknown or already sent"))
                     else:

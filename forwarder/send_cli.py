@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import os
+import ssl
 import sys
 import threading
 import time
@@ -28,15 +29,21 @@ __all__ = ["add_arguments", "collect_files", "main", "run"]
 
 LOGGER = logging.getLogger("forwarder.send")
 
-# Exit codes, after DCMTK's dcmsend where it has one (argparse's own usage errors exit 2).
+# Exit codes: DCMTK 3.6.7 dcmsend's (its man page, EXIT CODES), checked side by side on the
+# same inputs (tests/test_send.py::test_exit_codes_match_dcmsend). Where dcmsend has none, ours
+# (78). dcmsend halts at the first invalid file with 22 (its default, without --no-halt); we
+# send the valid files anyway, as its --no-halt would, and still exit 22.
 EXIT_OK = 0
-EXIT_NO_INPUT_FILES = 20
-EXIT_INVALID_INPUT_FILE = 21  # some files were not DICOM / truncated / missing UIDs
-EXIT_NO_VALID_INPUT_FILES = 22
-EXIT_CANNOT_WRITE_REPORT = 43
+EXIT_COMMANDLINE = 1  # EXITCODE_COMMANDLINE_SYNTAX_ERROR (argparse's own would be 2)
+EXIT_NO_INPUT_FILES = 21  # EXITCODE_NO_INPUT_FILES
+EXIT_INVALID_INPUT_FILE = 22  # EXITCODE_INVALID_INPUT_FILE: missing, not DICOM, truncated ...
+EXIT_NO_VALID_INPUT_FILES = 22  # dcmsend's 23 comes only with --no-halt: by default it is 22
+EXIT_CANNOT_WRITE_REPORT = 43  # EXITCODE_CANNOT_WRITE_REPORT_FILE
+EXIT_ASSOCIATION_FAILED = 61  # EXITCODE_CANNOT_NEGOTIATE_ASSOCIATION: some files got none
+EXIT_STORE_FAILED = 62  # EXITCODE_CANNOT_SEND_REQUEST; also a refused store (dcmsend says 0)
 EXIT_CONFIG = 78
-EXIT_ASSOCIATION_FAILED = 61  # some files could not be sent: no association
-EXIT_STORE_FAILED = 62  # some stores failed (peer refused, or no response)
+USAGE_ERROR_STATUS = EXIT_COMMANDLINE  # read by forwarder.cli for argparse's usage errors
+HELP_WITHOUT_ARGUMENTS = True  # `forwarder send` alone prints the help and exits 0, as dcmsend
 
 _DICOMDIR = "1.2.840.10008.1.3.10"
 INTERMIXED_ARGS = True  # options may follow ADDR PORT PATH, as with DCMTK's storescu
@@ -50,10 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "but checking every response status."
     )
     parser.epilog = (
-        "exit status: 0 all sent (warnings included); 20 no input files; 21 some input files\n"
-        "invalid (the rest sent); 22 no valid input files; 43 cannot write the report;\n"
-        "61 association failed for some files; 62 some stores failed; 78 bad config;\n"
-        "2 bad command line."
+        "exit status (DCMTK dcmsend's codes): 0 all sent (warnings included); 1 bad command\n"
+        "line; 21 no input files; 22 some input files missing or invalid (the valid ones are\n"
+        "still sent); 43 cannot write the report; 61 association failed for some files;\n"
+        "62 some stores failed (refused by the peer or no response; dcmsend exits 0 there);\n"
+        "78 bad config. 61 and 62 come before 22."
     )
     parser.add_argument(
         "args",
@@ -191,8 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report",
         metavar="FILE",
         type=Path,
-        help="write one row per file (path, SOP Instance UID, status, outcome, "
-        "reason); .json for JSON, otherwise CSV",
+        help="write one row per file (path, SOP Instance UID, status, outcome, reason, "
+        "sent_as: as is / converted to X / decompressed to X); .json for JSON, otherwise CSV",
     )
     misc.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     tls = parser.add_argument_group("TLS Options")
@@ -241,9 +249,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def collect_files(paths: Iterable[str], recurse: bool) -> tuple[list[Path], list[str]]:
-    """The files to send, sorted and de-duplicated, and one line per unusable path."""
+    """The files to send, sorted and de-duplicated, and the paths that do not exist."""
     found: set[Path] = set()
-    errors: list[str] = []
+    missing: list[str] = []
     for raw in paths:
         p = Path(raw)
         if p.is_file():
@@ -256,8 +264,8 @@ def collect_files(paths: Iterable[str], recurse: bool) -> tuple[list[Path], list
             else:
                 found.update(c.resolve() for c in p.iterdir() if c.is_file())
         else:
-            errors.append(f"{raw}: no such file or directory")
-    return sorted(found), errors
+            missing.append(raw)
+    return sorted(found), missing
 
 
 @dataclass
@@ -267,18 +275,24 @@ class _Row:
     status: int | None = None
     outcome: str = ""
     reason: str = ""
+    sent_as: str = ""  # "as is", "converted to ...", "decompressed to ..."; "" if nothing went
 
 
 def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
     """Build the peer from ADDR PORT or --destination; returns it and the file arguments."""
     if args.destination:
-        from forwarder.config import load_settings  # pydantic: only when a config is used
+        from forwarder.config import check_tls, load_settings  # pydantic: only with a config
 
         settings = load_settings(args.config, require_destinations=True)
+        source = str(args.config) if args.config else "environment"
         try:
             dest = settings.destination(args.destination)
         except KeyError as exc:
-            raise ConfigError(str(args.config), [f"--destination: {exc.args[0]}"]) from exc
+            raise ConfigError(source, [f"--destination: {exc.args[0]}"]) from exc
+        index = settings.destinations.index(dest)
+        errors = [e for e in check_tls(settings) if e.startswith(f"destinations.{index}.")]
+        if errors:
+            raise ConfigError(source, errors)
         base = Peer.from_destination(dest)
         files = list(args.args)
         if args.associations is None:  # the command line wins over the destination's
@@ -299,9 +313,19 @@ def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
     tls = base.tls
     server_name = base.tls_server_name
     if args.tls or args.tls_ca or args.tls_cert:
-        tls = client_tls_context(
-            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, verify=not args.tls_no_verify
-        )
+        for option, value in (
+            ("--tls-ca", args.tls_ca),
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+        ):
+            if value and not os.path.isfile(value):
+                raise SystemExit(f"forwarder send: error: {option}: file not found: {value}")
+        try:
+            tls = client_tls_context(
+                ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, verify=not args.tls_no_verify
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"forwarder send: error: cannot load the TLS files: {exc}") from None
         server_name = args.tls_server_name or base.host
     peer = Peer(
         host=base.host,
@@ -396,7 +420,7 @@ def _log_result(result: StoreResult) -> None:
     cls = result.classification
     info = result.info
     if cls.status is not None:
-        LOGGER.info(f"Sending file: {info.path}")
+        LOGGER.info(f"Sending file: {info.path} ({result.sent_as})")
         LOGGER.info(f"Received Store Response (Status: 0x{cls.status:04X} - {cls.meaning})")
     if cls.action is Action.WARNING:
         LOGGER.warning(f"{info.path}: {cls.describe()}")
@@ -412,6 +436,7 @@ def _write_report(path: Path, rows: Sequence[_Row]) -> None:
             "status": "" if r.status is None else f"0x{r.status:04X}",
             "outcome": r.outcome,
             "reason": r.reason,
+            "sent_as": r.sent_as,
         }
         for r in rows
     ]
@@ -430,17 +455,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         peer, paths = _peer(args)
     except ConfigError as exc:
-        for line in exc.errors:
-            LOGGER.error(f"{exc.source}: {line}")
+        for line in exc.lines():
+            LOGGER.error(line)
         return EXIT_CONFIG
     files, missing = collect_files(paths, args.recurse)
-    for line in missing:
-        LOGGER.error(line)
-    if not files:
+    if not files and not missing:
         LOGGER.error("No input files")
         return EXIT_NO_INPUT_FILES
 
     rows: dict[Path, _Row] = {}
+    for raw in missing:  # a path that does not exist is an invalid input file (dcmsend: 22)
+        LOGGER.error(f"{raw}: skipped: no such file or directory")
+        rows[Path(raw)] = _Row(Path(raw), outcome="skipped", reason="no such file or directory")
     infos: list[DicomInfo] = []
     for path in files:
         row = rows[path] = _Row(path)
@@ -480,6 +506,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         cls = res.classification
         row.status = cls.status
+        row.sent_as = res.sent_as
         if cls.action is Action.SENT:
             row.outcome = "sent"
         elif cls.action is Action.WARNING:
@@ -512,9 +539,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m forwarder.send_cli``: the same as ``forwarder send``."""
-    parser = argparse.ArgumentParser(prog="forwarder send")
-    add_arguments(parser)
-    return run(parser.parse_intermixed_args(argv))
+    from forwarder.cli import main as cli_main
+
+    return cli_main(["send", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

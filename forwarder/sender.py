@@ -26,6 +26,7 @@ from forwarder.contexts import (
     split_by_contexts,
 )
 from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
+from forwarder.lossy import mark_lossy
 from forwarder.status import Action, Classification, classify_status
 from forwarder.wire import SourceUnreadable, WireError, encode_store_command
 
@@ -38,6 +39,7 @@ __all__ = [
     "Sender",
     "StoreResult",
     "client_tls_context",
+    "sent_as",
 ]
 
 LOGGER = logging.getLogger("forwarder.sender")
@@ -60,6 +62,22 @@ class StoreResult:
     @property
     def delivered(self) -> bool:
         return self.classification.delivered
+
+    @property
+    def sent_as(self) -> str:
+        """How it went out, for people: ``as is``, ``converted to Explicit VR Little Endian``,
+        ``decompressed to ...``; "" when nothing went out."""
+        return sent_as(self.how, self.transfer_syntax)
+
+
+def sent_as(how: str, transfer_syntax: str | None) -> str:
+    """``as is`` / ``converted to NAME`` / ``decompressed to NAME`` (the syntax's name), or ""."""
+    if not how or transfer_syntax is None:
+        return ""
+    if how == "as is":
+        return how
+    verb = {"convert": "converted", "decompress": "decompressed"}.get(how, how)
+    return f"{verb} to {_name(transfer_syntax)}"
 
 
 class Sender:
@@ -274,9 +292,12 @@ class Sender:
                 f"cannot decode the file to convert it: {_one_line(exc)}"
             ) from exc
         if how == "decompress":
+            compressed = _encapsulated_size(ds)
             try:
                 # keep the instance: pydicom would otherwise give it a new SOP Instance UID
                 ds.decompress(generate_instance_uid=False)
+                # the pixels going out are the lossy ones: the data set must say so
+                mark_lossy(ds, info.transfer_syntax, compressed)
             except Exception as exc:
                 raise _ConversionError(
                     f"the peer does not accept {_name(info.transfer_syntax)} and the file "
@@ -378,6 +399,19 @@ def _swap_other_words(ds: Dataset, source_little: bool) -> None:
         words = array.array(_ARRAY_TYPES[size], value)
         words.byteswap()
         elem.value = words.tobytes()
+
+
+def _encapsulated_size(ds: Dataset) -> int | None:
+    """Bytes of compressed pixel data in the fragments of `ds`; None when not encapsulated."""
+    from pydicom.encaps import generate_fragments
+
+    value = ds.get("PixelData")
+    if not isinstance(value, bytes):
+        return None
+    try:
+        return sum(len(fragment) for fragment in generate_fragments(value))
+    except Exception:  # a malformed item: no ratio, the decoder will say what is wrong
+        return None
 
 
 def _encode(ds: Dataset, implicit: bool, little: bool, deflated: bool) -> bytes:

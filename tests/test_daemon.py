@@ -1602,3 +1602,106 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(
     fwd.wait(has_all(scp, sent))
     assert fwd.stop() == 0
     assert received(scp) == once(sent)
+
+
+# -- file modes -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shm_quarantine() -> Iterator[Path]:
+    """A quarantine on another file system (tmpfs) than the inbox: files are copied there."""
+    base = Path("/dev/shm")
+    if not base.is_dir() or os.stat(base).st_dev == os.stat(ROOT).st_dev:
+        pytest.skip("no tmpfs /dev/shm on another file system")
+    path = base / f"forwarder-test-{secrets.token_hex(6)}" / "quarantine"
+    try:
+        yield path
+    finally:
+        import shutil
+
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_files_the_daemon_creates_have_no_world_bits_under_umask_022(
+    fwd: Forwarder, scp: SCP, corpus: Corpus, shm_quarantine: Path
+) -> None:
+    # Run as an admin would outside systemd: with the shell's umask 022.
+    fwd.configure([dest("pacs", scp.port)], watch={"invalid_grace_seconds": 0})
+    fwd.config["quarantine"]["dir"] = str(shm_quarantine)
+    fwd.cfg.write_text(to_toml(fwd.config))
+    old = os.umask(0o022)
+    try:
+        fwd.start()
+        junk = fwd.inbox / "sub" / "junk.dcm"
+        junk.parent.mkdir()
+        junk.write_bytes(b"not DICOM at all" * 64)
+    finally:
+        os.umask(old)
+    assert junk.stat().st_mode & 0o777 == 0o644  # as the writer left it
+    uid = corpus.write(fwd.inbox / "good.dcm")
+    copied = shm_quarantine / "sub" / "junk.dcm"
+    fwd.wait(lambda: copied.exists() and not junk.exists(), what="junk copied to quarantine")
+    fwd.wait(has_all(scp, [uid]), what="the good file sent")
+    created = [
+        fwd.outbox_path,
+        fwd.outbox_path.with_name(fwd.outbox_path.name + "-wal"),
+        fwd.outbox_path.parent,
+        copied,
+        Path(f"{copied}.json"),
+        shm_quarantine,
+        shm_quarantine / "sub",
+    ]
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for p in created}
+    assert {p: m for p, m in modes.items() if int(m, 8) & 0o007} == {}, modes
+    assert copied.stat().st_mode & 0o777 == 0o640  # the source's 0644 under umask 027
+    assert fwd.stop() == 0
+
+
+def test_umask_is_configurable(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
+    fwd.configure([dest("pacs", scp.port)], umask="0077")
+    old = os.umask(0o022)
+    try:
+        fwd.start()
+    finally:
+        os.umask(old)
+    uid = corpus.write(fwd.inbox / "a.dcm")
+    fwd.wait(has_all(scp, [uid]), what="sent")
+    assert fwd.outbox_path.stat().st_mode & 0o777 == 0o600
+    assert fwd.stop() == 0
+
+
+# -- how a file went out ---------------------------------------------------------------------
+
+
+def test_a_decompressed_lossy_file_says_so_to_the_peer_the_log_and_the_outbox(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    from conftest import UNCOMPRESSED
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
+    scp = make_scp(transfer_syntaxes=UNCOMPRESSED)  # refuses JPEG baseline
+    fwd.configure([dest("pacs", scp.port)]).start()
+    source = data_file("JPGExtended.dcm")  # JPEG extended: (0028,2110) "01", no method
+    uid = inspect(source).sop_instance_uid
+    path = fwd.inbox / "lossy.dcm"
+    tmp = fwd.inbox / ".lossy.dcm.part"
+    tmp.write_bytes(source.read_bytes())
+    tmp.rename(path)
+    fwd.wait(has_all(scp, [uid]), what="the lossy file sent")
+    (got,) = scp.received
+    assert got.transfer_syntax == "1.2.840.10008.1.2.1"
+    fp = DicomBytesIO(got.encoded)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    ds = read_dataset(fp, False, True)
+    assert ds.LossyImageCompression == "01"
+    assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert str(ds.LossyImageCompressionRatio) == "76"
+    how = "decompressed to Explicit VR Little Endian"
+    fwd.wait(lambda: f"sent: {path} ({uid}) -> pacs: " in fwd.text(), what="the sent line")
+    line = next(x for x in fwd.text().splitlines() if f"sent: {path} " in x)
+    assert line.endswith(how), line
+    with Outbox(fwd.outbox_path, readonly=True) as ob:
+        (row,) = ob.find(uid)
+    assert (row.state, row.sent_as) == (State.SENT, how)
+    assert fwd.stop() == 0

@@ -128,6 +128,8 @@ def test_unit_settings() -> None:
     assert "IPAddressDeny" not in d and "IPAddressAllow" not in d
     # systemd must wait longer than the daemon's own graceful-shutdown budget.
     assert seconds(d["TimeoutStopSec"][0]) > shutdown_timeout()
+    # the daemon's own umask (set outside systemd too) is the unit's
+    assert d["UMask"] == [load_settings(EXAMPLE_CONFIG, env={}).umask]
     # The outbox path and spool paths in the example config are the writable ones.
     cfg = load_settings(EXAMPLE_CONFIG, env={})
     assert cfg.outbox.path.parent == Path("/var/lib") / d["StateDirectory"][0]
@@ -243,6 +245,36 @@ def test_dockerfile_env() -> None:
     assert env["PATH"].startswith("/opt/forwarder/bin:")
 
 
+def test_dockerfile_sets_the_config_for_every_command() -> None:
+    # `docker exec CONTAINER forwarder status` passes no --config: it must find the file.
+    copied = [
+        args.split()[-1]
+        for kw, args, _ in dockerfile_instructions()
+        if kw == "COPY" and args.split()[0] == "config/forwarder.toml"
+    ]
+    assert dockerfile_env()["FORWARDER_CONFIG"] == "/etc/forwarder/forwarder.toml"
+    assert copied == [dockerfile_env()["FORWARDER_CONFIG"]]
+
+
+def test_docker_exec_status_works_with_the_image_environment(tmp_path: Path) -> None:
+    # What `docker exec CONTAINER forwarder status` runs: the image's ENV, no --config. The
+    # container paths are mapped into tmp_path; the daemon's outbox exists.
+    from forwarder.outbox import Outbox
+
+    env = dockerfile_env()
+    env["FORWARDER_CONFIG"] = str(EXAMPLE_CONFIG)
+    env["FORWARDER_OUTBOX__PATH"] = str(tmp_path / "outbox.sqlite3")
+    env = {k: v for k, v in env.items() if k.startswith("FORWARDER_")}
+    Outbox(tmp_path / "outbox.sqlite3").close()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    done = run([*forwarder_cli(), "status"], env={**clean, **env})
+    assert done.returncode == 0, done.stderr
+    assert "pacs" in done.stdout
+    unset = {k: v for k, v in env.items() if k != "FORWARDER_CONFIG"}
+    done = run([*forwarder_cli(), "status"], env={**clean, **unset})
+    assert done.returncode != 0 or "pacs" not in done.stdout  # the file is what names "pacs"
+
+
 def exec_form(args: str) -> list[str]:
     value = json.loads(args)
     assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
@@ -256,8 +288,9 @@ def test_entrypoint_cmd_healthcheck_are_exec_form() -> None:
     options, _, health_cmd = health.partition(" CMD ")
     check = exec_form(health_cmd)
     assert entrypoint == ["forwarder"]
-    assert cmd == ["run", "--config", "/etc/forwarder/forwarder.toml"]
-    assert check == ["forwarder", "health", "--config", "/etc/forwarder/forwarder.toml"]
+    # the config comes from FORWARDER_CONFIG (test_dockerfile_sets_the_config_for_every_command)
+    assert cmd == ["run"]
+    assert check == ["forwarder", "health"]
     for option in ("--interval=", "--timeout=", "--start-period="):
         assert option in options
     assert cmd[0] in COMMANDS and check[1] in COMMANDS

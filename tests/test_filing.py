@@ -123,7 +123,7 @@ def test_failed_copy_leaves_the_source_and_no_temporary(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(filing.os, "link", no_link)
-    monkeypatch.setattr(filing.shutil, "copy2", full)
+    monkeypatch.setattr(filing, "_copy_new", full)
     src = write(tmp_path / "a.dcm", b"whole")
     dst = tmp_path / "out/a.dcm"
     with pytest.raises(OSError) as info:

@@ -483,7 +483,7 @@ ca = "{tmp_path / "missing-ca.pem"}"
     res = cli("config", "check", "--config", str(config))
     assert res.status == 78
     named = [line.split(": ")[1].split(" ")[0] for line in res.err.splitlines()]
-    assert named == ["quarantine.dir", "metrics.listen", "destinations.0.tls"]
+    assert named == ["quarantine.dir", "metrics.listen", "destinations.0.tls.ca"]
 
 
 def test_config_show_marks_sources(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:

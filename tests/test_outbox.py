@@ -206,6 +206,31 @@ def test_migrates_version_1_keeping_rows_without_offset(db_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
+def test_migrates_version_2_and_records_how_a_delivery_was_sent(db_path: Path) -> None:
+    _version_1_db(db_path)
+    with raw(db_path) as conn:  # a version 2 database (as the release before this one)
+        for statement in outbox_module.MIGRATIONS[1][1]:
+            conn.execute(statement)
+        conn.commit()
+    with Outbox(db_path) as ob:
+        ob.enqueue_many([rec(2), rec(3)], ["a"], T0)
+        first, second, third = ob.claim("a", 10, T0 + 1, 60)
+        assert first.sent_as is None
+        how = "decompressed to Explicit VR Little Endian"
+        ob.mark_many(
+            [
+                Mark(first.id, State.SENT, 0, sent_as=how),
+                Mark(second.id, State.SENT, 0, sent_as="as is"),
+                Mark(third.id, State.SENT, 0),
+            ],
+            T0 + 2,
+        )
+        sent = {d.sop_instance_uid: d.sent_as for d in ob.list(states=[State.SENT])}
+        assert sent == {"1.2.3.1": how, "1.2.3.2": "as is", "1.2.3.3": None}
+    with raw(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
 def test_known_files_and_files_states_answer_for_a_batch(db_path: Path) -> None:
     with Outbox(db_path) as ob:
         ob.enqueue_many([rec(i) for i in range(1, 4)], ["a", "b"], T0)

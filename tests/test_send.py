@@ -334,7 +334,7 @@ def test_invalid_files_are_skipped_and_the_rest_sent(
     nouid.save_as(folder / "nouid.dcm", enforce_file_format=True)
     rc = send(*addr(scp), folder)
     captured = capsys.readouterr()
-    assert rc == 21
+    assert rc == 22
     assert summary(captured.out) == (2, 0, 0, 3)
     assert scp.uids() == [inspect(p).sop_instance_uid for p in good]
     errors = error_lines(captured.err)
@@ -352,7 +352,7 @@ def test_dicomdir_is_skipped(scp: SCP, tmp_path: Path, capsys: pytest.CaptureFix
     folder = tmp_path / "in"
     copy_files(["CT_small.dcm"], folder)
     shutil.copyfile(data_file("dicomdirtests") / "DICOMDIR", folder / "DICOMDIR")
-    assert send(*addr(scp), folder) == 21
+    assert send(*addr(scp), folder) == 22
     assert summary(capsys.readouterr().out) == (1, 0, 0, 1)
     assert len(scp.received) == 1
 
@@ -373,8 +373,8 @@ def test_peer_accepting_none_of_the_classes(
 
 def test_no_input_files(scp: SCP, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    assert send(*addr(scp), tmp_path / "empty") == 20
-    assert send(*addr(scp), tmp_path / "missing") == 20
+    assert send(*addr(scp), tmp_path / "empty") == 21
+    assert send(*addr(scp), tmp_path / "missing") == 22  # an invalid input file, as dcmsend
     err = capsys.readouterr().err
     assert "no such file or directory" in err and "No input files" in err
     assert scp.associations == 0
@@ -713,7 +713,7 @@ def test_report_rows(suffix: str, scp: SCP, tmp_path: Path) -> None:
         with open(report, newline="") as fp:
             rows = list(csv.DictReader(fp))
     assert [list(r) for r in rows] == [
-        ["path", "sop_instance_uid", "status", "outcome", "reason"]
+        ["path", "sop_instance_uid", "status", "outcome", "reason", "sent_as"]
     ] * 3
     by_name = {Path(r["path"]).name: r for r in rows}
     assert by_name[ok.name] == {
@@ -722,8 +722,11 @@ def test_report_rows(suffix: str, scp: SCP, tmp_path: Path) -> None:
         "status": "0x0000",
         "outcome": "sent",
         "reason": "",
+        "sent_as": "as is",
     }
     assert by_name[refused.name]["outcome"] == "failed"
+    assert by_name[refused.name]["sent_as"] == "as is"  # how the refused store went out
+    assert by_name[junk.name]["sent_as"] == ""
     assert by_name[refused.name]["status"] == "0xA700"
     assert by_name[refused.name]["reason"] == "out of resources"
     assert by_name[refused.name]["sop_instance_uid"] == inspect(refused).sop_instance_uid
@@ -763,6 +766,25 @@ def test_config_unknown_destination(tmp_path: Path, capsys: pytest.CaptureFixtur
     files = make_files(tmp_path / "in", 1)
     assert send("--config", config, "--destination", "nope", *files) == 78
     assert "no destination named 'nope'" in capsys.readouterr().err
+
+
+def test_missing_tls_files_are_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "ca.pem"
+    config = tmp_path / "forwarder.toml"
+    config.write_text(
+        '[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\n'
+        f'[destinations.tls]\nca = "{missing}"\n'
+    )
+    files = make_files(tmp_path / "in", 1)
+    assert send("--config", config, "--destination", "pacs", *files) == 78
+    err = capsys.readouterr().err
+    assert f"destinations.0.tls.ca: file not found: {missing}" in err
+    assert_no_traceback(err)
+    with pytest.raises(SystemExit) as info:  # a command line error, as dcmsend's: 1
+        send("--tls-ca", missing, "127.0.0.1", "104", *files)
+    assert info.value.code == f"forwarder send: error: --tls-ca: file not found: {missing}"
 
 
 # ------------------------------------------------------------------------ parallelism
@@ -906,13 +928,13 @@ def test_exit_codes_of_the_command(scp: SCP, tmp_path: Path) -> None:
     run = [FORWARDER, "send", *addr(scp)]
     assert subprocess.run([*run, *files], capture_output=True, timeout=60).returncode == 62
     assert (
-        subprocess.run([*run, tmp_path / "empty"], capture_output=True, timeout=60).returncode == 20
+        subprocess.run([*run, tmp_path / "empty"], capture_output=True, timeout=60).returncode == 21
     )
     bad = subprocess.run([*run, data_file("README.txt")], capture_output=True, timeout=60)
     assert bad.returncode == 22
     usage = subprocess.run([FORWARDER, "send", "-xe", "-xi", *addr(scp), *files],
                            capture_output=True, timeout=60)  # fmt: skip
-    assert usage.returncode == 2
+    assert usage.returncode == 1
     assert len(scp.received) == 1
 
 
@@ -980,3 +1002,142 @@ def test_progress_bar_on_a_terminal_only(scp: SCP, tmp_path: Path) -> None:
         proc.wait(60)
     finally:
         os.close(quiet_master)
+
+
+# ------------------------------------------------------------------- exit codes vs dcmsend
+
+
+def _exit_case(case: str, tmp_path: Path, port: int) -> list[str]:
+    """The command line (after the program) of one exit-code case, its inputs made here."""
+    good = tmp_path / "good.dcm"
+    shutil.copyfile(data_file("CT_small.dcm"), good)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"not DICOM\n")
+    dicomdir = tmp_path / "DICOMDIR"
+    shutil.copyfile(data_file("dicomdirtests") / "DICOMDIR", dicomdir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    peer = ["127.0.0.1", str(port)]
+    dead = ["127.0.0.1", str(free_port())]
+    cases = {
+        "all valid": [*peer, str(good)],
+        "no input files": [*peer, str(empty)],
+        "a missing file": [*peer, str(tmp_path / "missing.dcm")],
+        "a valid and a missing file": [*peer, str(good), str(tmp_path / "missing.dcm")],
+        "a valid and an invalid file": [*peer, str(good), str(bad)],
+        "an invalid and a valid file": [*peer, str(bad), str(good)],
+        "only invalid files": [*peer, str(bad)],
+        "a DICOMDIR and a valid file": [*peer, str(dicomdir), str(good)],
+        "an empty folder and a valid file": [*peer, str(empty), str(good)],
+        "a bad option": [*peer, str(good), "--no-such-option"],
+        "a bad option value": [*peer, "-ta", "x", str(good)],
+        "a bad PORT": ["127.0.0.1", "x", str(good)],
+        "no files": peer,
+        "no arguments": [],
+        "nobody listening": [*dead, str(good)],
+    }
+    return cases[case]
+
+
+EXIT_CASES = {
+    "all valid": 0,
+    "no input files": 21,
+    "a missing file": 22,
+    "a valid and a missing file": 22,
+    "a valid and an invalid file": 22,
+    "an invalid and a valid file": 22,
+    "only invalid files": 22,
+    "a DICOMDIR and a valid file": 22,
+    "an empty folder and a valid file": 0,
+    "a bad option": 1,
+    "a bad option value": 1,
+    "a bad PORT": 1,
+    "no files": 1,
+    "no arguments": 0,
+    "nobody listening": 61,
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_CASES))
+def test_exit_codes_match_dcmsend(storescp: StoreSCP, tmp_path: Path, case: str) -> None:
+    """Both tools on the same inputs against the same storescp: the same exit status."""
+    from conftest import require_tool
+
+    dcmsend = require_tool("dcmsend")
+    argv = _exit_case(case, tmp_path, storescp.port)
+    theirs = subprocess.run([dcmsend, *argv], capture_output=True, timeout=60, check=False)
+    ours = subprocess.run(
+        [str(FORWARDER), "send", *argv], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (theirs.returncode, ours.returncode) == (EXIT_CASES[case],) * 2, ours.stderr
+    assert "Traceback" not in ours.stderr
+
+
+def test_help_states_the_dcmsend_exit_codes() -> None:
+    done = subprocess.run(
+        [str(FORWARDER), "send", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for words in ("dcmsend", "1 bad command line", "21 no input files", "22 some input files"):
+        assert words in text, words
+
+
+# ---------------------------------------------------------- lossy sources, decompressed
+
+
+LOSSY_SOURCES = {
+    # file: (its syntax, (0028,2112) and (0028,2114) the peer must get; None = computed)
+    "SC_rgb_jpeg_dcmtk.dcm": ("1.2.840.10008.1.2.4.50", "17.401", "ISO_10918_1"),
+    "JPGExtended.dcm": ("1.2.840.10008.1.2.4.51", "76", "ISO_10918_1"),
+    "JPEGLSNearLossless_08.dcm": ("1.2.840.10008.1.2.4.81", None, "ISO_14495_1"),
+    "JPEG2000.dcm": ("1.2.840.10008.1.2.4.91", "2097", "ISO_15444_1"),
+}
+
+
+def test_decompressed_lossy_files_say_they_were_lossy_and_how_they_were_sent(
+    make_scp: Callable[..., SCP], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scp = make_scp(transfer_syntaxes=UNCOMPRESSED)  # refuses every compressed syntax
+    names = [*LOSSY_SOURCES, "MR_small_jp2klossless.dcm", "CT_small.dcm"]
+    files = copy_files(names, tmp_path / "in")
+    report = tmp_path / "report.csv"
+    rc = send("-v", "--report", report, *addr(scp), *files)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    got = {p.name: decode(r) for p, r in zip(sorted(files), scp.received, strict=True)}
+    for name, (syntax, ratio, method) in LOSSY_SOURCES.items():
+        assert inspect(tmp_path / "in" / name).transfer_syntax == syntax
+        ds = got[name]
+        assert ds.LossyImageCompression == "01", name
+        assert ds.LossyImageCompressionMethod == method, name
+        if ratio is not None:
+            assert str(ds.LossyImageCompressionRatio) == ratio, name
+        else:  # uncompressed / compressed pixel bytes
+            assert float(ds.LossyImageCompressionRatio) > 1, name
+        assert "PixelData" in ds and not ds["PixelData"].is_undefined_length
+    # a lossless source says nothing new; a file sent in its own syntax is untouched
+    assert "LossyImageCompression" not in got["MR_small_jp2klossless.dcm"]
+    assert "LossyImageCompressionMethod" not in got["MR_small_jp2klossless.dcm"]
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(report.open(encoding="utf-8"))}
+    decompressed = "decompressed to Explicit VR Little Endian"
+    for name in [*LOSSY_SOURCES, "MR_small_jp2klossless.dcm"]:
+        assert rows[name]["sent_as"] == decompressed, rows[name]
+        assert f"Sending file: {tmp_path / 'in' / name} ({decompressed})" in err
+    assert rows["CT_small.dcm"]["sent_as"] == "as is"
+    assert f"Sending file: {tmp_path / 'in' / 'CT_small.dcm'} (as is)" in err
+
+
+def test_converted_files_are_reported_as_converted(
+    make_scp: Callable[..., SCP], tmp_path: Path
+) -> None:
+    scp = make_scp(transfer_syntaxes=[IMPLICIT_LE])
+    files = copy_files(["CT_small.dcm", "MR_small_implicit.dcm"], tmp_path / "in")
+    report = tmp_path / "report.json"
+    assert send("--report", report, *addr(scp), *files) == 0
+    rows = {Path(r["path"]).name: r["sent_as"] for r in json.loads(report.read_text())}
+    assert rows == {
+        "CT_small.dcm": "converted to Implicit VR Little Endian",
+        "MR_small_implicit.dcm": "as is",
+    }
+    assert len(scp.received) == 2
