@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,10 +129,15 @@ def client_tls_context(
 
 
 class AssociationFailed(Exception):
-    """No association could be established; ``classification`` says why and what to do."""
+    """No association could be established; ``classification`` says why and what to do.
 
-    def __init__(self, classification: Classification) -> None:
+    ``busy`` is True for an A-ASSOCIATE-RJ "rejected-transient" (PS3.8 9.3.4: temporary
+    congestion, local limit exceeded): the peer is up and takes no more associations now.
+    """
+
+    def __init__(self, classification: Classification, *, busy: bool = False) -> None:
         self.classification = classification
+        self.busy = busy
         super().__init__(classification.describe())
 
 
@@ -250,6 +256,7 @@ class Association:
     send_pdu: int = _SEND_PDU_CAP  # the largest PDU we send: the peer's limit, capped
     msg_id: int = 0
     closed: bool = False
+    opened_at: float = field(default_factory=time.monotonic)
 
     def next_message_id(self) -> int:
         """1..65535, then it wraps (a Message ID is an unsigned short)."""
@@ -269,11 +276,17 @@ class Association:
         try:
             self.link.settimeout(self.peer.acse_timeout)
             pdu_type, _ = self.link.read_pdu("A-RELEASE")
-            if pdu_type == RELEASE_RQ:
+        except WireError:  # closed or reset: nothing to answer
+            self.close()
+            return False
+        if pdu_type == RELEASE_RQ:
+            with contextlib.suppress(WireError):
                 self.link.send_pdu(RELEASE_RP, bytes(4))
-        except WireError:
-            pass
-        self.close()
+            self.close()
+        elif pdu_type == ABORT:
+            self.close()
+        else:  # anything else unasked is a protocol error: abort it
+            self.abort()
         return False
 
     def release(self) -> None:
@@ -391,7 +404,8 @@ def open_association(
         link.close()
         result, source, reason = body[1], body[2], body[3]
         raise AssociationFailed(
-            classify_association(rejected=True, result=result, source=source, diagnostic=reason)
+            classify_association(rejected=True, result=result, source=source, diagnostic=reason),
+            busy=result == 2,
         )
     if pdu_type == ABORT:
         link.close()
@@ -412,7 +426,7 @@ def open_association(
         if result == 0 and ts in syntaxes:  # accepted, in a syntax we offered in it
             assoc.accepted.setdefault(abstract, []).append((cx_id, ts))
     if ac.max_pdu > 0:
-        assoc.send_pdu = max(min(ac.max_pdu, _SEND_PDU_CAP), 1024)
+        assoc.send_pdu = min(ac.max_pdu, _SEND_PDU_CAP)
     link.settimeout(peer.dimse_timeout)
     if not assoc.accepted:
         assoc.abort()  # PS3.8 7.1.1.x: nothing to talk about

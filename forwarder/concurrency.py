@@ -40,6 +40,8 @@ WINDOW_SECONDS = 0.25
 every window is time spent below the best level (a 300-image series 20 ms away takes ~2 s at
 four associations), and long enough for a few hundred stores on a LAN."""
 WINDOW_STORES = 8
+REPROBE_SECONDS = 600.0
+"""How long a settled level holds before "auto" measures again (the peer or the path change)."""
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Autoscale:
         self._phase: _Phase | None = None
         self._lock = threading.Lock()
         self._window = (window_seconds, window_stores)
+        self._settled_at = 0.0
+        self.answered_at = float("-inf")  # when the peer last answered a store (monotonic)
 
     def describe(self) -> str:
         """A short text for logs and status: ``3 (auto, settled: no gain past 3)``."""
@@ -94,6 +98,7 @@ class Autoscale:
         """The association that makes `level` is up and has answered its first store:
         measure that level from `now` (its TCP connection is past the first round trips)."""
         with self._lock:
+            self.answered_at = now
             if self.settled or level != self.allowed:
                 return
             self._phase = _Phase(level, now)
@@ -113,8 +118,12 @@ class Autoscale:
     def stored(self, now: float, n: int = 1) -> None:
         """`n` stores finished at `now` (any outcome with a response); may change `allowed`."""
         with self._lock:
+            self.answered_at = max(self.answered_at, now)
+            if self.settled:
+                self._maybe_reprobe(now)
+                return
             phase = self._phase
-            if phase is None or self.settled or now < phase.start:
+            if phase is None or now < phase.start:
                 return
             phase.stores += n
             elapsed = now - phase.start
@@ -125,23 +134,44 @@ class Autoscale:
             self._phase = None
             before = self._rates.get(phase.level - 1)
             if before is not None and rate < before * LOSS:
-                self._settle(phase.level - 1, f"{phase.level} was slower than {phase.level - 1}")
+                why = f"{phase.level} was slower than {phase.level - 1}"
+                self._settle(phase.level - 1, why, now)
             elif before is not None and rate < before * GAIN:
-                self._settle(phase.level, f"no gain past {phase.level}")
+                self._settle(phase.level, f"no gain past {phase.level}", now)
             elif phase.level >= self.maximum:
-                self._settle(phase.level, "maximum reached")
+                self._settle(phase.level, "maximum reached", now)
             else:
                 self.allowed = phase.level + 1
                 self.peak = max(self.peak, self.allowed)
 
-    def refused(self, level: int) -> None:
-        """The association that would make `level` could not be opened: settle below it."""
-        with self._lock:
-            if level > 1 and level == self.allowed and not self.settled:
-                self._phase = None
-                self._settle(level - 1, f"the peer accepts {level - 1}")
+    def refused(self, level: int, now: float) -> None:
+        """The association that would make `level` could not be opened while the ones below
+        it were: the peer accepts `level` - 1 (for now). Settles there, even when settled
+        higher before (a peer whose limit dropped)."""
+        if level > 1:
+            self.limit(level - 1, now)
 
-    def _settle(self, level: int, reason: str) -> None:
+    def limit(self, accepted: int, now: float) -> None:
+        """The peer accepts no more than `accepted` associations now: settle at most there."""
+        with self._lock:
+            if not self.auto or accepted >= self.allowed:
+                return
+            self._phase = None
+            self._settle(accepted, f"the peer accepts {max(1, accepted)}", now)
+
+    def _maybe_reprobe(self, now: float) -> None:
+        """Measure again from the settled level once it has held for `REPROBE_SECONDS`."""
+        if not self.auto or now - self._settled_at < REPROBE_SECONDS:
+            return
+        if self.allowed >= self.maximum and self.reason == "maximum reached":
+            return
+        self.settled = False
+        self.reason = "auto"
+        self._rates.clear()
+        self._phase = _Phase(self.allowed, now)
+
+    def _settle(self, level: int, reason: str, now: float) -> None:
         self.allowed = max(1, level)
         self.settled = True
         self.reason = reason
+        self._settled_at = now

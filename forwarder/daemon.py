@@ -72,6 +72,9 @@ _MIN_HOLD_SECONDS = 60.0  # a destination that refuses us (AE titles, not author
 _SWITCH_INTERVAL = 0.0005  # GIL switch interval while running (see `run`)
 _IDLE_SECONDS = 30.0  # the longest a worker sleeps without looking at the outbox again
 _WAIT_FOR_FIRST_SECONDS = 1.0  # an extra worker waits this long for the first one's contexts
+_CAPACITY_WAIT_SECONDS = 5.0  # a worker whose association the peer would not take waits this long
+_CAPACITY_RETRY_SECONDS = 0.5  # ... unless it is within the level the peer takes
+_PEER_UP_SECONDS = 10.0  # a peer that answered a store this recently is up, not down
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +225,7 @@ class _Pending:
 class Worker(threading.Thread):
     """Drains one destination's deliveries over one association at a time."""
 
-    def __init__(self, daemon: Daemon, dest: Destination, index: int) -> None:
+    def __init__(self, daemon: Daemon, dest: Destination, index: int, scale: Autoscale) -> None:
         super().__init__(name=f"send-{dest.name}-{index}", daemon=True)
         self.d = daemon
         self.dest = dest
@@ -234,7 +237,9 @@ class Worker(threading.Thread):
         self._sender = Sender(Peer.from_destination(dest), stop=self.stop)
         self._fresh = False
         self._associations_counted = 0
+        self.scale = scale  # its destination's: a retired worker keeps reporting to its own
         self.level = index + 1  # this worker's association is the level-th of its destination
+        self.opening = False  # requesting its association before claiming (`_open_first`)
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
         # outcomes and releases not yet committed (the outbox could not be written): kept
         # and committed first once it can, so a full disk costs no resends
@@ -285,13 +290,13 @@ class Worker(threading.Thread):
         if breaker.paused_until > now:
             self._idle(breaker.paused_until - now)
             return
-        scale = self.d.scales[name]
+        scale = self.scale
         if self.level > scale.allowed:  # not wanted now ("auto" has not grown this far)
             if self._sender.is_open:
                 self._sender.release()
             self._idle(_IDLE_SECONDS)
             return
-        if scale.auto and self.level > 1 and not self._sender.is_open and not self._open_extra():
+        if not self._sender.is_open and not self._open_first():
             return
         batch = self.d.outbox.claim(
             name,
@@ -322,29 +327,34 @@ class Worker(threading.Thread):
             self._sender.release()
             self._fresh = False
 
-    def _open_extra(self) -> bool:
-        """Open this worker's association before it takes any work: True when it is up.
+    def _open_first(self) -> bool:
+        """Open the association before taking any work; True when the worker may claim.
 
-        An extra association is tried beside the ones sending: while it waits for the
-        peer, no claimed file waits with it. When the peer refuses it (or makes it wait
-        past the ACSE timeout) while another association of the destination is open,
-        "auto" settles below it; nothing is paused and no attempt is counted.
+        While it waits for the peer, no claimed file waits with it: a single-process peer
+        queues a second connection until the first association is released, and an extra
+        association must not hold files back meanwhile. Without the contexts of earlier
+        batches (the destination's first one) the worker claims first and associates for it.
+        A refusal while another association of the destination is open is the peer's limit
+        (`_at_capacity`); any other failure pauses the destination as a failed batch would.
         """
         specs = self.d.recent_contexts.get(self.dest.name)
-        if not specs:  # the first association has not sent anything yet
-            self._idle(_WAIT_FOR_FIRST_SECONDS)
+        if not specs:
+            if self.level == 1 or not self.scale.auto:
+                return True
+            self._idle(_WAIT_FOR_FIRST_SECONDS)  # the first association has sent nothing yet
             return False
         self.busy_since = time.monotonic()  # an ACSE wait is work, not a wedged worker
+        self.opening = True
         try:
             self._sender.open(specs)
         except AssociationFailed as exc:
-            if self.stop.is_set():
-                return False
-            # refused while another is open: settled below it; otherwise the destination
-            # itself may be down, and the batch finds out
-            return not self._refused_extra(exc)
+            self.opening = False
+            if not self.stop.is_set() and not self._at_capacity(exc):
+                self._trip(exc)
+            return False
         finally:
             self.busy_since = None
+            self.opening = False
         self._count_associations()
         return True
 
@@ -354,7 +364,7 @@ class Worker(threading.Thread):
 
     def _scale_stored(self) -> None:
         """Tell the scale a store was answered; wake the next worker when it may start."""
-        scale = self.d.scales[self.dest.name]
+        scale = self.scale
         before = (scale.allowed, scale.settled)
         scale.stored(time.monotonic())
         if (scale.allowed, scale.settled) == before:
@@ -418,22 +428,31 @@ class Worker(threading.Thread):
         finally:
             self._to_release += [d.id for d in by_path.values() if d.id not in handled]
             self._settle()
-        if tripped is not None and not self._refused_extra(tripped):
-            self._trip(tripped)
+        if tripped is not None and not self.stop.is_set() and not self._at_capacity(tripped):
+            self._trip(tripped)  # (a stop cancels an association request: not a failure)
 
-    def _refused_extra(self, exc: AssociationFailed) -> bool:
-        """True when this worker's association is an extra one the peer would not open while
-        another of the destination is open: "auto" settles below it; nothing is paused."""
-        scale = self.d.scales[self.dest.name]
+    def _at_capacity(self, exc: AssociationFailed) -> bool:
+        """True when the association failed while the peer is plainly up: another association
+        of the destination is open or being opened, or the peer rejected it as busy having
+        answered a store moments ago (two requests at once can both exceed its limit). The
+        peer takes no more now (a limit, a single-process peer); nothing is paused and no
+        attempt counted. "auto" settles at the associations open, and this worker waits
+        before it tries again."""
         others = [w for w in self.d.workers_of(self.dest.name) if w is not self]
-        if not (self.level > 1 and scale.auto and any(w.holds_association for w in others)):
-            return False
-        scale.refused(self.level)
+        holding = sum(w.holds_association for w in others)
+        now = time.monotonic()
+        up = holding or any(w.opening for w in others)
+        if not up and not (exc.busy and now - self.scale.answered_at <= _PEER_UP_SECONDS):
+            return False  # nobody else has the peer: it is down or refuses us
+        self.scale.limit(max(1, holding), now)
         LOGGER.info(
             f"destination {self.dest.name}: association {self.level} not opened "
-            f"({exc.classification.meaning}); associations: {scale.describe()}",
+            f"({exc.classification.meaning}); associations: {self.scale.describe()}",
             extra=fields(destination=self.dest.name, outcome="associations"),
         )
+        # the one that should carry on tries again soon; one above the level waits longer
+        within = self.level <= self.scale.allowed
+        self._idle(_CAPACITY_RETRY_SECONDS if within else _CAPACITY_WAIT_SECONDS)
         return True
 
     def _suspect(self, d: Delivery, exc: Exception, pending: _Pending) -> None:
@@ -554,7 +573,7 @@ class Worker(threading.Thread):
         if new > 0:
             self._associations_counted += new
             self.d.metrics.association(self.dest.name, new)
-            self.d.scales[self.dest.name].established(self.level, time.monotonic())
+            self.scale.established(self.level, time.monotonic())
 
     def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
         self._count_associations()  # as soon as a store shows it, not at the batch's end
@@ -1012,7 +1031,6 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.outbox = Outbox(settings.outbox.path)
         self.breakers: dict[str, _Breaker] = {}
-        self.scales: dict[str, Autoscale] = {}  # how many associations each destination gets
         self.recent_contexts: dict[str, list[ContextSpec]] = {}  # what extra ones propose
         self.workers: list[Worker] = []
         self._retired: list[Worker] = []  # stopped by a reload while still in a store
@@ -1107,9 +1125,8 @@ class Daemon:
                 scale = Autoscale(dest.max_associations)
             else:
                 scale = Autoscale(dest.associations, auto=False)
-            self.scales[dest.name] = scale
             for n in range(scale.maximum):
-                worker = Worker(self, dest, n)
+                worker = Worker(self, dest, n, scale)
                 self.workers.append(worker)
                 worker.start()
 

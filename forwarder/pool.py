@@ -22,6 +22,7 @@ from forwarder.concurrency import Autoscale
 from forwarder.contexts import ContextSpec, split_by_contexts
 from forwarder.dicomfile import DicomInfo
 from forwarder.sender import Sender, StoreResult
+from forwarder.status import Action, Classification
 
 __all__ = ["Outcome", "send_all"]
 
@@ -50,6 +51,7 @@ class _Group:
         self.done = done
         self.lock = threading.Lock()
         self.sending = 0  # associations established and taking files
+        self.active = 0  # threads opening or sending
         self.changed = threading.Event()
         self.finished = threading.Event()  # cancels an extra association still being opened
 
@@ -59,45 +61,78 @@ class _Group:
                 return None
             return self.todo.popleft()
 
-    def fail_rest(self, exc: AssociationFailed) -> None:
-        """No association at all: every file not yet sent fails with the reason."""
-        with self.lock:
-            rest = list(self.todo)
-            self.todo.clear()
-        for info in rest:
-            self.done(info, exc)
-
     def work(self, level: int) -> None:
-        """One association's thread; `level` is its rank (1 = the first association)."""
+        """One association's thread; `level` is its rank (1 = the first association).
+
+        An association that cannot be opened, or is lost and cannot be re-opened, while
+        another one of the set is open or opening gives its file back and leaves: the peer
+        takes fewer associations than asked ("auto" settles there). The last one to go fails
+        every file not yet sent with the reason; nothing is reported twice or not at all.
+        """
+        holding: list[DicomInfo] = []  # the file taken and not yet reported
+        failure: AssociationFailed | None = None
+        with self.lock:
+            self.active += 1
         try:
-            self._work(level)
+            failure = self._work(level, holding)
+        except Exception as exc:  # a bug: reported for the file at hand, the rest go on
+            LOGGER.exception(f"sending to {self.peer.label}: unexpected error")
+            failure = AssociationFailed(
+                Classification(Action.PERMANENT, f"internal error: {_one_line(exc)}")
+            )
         finally:
+            with self.lock:
+                self.active -= 1
+                alone = self.active == 0
+                rest: list[DicomInfo] = []
+                if failure is not None:
+                    if alone:
+                        rest = holding + list(self.todo)
+                        self.todo.clear()
+                    else:
+                        self.todo.extendleft(reversed(holding))
+                    sending = self.sending
+            if failure is not None:
+                self._gave_up(level, failure, alone, sending, rest)
             self.changed.set()
 
-    def _work(self, level: int) -> None:
+    def _gave_up(
+        self,
+        level: int,
+        failure: AssociationFailed,
+        alone: bool,
+        sending: int,
+        rest: list[DicomInfo],
+    ) -> None:
+        meaning = failure.classification.meaning
+        if not alone:
+            self.scale.limit(max(1, sending), time.monotonic())
+            LOGGER.info(
+                f"{self.peer.label}: association {level} not available ({meaning}); "
+                f"going on with {max(1, sending)}"
+            )
+            return
+        if self.finished.is_set() and not rest:
+            return  # an extra association cancelled at the end: nothing was waiting for it
+        LOGGER.error(f"Association with {self.peer.label} failed: {meaning}")
+        for info in rest:
+            self.done(info, failure)
+
+    def _work(self, level: int, holding: list[DicomInfo]) -> AssociationFailed | None:
         with Sender(self.peer, restrict=self.restrict, stop=self.finished) as sender:
             try:
                 sender.open(self.specs)
             except AssociationFailed as exc:
-                with self.lock:
-                    alone = self.sending == 0
-                if level > 1 and not alone:
-                    LOGGER.info(
-                        f"{self.peer.label}: association {level} not opened "
-                        f"({exc.classification.meaning}); going on with {level - 1}"
-                    )
-                    self.scale.refused(level)
-                    return
-                LOGGER.error(f"Association with {self.peer.label} failed: {exc}")
-                self.fail_rest(exc)
-                return
+                return exc
             with self.lock:
                 self.sending += 1
             first = True
             try:
                 while (info := self.take(level)) is not None:
+                    holding.append(info)
                     try:
                         for result in sender.send_with(self.specs, [info]):
+                            holding.clear()
                             self.done(info, result)
                             if result.classification.status is None:
                                 continue
@@ -107,18 +142,11 @@ class _Group:
                             else:
                                 self.scale.stored(time.monotonic())
                     except AssociationFailed as exc:
-                        # it went away and would not come back: this file fails with the
-                        # reason, and the others too unless another association carries them
-                        LOGGER.error(f"Association with {self.peer.label} failed: {exc}")
-                        self.done(info, exc)
-                        with self.lock:
-                            others = self.sending > 1
-                        if not others:
-                            self.fail_rest(exc)
-                        return
+                        return exc  # lost and not re-opened
             finally:
                 with self.lock:
                     self.sending -= 1
+        return None
 
     def run(self) -> None:
         threads: list[threading.Thread] = []
@@ -149,6 +177,10 @@ class _Group:
         if self.todo:  # the last sender left as an extra one was refused: carry on here
             self.finished.clear()
             self.work(1)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def send_all(

@@ -44,6 +44,9 @@ __all__ = [
 
 LOGGER = logging.getLogger("forwarder.sender")
 
+# How long the answer "none of these contexts accepted" stands for the same proposal: files
+# handed over one at a time would otherwise cost one association each to learn it again.
+_NO_CONTEXTS_MEMORY = 5.0
 # How many fresh associations in a row the peer may drop before a store went out on them
 # (then the next file is sent anyway and fails with the reason).
 _MAX_DROPPED = 3
@@ -154,8 +157,12 @@ class Sender:
         """An established association that proposed every context in `specs`."""
         current = self._current
         wanted_set = {(s.sop_class, tuple(s.transfer_syntaxes)) for s in specs}
-        if current is not None and current.alive() and wanted_set <= current.proposed:
-            return current
+        if current is not None and wanted_set <= current.proposed:
+            if current.alive():
+                return current
+            if not current.accepted and time.monotonic() - current.opened_at < _NO_CONTEXTS_MEMORY:
+                return current  # the peer just accepted none of these: no new association
+
         self.release()
         for spec in specs:
             self._seen.pop(spec, None)
@@ -218,7 +225,6 @@ class Sender:
         while idx < len(todo) and not self.stop.is_set():
             current = self._ensure(specs)
             if not current.accepted:  # the peer took none of these SOP classes
-                self._current = None
                 for info in todo[idx:]:
                     yield self._store(current, info)
                 return

@@ -414,6 +414,8 @@ class Link:
             pos = 0
             while pos + 6 <= len(body):
                 item_len, _cx, mch = _PDV_HEADER.unpack_from(body, pos)
+                if item_len < 2 or pos + 4 + item_len > len(body):
+                    raise WireError(f"malformed PDV item (length {item_len}) from the peer")
                 fragment = body[pos + 6 : pos + 4 + item_len]
                 pos += 4 + item_len
                 if not mch & 0x01:

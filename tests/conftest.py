@@ -209,6 +209,33 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """A TCP listener that accepts and never answers (a peer whose DICOM side hangs)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.1)
+        while not done.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, name="silent-listener")
+    thread.start()
+    yield srv.getsockname()[1]
+    done.set()
+    thread.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
 @dataclass
 class StoreSCP:
     """DCMTK's storescp as an independent peer."""

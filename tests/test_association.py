@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,33 +143,6 @@ def test_refused_connection_is_transient() -> None:
     cls = caught.value.classification
     assert cls.action is Action.RETRY
     assert cls.meaning.startswith("cannot connect: ") and "refused" in cls.meaning
-
-
-@pytest.fixture
-def silent_listener() -> Iterator[int]:
-    """A TCP listener that accepts and never answers (a peer whose DICOM side hangs)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    conns: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        srv.settimeout(0.1)
-        while not done.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    thread = threading.Thread(target=accept, name="silent-listener")
-    thread.start()
-    yield srv.getsockname()[1]
-    done.set()
-    thread.join()
-    for c in conns:
-        c.close()
-    srv.close()
 
 
 def test_no_answer_to_the_request_is_an_acse_timeout(silent_listener: int) -> None:

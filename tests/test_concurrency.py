@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from forwarder.concurrency import WINDOW_SECONDS, Autoscale
+from forwarder.concurrency import REPROBE_SECONDS, WINDOW_SECONDS, Autoscale
 
 
 def drive(scale: Autoscale, rate_of: dict[int, float], seconds: float = 30.0) -> list[int]:
@@ -53,7 +53,8 @@ def test_a_fixed_number_is_exactly_that() -> None:
     scale.established(3, 0.0)
     for n in range(100):
         scale.stored(n * 0.1)
-    scale.refused(3)
+    scale.refused(3, 1.0)
+    scale.limit(1, 1.0)
     assert scale.allowed == 3
     assert scale.describe() == "3"
 
@@ -66,11 +67,11 @@ def test_auto_with_a_maximum_of_one_is_one() -> None:
 def test_a_refused_extra_association_settles_below_it() -> None:
     scale = Autoscale(4)
     assert drive(scale, {1: 10, 2: 20, 3: 30}, seconds=1.3) == [1, 2, 3]
-    scale.refused(3)
+    scale.refused(3, 2.0)
     assert scale.allowed == 2 and scale.settled
     assert scale.reason == "the peer accepts 2"
     assert scale.describe() == "2 (auto, settled: the peer accepts 2)"
-    scale.refused(2)  # once settled, nothing moves it
+    scale.refused(3, 2.1)  # a refusal above the settled level changes nothing
     assert scale.allowed == 2
 
 
@@ -78,7 +79,7 @@ def test_a_refusal_of_an_old_level_is_ignored() -> None:
     scale = Autoscale(4)
     drive(scale, {1: 10, 2: 20}, seconds=1.0)
     assert scale.allowed == 2
-    scale.refused(1)
+    scale.refused(1, 1.0)  # the first association failing is the destination's problem
     assert scale.allowed == 2 and not scale.settled
 
 
@@ -113,3 +114,28 @@ def test_stores_before_the_level_is_established_do_not_count() -> None:
     for n in range(50):
         scale.stored(n * 0.1)
     assert scale.allowed == 1  # nothing established: nothing measured
+
+
+def test_a_peer_whose_limit_drops_lowers_a_settled_level() -> None:
+    scale = Autoscale(4)
+    drive(scale, {1: 10, 2: 20, 3: 30, 4: 40})
+    assert scale.allowed == 4 and scale.reason == "maximum reached"
+    scale.refused(3, 100.0)  # the third association is refused now
+    assert scale.allowed == 2 and scale.reason == "the peer accepts 2"
+    scale.limit(1, 101.0)  # the first one's re-association refused while another is open
+    assert scale.allowed == 1 and scale.settled
+
+
+def test_a_settled_level_is_measured_again_after_a_while() -> None:
+    scale = Autoscale(4)
+    drive(scale, {1: 10, 2: 20, 3: 30}, seconds=1.3)
+    scale.refused(3, 10.0)
+    assert scale.allowed == 2 and scale.settled
+    scale.stored(10.0 + REPROBE_SECONDS - 1)  # not yet
+    assert scale.settled
+    start = 10.0 + REPROBE_SECONDS
+    scale.stored(start)  # the peer may take more now: measure 2, then try 3
+    assert not scale.settled and scale.allowed == 2
+    for n in range(1, 40):
+        scale.stored(start + n / 20)
+    assert scale.allowed == 3

@@ -602,6 +602,44 @@ def test_auto_settles_where_the_peer_refuses_more_without_pausing(
     assert len(rows) == 150 and all(r.attempts == 1 for r in rows)
 
 
+def test_a_peer_whose_limit_drops_after_auto_settled_is_not_paused(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    """Settled at 2 ("maximum reached"), the peer then takes only 1: whichever association
+    it refuses, the destination is not paused (it was, 33 times in 6 s), auto settles at 1,
+    and every file arrives once."""
+    per_association(scp, 0.03)
+    first = corpus.many(fwd.inbox, 120, prefix="first")
+    fwd.configure([dest("pacs", scp.port, max_associations=2)]).start()
+    fwd.wait(has_all(scp, first), timeout=60)
+    fwd.wait_log("associations: 2 (auto, settled: maximum reached)")
+    scp.server.ae.maximum_associations = 1
+    fwd.wait(lambda: not scp.server.active_associations, what="both associations released")
+    later = corpus.many(fwd.inbox, 120, prefix="later")
+    fwd.wait(has_all(scp, later), timeout=90)
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(scp) == once([*first, *later])
+    text = fwd.text()
+    assert "paused" not in text, text[-5000:]
+    assert "(auto, settled: the peer accepts 1)" in text
+
+
+def test_stopping_while_an_association_is_requested_pauses_nothing(
+    fwd: Forwarder, silent_listener: int, corpus: Corpus
+) -> None:
+    """SIGTERM while the peer has not answered the A-ASSOCIATE-RQ: the cancelled request is
+    not a failure of the destination (it was recorded as one, and read back at restart)."""
+    fwd.configure([dest("pacs", silent_listener, acse_timeout=30)]).start()
+    corpus.write(fwd.inbox / "a.dcm")
+    fwd.wait_log("Requesting Association")
+    assert fwd.stop() == 0
+    assert "paused" not in fwd.text()
+    with Outbox(fwd.outbox_path, readonly=True) as ob:
+        info = ob.destination_info().get("pacs")
+    assert info is None or (info.consecutive_failures == 0 and not info.paused_until)
+
+
 def test_identical_file_dropped_again_is_not_resent_but_logged(
     fwd: Forwarder, scp: SCP, corpus: Corpus
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import SCP, StoreSCP, make_instance
+from pynetdicom import evt
 
 from forwarder.association import Peer
 from forwarder.concurrency import Autoscale
@@ -128,3 +129,37 @@ def test_more_associations_than_files(scp: SCP, tmp_path: Path, auto: bool) -> N
     infos = instances(tmp_path, 2)
     results = run(Peer("127.0.0.1", scp.port), infos, Autoscale(8, auto=auto))
     assert all_sent(results, infos)
+
+
+def test_a_fixed_number_beyond_the_peers_limit_still_sends_everything(
+    scp: SCP, tmp_path: Path
+) -> None:
+    """--associations 4 to a peer that takes 2: the refused ones give their files back to the
+    two that were accepted (one refusal used to fail the whole set: rc 61, 0 sent)."""
+    slow_peer(scp, 0.005)
+    scp.server.ae.maximum_associations = 2
+    infos = instances(tmp_path, 40)
+    for _ in range(3):
+        scp.received.clear()
+        results = run(Peer("127.0.0.1", scp.port), infos, Autoscale(4, auto=False))
+        assert all_sent(results, infos)
+        assert sorted(scp.uids()) == sorted(i.sop_instance_uid for i in infos)
+
+
+def test_a_peer_accepting_none_of_the_classes_costs_one_association(
+    make_scp: Callable[..., SCP], tmp_path: Path
+) -> None:
+    """Every file fails at once as not accepted; not one association per file."""
+    scp = make_scp(sop_classes=["1.2.840.10008.5.1.4.1.1.4"])  # MR only; the files are CT
+    connections: list[int] = []
+    scp.server.bind(evt.EVT_CONN_OPEN, lambda event: connections.append(1))
+    infos = instances(tmp_path, 20)
+    for scale in (Autoscale(1, auto=False), Autoscale(4)):
+        connections.clear()
+        results = run(Peer("127.0.0.1", scp.port), infos, scale)
+        assert sorted(results) == sorted(i.path for i in infos)
+        assert all(
+            isinstance(r, StoreResult) and "no presentation context" in r.classification.meaning
+            for r in results.values()
+        )
+        assert len(connections) <= 2, len(connections)
