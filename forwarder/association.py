@@ -45,6 +45,7 @@ __all__ = [
     "Association",
     "AssociationFailed",
     "Peer",
+    "ae_title_problem",
     "client_tls_context",
     "decode_associate_ac",
     "encode_associate_rq",
@@ -148,11 +149,21 @@ def _item(item_type: int, value: bytes) -> bytes:
     return struct.pack(">BxH", item_type, len(value)) + value
 
 
+def ae_title_problem(title: str) -> str | None:
+    """Why `title` cannot be an AE title (PS3.5 6.2: 1 to 16 characters of the default
+    repertoire, no backslash or control character), or None."""
+    if not title.strip() or len(title) > 16:
+        return "an AE title is 1 to 16 characters"
+    if not all(" " <= ch <= "~" and ch != "\\" for ch in title):
+        return "an AE title is printable ASCII without a backslash"
+    return None
+
+
 def _ae(title: str) -> bytes:
-    raw = title.encode("ascii")
-    if not raw.strip() or len(raw) > 16:
-        raise ValueError(f"AE title {title!r} must be 1 to 16 characters")
-    return raw.ljust(16, b" ")
+    problem = ae_title_problem(title)
+    if problem is not None:
+        raise ValueError(f"AE title {title!r}: {problem}")
+    return title.encode("ascii").ljust(16, b" ")
 
 
 def encode_associate_rq(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from forwarder.association import ae_title_problem
 from forwarder.concurrency import DEFAULT_MAX_ASSOCIATIONS, MAX_ASSOCIATIONS, Autoscale
 from forwarder.dicomfile import EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE, DicomInfo, InvalidDicom
 from forwarder.dicomfile import inspect as inspect_file
@@ -327,6 +328,10 @@ def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
         except (OSError, ssl.SSLError) as exc:
             raise SystemExit(f"forwarder send: error: cannot load the TLS files: {exc}") from None
         server_name = args.tls_server_name or base.host
+    for option, title in (("-aet", args.calling_aet), ("-aec", args.called_aet)):
+        problem = None if title is None else ae_title_problem(title)
+        if problem is not None:
+            raise SystemExit(f"forwarder send: error: {option} {title!r}: {problem}")
     peer = Peer(
         host=base.host,
         port=base.port,

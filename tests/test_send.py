@@ -1141,3 +1141,24 @@ def test_converted_files_are_reported_as_converted(
         "MR_small_implicit.dcm": "as is",
     }
     assert len(scp.received) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "title"), [("-aet", "SEVENTEEN-LETTERS"), ("-aec", "A\\B"), ("-aec", "ÄRCHIV")]
+)
+def test_a_bad_ae_title_is_one_line_and_exit_1(
+    scp: SCP, tmp_path: Path, option: str, title: str
+) -> None:
+    """Was: a traceback from the sending thread, then another from the main one, rc 1."""
+    make_files(tmp_path / "in", 1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forwarder", "send", option, title, *addr(scp), tmp_path / "in"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and option in proc.stderr, proc.stderr
+    assert scp.received == []
