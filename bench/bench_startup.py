@@ -308,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.results.mkdir(parents=True, exist_ok=True)
     log = args.results / f"startup-{stamp}.log"
+    started_at = dt.datetime.now().isoformat(timespec="seconds")
+    load = os.getloadavg()
     started = time.monotonic()
     listener = FirstBytes()
     target = ["-aec", bs.AE_SCP, bs.HOST, str(listener.port), str(one_file)]
@@ -330,9 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     exits = [s.exit_s for s in samples if s.exit_s is not None]
     result: dict[str, Any] = {
         "meta": {
-            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "started": started_at,
             "cpus": os.cpu_count(),
-            "loadavg_start": os.getloadavg(),
+            "loadavg_start": load,
             "python": platform.python_version(),
             "forwarder": forwarder_identity(args.forwarder_venv),
             "runs": args.runs,
