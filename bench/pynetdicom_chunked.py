@@ -94,7 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=args.calling_aet)
-    ae.maximum_pdu_size = args.max_pdu
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.connection_timeout = args.timeout
     for sop_class, syntax in pairs:
@@ -103,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.addr,
         args.port,
         ae_title=args.called_aet,
+        max_pdu=args.max_pdu,
         evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
     )
     if not assoc.is_established:
