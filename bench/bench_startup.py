@@ -208,6 +208,19 @@ def importtime_run(
     return parse_importtime(lines, at), None if got is None else got[0] - t0
 
 
+def outermost_by_package(imports: Sequence[Import]) -> list[Import]:
+    """Per top-level package name, its import with the largest cumulative time (the outermost
+    one), largest first; the ``forwarder`` modules and the interpreter's own are left out."""
+    best: dict[str, Import] = {}
+    for i in imports:
+        root = i.name.split(".")[0]
+        if root in ("forwarder", "site", "encodings", "_frozen_importlib_external"):
+            continue
+        if root not in best or i.cumulative_us > best[root].cumulative_us:
+            best[root] = i
+    return sorted(best.values(), key=lambda i: -i.cumulative_us)
+
+
 def _ms(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1000:.0f}"
 
@@ -264,6 +277,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {i.name} | {i.level} | {i.cumulative_us / 1000:.1f} | {i.self_us / 1000:.1f} |"
         )
+    lines += [
+        "",
+        "By package (its outermost import, i.e. the package with everything it pulled in "
+        "first; nested ones overlap: numpy inside pydicom):",
+        "",
+        "| package | imported by level | cumulative ms |",
+        "|---|---|---|",
+    ]
+    for i in outermost_by_package(before)[:TOP]:
+        lines.append(f"| {i.name.split('.')[0]} | {i.level} | {i.cumulative_us / 1000:.1f} |")
     tops = sorted((i for i in before if i.level == 0), key=lambda i: -i.cumulative_us)
     lines += [
         "",
