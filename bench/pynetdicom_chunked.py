@@ -23,6 +23,7 @@ Usage: ``python bench/pynetdicom_chunked.py ADDR PORT PATH... [-r] [-aec AET] [-
 from __future__ import annotations
 
 import argparse
+import logging
 import socket
 import sys
 from collections.abc import Sequence
@@ -80,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # pynetdicom's own warnings and errors ("DIMSE timeout reached ...") explain a lost file
+    logging.basicConfig(level=logging.WARNING, format="%(levelname).1s: %(name)s: %(message)s")
     files = collect(args.paths, args.recurse)
     if not files:
         print("error: no input files", file=sys.stderr)
