@@ -263,6 +263,7 @@ class DaemonProc:
         log: Path,
         *,
         retry: tuple[float, float] | None = None,
+        associations: int | None = None,
     ) -> None:
         self.exe = exe
         self.root = root
@@ -275,6 +276,7 @@ class DaemonProc:
         self.env = {k: v for k, v in env.items() if not k.startswith("FORWARDER_")}
         self.log = log
         self.retry = retry
+        self.associations = associations  # None: the destination's default
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
         self.startup_s: float | None = None
@@ -311,6 +313,8 @@ class DaemonProc:
             f'called_aet = "{bs.AE_SCP}"',
             f"max_pdu = {bs.PDU}",
         ]
+        if self.associations is not None:
+            lines.append(f"associations = {self.associations}")
         self.config.write_text("\n".join(lines) + "\n")
 
     @property
@@ -445,15 +449,18 @@ class DaemonRun(bs.Run):
 
 @dataclass(frozen=True)
 class Variant:
-    """How the daemon is run: its settle time, and whether the files were just written."""
+    """How the daemon is run: its settle time, whether the files were just written, and the
+    destination's ``associations`` (None: left to the daemon's default)."""
 
     settle: float
     fresh: bool
+    associations: int | None = None
 
     @property
     def name(self) -> str:
         files = "files just written" if self.fresh else "files written earlier"
-        return f"{DAEMON}, {files}, settle {self.settle:g}"
+        assocs = "" if self.associations is None else f", {self.associations} associations"
+        return f"{DAEMON}, {files}, settle {self.settle:g}{assocs}"
 
 
 DEFAULT_SETTLE = 1.0  # watch.settle_seconds' default: the files-written-earlier runs use it
@@ -506,12 +513,15 @@ def daemon_run(
         receiver.clean()
     settle, fresh = variant.settle, variant.fresh
     name = variant.name
+    assocs = "" if variant.associations is None else f"-a{variant.associations}"
     log = ctx.plan.logs / (
         f"{work.mode}-{work.corpus}-r{rnd}-daemon-{'fresh' if fresh else 'old'}"
-        f"-settle{settle:g}.log"
+        f"-settle{settle:g}{assocs}.log"
     )
     root = Path(tempfile.mkdtemp(prefix="daemon-", dir=ctx.work_root))
-    daemon = DaemonProc(ctx.exe, root, receiver.port, settle, work.env, log)
+    daemon = DaemonProc(
+        ctx.exe, root, receiver.port, settle, work.env, log, associations=variant.associations
+    )
     files = corpus_mod.dicom_files(work.directory)
     staging = root / "staging"
     moves = [

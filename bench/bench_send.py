@@ -1,4 +1,4 @@
-"""Benchmark one-shot senders (forwarder send, pynetdicom storescu, dcmsend, storescu) on loopback.
+"""Benchmark one-shot senders (forwarder send, pynetdicom, dcmsend, storescu) on loopback.
 
 One DCMTK ``storescp`` per receiver mode listens on a free port and stores into a tmpfs
 directory; every sender sends the same corpus to it over 127.0.0.1. Senders alternate
@@ -89,6 +89,11 @@ SENDER_KEYS: dict[str, tuple[str, bool]] = {
         "pynetdicom's storescu app with TCP_NODELAY forced on its socket (bench/nodelay)",
         False,
     ),
+    "pynetdicom-chunked": (
+        "pynetdicom's public API at its best: bench/pynetdicom_chunked.py (chunked send_c_store, "
+        "TCP_NODELAY, the files' own contexts, one association)",
+        True,
+    ),
     "dcmsend": ("DCMTK dcmsend", True),
     "storescu": ("DCMTK storescu", True),
 }
@@ -133,7 +138,8 @@ def forwarder_senders(venv: Path) -> tuple[list[Sender], str]:
 
 
 def competitor_senders(venv: Path) -> tuple[list[Sender], list[str]]:
-    """pynetdicom's storescu app (plain and +NODELAY), dcmsend, storescu; notes for missing ones."""
+    """pynetdicom's storescu app (plain and +NODELAY), pynetdicom at its best
+    (``pynetdicom_chunked.py``), dcmsend, storescu; notes for the missing ones."""
     notes: list[str] = []
     senders: list[Sender] = []
     python = venv / "bin" / "python"
@@ -154,6 +160,10 @@ def competitor_senders(venv: Path) -> tuple[list[Sender], list[str]]:
                 (*app, *opts),
                 env={"PYTHONPATH": str(BENCH_DIR / "nodelay")},
             )
+        )
+        chunked = (str(python), str(BENCH_DIR / "pynetdicom_chunked.py"), HOST, "{port}", "{dir}")
+        senders.append(
+            Sender("pynetdicom-chunked", "pynetdicom chunked +NODELAY", (*chunked, "-r", *opts))
         )
     else:
         notes.append(f"pynetdicom storescu skipped: `{python} -c 'import pynetdicom'` failed")
@@ -746,7 +756,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="skip the untimed dcmsend run before each corpus (tuned mode only)",
     )
-    parser.add_argument("--venv", type=Path, default=REPO / ".venv")
+    parser.add_argument(
+        "--venv",
+        "--forwarder-venv",
+        dest="venv",
+        type=Path,
+        default=REPO / ".venv",
+        help="the venv whose forwarder and pynetdicom are measured (default: the repo's .venv)",
+    )
     parser.add_argument("--corpus-dir", type=Path, default=BENCH_DIR / "corpus")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results")
     return parser
