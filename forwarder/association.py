@@ -268,6 +268,9 @@ class Association:
     msg_id: int = 0
     closed: bool = False
     opened_at: float = field(default_factory=time.monotonic)
+    rtt: float = 0.0
+    """Seconds from the A-ASSOCIATE-RQ to the answer: a network round trip plus the peer's
+    own time, which is what each C-STORE's response waits for too."""
 
     def next_message_id(self) -> int:
         """1..65535, then it wraps (a Message ID is an unsigned short)."""
@@ -402,12 +405,14 @@ def open_association(
     try:
         link.settimeout(peer.acse_timeout)
         link.send_pdu(ASSOCIATE_RQ, rq)
+        asked = time.monotonic()
         if not link.wait_readable(peer.acse_timeout, cancel):
             with contextlib.suppress(WireError):
                 link.send_pdu(ABORT, bytes(4))
             link.close()
             raise _failed("association request cancelled")
         pdu_type, body = link.read_pdu("association request")
+        rtt = time.monotonic() - asked
     except WireError as exc:
         link.close()
         raise _failed(f"association failed: {exc}") from None
@@ -431,7 +436,9 @@ def open_association(
             link.send_pdu(ABORT, bytes(4))
         link.close()
         raise _failed(f"association failed: {exc}") from None
-    assoc = Association(peer, link, frozenset((abstract, ts) for _, abstract, ts in proposals))
+    assoc = Association(
+        peer, link, frozenset((abstract, ts) for _, abstract, ts in proposals), rtt=rtt
+    )
     for cx_id, abstract, syntaxes in proposals:
         result, ts = ac.results.get(cx_id, (-1, ""))
         if result == 0 and ts in syntaxes:  # accepted, in a syntax we offered in it

@@ -573,6 +573,14 @@ class Worker(threading.Thread):
         if new > 0:
             self._associations_counted += new
             self.d.metrics.association(self.dest.name, new)
+            # what an extra association proposes, known as soon as the first one is up
+            self.d.recent_contexts[self.dest.name] = self._sender.recent_contexts()
+            if self.level == 1:
+                before = self.scale.allowed
+                self.scale.round_trip(self._sender.round_trip)
+                if self.scale.allowed > before:  # a far peer: more associations from the start
+                    for worker in self.d.workers_of(self.dest.name):
+                        worker.wake.set()
             self.scale.established(self.level, time.monotonic())
 
     def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:

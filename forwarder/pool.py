@@ -32,6 +32,8 @@ Outcome = StoreResult | AssociationFailed
 """What became of one file: its store result, or why no association could carry it."""
 
 _POLL = 0.05  # how often the starter looks whether another association is wanted
+_BUSY_TRIES = 3  # a peer rejecting as busy every association at once is asked this often
+_BUSY_WAIT = 0.2  # seconds between those tries
 
 
 class _Group:
@@ -74,7 +76,17 @@ class _Group:
         with self.lock:
             self.active += 1
         try:
-            failure = self._work(level, holding)
+            for attempt in range(_BUSY_TRIES):
+                failure = self._work(level, holding)
+                if failure is None or not failure.busy or attempt == _BUSY_TRIES - 1:
+                    break
+                with self.lock:  # requests at once can all exceed a peer's limit: once
+                    alone = self.active == 1  # the others are gone, this one tries again
+                    if alone:
+                        self.todo.extendleft(reversed(holding))
+                        holding.clear()
+                if not alone or self.finished.wait(_BUSY_WAIT):
+                    break
         except Exception as exc:  # a bug: reported for the file at hand, the rest go on
             LOGGER.exception(f"sending to {self.peer.label}: unexpected error")
             failure = AssociationFailed(
@@ -121,9 +133,11 @@ class _Group:
     def _work(self, level: int, holding: list[DicomInfo]) -> AssociationFailed | None:
         with Sender(self.peer, restrict=self.restrict, stop=self.finished) as sender:
             try:
-                sender.open(self.specs)
+                rtt = sender.open(self.specs)
             except AssociationFailed as exc:
                 return exc
+            if level == 1:
+                self.scale.round_trip(rtt)
             with self.lock:
                 self.sending += 1
             first = True
@@ -169,7 +183,7 @@ class _Group:
                 if not self.todo and self.sending == 0:
                     self.finished.set()
             if more and self.scale.allowed > len(threads) and len(alive) == len(threads):
-                start()
+                start()  # "auto": one more at a time
             elif not alive:
                 break
         for t in threads:

@@ -202,15 +202,22 @@ class Sender:
         """The contexts proposed lately, most recent first (at most 128)."""
         return list(reversed(self._seen))[:MAX_CONTEXTS]
 
-    def open(self, specs: Sequence[ContextSpec]) -> None:
+    def open(self, specs: Sequence[ContextSpec]) -> float:
         """Establish an association proposing `specs` now, before there is anything to send.
+
+        Returns the A-ASSOCIATE exchange's round trip, in seconds.
 
         Raises
         ------
         AssociationFailed
             As :meth:`send` would.
         """
-        self._ensure(specs)
+        return self._ensure(specs).rtt
+
+    @property
+    def round_trip(self) -> float:
+        """The last association's A-ASSOCIATE round trip in seconds (0 before any)."""
+        return self._current.rtt if self._current is not None else 0.0
 
     def send_with(
         self, specs: Sequence[ContextSpec], todo: Sequence[DicomInfo]

@@ -139,3 +139,21 @@ def test_a_settled_level_is_measured_again_after_a_while() -> None:
     for n in range(1, 40):
         scale.stored(start + n / 20)
     assert scale.allowed == 3
+
+
+@pytest.mark.parametrize(
+    ("rtt", "maximum", "start"),
+    [(0.0003, 4, 1), (0.004, 4, 1), (0.011, 4, 2), (0.021, 4, 4), (0.080, 4, 4), (0.080, 8, 8)],
+)
+def test_a_far_peer_starts_with_more_associations(rtt: float, maximum: int, start: int) -> None:
+    scale = Autoscale(maximum)
+    scale.round_trip(rtt)
+    assert scale.allowed == start
+    scale.round_trip(1.0)  # only the first association's round trip counts
+    assert scale.allowed == start
+
+
+def test_a_round_trip_does_not_move_a_fixed_number() -> None:
+    scale = Autoscale(2, auto=False)
+    scale.round_trip(0.08)
+    assert scale.allowed == 2

@@ -159,11 +159,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def dest(name: str, port: int, **kw: Any) -> dict[str, Any]:
-    """A destination on loopback with short timeouts."""
+    """A destination on loopback with short timeouts and one association ("auto", which the
+    tests that want it ask for, may open more when a loaded machine slows the peer)."""
     return {
         "name": name,
         "host": "127.0.0.1",
         "port": port,
+        "associations": 1,
         "connect_timeout": 2,
         "acse_timeout": 5,
         "dimse_timeout": 10,
@@ -571,7 +573,7 @@ def test_four_associations_finish_together(fwd: Forwarder, scp: SCP, corpus: Cor
 def test_auto_adds_associations_for_a_slow_peer(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
     counts = per_association(scp, 0.03)
     sent = corpus.many(fwd.inbox, 300)
-    fwd.configure([dest("pacs", scp.port, max_associations=3)]).start()  # auto: the default
+    fwd.configure([dest("pacs", scp.port, associations="auto", max_associations=3)]).start()
     fwd.wait(has_all(scp, sent), timeout=60)
     fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
     assert fwd.stop() == 0
@@ -588,7 +590,7 @@ def test_auto_settles_where_the_peer_refuses_more_without_pausing(
     per_association(scp, 0.02)
     scp.server.ae.maximum_associations = 1
     sent = corpus.many(fwd.inbox, 150)
-    fwd.configure([dest("pacs", scp.port)]).start()
+    fwd.configure([dest("pacs", scp.port, associations="auto")]).start()
     fwd.wait(has_all(scp, sent), timeout=60)
     fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
     assert fwd.stop() == 0
@@ -610,7 +612,7 @@ def test_a_peer_whose_limit_drops_after_auto_settled_is_not_paused(
     and every file arrives once."""
     per_association(scp, 0.03)
     first = corpus.many(fwd.inbox, 120, prefix="first")
-    fwd.configure([dest("pacs", scp.port, max_associations=2)]).start()
+    fwd.configure([dest("pacs", scp.port, associations="auto", max_associations=2)]).start()
     fwd.wait(has_all(scp, first), timeout=60)
     fwd.wait_log("associations: 2 (auto, settled: maximum reached)")
     scp.server.ae.maximum_associations = 1

@@ -3,6 +3,9 @@ and "auto" against peers that gain from more associations, refuse them or make t
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import socket
 import threading
 import time
 from collections import Counter
@@ -61,15 +64,16 @@ def all_sent(results: dict[Path, Outcome], infos: list[DicomInfo]) -> bool:
 
 
 def test_associations_share_the_work_evenly(scp: SCP, tmp_path: Path) -> None:
-    """Per-file hand-out: 4 associations on 60 files each carry about a quarter (chunks of
-    min(64, N/4) left one association with 1/3 of a set at the end)."""
-    per_assoc = slow_peer(scp, 0.01)
-    infos = instances(tmp_path, 60)
+    """Per-file hand-out: 4 associations on 300 files each carry about a quarter. Chunks of
+    min(64, N/4) left one association with 108 of them; the first association's head start
+    (the others open once it sends) is worth a few files at most."""
+    per_assoc = slow_peer(scp, 0.005)
+    infos = instances(tmp_path, 300)
     results = run(Peer("127.0.0.1", scp.port), infos, Autoscale(4, auto=False))
     assert all_sent(results, infos)
     assert sorted(scp.uids()) == sorted(i.sop_instance_uid for i in infos)
     assert len(per_assoc) == 4
-    assert max(per_assoc.values()) - min(per_assoc.values()) <= 3, per_assoc
+    assert max(per_assoc.values()) - min(per_assoc.values()) <= 15, per_assoc
 
 
 def test_auto_opens_more_associations_for_a_slow_peer(scp: SCP, tmp_path: Path) -> None:
@@ -110,7 +114,7 @@ def test_auto_never_waits_for_a_single_process_peer(
     elapsed = time.monotonic() - start
     assert all_sent(results, infos)
     assert len(storescp.files()) == 4
-    assert scale.peak == 2, f"the extra association was never tried: {scale.describe()}"
+    assert scale.peak >= 2, f"no extra association was tried: {scale.describe()}"
     assert elapsed < 15, f"the send waited {elapsed:.1f} s for the extra association"
 
 
@@ -163,3 +167,85 @@ def test_a_peer_accepting_none_of_the_classes_costs_one_association(
             for r in results.values()
         )
         assert len(connections) <= 2, len(connections)
+
+
+class DelayProxy:
+    """A TCP proxy on loopback that holds every chunk `delay` seconds in each direction:
+    a peer one round trip of 2 x `delay` away (what a C-STORE's response waits for)."""
+
+    def __init__(self, target: int, delay: float) -> None:
+        self.target, self.delay = target, delay
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        self.done = threading.Event()
+        self._start(self._accept)
+
+    def _start(self, target: Callable[..., None], *args: Any) -> None:
+        t = threading.Thread(target=target, args=args, name="delay-proxy", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _accept(self) -> None:
+        self.server.settimeout(0.1)
+        while not self.done.is_set():
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+                self._start(self._read, a, chunks)
+                self._start(self._write, b, chunks)
+
+    def _read(self, src: socket.socket, chunks: queue.Queue[tuple[float, bytes]]) -> None:
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                data = b""
+            chunks.put((time.monotonic() + self.delay, data))
+            if not data:
+                return
+
+    def _write(self, dst: socket.socket, chunks: queue.Queue[tuple[float, bytes]]) -> None:
+        while True:
+            due, data = chunks.get()
+            time.sleep(max(0.0, due - time.monotonic()))
+            if not data:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.done.set()
+        self.server.close()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_auto_starts_with_more_associations_for_a_far_peer(scp: SCP, tmp_path: Path) -> None:
+    """A peer ~30 ms away: auto opens four associations from the start (one per 5 ms of the
+    association's round trip) instead of climbing one measured level at a time."""
+    per_assoc = slow_peer(scp, 0.0)
+    proxy = DelayProxy(scp.port, 0.015)
+    try:
+        infos = instances(tmp_path, 40)
+        scale = Autoscale(4)
+        results = run(Peer("127.0.0.1", proxy.port), infos, scale)
+    finally:
+        proxy.close()
+    assert all_sent(results, infos)
+    assert scale.peak == 4 and len(per_assoc) == 4, scale.describe()

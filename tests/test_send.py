@@ -174,7 +174,12 @@ def summary(out: str) -> tuple[int, int, int, int]:
 
 
 def send(*args: str | Path) -> int:
-    return main([str(a) for a in args])
+    """`forwarder send ARGS`, over one association unless ARGS say otherwise: these tests
+    count associations and check arrival order ("auto" is tested in test_pool.py)."""
+    argv = [str(a) for a in args]
+    if "--associations" not in argv:
+        argv = ["--associations", "1", *argv]
+    return main(argv)
 
 
 def addr(scp: SCP | StoreSCP) -> list[str]:
