@@ -197,11 +197,15 @@ def count_entries(directory: Path) -> int:
         return 0
 
 
+INBOX_LOCK = ".forwarder.lock"
+"""The daemon's lock file in each watched folder (one daemon per inbox): not a file to send."""
+
+
 def count_files(top: Path) -> int:
-    """Regular files anywhere under ``top``."""
+    """Regular files anywhere under ``top``, but the daemon's inbox lock file."""
     n = 0
-    for _dirpath, _dirs, files in os.walk(top):
-        n += len(files)
+    for dirpath, _dirs, files in os.walk(top):
+        n += len(files) - (dirpath == str(top) and INBOX_LOCK in files)
     return n
 
 
