@@ -1741,7 +1741,11 @@ def test_a_decompressed_lossy_file_says_so_to_the_peer_the_log_and_the_outbox(
     fwd.wait(lambda: f"sent: {path} ({uid}) -> pacs: " in fwd.text(), what="the sent line")
     line = next(x for x in fwd.text().splitlines() if f"sent: {path} " in x)
     assert line.endswith(how), line
-    with Outbox(fwd.outbox_path, readonly=True) as ob:
-        (row,) = ob.find(uid)
-    assert (row.state, row.sent_as) == (State.SENT, how)
+
+    def row() -> Delivery | None:  # the line is logged as the store is answered; the
+        with Outbox(fwd.outbox_path, readonly=True) as ob:  # commit follows within 50 ms
+            (found,) = ob.find(uid)
+        return found if found.state is State.SENT else None
+
+    assert fwd.wait(row, what="the row committed as sent").sent_as == how
     assert fwd.stop() == 0
