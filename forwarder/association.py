@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.contexts import MAX_CONTEXTS
+from forwarder.logs import one_line
 from forwarder.status import Classification, classify_association
 from forwarder.wire import (
     ABORT,
@@ -365,15 +366,11 @@ def _connect(peer: Peer) -> socket.socket:
         raise _failed(f"TLS: certificate verify failed: {exc.verify_message}") from None
     except (ssl.SSLError, OSError) as exc:
         sock.close()
-        raise _failed(f"TLS handshake failed: {_one_line(exc)}") from None
+        raise _failed(f"TLS handshake failed: {one_line(exc)}") from None
 
 
 def _failed(detail: str) -> AssociationFailed:
     return AssociationFailed(classify_association(rejected=False, detail=detail))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def open_association(

@@ -21,6 +21,7 @@ __all__ = [
     "fields",
     "journal_fields",
     "journal_stream_matches",
+    "one_line",
     "setup_logging",
     "syslog_priority",
 ]
@@ -63,6 +64,11 @@ def _escape_char(c: str) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (whitespace runs folded), or its type's name."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def escape(text: str) -> str:

@@ -21,6 +21,7 @@ from forwarder.association import AssociationFailed, Peer
 from forwarder.concurrency import Autoscale
 from forwarder.contexts import ContextSpec, split_by_contexts
 from forwarder.dicomfile import DicomInfo
+from forwarder.logs import one_line
 from forwarder.sender import Sender, StoreResult
 from forwarder.status import Action, Classification
 
@@ -90,7 +91,7 @@ class _Group:
         except Exception as exc:  # a bug: reported for the file at hand, the rest go on
             LOGGER.exception(f"sending to {self.peer.label}: unexpected error")
             failure = AssociationFailed(
-                Classification(Action.PERMANENT, f"internal error: {_one_line(exc)}")
+                Classification(Action.PERMANENT, f"internal error: {one_line(exc)}")
             )
         finally:
             with self.lock:
@@ -191,10 +192,6 @@ class _Group:
         if self.todo:  # the last sender left as an extra one was refused: carry on here
             self.finished.clear()
             self.work(1)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def send_all(

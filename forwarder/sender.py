@@ -26,6 +26,7 @@ from forwarder.contexts import (
     split_by_contexts,
 )
 from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
+from forwarder.logs import one_line
 from forwarder.lossy import mark_lossy
 from forwarder.status import Action, Classification, classify_status
 from forwarder.wire import SourceUnreadable, WireError, encode_store_command
@@ -302,7 +303,7 @@ class Sender:
             raise
         except Exception as exc:
             raise _ConversionError(
-                f"cannot decode the file to convert it: {_one_line(exc)}"
+                f"cannot decode the file to convert it: {one_line(exc)}"
             ) from exc
         if how == "decompress":
             compressed = _encapsulated_size(ds)
@@ -314,7 +315,7 @@ class Sender:
             except Exception as exc:
                 raise _ConversionError(
                     f"the peer does not accept {_name(info.transfer_syntax)} and the file "
-                    f"cannot be decompressed here ({_one_line(exc)}); install "
+                    f"cannot be decompressed here ({one_line(exc)}); install "
                     "dicom-forwarder[codecs] or enable that transfer syntax on the peer"
                 ) from exc
         target = UID(ts)
@@ -325,7 +326,7 @@ class Sender:
             return _encode(ds, target.is_implicit_VR, target.is_little_endian, ts == DEFLATED_LE)
         except Exception as exc:  # pydicom cannot write it (bad values, VRs): one line
             raise _ConversionError(
-                f"cannot encode the data set as {_name(ts)}: {_one_line(exc)}"
+                f"cannot encode the data set as {_name(ts)}: {one_line(exc)}"
             ) from exc
 
     def _c_store(
@@ -445,10 +446,6 @@ def _encode(ds: Dataset, implicit: bool, little: bool, deflated: bool) -> bytes:
         data = deflater.compress(data) + deflater.flush()
         data += b"\x00" if len(data) % 2 else b""
     return data
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _name(uid: str) -> str:

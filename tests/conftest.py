@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,21 @@ class SCP:
     def uids(self) -> list[str]:
         with self.lock:
             return [r.sop_instance_uid for r in self.received]
+
+
+def stores_per_association(scp: SCP, seconds: float) -> Counter[Any]:
+    """Make each store take `seconds` at `scp` (a peer a round trip away); returns the count
+    of stores per association, keyed by the association object (an id() is reused)."""
+    counts: Counter[Any] = Counter()
+    lock = threading.Lock()
+
+    def store(event: Any) -> None:
+        time.sleep(seconds)
+        with lock:
+            counts[event.assoc] += 1
+
+    scp.on_store = store
+    return counts
 
 
 @pytest.fixture

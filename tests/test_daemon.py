@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCP, StoreSCP, data_file, free_port, wait_for
+from conftest import SCP, StoreSCP, data_file, free_port, stores_per_association, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
@@ -542,24 +542,10 @@ def test_two_associations_share_the_work_without_sending_twice(
     assert scp.associations >= 2
 
 
-def per_association(scp: SCP, seconds: float) -> Counter[Any]:
-    """Each store takes `seconds` at the SCP (a peer a round trip away); stores per association."""
-    counts: Counter[Any] = Counter()
-    lock = threading.Lock()
-
-    def store(event: Any) -> None:
-        time.sleep(seconds)
-        with lock:
-            counts[event.assoc] += 1  # the object itself: an id() is reused
-
-    scp.on_store = store
-    return counts
-
-
 def test_four_associations_finish_together(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
     """Claims shrink as the backlog does: no association is left alone with a tail
     (batches of 64 left one association with most of a 300-file set)."""
-    counts = per_association(scp, 0.01)
+    counts = stores_per_association(scp, 0.01)
     sent = corpus.many(fwd.inbox, 200)
     fwd.configure([dest("pacs", scp.port, associations=4)]).start()
     fwd.wait(has_all(scp, sent), timeout=60)
@@ -571,7 +557,7 @@ def test_four_associations_finish_together(fwd: Forwarder, scp: SCP, corpus: Cor
 
 
 def test_auto_adds_associations_for_a_slow_peer(fwd: Forwarder, scp: SCP, corpus: Corpus) -> None:
-    counts = per_association(scp, 0.03)
+    counts = stores_per_association(scp, 0.03)
     sent = corpus.many(fwd.inbox, 300)
     fwd.configure([dest("pacs", scp.port, associations="auto", max_associations=3)]).start()
     fwd.wait(has_all(scp, sent), timeout=60)
@@ -587,7 +573,7 @@ def test_auto_settles_where_the_peer_refuses_more_without_pausing(
 ) -> None:
     """A peer rejecting a second association ("local limit exceeded") is not a failing
     destination: nothing is paused, no attempt is used, everything goes over one."""
-    per_association(scp, 0.02)
+    stores_per_association(scp, 0.02)
     scp.server.ae.maximum_associations = 1
     sent = corpus.many(fwd.inbox, 150)
     fwd.configure([dest("pacs", scp.port, associations="auto")]).start()
@@ -610,7 +596,7 @@ def test_a_peer_whose_limit_drops_after_auto_settled_is_not_paused(
     """Settled at 2 ("maximum reached"), the peer then takes only 1: whichever association
     it refuses, the destination is not paused (it was, 33 times in 6 s), auto settles at 1,
     and every file arrives once."""
-    per_association(scp, 0.03)
+    stores_per_association(scp, 0.03)
     first = corpus.many(fwd.inbox, 120, prefix="first")
     fwd.configure([dest("pacs", scp.port, associations="auto", max_associations=2)]).start()
     fwd.wait(has_all(scp, first), timeout=60)

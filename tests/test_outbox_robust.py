@@ -4,18 +4,14 @@ damaged file, and the count of refusals kept apart from transient failures. Real
 from __future__ import annotations
 
 import os
-import sqlite3
-from contextlib import closing
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
+from test_outbox import raw, rec  # the same records and raw connection
 
 from forwarder import outbox as outbox_module
 from forwarder.outbox import (
     SCHEMA_VERSION,
-    FileRecord,
     Mark,
     Outbox,
     OutboxCorruptError,
@@ -30,23 +26,6 @@ LATIN1 = os.fsdecode(b"/in/caf\xe9.dcm")  # a Latin-1 name: not valid UTF-8
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "outbox.sqlite3"
-
-
-def rec(i: int = 1, **changes: Any) -> FileRecord:
-    base = FileRecord(
-        path=f"/in/{i:07d}.dcm",
-        size=1000 + i,
-        mtime_ns=1_700_000_000_000_000_000 + i,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        sop_instance_uid=f"1.2.3.{i}",
-        transfer_syntax="1.2.840.10008.1.2.1",
-        study_uid=f"1.2.9.{i // 10}",
-    )
-    return replace(base, **changes)
-
-
-def raw(db_path: Path) -> closing[sqlite3.Connection]:
-    return closing(sqlite3.connect(db_path, isolation_level=None))
 
 
 # ---------------------------------------------------------------------- names not in UTF-8

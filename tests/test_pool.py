@@ -8,13 +8,12 @@ import queue
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCP, StoreSCP, make_instance
+from conftest import SCP, StoreSCP, make_instance, stores_per_association
 from pynetdicom import evt
 
 from forwarder.association import Peer
@@ -28,20 +27,6 @@ def instances(folder: Path, n: int) -> list[DicomInfo]:
     for i in range(n):
         make_instance(folder / f"{i:04}.dcm", f"1.2.826.0.1.3680043.9.9999.31.{i}")
     return [inspect(folder / f"{i:04}.dcm") for i in range(n)]
-
-
-def slow_peer(scp: SCP, seconds: float) -> Counter[Any]:
-    """Each store takes `seconds` at the SCP (a round trip away); counts stores per association."""
-    per_assoc: Counter[Any] = Counter()
-    lock = threading.Lock()
-
-    def store(event: Any) -> None:
-        time.sleep(seconds)
-        with lock:
-            per_assoc[event.assoc] += 1  # the object itself: an id() is reused
-
-    scp.on_store = store
-    return per_assoc
 
 
 def run(peer: Peer, infos: list[DicomInfo], scale: Autoscale) -> dict[Path, Outcome]:
@@ -67,7 +52,7 @@ def test_associations_share_the_work_evenly(scp: SCP, tmp_path: Path) -> None:
     """Per-file hand-out: 4 associations on 300 files each carry about a quarter. Chunks of
     min(64, N/4) left one association with 108 of them; the first association's head start
     (the others open once it sends) is worth a few files at most."""
-    per_assoc = slow_peer(scp, 0.005)
+    per_assoc = stores_per_association(scp, 0.005)
     infos = instances(tmp_path, 300)
     results = run(Peer("127.0.0.1", scp.port), infos, Autoscale(4, auto=False))
     assert all_sent(results, infos)
@@ -77,7 +62,7 @@ def test_associations_share_the_work_evenly(scp: SCP, tmp_path: Path) -> None:
 
 
 def test_auto_opens_more_associations_for_a_slow_peer(scp: SCP, tmp_path: Path) -> None:
-    per_assoc = slow_peer(scp, 0.03)  # ~33 stores/s per association: a WAN peer
+    per_assoc = stores_per_association(scp, 0.03)  # ~33 stores/s per association: a WAN peer
     infos = instances(tmp_path, 240)
     scale = Autoscale(3)
     results = run(Peer("127.0.0.1", scp.port), infos, scale)
@@ -89,7 +74,7 @@ def test_auto_opens_more_associations_for_a_slow_peer(scp: SCP, tmp_path: Path) 
 def test_auto_settles_where_the_peer_refuses_more(scp: SCP, tmp_path: Path) -> None:
     """A peer that rejects a second association ("local limit exceeded"): everything is sent
     over the one it accepted, nothing fails, and auto settles at 1."""
-    slow_peer(scp, 0.02)
+    stores_per_association(scp, 0.02)
     scp.server.ae.maximum_associations = 1
     infos = instances(tmp_path, 120)
     scale = Autoscale(4)
@@ -140,7 +125,7 @@ def test_a_fixed_number_beyond_the_peers_limit_still_sends_everything(
 ) -> None:
     """--associations 4 to a peer that takes 2: the refused ones give their files back to the
     two that were accepted (one refusal used to fail the whole set: rc 61, 0 sent)."""
-    slow_peer(scp, 0.005)
+    stores_per_association(scp, 0.005)
     scp.server.ae.maximum_associations = 2
     infos = instances(tmp_path, 40)
     for _ in range(3):
@@ -239,7 +224,7 @@ class DelayProxy:
 def test_auto_starts_with_more_associations_for_a_far_peer(scp: SCP, tmp_path: Path) -> None:
     """A peer ~30 ms away: auto opens four associations from the start (one per 5 ms of the
     association's round trip) instead of climbing one measured level at a time."""
-    per_assoc = slow_peer(scp, 0.0)
+    per_assoc = stores_per_association(scp, 0.0)
     proxy = DelayProxy(scp.port, 0.015)
     try:
         infos = instances(tmp_path, 40)
