@@ -118,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.monotonic()
         for name in sorted(os.listdir(staged)):
             os.rename(staged / name, inbox / name)
-        wait_until(lambda: not any(inbox.iterdir()), args.timeout, "an empty inbox")
+        wait_until(  # but the daemon's own lock file (one daemon per inbox)
+            lambda: not [p for p in inbox.iterdir() if p.name != ".forwarder.lock"],
+            args.timeout,
+            "an empty inbox",
+        )
         drained = time.monotonic() - start
         daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(30)
