@@ -322,7 +322,6 @@ class Worker(threading.Thread):
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
-        self.d.recent_contexts[name] = self._sender.recent_contexts()
         if self._fresh:
             self._sender.release()
             self._fresh = False
