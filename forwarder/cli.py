@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "forwarder.send_cli",
         "send files to a peer now, like storescu (no daemon, no outbox)",
     ),
-    "run": ("forwarder.daemon", "run the forwarding daemon"),
+    "run": ("forwarder.commands.run", "run the forwarding daemon"),
     "health": ("forwarder.health", "exit 0 when the daemon behind the config is alive and healthy"),
     "status": ("forwarder.ops_status", "the queue per destination; is the daemon alive"),
     "queue": ("forwarder.ops_queue", "list deliveries in the outbox; make waiting ones due now"),

@@ -8,10 +8,23 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["EX_CONFIG", "ConfigError", "add_config_argument"]
+__all__ = [
+    "EX_CANTCREAT",
+    "EX_CONFIG",
+    "EX_SOFTWARE",
+    "EX_TEMPFAIL",
+    "ConfigError",
+    "add_config_argument",
+]
 
 EX_CONFIG = 78
 """Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
+EX_CANTCREAT = 73
+"""sysexits.h: a directory or the outbox cannot be created, or is damaged."""
+EX_SOFTWARE = 70
+"""sysexits.h: a pipeline stage died; exiting lets the supervisor restart the daemon."""
+EX_TEMPFAIL = 75
+"""sysexits.h: another daemon holds the outbox or the inbox."""
 
 
 class ConfigError(Exception):

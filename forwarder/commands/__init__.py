@@ -1,0 +1,1 @@
+"""The `forwarder` commands: one module per command, each with add_arguments and run."""

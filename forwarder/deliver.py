@@ -1,0 +1,591 @@
+"""The deliver stage: claim due deliveries, send them, record every outcome in the outbox."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forwarder.breaker import Breaker
+from forwarder.concurrency import Autoscale
+from forwarder.config import Destination, RetrySettings, Settings
+from forwarder.contexts import ContextSpec
+from forwarder.dicomfile import DicomInfo, InvalidDicom, escape_bytes, locate, uid_problem
+from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
+from forwarder.events import Events
+from forwarder.logs import fields
+from forwarder.metrics import Metrics
+from forwarder.outbox import Delivery, Mark, Outbox, OutboxCorruptError, OutboxError, State
+from forwarder.policy import Next, decide
+from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
+from forwarder.status import Action, Classification
+from forwarder.trouble import OutboxTrouble, damaged, pause_after
+
+__all__ = ["Crew", "Rules", "Worker"]
+
+LOGGER = logging.getLogger("forwarder.daemon")
+
+IDLE_SECONDS = 30.0
+"""The longest a worker sleeps without looking at the outbox again."""
+MAX_TROUBLE_PAUSE_SECONDS = 5.0
+"""The longest a worker waits between tries while the outbox cannot be written."""
+WAIT_FOR_FIRST_SECONDS = 1.0
+"""An extra worker waits this long for the first association's contexts."""
+CAPACITY_WAIT_SECONDS = 5.0
+"""A worker whose association the peer would not take waits this long ..."""
+CAPACITY_RETRY_SECONDS = 0.5
+"""... unless it is within the level the peer takes."""
+PEER_UP_SECONDS = 10.0
+"""A peer that answered a store this recently is up, not down."""
+DUE_MARGIN_SECONDS = 0.01
+"""A worker wakes this long after the next retry is due, so that the claim finds it."""
+
+Fatal = Callable[[str, int], None]
+"""Stops the daemon: (reason, exit status)."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The settings the deliver stage reads (from `Settings`, fixed for a worker's life)."""
+
+    batch_size: int
+    lease_seconds: float
+    linger_seconds: float
+    follow_symlinks: bool
+    retry: RetrySettings
+
+    @classmethod
+    def of(cls, settings: Settings) -> Rules:
+        return cls(
+            batch_size=settings.sender.batch_size,
+            lease_seconds=settings.outbox.lease_seconds,
+            linger_seconds=settings.sender.linger_seconds,
+            follow_symlinks=settings.watch.follow_symlinks,
+            retry=settings.retry,
+        )
+
+
+@dataclass
+class Crew:
+    """One destination's workers and what they share: the scale of its associations, its
+    breaker, and the presentation contexts an extra association proposes."""
+
+    dest: Destination
+    rules: Rules  # replaced on reload: running workers follow it
+    scale: Autoscale
+    breaker: Breaker
+    contexts: list[ContextSpec] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, dest: Destination, rules: Rules, breaker: Breaker) -> Crew:
+        if dest.associations == "auto":
+            scale = Autoscale(dest.max_associations)
+        else:
+            scale = Autoscale(dest.associations, auto=False)
+        return cls(dest, rules, scale, breaker)
+
+    def wake(self) -> None:
+        for worker in self.workers:
+            worker.wake.set()
+
+
+class _Pending:
+    """Outcomes recorded but not yet committed, and the files they may let go."""
+
+    MAX_MARKS = 64
+    MAX_AGE = 0.05  # seconds: a slow peer still sees its acks committed promptly
+
+    def __init__(self) -> None:
+        self.marks: list[Mark] = []
+        self.done: list[Delivery] = []
+        self.since = time.monotonic()
+
+    def add(self, mark: Mark, finished: Delivery | None = None) -> None:
+        if not self.marks:
+            self.since = time.monotonic()
+        self.marks.append(mark)
+        if finished is not None:
+            self.done.append(finished)
+
+    def due(self) -> bool:
+        return len(self.marks) >= self.MAX_MARKS or time.monotonic() - self.since >= self.MAX_AGE
+
+    def take(self) -> tuple[list[Mark], list[Delivery]]:
+        marks, done = self.marks, self.done
+        self.marks, self.done = [], []
+        return marks, done
+
+
+class Worker(threading.Thread):
+    """Drains one destination's deliveries over one association at a time.
+
+    `loop(now)` is one iteration (claim, send, record); `run` repeats it until `stop`.
+    Finished files go to `done` once their outcomes are committed.
+    """
+
+    def __init__(
+        self,
+        crew: Crew,
+        index: int,
+        *,
+        outbox: Outbox,
+        events: Events,
+        metrics: Metrics,
+        trouble: OutboxTrouble,
+        done: Callable[[Sequence[Delivery]], None],
+        fatal: Fatal,
+        hard_stop: threading.Event,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(name=f"send-{crew.dest.name}-{index}", daemon=True)
+        self.crew = crew
+        self.dest = crew.dest
+        self.scale = crew.scale  # its destination's: a retired worker keeps reporting to its own
+        self.level = index + 1  # this worker's association is the level-th of its destination
+        self.outbox = outbox
+        self.events = events
+        self.metrics = metrics
+        self.trouble = trouble
+        self.done = done
+        self.fatal = fatal
+        self.hard_stop = hard_stop
+        self.clock = clock  # wall clock: the outbox's times
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.last_beat = time.monotonic()
+        self.busy_since: float | None = None  # monotonic start of the current batch
+        self.opening = False  # requesting its association before claiming (`_open_first`)
+        self._last_activity = time.monotonic()
+        self._sender = Sender(Peer.from_destination(crew.dest), stop=self.stop)
+        self._fresh = False
+        self._associations_counted = 0
+        self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
+        # outcomes and releases not yet committed (the outbox could not be written): kept
+        # and committed first once it can, so a full disk costs no resends
+        self._pending = _Pending()
+        self._to_release: list[int] = []
+
+    @property
+    def rules(self) -> Rules:
+        return self.crew.rules
+
+    @property
+    def holds_association(self) -> bool:
+        return self._sender.is_open
+
+    def run(self) -> None:
+        failures = 0
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.loop(self.clock())
+                except OutboxCorruptError as exc:
+                    self.fatal(damaged(f"worker {self.name}", exc, self.outbox.path), EX_CANTCREAT)
+                    return
+                except OutboxError as exc:  # full disk, read-only, busy: wait and try again
+                    self.trouble.report(f"worker {self.name}", exc)
+                    failures += 1
+                    self._idle(min(pause_after(failures), MAX_TROUBLE_PAUSE_SECONDS))
+                except Exception:  # one row or association must not end the thread
+                    failures += 1
+                    LOGGER.exception(f"worker {self.name}: unexpected error; carrying on")
+                    with contextlib.suppress(Exception):  # whatever state it was left in
+                        self._sender.abort()
+                    self._fresh = False
+                    self._idle(pause_after(failures))
+                else:
+                    failures = 0
+        except BaseException:
+            self.fatal(f"worker {self.name} died", EX_SOFTWARE)
+            raise
+        finally:
+            try:
+                if self.stop.is_set() and self.hard_stop.is_set():
+                    self._sender.abort()
+                else:
+                    self._sender.release()
+            except Exception:
+                LOGGER.exception("worker %s: releasing the association failed", self.name)
+
+    def loop(self, now: float) -> None:
+        """One iteration at wall-clock `now` (the outbox's clock): claim, send, record."""
+        self.last_beat = time.monotonic()
+        self._settle()
+        paused = self.crew.breaker.remaining(now)
+        if paused:
+            self._idle(paused)
+            return
+        scale = self.scale
+        if self.level > scale.allowed:  # not wanted now ("auto" has not grown this far)
+            if self._sender.is_open:
+                self._sender.release()
+            self._idle(IDLE_SECONDS)
+            return
+        if not self._sender.is_open and not self._open_first(now):
+            return
+        batch = self.outbox.claim(
+            self.dest.name,
+            self.rules.batch_size,
+            now,
+            self.rules.lease_seconds,
+            share=2 * scale.allowed if scale.allowed > 1 else 1,
+        )
+        if not batch:
+            if not self._ran_dry:
+                self._ran_dry = True
+                scale.interrupted()
+            self._idle_no_work(now)
+            return
+        if self._ran_dry:
+            self._ran_dry = False
+            scale.resumed(time.monotonic())
+        self.trouble.clear()  # a claim that took rows wrote to the outbox
+        self.busy_since = time.monotonic()
+        try:
+            self._send_batch(batch, now)
+        finally:
+            self.busy_since = None
+            self._last_activity = time.monotonic()
+            self._count_associations()
+        if self._fresh:
+            self._sender.release()
+            self._fresh = False
+
+    def _open_first(self, now: float) -> bool:
+        """Open the association before taking any work; True when the worker may claim.
+
+        While it waits for the peer, no claimed file waits with it: a single-process peer
+        queues a second connection until the first association is released, and an extra
+        association must not hold files back meanwhile. Without the contexts of earlier
+        batches (the destination's first one) the worker claims first and associates for it.
+        A refusal while another association of the destination is open is the peer's limit
+        (`_at_capacity`); any other failure pauses the destination as a failed batch would.
+        """
+        specs = self.crew.contexts
+        if not specs:
+            if self.level == 1 or not self.scale.auto:
+                return True
+            self._idle(WAIT_FOR_FIRST_SECONDS)  # the first association has sent nothing yet
+            return False
+        self.busy_since = time.monotonic()  # an ACSE wait is work, not a wedged worker
+        self.opening = True
+        try:
+            self._sender.open(specs)
+        except AssociationFailed as exc:
+            self.opening = False
+            if not self.stop.is_set() and not self._at_capacity(exc):
+                self._trip(exc, now)
+            return False
+        finally:
+            self.busy_since = None
+            self.opening = False
+        self._count_associations()
+        return True
+
+    def _scale_stored(self) -> None:
+        """Tell the scale a store was answered; wake the next worker when it may start."""
+        scale = self.scale
+        before = (scale.allowed, scale.settled)
+        scale.stored(time.monotonic())
+        if (scale.allowed, scale.settled) == before:
+            return
+        if scale.allowed > before[0]:
+            self.crew.wake()
+        if scale.settled:
+            LOGGER.info(
+                f"destination {self.dest.name}: associations: {scale.describe()}",
+                extra=fields(destination=self.dest.name, outcome="associations"),
+            )
+
+    def _idle(self, seconds: float) -> None:
+        self.wake.wait(max(0.0, min(seconds, IDLE_SECONDS)))
+        self.wake.clear()
+
+    def _idle_no_work(self, now: float) -> None:
+        waits = [IDLE_SECONDS]
+        if self._sender.is_open:
+            idle = time.monotonic() - self._last_activity
+            if idle >= self.rules.linger_seconds:
+                self._sender.release()
+            else:
+                waits.append(self.rules.linger_seconds - idle)
+        due = self.outbox.next_due(self.dest.name, now)
+        if due is not None:
+            waits.append(due - now + DUE_MARGIN_SECONDS)
+        self._idle(min(waits))
+
+    def _send_batch(self, batch: list[Delivery], now: float) -> None:
+        by_path: dict[Path, Delivery] = {}
+        infos: list[DicomInfo] = []
+        for d in batch:
+            info = self._check_file(d, now)
+            if info is not None:
+                by_path[info.path] = d
+                infos.append(info)
+        handled: set[int] = set()
+        pending = self._pending
+        tripped: AssociationFailed | None = None
+        try:
+            for result in self._sender.send(infos):
+                d = by_path[result.info.path]
+                handled.add(d.id)
+                self._record(d, result, pending)
+                if pending.due():
+                    self._flush(pending)
+        except AssociationFailed as exc:
+            tripped = exc
+        except OutboxError:
+            raise
+        except Exception as exc:  # one file broke the sender: count it against that file only
+            rest = [d for d in by_path.values() if d.id not in handled]
+            if rest:
+                handled.add(rest[0].id)
+                self._suspect(rest[0], exc, pending)
+            raise
+        finally:
+            self._to_release += [d.id for d in by_path.values() if d.id not in handled]
+            self._settle()
+        if tripped is not None and not self.stop.is_set() and not self._at_capacity(tripped):
+            self._trip(tripped, self.clock())  # (a stop cancels a request: not a failure)
+
+    def _at_capacity(self, exc: AssociationFailed) -> bool:
+        """True when the association failed while the peer is plainly up: another association
+        of the destination is open or being opened, or the peer rejected it as busy having
+        answered a store moments ago (two requests at once can both exceed its limit). The
+        peer takes no more now (a limit, a single-process peer); nothing is paused and no
+        attempt counted. "auto" settles at the associations open, and this worker waits
+        before it tries again."""
+        others = [w for w in self.crew.workers if w is not self]
+        holding = sum(w.holds_association for w in others)
+        now = time.monotonic()
+        up = holding or any(w.opening for w in others)
+        if not up and not (exc.busy and now - self.scale.answered_at <= PEER_UP_SECONDS):
+            return False  # nobody else has the peer: it is down or refuses us
+        self.scale.limit(max(1, holding), now)
+        LOGGER.info(
+            f"destination {self.dest.name}: association {self.level} not opened "
+            f"({exc.classification.meaning}); associations: {self.scale.describe()}",
+            extra=fields(destination=self.dest.name, outcome="associations"),
+        )
+        # the one that should carry on tries again soon; one above the level waits longer
+        within = self.level <= self.scale.allowed
+        self._idle(CAPACITY_RETRY_SECONDS if within else CAPACITY_WAIT_SECONDS)
+        return True
+
+    def _suspect(self, d: Delivery, exc: Exception, pending: _Pending) -> None:
+        """The sender raised while `d` was next: a refusal of `d` (quarantined after a few),
+        so that one poison file can neither stop the worker nor come back forever."""
+        cls = Classification(Action.RETRY_FEW, f"internal error while sending: {exc!r}")
+        decision = decide(
+            cls, d.attempts, d.first_attempt_at, self.clock(), self.rules.retry, random.random(),
+            d.refusals,
+        )  # fmt: skip
+        if decision.next is Next.QUARANTINE:
+            pending.add(Mark(d.id, State.QUARANTINED, None, decision.reason, refusal=True), d)
+            self.events.delivery(logging.ERROR, "quarantined", d, decision.reason)
+        else:
+            assert decision.next_attempt_at is not None
+            mark = Mark(
+                d.id, State.PENDING, None, decision.reason, decision.next_attempt_at, refusal=True
+            )
+            pending.add(mark)
+            self.events.delivery(logging.ERROR, "retry", d, decision.reason)
+        self._fresh = True
+
+    def _settle(self) -> None:
+        """Commit what earlier tries could not: recorded outcomes, then rows to give back.
+
+        Raises `OutboxError` while the outbox still cannot be written (they stay kept).
+        """
+        self._flush(self._pending)
+        if self._to_release:
+            self.outbox.release(self._to_release, self.clock())
+            self._to_release = []
+
+    def _flush(self, pending: _Pending) -> None:
+        """Commit the recorded outcomes (one transaction), then let finished files go.
+
+        A file leaves the inbox only after its outcome is committed; a crash before the
+        commit means the instance is sent again, never that it is lost. When the commit
+        fails the outcomes stay in `pending` for the next try.
+        """
+        if not pending.marks:
+            return
+        marks, done = pending.take()
+        try:
+            self.outbox.mark_many(marks, self.clock())
+        except BaseException:
+            pending.marks[:0], pending.done[:0] = marks, done
+            raise
+        self.done(done)
+
+    def _final(self, d: Delivery, mark: Mark, level: int, outcome: str, reason: str) -> None:
+        """Record a final outcome decided before sending, and let the file go."""
+        self.outbox.mark_many([mark], self.clock())
+        self.events.delivery(level, outcome, d, reason)
+        self.done([d])
+
+    def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
+        """The file as it was queued, or None after recording why it cannot be sent.
+
+        The enqueuer checked it completely; an unchanged size and mtime say it is still that
+        file, so only a stat is needed here (rows queued without the data set offset have
+        their file meta read again).
+        """
+        bad = _bad_uid(d)
+        if bad is not None:  # never let an invalid UID reach a peer, whoever queued it
+            self._final(d, Mark(d.id, State.QUARANTINED, None, bad), logging.ERROR,
+                        "quarantined", bad)  # fmt: skip
+            return None
+        try:
+            if d.dataset_offset is not None:
+                return self._stat_file(d)
+            info = locate(
+                d.path,
+                sop_class_uid=d.sop_class_uid,
+                sop_instance_uid=d.sop_instance_uid,
+                transfer_syntax=d.transfer_syntax,
+                study_uid=d.study_uid,
+            )
+        except FileNotFoundError:
+            reason = "the file disappeared before it was sent"
+            self._final(d, Mark(d.id, State.GONE, None, reason), logging.WARNING, "gone", reason)
+            return None
+        except (InvalidDicom, OSError) as exc:
+            reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
+            mark = Mark(d.id, State.QUARANTINED, None, reason, refusal=True)
+            self._final(d, mark, logging.ERROR, "quarantined", reason)
+            return None
+        if (info.size, info.mtime_ns) != (d.size, d.mtime_ns):
+            self._changed(d)
+            return None
+        return info
+
+    def _stat_file(self, d: Delivery) -> DicomInfo | None:
+        """`_check_file` for a row that knows its data set offset; raises like `locate`."""
+        assert d.dataset_offset is not None
+        # not through a symlink that replaced the file since (unless symlinks are followed)
+        st = os.stat(d.path, follow_symlinks=self.rules.follow_symlinks)
+        if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
+            self._changed(d)
+            return None
+        return DicomInfo(
+            path=Path(d.path),
+            size=d.size,
+            mtime_ns=d.mtime_ns,
+            sop_class_uid=d.sop_class_uid,
+            sop_instance_uid=d.sop_instance_uid,
+            transfer_syntax=d.transfer_syntax,
+            study_uid=d.study_uid,
+            dataset_offset=d.dataset_offset,
+            has_meta=d.dataset_offset > 0,  # not used for sending; a meta-less file starts at 0
+        )
+
+    def _changed(self, d: Delivery) -> None:
+        reason = "the file changed after it was queued; the new version is queued on its own"
+        self.outbox.mark_many([Mark(d.id, State.GONE, None, reason)], self.clock())
+        self.events.delivery(logging.WARNING, "gone", d, reason)
+
+    def _count_associations(self) -> None:
+        """Report associations established since the last report (metrics, the scale)."""
+        new = self._sender.associations - self._associations_counted
+        if new > 0:
+            self._associations_counted += new
+            self.metrics.association(self.dest.name, new)
+            # what an extra association proposes, known as soon as the first one is up
+            self.crew.contexts = self._sender.recent_contexts()
+            if self.level == 1:
+                before = self.scale.allowed
+                self.scale.round_trip(self._sender.round_trip)
+                if self.scale.allowed > before:  # a far peer: more associations from the start
+                    self.crew.wake()
+            self.scale.established(self.level, time.monotonic())
+
+    def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
+        self._count_associations()  # as soon as a store shows it, not at the batch's end
+        now = self.clock()
+        cls = result.classification
+        if cls.status is not None:
+            self._scale_stored()
+        if cls.action is Action.UNREADABLE and not os.path.lexists(d.path):
+            # deleted between the claim and the send: nothing went out, nothing to retry
+            pending.add(Mark(d.id, State.GONE, None, "the file disappeared before it was sent"), d)
+            self.events.delivery(
+                logging.WARNING, "gone", d, "the file disappeared before it was sent"
+            )
+            return
+        decision = decide(
+            cls, d.attempts, d.first_attempt_at, now, self.rules.retry, random.random(),
+            d.refusals,
+        )  # fmt: skip
+        self.metrics.observe_store(
+            d.destination, decision.next.value, cls.status, result.seconds, result.info.size
+        )
+        if decision.next is Next.SENT:
+            warning = cls.describe() if cls.action is Action.WARNING else None
+            how = result.sent_as or None
+            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning, sent_as=how), d)
+            self.crew.breaker.succeeded()
+            level = logging.WARNING if warning else logging.INFO
+            detail = f"{cls.describe()}; {how}" if how else cls.describe()
+            self.events.delivery(level, "warning" if warning else "sent", d, detail, cls.status)
+        elif decision.next is Next.RETRY:
+            assert decision.next_attempt_at is not None
+            mark = Mark(
+                d.id,
+                State.PENDING,
+                cls.status,
+                decision.reason,
+                decision.next_attempt_at,
+                refusal=decision.refusal,
+            )
+            pending.add(mark)
+            wait = decision.next_attempt_at - now
+            detail = f"{decision.reason}; retry in {wait:.0f} s"
+            self.events.delivery(logging.WARNING, "retry", d, detail, cls.status)
+            self._fresh = self._fresh or decision.fresh_association
+        elif decision.next is Next.QUARANTINE:
+            mark = Mark(
+                d.id, State.QUARANTINED, cls.status, decision.reason, refusal=decision.refusal
+            )
+            pending.add(mark, d)
+            self.events.delivery(logging.ERROR, "quarantined", d, decision.reason, cls.status)
+        else:  # HOLD: the destination refuses us; keep the instance, pause the destination
+            until = self._pause(decision.reason, hold=True, now=now)
+            pending.add(
+                Mark(d.id, State.PENDING, cls.status, decision.reason, until, count_attempt=False)
+            )
+            self.events.delivery(logging.ERROR, "held", d, decision.reason, cls.status)
+
+    def _pause(self, reason: str, *, hold: bool, now: float) -> float:
+        until = self.crew.breaker.trip(reason, self.rules.retry, hold=hold, now=now)
+        self.crew.wake()  # to sleep out the pause
+        return until
+
+    def _trip(self, exc: AssociationFailed, now: float) -> None:
+        hold = exc.classification.action is Action.DESTINATION
+        reason = exc.classification.meaning
+        if hold:
+            reason += " (check called_aet/calling_aet and the peer's configuration)"
+        self._pause(reason, hold=hold, now=now)
+
+
+def _bad_uid(d: Delivery) -> str | None:
+    """Why a queued row's UIDs cannot be sent (see `dicomfile.uid_problem`), or None."""
+    for name, uid in (
+        ("Transfer Syntax UID", d.transfer_syntax),
+        ("SOP Class UID", d.sop_class_uid),
+        ("SOP Instance UID", d.sop_instance_uid),
+    ):
+        problem = uid_problem(uid)
+        if problem is not None:
+            shown = escape_bytes(uid.encode("utf-8", "surrogateescape"))
+            return f"invalid {name} '{shown}': {problem}"
+    return None
