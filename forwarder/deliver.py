@@ -206,13 +206,17 @@ class Worker(threading.Thread):
             self.fatal(f"worker {self.name} died", EX_SOFTWARE)
             raise
         finally:
-            try:
-                if self.stop.is_set() and self.hard_stop.is_set():
-                    self._sender.abort()
-                else:
-                    self._sender.release()
-            except Exception:
-                LOGGER.exception("worker %s: releasing the association failed", self.name)
+            self.close()
+
+    def close(self) -> None:
+        """End the association: released, or aborted when the daemon stops hard."""
+        try:
+            if self.stop.is_set() and self.hard_stop.is_set():
+                self._sender.abort()
+            else:
+                self._sender.release()
+        except Exception:
+            LOGGER.exception("worker %s: releasing the association failed", self.name)
 
     def loop(self, now: float) -> None:
         """One iteration at wall-clock `now` (the outbox's clock): claim, send, record."""
