@@ -12,20 +12,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from forwarder import verdict
 from forwarder.breaker import Breaker
 from forwarder.concurrency import Autoscale
 from forwarder.config import Destination, RetrySettings, Settings
 from forwarder.contexts import ContextSpec
-from forwarder.dicomfile import DicomInfo, InvalidDicom, escape_bytes, locate, uid_problem
+from forwarder.dicomfile import DicomInfo
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
 from forwarder.events import Events
 from forwarder.logs import fields
 from forwarder.metrics import Metrics
-from forwarder.outbox import Delivery, Mark, Outbox, OutboxCorruptError, OutboxError, State
+from forwarder.outbox import Delivery, Mark, Outbox, OutboxCorruptError, OutboxError
 from forwarder.policy import Next, decide
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
 from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
+from forwarder.verdict import Verdict
 
 __all__ = ["Crew", "Rules", "Worker"]
 
@@ -329,8 +331,10 @@ class Worker(threading.Thread):
         by_path: dict[Path, Delivery] = {}
         infos: list[DicomInfo] = []
         for d in batch:
-            info = self._check_file(d, now)
-            if info is not None:
+            info = verdict.checked(d, follow_symlinks=self.rules.follow_symlinks)
+            if isinstance(info, Verdict):
+                self._commit(d, info)
+            else:
                 by_path[info.path] = d
                 infos.append(info)
         handled: set[int] = set()
@@ -391,16 +395,7 @@ class Worker(threading.Thread):
             cls, d.attempts, d.first_attempt_at, self.clock(), self.rules.retry, random.random(),
             d.refusals,
         )  # fmt: skip
-        if decision.next is Next.QUARANTINE:
-            pending.add(Mark(d.id, State.QUARANTINED, None, decision.reason, refusal=True), d)
-            self.events.delivery(logging.ERROR, "quarantined", d, decision.reason)
-        else:
-            assert decision.next_attempt_at is not None
-            mark = Mark(
-                d.id, State.PENDING, None, decision.reason, decision.next_attempt_at, refusal=True
-            )
-            pending.add(mark)
-            self.events.delivery(logging.ERROR, "retry", d, decision.reason)
+        self._keep(d, verdict.suspect(d, decision), pending)
         self._fresh = True
 
     def _settle(self) -> None:
@@ -430,72 +425,20 @@ class Worker(threading.Thread):
             raise
         self.done(done)
 
-    def _final(self, d: Delivery, mark: Mark, level: int, outcome: str, reason: str) -> None:
-        """Record a final outcome decided before sending, and let the file go."""
-        self.outbox.mark_many([mark], self.clock())
-        self.events.delivery(level, outcome, d, reason)
-        self.done([d])
+    def _commit(self, d: Delivery, verdict: Verdict) -> None:
+        """Commit a verdict reached before sending (one row), and let its file go."""
+        self.outbox.mark_many([verdict.mark], self.clock())
+        self._log(d, verdict)
+        if verdict.finished:
+            self.done([d])
 
-    def _check_file(self, d: Delivery, now: float) -> DicomInfo | None:
-        """The file as it was queued, or None after recording why it cannot be sent.
+    def _keep(self, d: Delivery, verdict: Verdict, pending: _Pending) -> None:
+        """Keep a verdict to be committed with the batch's next flush."""
+        pending.add(verdict.mark, d if verdict.finished else None)
+        self._log(d, verdict)
 
-        The enqueuer checked it completely; an unchanged size and mtime say it is still that
-        file, so only a stat is needed here (rows queued without the data set offset have
-        their file meta read again).
-        """
-        bad = _bad_uid(d)
-        if bad is not None:  # never let an invalid UID reach a peer, whoever queued it
-            self._final(d, Mark(d.id, State.QUARANTINED, None, bad), logging.ERROR,
-                        "quarantined", bad)  # fmt: skip
-            return None
-        try:
-            if d.dataset_offset is not None:
-                return self._stat_file(d)
-            info = locate(
-                d.path,
-                sop_class_uid=d.sop_class_uid,
-                sop_instance_uid=d.sop_instance_uid,
-                transfer_syntax=d.transfer_syntax,
-                study_uid=d.study_uid,
-            )
-        except FileNotFoundError:
-            reason = "the file disappeared before it was sent"
-            self._final(d, Mark(d.id, State.GONE, None, reason), logging.WARNING, "gone", reason)
-            return None
-        except (InvalidDicom, OSError) as exc:
-            reason = exc.reason if isinstance(exc, InvalidDicom) else f"unreadable: {exc}"
-            mark = Mark(d.id, State.QUARANTINED, None, reason, refusal=True)
-            self._final(d, mark, logging.ERROR, "quarantined", reason)
-            return None
-        if (info.size, info.mtime_ns) != (d.size, d.mtime_ns):
-            self._changed(d)
-            return None
-        return info
-
-    def _stat_file(self, d: Delivery) -> DicomInfo | None:
-        """`_check_file` for a row that knows its data set offset; raises like `locate`."""
-        assert d.dataset_offset is not None
-        # not through a symlink that replaced the file since (unless symlinks are followed)
-        st = os.stat(d.path, follow_symlinks=self.rules.follow_symlinks)
-        if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
-            self._changed(d)
-            return None
-        return DicomInfo(
-            path=Path(d.path),
-            size=d.size,
-            mtime_ns=d.mtime_ns,
-            sop_class_uid=d.sop_class_uid,
-            sop_instance_uid=d.sop_instance_uid,
-            transfer_syntax=d.transfer_syntax,
-            study_uid=d.study_uid,
-            dataset_offset=d.dataset_offset,
-            has_meta=d.dataset_offset > 0,  # not used for sending; a meta-less file starts at 0
-        )
-
-    def _changed(self, d: Delivery) -> None:
-        reason = "the file changed after it was queued; the new version is queued on its own"
-        self.outbox.mark_many([Mark(d.id, State.GONE, None, reason)], self.clock())
-        self.events.delivery(logging.WARNING, "gone", d, reason)
+    def _log(self, d: Delivery, v: Verdict) -> None:
+        self.events.delivery(v.level, v.outcome, d, v.detail, v.status)
 
     def _count_associations(self) -> None:
         """Report associations established since the last report (metrics, the scale)."""
@@ -519,11 +462,7 @@ class Worker(threading.Thread):
         if cls.status is not None:
             self._scale_stored()
         if cls.action is Action.UNREADABLE and not os.path.lexists(d.path):
-            # deleted between the claim and the send: nothing went out, nothing to retry
-            pending.add(Mark(d.id, State.GONE, None, "the file disappeared before it was sent"), d)
-            self.events.delivery(
-                logging.WARNING, "gone", d, "the file disappeared before it was sent"
-            )
+            self._keep(d, verdict.disappeared(d), pending)  # deleted since the claim
             return
         decision = decide(
             cls, d.attempts, d.first_attempt_at, now, self.rules.retry, random.random(),
@@ -532,41 +471,14 @@ class Worker(threading.Thread):
         self.metrics.observe_store(
             d.destination, decision.next.value, cls.status, result.seconds, result.info.size
         )
-        if decision.next is Next.SENT:
-            warning = cls.describe() if cls.action is Action.WARNING else None
-            how = result.sent_as or None
-            pending.add(Mark(d.id, State.SENT, cls.status or 0, warning, sent_as=how), d)
-            self.crew.breaker.succeeded()
-            level = logging.WARNING if warning else logging.INFO
-            detail = f"{cls.describe()}; {how}" if how else cls.describe()
-            self.events.delivery(level, "warning" if warning else "sent", d, detail, cls.status)
-        elif decision.next is Next.RETRY:
-            assert decision.next_attempt_at is not None
-            mark = Mark(
-                d.id,
-                State.PENDING,
-                cls.status,
-                decision.reason,
-                decision.next_attempt_at,
-                refusal=decision.refusal,
-            )
-            pending.add(mark)
-            wait = decision.next_attempt_at - now
-            detail = f"{decision.reason}; retry in {wait:.0f} s"
-            self.events.delivery(logging.WARNING, "retry", d, detail, cls.status)
-            self._fresh = self._fresh or decision.fresh_association
-        elif decision.next is Next.QUARANTINE:
-            mark = Mark(
-                d.id, State.QUARANTINED, cls.status, decision.reason, refusal=decision.refusal
-            )
-            pending.add(mark, d)
-            self.events.delivery(logging.ERROR, "quarantined", d, decision.reason, cls.status)
-        else:  # HOLD: the destination refuses us; keep the instance, pause the destination
+        if decision.next is Next.HOLD:  # the destination refuses us: pause it, keep the file
             until = self._pause(decision.reason, hold=True, now=now)
-            pending.add(
-                Mark(d.id, State.PENDING, cls.status, decision.reason, until, count_attempt=False)
-            )
-            self.events.delivery(logging.ERROR, "held", d, decision.reason, cls.status)
+            self._keep(d, verdict.held(d, cls, decision.reason, until), pending)
+            return
+        self._keep(d, verdict.judged(d, result, decision, now), pending)
+        if decision.next is Next.SENT:
+            self.crew.breaker.succeeded()
+        self._fresh = self._fresh or decision.fresh_association
 
     def _pause(self, reason: str, *, hold: bool, now: float) -> float:
         until = self.crew.breaker.trip(reason, self.rules.retry, hold=hold, now=now)
@@ -579,17 +491,3 @@ class Worker(threading.Thread):
         if hold:
             reason += " (check called_aet/calling_aet and the peer's configuration)"
         self._pause(reason, hold=hold, now=now)
-
-
-def _bad_uid(d: Delivery) -> str | None:
-    """Why a queued row's UIDs cannot be sent (see `dicomfile.uid_problem`), or None."""
-    for name, uid in (
-        ("Transfer Syntax UID", d.transfer_syntax),
-        ("SOP Class UID", d.sop_class_uid),
-        ("SOP Instance UID", d.sop_instance_uid),
-    ):
-        problem = uid_problem(uid)
-        if problem is not None:
-            shown = escape_bytes(uid.encode("utf-8", "surrogateescape"))
-            return f"invalid {name} '{shown}': {problem}"
-    return None
