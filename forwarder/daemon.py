@@ -13,7 +13,7 @@ from pathlib import Path
 from forwarder import __version__
 from forwarder.breaker import Breaker
 from forwarder.config import ConfigError, Destination, Settings, check_tls, load_settings
-from forwarder.deliver import Crew, Rules, Worker
+from forwarder.deliver import Crew, Rules, Worker, stop_workers
 from forwarder.dispose import Disposer, Layout
 from forwarder.enqueue import Enqueuer, Intake
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
@@ -36,8 +36,6 @@ STATUS_SECONDS = 5.0
 """How often the status line goes to systemd (`systemctl status`)."""
 MIN_LEASE_CHECK_SECONDS = 1.0
 """Expired leases are looked for every quarter lease, but not more often than this."""
-QUIET_WORKER_SECONDS = 60.0
-"""A worker that has not looked for work for this long (outside a batch) is hung."""
 STALL_MARGIN_SECONDS = 60.0
 """Added to twice the longest timeouts: a batch stuck longer than that is hung."""
 DEFAULT_STALL_SECONDS = 60.0
@@ -177,27 +175,6 @@ class Daemon:
                 crew.workers.append(worker)
                 worker.start()
 
-    def _stop_workers(
-        self, workers: Sequence[Worker], timeout: float, *, keepalive: bool = False
-    ) -> bool:
-        """Stop `workers`, waiting up to `timeout` for their in-flight stores; True if all ended.
-
-        With `keepalive` (a reload, from the main loop) the heartbeat and the watchdog are
-        kept going while waiting: a slow peer would otherwise hold the main loop for the
-        whole timeout.
-        """
-        for w in workers:
-            w.stop.set()
-            w.wake.set()
-        deadline = time.monotonic() + timeout
-        step = min(self.notifier.watchdog_interval() or 1.0, 1.0)
-        for w in workers:
-            while w.is_alive() and (left := deadline - time.monotonic()) > 0:
-                w.join(min(left, step) if keepalive else left)
-                if keepalive:
-                    self._keepalive()
-        return not any(w.is_alive() for w in workers)
-
     def _keepalive(self) -> None:
         self._heartbeat()
         if self.notifier.watchdog_interval() is not None and self.stuck() is None:
@@ -241,17 +218,7 @@ class Daemon:
         if not self.enqueuer.is_alive():
             return "the enqueuer thread died"
         limit = self.stall_limit()
-        for w in self.workers:
-            if not w.is_alive():
-                if w.stop.is_set():  # stopped on purpose (a reload retiring it)
-                    continue
-                return f"worker {w.name} died"
-            since = w.busy_since
-            if since is not None and now - since > limit:
-                return f"worker {w.name} stuck in one batch for {now - since:.0f} s"
-            if since is None and now - w.last_beat > QUIET_WORKER_SECONDS:
-                return f"worker {w.name} has not looked for work for {now - w.last_beat:.0f} s"
-        return None
+        return next(filter(None, (w.problem(limit, now) for w in self.workers)), None)
 
     def status_line(self) -> str:
         counts = self.outbox.counts()
@@ -303,7 +270,7 @@ class Daemon:
         new_dests = {d.name: d for d in new.destinations}
         changed = [n for n in old_dests if old_dests[n] != new_dests.get(n)]
         retiring = [w for n in changed for w in self.crews.pop(n).workers]
-        if not self._stop_workers(retiring, new.shutdown_timeout, keepalive=True):
+        if not stop_workers(retiring, new.shutdown_timeout, tick=self._keepalive):
             # still in a store: it ends on its own; shutdown joins it (or exits forced)
             self._retired += [w for w in retiring if w.is_alive()]
         self.settings = new
@@ -462,9 +429,8 @@ class Daemon:
             self.watcher.stop()
         self.enqueuer.halt()  # the sentinel wakes it at once
         self.enqueuer.join(max(0.0, deadline - time.monotonic()))
-        clean = self._stop_workers(
-            [*self.workers, *self._retired], max(0.0, deadline - time.monotonic())
-        )
+        left = max(0.0, deadline - time.monotonic())
+        clean = stop_workers([*self.workers, *self._retired], left)
         if not clean:
             LOGGER.warning("in-flight stores did not finish in time; they will be sent again")
             self.hard_stop.set()

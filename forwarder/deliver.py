@@ -22,12 +22,12 @@ from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
 from forwarder.events import Events
 from forwarder.logs import fields
 from forwarder.metrics import Metrics
-from forwarder.outbox import Delivery, Mark, Outbox, OutboxCorruptError, OutboxError
+from forwarder.outbox import Delivery, Outbox, OutboxCorruptError, OutboxError
 from forwarder.policy import Next, decide
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
 from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
-from forwarder.verdict import Verdict
+from forwarder.verdict import Pending, Verdict
 
 __all__ = ["Crew", "Rules", "Worker"]
 
@@ -45,6 +45,8 @@ CAPACITY_RETRY_SECONDS = 0.5
 """... unless it is within the level the peer takes."""
 PEER_UP_SECONDS = 10.0
 """A peer that answered a store this recently is up, not down."""
+QUIET_SECONDS = 60.0
+"""A worker that has not looked for work for this long (outside a batch) is hung."""
 DUE_MARGIN_SECONDS = 0.01
 """A worker wakes this long after the next retry is due, so that the claim finds it."""
 
@@ -98,33 +100,6 @@ class Crew:
             worker.wake.set()
 
 
-class _Pending:
-    """Outcomes recorded but not yet committed, and the files they may let go."""
-
-    MAX_MARKS = 64
-    MAX_AGE = 0.05  # seconds: a slow peer still sees its acks committed promptly
-
-    def __init__(self) -> None:
-        self.marks: list[Mark] = []
-        self.done: list[Delivery] = []
-        self.since = time.monotonic()
-
-    def add(self, mark: Mark, finished: Delivery | None = None) -> None:
-        if not self.marks:
-            self.since = time.monotonic()
-        self.marks.append(mark)
-        if finished is not None:
-            self.done.append(finished)
-
-    def due(self) -> bool:
-        return len(self.marks) >= self.MAX_MARKS or time.monotonic() - self.since >= self.MAX_AGE
-
-    def take(self) -> tuple[list[Mark], list[Delivery]]:
-        marks, done = self.marks, self.done
-        self.marks, self.done = [], []
-        return marks, done
-
-
 class Worker(threading.Thread):
     """Drains one destination's deliveries over one association at a time.
 
@@ -171,8 +146,20 @@ class Worker(threading.Thread):
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
         # outcomes and releases not yet committed (the outbox could not be written): kept
         # and committed first once it can, so a full disk costs no resends
-        self._pending = _Pending()
+        self._pending = Pending()
         self._to_release: list[int] = []
+
+    def problem(self, stall_limit: float, now: float) -> str | None:
+        """Why this worker is dead or hung at monotonic `now`, or None (it is fine, or was
+        stopped on purpose)."""
+        if not self.is_alive():
+            return None if self.stop.is_set() else f"worker {self.name} died"
+        since = self.busy_since
+        if since is not None and now - since > stall_limit:
+            return f"worker {self.name} stuck in one batch for {now - since:.0f} s"
+        if since is None and now - self.last_beat > QUIET_SECONDS:
+            return f"worker {self.name} has not looked for work for {now - self.last_beat:.0f} s"
+        return None
 
     @property
     def rules(self) -> Rules:
@@ -387,7 +374,7 @@ class Worker(threading.Thread):
         self._idle(CAPACITY_RETRY_SECONDS if within else CAPACITY_WAIT_SECONDS)
         return True
 
-    def _suspect(self, d: Delivery, exc: Exception, pending: _Pending) -> None:
+    def _suspect(self, d: Delivery, exc: Exception, pending: Pending) -> None:
         """The sender raised while `d` was next: a refusal of `d` (quarantined after a few),
         so that one poison file can neither stop the worker nor come back forever."""
         cls = Classification(Action.RETRY_FEW, f"internal error while sending: {exc!r}")
@@ -408,7 +395,7 @@ class Worker(threading.Thread):
             self.outbox.release(self._to_release, self.clock())
             self._to_release = []
 
-    def _flush(self, pending: _Pending) -> None:
+    def _flush(self, pending: Pending) -> None:
         """Commit the recorded outcomes (one transaction), then let finished files go.
 
         A file leaves the inbox only after its outcome is committed; a crash before the
@@ -432,7 +419,7 @@ class Worker(threading.Thread):
         if verdict.finished:
             self.done([d])
 
-    def _keep(self, d: Delivery, verdict: Verdict, pending: _Pending) -> None:
+    def _keep(self, d: Delivery, verdict: Verdict, pending: Pending) -> None:
         """Keep a verdict to be committed with the batch's next flush."""
         pending.add(verdict.mark, d if verdict.finished else None)
         self._log(d, verdict)
@@ -455,7 +442,7 @@ class Worker(threading.Thread):
                     self.crew.wake()
             self.scale.established(self.level, time.monotonic())
 
-    def _record(self, d: Delivery, result: StoreResult, pending: _Pending) -> None:
+    def _record(self, d: Delivery, result: StoreResult, pending: Pending) -> None:
         self._count_associations()  # as soon as a store shows it, not at the batch's end
         now = self.clock()
         cls = result.classification
@@ -491,3 +478,23 @@ class Worker(threading.Thread):
         if hold:
             reason += " (check called_aet/calling_aet and the peer's configuration)"
         self._pause(reason, hold=hold, now=now)
+
+
+def stop_workers(
+    workers: Sequence[Worker], timeout: float, tick: Callable[[], None] | None = None
+) -> bool:
+    """Stop `workers`, waiting up to `timeout` for their in-flight stores; True if all ended.
+
+    `tick` runs about once a second while waiting (a reload keeps the heartbeat and the
+    watchdog going: a slow peer would otherwise hold the main loop for the whole timeout).
+    """
+    for w in workers:
+        w.stop.set()
+        w.wake.set()
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        while w.is_alive() and (left := deadline - time.monotonic()) > 0:
+            w.join(left if tick is None else min(left, 1.0))
+            if tick is not None:
+                tick()
+    return not any(w.is_alive() for w in workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from forwarder.policy import Decision, Next
 from forwarder.sender import StoreResult
 from forwarder.status import Action, Classification
 
-__all__ = ["Verdict", "checked", "disappeared", "held", "judged"]
+__all__ = ["Pending", "Verdict", "checked", "disappeared", "held", "judged"]
 
 DISAPPEARED = "the file disappeared before it was sent"
 CHANGED = "the file changed after it was queued; the new version is queued on its own"
@@ -151,3 +152,31 @@ def suspect(d: Delivery, decision: Decision) -> Verdict:
     assert decision.next_attempt_at is not None
     mark = Mark(d.id, State.PENDING, None, decision.reason, decision.next_attempt_at, refusal=True)
     return Verdict(mark, logging.ERROR, "retry", decision.reason)
+
+
+class Pending:
+    """Verdicts' marks not yet committed, and the deliveries they finish (their files may
+    leave the inbox once the marks are committed)."""
+
+    MAX_MARKS = 64
+    MAX_AGE = 0.05  # seconds: a slow peer still sees its acks committed promptly
+
+    def __init__(self) -> None:
+        self.marks: list[Mark] = []
+        self.done: list[Delivery] = []
+        self.since = time.monotonic()
+
+    def add(self, mark: Mark, finished: Delivery | None = None) -> None:
+        if not self.marks:
+            self.since = time.monotonic()
+        self.marks.append(mark)
+        if finished is not None:
+            self.done.append(finished)
+
+    def due(self) -> bool:
+        return len(self.marks) >= self.MAX_MARKS or time.monotonic() - self.since >= self.MAX_AGE
+
+    def take(self) -> tuple[list[Mark], list[Delivery]]:
+        marks, done = self.marks, self.done
+        self.marks, self.done = [], []
+        return marks, done
