@@ -18,7 +18,8 @@ import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
-from forwarder.watcher import THREAD_NAME, ReadyFile, Watcher, WatchRootError, _MoveGrouper
+from forwarder.inotify import _MoveGrouper
+from forwarder.watcher import THREAD_NAME, ReadyFile, Watcher, WatchRootError
 
 SETTLE = 0.2
 """Short settle time to keep the tests fast."""
