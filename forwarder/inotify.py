@@ -22,10 +22,10 @@ class _MoveGrouper(InotifyMoveEventGrouper):
     """watchdog's pairing of IN_MOVED_FROM with IN_MOVED_TO, without the scans it cannot need.
 
     For every IN_MOVED_TO watchdog searches its whole delay queue, twice, for the matching
-    IN_MOVED_FROM: a burst of N files renamed into the tree from outside (none to match) cost
-    N^2 comparisons while the queue was long (~60 us per file at 2,000). This one counts the
+    IN_MOVED_FROM: a burst of N files renamed into the tree from outside (none to match) costs
+    N^2 comparisons while the queue is long (~60 us per file at 2,000). This one counts the
     IN_MOVED_FROM events queued and skips the searches when there are none; moves inside the
-    tree are paired exactly as before. After a kernel queue overflow it searches always.
+    tree are paired as watchdog pairs them. After a kernel queue overflow it searches always.
     """
 
     def __init__(self) -> None:
@@ -82,7 +82,7 @@ class _Emitter(InotifyEmitter):
     """watchdog's inotify emitter, with two departures measured on bursts of files.
 
     IN_DELETE is left out of the kernel's mask. The deletions are mostly the daemon's own (one
-    per file sent) and each crossed three threads: 0.2 ms of CPU per file sent. Without them a
+    per file sent) and each would cross three threads: 0.2 ms of CPU per file sent. Without them a
     file deleted in place is dropped at the tracker's next look at it, and the memory of a
     reported one by `Watcher.forget` or the next full rescan. Moves out of the tree
     (IN_MOVED_FROM) and the removal of a watched root folder (IN_DELETE_SELF) are still

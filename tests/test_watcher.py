@@ -356,7 +356,7 @@ def test_changed_file_is_reported_again(make_watcher: MakeWatcher, inbox: Path) 
 
 
 def test_deleted_file_is_dropped(make_watcher: MakeWatcher, inbox: Path) -> None:
-    # Deletions in place are not asked of the kernel (the daemon's own were a third of all
+    # Deletions in place are not asked of the kernel (the daemon's own are a third of all
     # events): a deleted file being tracked is dropped when the tracker next looks at it.
     watcher, got = make_watcher(unclosed_grace_seconds=1.0)
     path = inbox / "d.dcm"
