@@ -43,8 +43,7 @@ class Mark:
     dropped: bool = False
     """The file went away at some point: drop all state first."""
     forgotten: bool = False
-    """Drop the memory of having reported the file at this path: `Watcher.forget` was called,
-    or a new file took the name (created or moved in), so what was reported there is gone."""
+    """`Watcher.forget` was called: drop the memory of having reported it."""
     changed_at: float | None = None
     """Time of the last event after the drop that says the file is there and may have changed."""
     written: bool | None = None
@@ -56,15 +55,9 @@ class Mark:
         elif kind is Kind.GONE:
             self.dropped = True
             self.changed_at = self.written = None
-        elif kind is Kind.CREATED:
-            # A new name: a file reported at this path was deleted in place (not reported, see
-            # forwarder.inotify), so a copy of it with the same size and mtime is new again.
-            self.forgotten = True
-            self.changed_at = now
-        elif kind is Kind.ATTRIB:
+        elif kind is Kind.CREATED or kind is Kind.ATTRIB:
             self.changed_at = now
         elif kind is Kind.MOVED_IN:  # a new inode took the name: what we knew of the old is void
-            self.forgotten = True
             self.changed_at, self.written = now, False
         elif kind is Kind.MODIFIED:
             self.changed_at, self.written = now, True

@@ -87,9 +87,8 @@ class Watcher:
 
     Every file present at `start` is a candidate, and a full rescan runs every
     `rescan_seconds` (or on `rescan`). Each ready file is passed once to `on_ready` on the
-    tracker thread; it is passed again only when its size or mtime changed, when a new file
-    took its name (created or moved in: a copy with the same size and mtime counts), or after
-    it disappeared or was `forget`-ten and a rescan finds it.
+    tracker thread; it is passed again only when its size or mtime changed, or after it
+    disappeared or was `forget`-ten and came back.
 
     Parameters
     ----------
@@ -305,14 +304,13 @@ class Watcher:
         self._events.request_rescan()
 
     def forget(self, path: Path) -> None:
-        """Forget that `path` was reported (thread-safe): it is offered again when found.
+        """Forget that `path` was reported (thread-safe): the daemon disposed of or moved it.
 
-        If the file is still there, the next rescan reports it again (a file the daemon let
-        go without recording it). A new file at that path is reported even with the same size
-        and mtime; with this call, also when its events were lost (a kernel queue overflow).
-        One already being tracked there stays tracked. A move away is seen as an event and
-        drops any tracking; a deletion in place is not reported (see `forwarder.inotify`):
-        the tracker drops it at its next look, and its memory at the next full rescan.
+        A file appearing at that path later is reported again, even with the same size and
+        mtime; one already being tracked there (dropped again before this call) stays tracked.
+        If the file is still there, the next rescan reports it again. A move away is seen
+        as an event and drops any tracking; a deletion in place is not reported (see
+        `forwarder.inotify`): the tracker drops it at its next look.
         """
         # No wake-up: forgetting is never urgent, and the daemon calls this per file sent.
         self._events.note(os.path.abspath(os.fspath(path)), Kind.FORGOTTEN, wake=False)
