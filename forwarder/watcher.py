@@ -19,8 +19,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from forwarder.fsevents import EVENT_FILTER, EventInbox
 from forwarder.folders import WatchedFolders, WatchRootError, is_under, outermost, watch_error
+from forwarder.fsevents import EVENT_FILTER, EventInbox
 from forwarder.inotify import quiet_shutdown_noise, use_our_emitter
 from forwarder.stability import Candidate, Kind, Mark, SettleRules, Sig, sig
 
