@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,29 @@ def test_a_file_delivered_before_is_disposed_of_not_sent_again(
     stage.loop(1.0)
     assert not path.exists()
     assert {d.state for d in outbox.list(limit=10)} == {State.SENT}
+
+
+def test_a_file_that_vanished_unsent_and_comes_back_the_same_is_sent_not_deleted(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    # Queued, deleted before it was sent (its rows GONE), then dropped again with the same
+    # path, size and mtime (cp -p, rsync -t): it has not reached anybody, so it is sent.
+    path = tmp_path / "in" / "a.dcm"
+    make_instance(path, UID)
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls)
+    stage.offer(ready(path))
+    stage.loop(0.0)
+    kept = tmp_path / "kept.dcm"
+    os.rename(path, kept)
+    (one,) = outbox.claim("one", 10, 6.0, 300)
+    outbox.mark_many([Mark(one.id, State.SENT, 0)], 7.0)  # "one" had it before it vanished
+    (two,) = outbox.claim("two", 10, 6.0, 300)
+    outbox.mark_many([Mark(two.id, State.GONE, None, "disappeared")], 7.0)
+    os.rename(kept, path)
+    stage.offer(ready(path))
+    stage.loop(1.0)
+    assert path.exists()
+    states = {d.destination: d.state for d in outbox.list(limit=10)}
+    assert states == {"one": State.SENT, "two": State.PENDING}
+    assert calls.queued == 2
