@@ -41,6 +41,7 @@ from pydicom.uid import UID, generate_uid
 from pynetdicom import sop_class as pynetdicom_sop_class
 from pynetdicom.service_class import StorageServiceClass
 
+from forwarder.commands.send import main
 from forwarder.dicomfile import (
     DEFLATED_LE,
     EXPLICIT_BE,
@@ -49,7 +50,6 @@ from forwarder.dicomfile import (
     DicomInfo,
     inspect,
 )
-from forwarder.send_cli import main
 from forwarder.sender import AssociationFailed, Peer, Sender
 from forwarder.sopclasses import SEED_STORAGE_CLASSES
 from forwarder.status import Action

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from forwarder import ops
+from forwarder.commands import common
 from forwarder.config import (
     EX_CONFIG,
     NO_CONFIG,
@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "would start with it, 78 with one line per bad setting otherwise."
         ),
     )
-    ops.add_config(chk)
+    common.add_config(chk)
     show = sub.add_parser(
         "show",
         help="the effective settings and where each came from",
@@ -132,8 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "or token are masked."
         ),
     )
-    ops.add_config(show)
-    ops.add_json(show)
+    common.add_config(show)
+    common.add_json(show)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -151,17 +151,19 @@ def _check(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     settings = effective(args.config)
     if args.json:
-        ops.print_json({"config": str(args.config) if args.config else None, "settings": settings})
+        common.print_json(
+            {"config": str(args.config) if args.config else None, "settings": settings}
+        )
         return 0
     rows = [
         [key, _text(s["value"]), s["source"] + (f" ({s['from']})" if s["from"] else "")]
         for key, s in settings.items()
     ]
-    print(ops.table(["SETTING", "VALUE", "SOURCE"], rows))
+    print(common.table(["SETTING", "VALUE", "SOURCE"], rows))
     return 0
 
 
-@ops.command("forwarder config")
+@common.command("forwarder config")
 def run(args: argparse.Namespace) -> int:
     if args.action == "check":
         return _check(args)

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from forwarder import ops
 from forwarder.association import AssociationFailed, Peer, open_association
+from forwarder.commands import common
 from forwarder.config import Destination
 from forwarder.wire import C_ECHO_RSP, VERIFICATION, WireError, encode_echo_command
 
@@ -90,26 +90,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "daemon associates. Prints the association set-up and C-ECHO round-trip times. "
         "Exit 1 when any destination fails."
     )
-    ops.add_config(parser)
+    common.add_config(parser)
     parser.add_argument("--destination", metavar="D", help="only destination D")
-    ops.add_json(parser)
+    common.add_json(parser)
 
 
-@ops.command("forwarder echo")
+@common.command("forwarder echo")
 def run(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     if args.destination:
         try:
             dests = [settings.destination(args.destination)]
         except KeyError as exc:
-            raise ops.CommandError(str(exc.args[0])) from None
+            raise common.CommandError(str(exc.args[0])) from None
     else:
         dests = list(settings.destinations)
     if not dests:
-        raise ops.CommandError("no destinations configured")
+        raise common.CommandError("no destinations configured")
     results = [echo(d) for d in dests]
     if args.json:
-        ops.print_json({"results": [r.to_json() for r in results]})
+        common.print_json({"results": [r.to_json() for r in results]})
     else:
         rows = [
             [
@@ -123,5 +123,5 @@ def run(args: argparse.Namespace) -> int:
             for r in results
         ]
         headers = ["DESTINATION", "ADDRESS", "RESULT", "ASSOCIATE", "ECHO", "ERROR"]
-        print(ops.table(headers, rows, right=(3, 4)))
+        print(common.table(headers, rows, right=(3, 4)))
     return 0 if all(r.ok for r in results) else EXIT_FAILED

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forwarder import filing, ops
+from forwarder import filing
+from forwarder.commands import common
 from forwarder.config import Settings
 from forwarder.logs import escape
 from forwarder.outbox import Delivery, Outbox, PathConflictError, State
@@ -102,9 +103,9 @@ class Entry:
             "sop_instance_uid": self.sop_instance_uid,
             "study_uid": self.study_uid,
             "destination": self.destination,
-            "status": ops.status_hex(self.status),
+            "status": common.status_hex(self.status),
             "reason": self.reason,
-            "quarantined_at": ops.iso(self.when),
+            "quarantined_at": common.iso(self.when),
             "in_quarantine": self.in_quarantine,
             "delivery_id": self.delivery_id,
         }
@@ -211,24 +212,24 @@ def _resolve(text: str, settings: Settings) -> Path:
             continue
         rel = _within(c, qdir)
         if rel is None:
-            raise ops.CommandError(
+            raise common.CommandError(
                 f"{text}: not under quarantine.dir {qdir} (resolves to {os.path.realpath(c)})"
             )
         return qdir / rel
-    raise ops.CommandError(f"{text}: no such file in {qdir}")
+    raise common.CommandError(f"{text}: no such file in {qdir}")
 
 
 # -- list ---------------------------------------------------------------------------------
 
 
 def _list(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     now = time.time()
-    with ops.open_outbox(settings) as outbox:
+    with common.open_outbox(settings) as outbox:
         found = entries(settings, outbox)
     if args.json:
         qdir = str(settings.quarantine.dir)
-        ops.print_json({"quarantine_dir": qdir, "entries": [e.to_json() for e in found]})
+        common.print_json({"quarantine_dir": qdir, "entries": [e.to_json() for e in found]})
         return 0
     if not found:
         print(f"nothing in quarantine ({settings.quarantine.dir})")
@@ -239,14 +240,14 @@ def _list(args: argparse.Namespace) -> int:
             _shown(e.path, settings),
             e.sop_instance_uid,
             e.destination,
-            ops.status_hex(e.status),
-            ops.local_time(e.when, now),
-            ops.short(e.reason, 70),
+            common.status_hex(e.status),
+            common.local_time(e.when, now),
+            common.short(e.reason, 70),
         ]
         for e in found
     ]
     headers = ["PATH", "SOP INSTANCE UID", "DESTINATION", "STATUS", "WHEN", "REASON"]
-    print(ops.table(headers, rows))
+    print(common.table(headers, rows))
     return 0
 
 
@@ -287,7 +288,7 @@ def _summary(path: Path) -> tuple[dict[str, str | None], str | None]:
     try:
         ds = dcmread(path, stop_before_pixels=True, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        return {}, f"not readable as DICOM: {ops.short(str(exc), 200)}"
+        return {}, f"not readable as DICOM: {common.short(str(exc), 200)}"
     summary: dict[str, str | None] = {}
     meta = getattr(ds, "file_meta", None)
     ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
@@ -313,21 +314,21 @@ def _uid_text(value: Any) -> str | None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     now = time.time()
     path = _resolve(args.path, settings)
     f = QuarantinedFile(path, filing.read_sidecar(path))
-    with ops.open_outbox(settings) as outbox:
+    with common.open_outbox(settings) as outbox:
         rows = outbox.list(path=str(path), limit=_ALL_ROWS)
     header, problem = dicom_summary(path)
     if args.json:
-        ops.print_json(
+        common.print_json(
             {
                 "path": str(path),
                 "size": path.stat().st_size,
                 "sidecar": f.sidecar,
-                "quarantined_at": ops.iso(f.quarantined_at),
-                "deliveries": [ops.delivery_json(d, now) for d in rows],
+                "quarantined_at": common.iso(f.quarantined_at),
+                "deliveries": [common.delivery_json(d, now) for d in rows],
                 "dicom": header,
                 "dicom_error": problem,
             }
@@ -336,7 +337,7 @@ def _show(args: argparse.Namespace) -> int:
     side = f.sidecar or {}
     print(f"file:         {escape(str(path))} ({path.stat().st_size} bytes)")
     when = f.quarantined_at
-    print(f"quarantined:  {ops.local_time(when, now)} ({ops.ago(when, now)})")
+    print(f"quarantined:  {common.local_time(when, now)} ({common.ago(when, now)})")
     print(f"original:     {escape(str(side.get('original_path') or '-'))}")
     reason = side.get("reason") or ("(no sidecar)" if f.sidecar is None else "-")
     print(f"reason:       {escape(str(reason))}")
@@ -347,20 +348,22 @@ def _show(args: argparse.Namespace) -> int:
             [
                 d.destination,
                 d.state.name.lower(),
-                ops.status_hex(d.last_status),
+                common.status_hex(d.last_status),
                 d.attempts,
-                ops.local_time(d.done_at, now),
-                ops.short(d.last_error, 70),
+                common.local_time(d.done_at, now),
+                common.short(d.last_error, 70),
             ]
             for d in rows
         ]
-        print(_indent(ops.table(["NAME", "STATE", "STATUS", "ATTEMPTS", "DONE", "DETAIL"], table)))
+        print(
+            _indent(common.table(["NAME", "STATE", "STATUS", "ATTEMPTS", "DONE", "DETAIL"], table))
+        )
     else:
         print("destinations: none (never queued)")
     print("DICOM header:" + (f" {problem}" if problem else ""))
     shown = [[k, v] for k, v in header.items() if v is not None]
     if shown:
-        print(_indent(ops.table(["ELEMENT", "VALUE"], shown)))
+        print(_indent(common.table(["ELEMENT", "VALUE"], shown)))
     return 0
 
 
@@ -513,12 +516,12 @@ def _selected(
 
 
 def _requeue(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     if not settings.watch.paths:
-        raise ops.CommandError("watch.paths is empty: there is no inbox to requeue into")
+        raise common.CommandError("watch.paths is empty: there is no inbox to requeue into")
     done: list[Requeued] = []
     failed = 0
-    with ops.open_outbox(settings, write=True) as outbox:
+    with common.open_outbox(settings, write=True) as outbox:
         for f, want in list(_selected(args, settings, outbox)):
             try:
                 done.append(requeue_file(settings, outbox, f, want))
@@ -538,7 +541,7 @@ def _requeue(args: argparse.Namespace) -> int:
                 if not Path(d.path).is_relative_to(qdir)
             ]
             done += _requeue_in_inbox(outbox, waiting)
-        nudged = bool(done) and ops.nudge_daemon(outbox, settings)
+        nudged = bool(done) and common.nudge_daemon(outbox, settings)
     for r in done:
         dests = ", ".join(r.destinations) if r.destinations else "a fresh look by the daemon"
         if r.target is None:
@@ -555,7 +558,7 @@ def _requeue(args: argparse.Namespace) -> int:
         + (f", {failed} failed" if failed else "")
         + ("; the daemon was told" if nudged else "; the daemon sends them within about 30 s")
     )
-    return ops.EXIT_FAILED if failed else 0
+    return common.EXIT_FAILED if failed else 0
 
 
 # -- purge --------------------------------------------------------------------------------
@@ -571,8 +574,8 @@ def _confirm(question: str) -> bool:
 
 def _purge(args: argparse.Namespace) -> int:
     if args.older_than < 0:
-        raise ops.CommandError("--older-than must be 0 or more days", 2)
-    settings = ops.load(args)
+        raise common.CommandError("--older-than must be 0 or more days", 2)
+    settings = common.load(args)
     now = time.time()
     cutoff = now - args.older_than * 86400.0
     victims = [f for f in files(settings) if (f.quarantined_at or now) <= cutoff]
@@ -586,12 +589,12 @@ def _purge(args: argparse.Namespace) -> int:
     )
     if not args.yes:
         if not sys.stdin.isatty():
-            raise ops.CommandError(f"would delete {what}; not a terminal: pass --yes to confirm")
+            raise common.CommandError(f"would delete {what}; not a terminal: pass --yes to confirm")
         if not _confirm(f"Delete {what}?"):
             print("nothing deleted")
-            return ops.EXIT_FAILED
+            return common.EXIT_FAILED
     deleted = 0
-    with ops.open_outbox(settings, write=True) as outbox:
+    with common.open_outbox(settings, write=True) as outbox:
         for f in victims:
             rows = outbox.list(path=str(f.path), states=[State.QUARANTINED], limit=_ALL_ROWS)
             try:
@@ -606,7 +609,7 @@ def _purge(args: argparse.Namespace) -> int:
             outbox.discard([d.id for d in rows], "purged from quarantine by an operator", now)
             deleted += 1
     print(f"deleted {deleted} of {len(victims)} quarantined file(s) with their sidecars")
-    return 0 if deleted == len(victims) else ops.EXIT_FAILED
+    return 0 if deleted == len(victims) else common.EXIT_FAILED
 
 
 # -- command ------------------------------------------------------------------------------
@@ -625,17 +628,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "(not DICOM, a DICOMDIR). Paths are relative to quarantine.dir."
         ),
     )
-    ops.add_config(ls)
-    ops.add_json(ls)
+    common.add_config(ls)
+    common.add_json(ls)
 
     show = sub.add_parser(
         "show",
         help="one quarantined file: its sidecar, destinations and DICOM header",
         description="Show a quarantined file's sidecar, its deliveries and a DICOM header summary.",
     )
-    ops.add_config(show)
+    common.add_config(show)
     show.add_argument("path", metavar="PATH", help="absolute, or relative to quarantine.dir")
-    ops.add_json(show)
+    common.add_json(show)
 
     rq = sub.add_parser(
         "requeue",
@@ -647,7 +650,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "configuration, or the file)."
         ),
     )
-    ops.add_config(rq)
+    common.add_config(rq)
     which = rq.add_mutually_exclusive_group(required=True)
     which.add_argument("paths", metavar="PATH", nargs="*", default=[], help="files to requeue")
     which.add_argument("--destination", metavar="D", help="everything destination D refused")
@@ -662,7 +665,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "their deliveries are closed as gone. Asks first unless --yes."
         ),
     )
-    ops.add_config(purge)
+    common.add_config(purge)
     purge.add_argument(
         "--older-than", metavar="DAYS", type=float, required=True, help="age in days"
     )
@@ -677,6 +680,6 @@ _ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-@ops.command("forwarder quarantine")
+@common.command("forwarder quarantine")
 def run(args: argparse.Namespace) -> int:
     return _ACTIONS[args.action](args)

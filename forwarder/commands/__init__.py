@@ -1,0 +1,1 @@
+"""The operator commands of ``forwarder``: one module per command, sharing `common`."""
