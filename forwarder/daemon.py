@@ -26,6 +26,7 @@ from forwarder.config import (
     Destination,
     Settings,
     add_config_argument,
+    check_layout,
     check_tls,
     load_settings,
 )
@@ -88,31 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["critical", "error", "warning", "info", "debug"],
         help="override log.level",
     )
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
-def check_layout(settings: Settings) -> list[str]:
-    """Config errors no schema can see: folders that would feed the daemon its own output."""
-    errors = []
-    for root in settings.watch.paths:
-        if _overlaps(root, settings.quarantine.dir):
-            errors.append(
-                f"quarantine.dir: {settings.quarantine.dir} overlaps the watched folder {root}"
-            )
-        if settings.disposition.on_success == "move" and _overlaps(
-            root, settings.disposition.archive_dir
-        ):
-            errors.append(
-                f"disposition.archive_dir: {settings.disposition.archive_dir} overlaps the "
-                f"watched folder {root}"
-            )
-    if not settings.watch.paths:
-        errors.append("watch.paths: at least one folder to watch is required")
-    return errors
 
 
 def load(path: Path | None) -> Settings:

@@ -1,4 +1,4 @@
-"""Config errors and the --config option: what every command needs before pydantic loads."""
+"""Exit statuses, config errors and --config: what every command needs before pydantic loads."""
 
 from __future__ import annotations
 
@@ -8,10 +8,25 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["EX_CONFIG", "ConfigError", "add_config_argument"]
+__all__ = [
+    "EX_CANTCREAT",
+    "EX_CONFIG",
+    "EX_SOFTWARE",
+    "EX_TEMPFAIL",
+    "ConfigError",
+    "add_config_argument",
+]
 
+# Exit statuses from sysexits.h, so that a supervisor (systemd's RestartPreventExitStatus=,
+# a container runtime) tells a bad config from a crash from a busy lock.
+EX_SOFTWARE = 70
+"""A pipeline stage died: exit so that the supervisor restarts the daemon."""
+EX_CANTCREAT = 73
+"""A directory or the outbox cannot be created, or the outbox is damaged."""
+EX_TEMPFAIL = 75
+"""Another daemon holds the outbox or the inbox: try again later."""
 EX_CONFIG = 78
-"""Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
+"""The configuration is unusable."""
 
 
 class ConfigError(Exception):

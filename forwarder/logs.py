@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ __all__ = [
     "TextFormatter",
     "escape",
     "fields",
+    "iso",
     "journal_fields",
     "journal_stream_matches",
     "one_line",
@@ -64,6 +66,16 @@ def _escape_char(c: str) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}"
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix time as ISO 8601 UTC to the second (``2026-11-25T21:41:16Z``); None stays None.
+
+    The one spelling of a time in sidecars, ``--json`` output and log lines.
+    """
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def one_line(exc: BaseException) -> str:

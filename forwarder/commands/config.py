@@ -11,14 +11,15 @@ from typing import Any
 
 from forwarder.commands import common
 from forwarder.config import (
-    EX_CONFIG,
     NO_CONFIG,
-    ConfigError,
     Settings,
+    check_layout,
     check_tls,
+    flatten,
     load_raw,
     load_settings,
 )
+from forwarder.errors import EX_CONFIG, ConfigError
 
 __all__ = ["MASK", "add_arguments", "check", "effective", "masked", "run"]
 
@@ -32,7 +33,6 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
     The schema, the folder layout (a quarantine or archive inside the inbox), the metrics
     address, and the TLS files of every destination (loaded as the sender would).
     """
-    from forwarder.daemon import check_layout
     from forwarder.metrics import parse_listen
 
     try:
@@ -56,17 +56,6 @@ def masked(key: str, value: Any) -> Any:
     return value
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else key, out)
-    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        for idx, item in enumerate(value):
-            _flatten(item, f"{prefix}.{idx}", out)
-    else:
-        out[prefix] = value
-
-
 def _origin(key: str, origin: dict[str, str]) -> tuple[str, str | None]:
     """(default | file | environment, the file or variable) of a dotted setting."""
     parts = key.split(".")
@@ -88,8 +77,7 @@ def effective(path: Path | None) -> dict[str, dict[str, Any]]:
     """
     settings = load_settings(path)
     _, origin = load_raw(path)
-    flat: dict[str, Any] = {}
-    _flatten(settings.model_dump(mode="json"), "", flat)
+    flat = flatten(settings.model_dump(mode="json"))
     result = {}
     for key in sorted(flat, key=_sort_key):
         source, detail = _origin(key, origin)

@@ -11,12 +11,11 @@ from typing import Any
 from forwarder.association import AssociationFailed, Peer, open_association
 from forwarder.commands import common
 from forwarder.config import Destination
+from forwarder.dicomfile import IMPLICIT_LE
+from forwarder.status import status_hex
 from forwarder.wire import C_ECHO_RSP, VERIFICATION, WireError, encode_echo_command
 
-__all__ = ["EXIT_FAILED", "EchoResult", "add_arguments", "echo", "run"]
-
-EXIT_FAILED = 1
-_IMPLICIT_LE = "1.2.840.10008.1.2"
+__all__ = ["EchoResult", "add_arguments", "echo", "run"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def echo(dest: Destination) -> EchoResult:
         return _failed(result, f"cannot load the TLS files: {exc}")
     start = time.perf_counter()
     try:
-        assoc = open_association(peer, [(VERIFICATION, [_IMPLICIT_LE])])
+        assoc = open_association(peer, [(VERIFICATION, [IMPLICIT_LE])])
     except AssociationFailed as exc:
         return _failed(result, exc.classification.meaning)
     associated = time.perf_counter()
@@ -69,7 +68,7 @@ def echo(dest: Destination) -> EchoResult:
         return _failed(result, f"no C-ECHO response: {exc}")
     assoc.release()
     if code != 0:
-        return _failed(result, f"C-ECHO answered 0x{code:04X}")
+        return _failed(result, f"C-ECHO answered {status_hex(code)}")
     return EchoResult(
         dest.name,
         address,
@@ -124,4 +123,4 @@ def run(args: argparse.Namespace) -> int:
         ]
         headers = ["DESTINATION", "ADDRESS", "RESULT", "ASSOCIATE", "ECHO", "ERROR"]
         print(common.table(headers, rows, right=(3, 4)))
-    return 0 if all(r.ok for r in results) else EXIT_FAILED
+    return 0 if all(r.ok for r in results) else common.EXIT_FAILED

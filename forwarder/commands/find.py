@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 from forwarder.commands import common
+from forwarder.logs import iso
 from forwarder.outbox import Delivery, DestinationInfo, State
+from forwarder.status import status_hex
 
 __all__ = ["EXIT_NOT_FOUND", "add_arguments", "run"]
 
@@ -53,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                     {
                         **common.delivery_json(d, now),
                         "file": files[d.path],
-                        "paused_until": common.iso(p.paused_until) if (p := pause_of(d)) else None,
+                        "paused_until": iso(p.paused_until) if (p := pause_of(d)) else None,
                         "pause_reason": p.pause_reason if p else None,
                     }
                     for d in rows
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 state,
                 when,
                 d.attempts,
-                common.status_hex(d.last_status),
+                status_hex(d.last_status),
                 common.short(detail, 50),
                 f"{file}: {d.path}" if file not in ("missing", "deleted after delivery") else file,
             ]

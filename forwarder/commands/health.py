@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from forwarder.config import EX_CONFIG, ConfigError, add_config_argument, load_settings
+from forwarder.config import load_settings
+from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
 from forwarder.health import check
 
 __all__ = ["EXIT_HEALTHY", "EXIT_UNHEALTHY", "add_arguments", "run"]

@@ -42,8 +42,10 @@ from typing import Any
 from forwarder import filing
 from forwarder.commands import common
 from forwarder.config import Settings
-from forwarder.logs import escape
+from forwarder.logs import escape, iso
 from forwarder.outbox import Delivery, Outbox, PathConflictError, State
+from forwarder.policy import IDLE_SECONDS
+from forwarder.status import status_hex
 
 __all__ = ["Entry", "QuarantinedFile", "add_arguments", "entries", "files", "run"]
 
@@ -103,9 +105,9 @@ class Entry:
             "sop_instance_uid": self.sop_instance_uid,
             "study_uid": self.study_uid,
             "destination": self.destination,
-            "status": common.status_hex(self.status),
+            "status": status_hex(self.status),
             "reason": self.reason,
-            "quarantined_at": common.iso(self.when),
+            "quarantined_at": iso(self.when),
             "in_quarantine": self.in_quarantine,
             "delivery_id": self.delivery_id,
         }
@@ -240,7 +242,7 @@ def _list(args: argparse.Namespace) -> int:
             _shown(e.path, settings),
             e.sop_instance_uid,
             e.destination,
-            common.status_hex(e.status),
+            status_hex(e.status),
             common.local_time(e.when, now),
             common.short(e.reason, 70),
         ]
@@ -327,7 +329,7 @@ def _show(args: argparse.Namespace) -> int:
                 "path": str(path),
                 "size": path.stat().st_size,
                 "sidecar": f.sidecar,
-                "quarantined_at": common.iso(f.quarantined_at),
+                "quarantined_at": iso(f.quarantined_at),
                 "deliveries": [common.delivery_json(d, now) for d in rows],
                 "dicom": header,
                 "dicom_error": problem,
@@ -348,7 +350,7 @@ def _show(args: argparse.Namespace) -> int:
             [
                 d.destination,
                 d.state.name.lower(),
-                common.status_hex(d.last_status),
+                status_hex(d.last_status),
                 d.attempts,
                 common.local_time(d.done_at, now),
                 common.short(d.last_error, 70),
@@ -556,7 +558,11 @@ def _requeue(args: argparse.Namespace) -> int:
         f"{len(done)} file(s) requeued, "
         f"{sum(len(r.destinations) for r in done)} deliveries queued again"
         + (f", {failed} failed" if failed else "")
-        + ("; the daemon was told" if nudged else "; the daemon sends them within about 30 s")
+        + (
+            "; the daemon was told"
+            if nudged
+            else f"; the daemon sends them within about {IDLE_SECONDS:g} s"
+        )
     )
     return common.EXIT_FAILED if failed else 0
 
@@ -577,7 +583,7 @@ def _purge(args: argparse.Namespace) -> int:
         raise common.CommandError("--older-than must be 0 or more days", 2)
     settings = common.load(args)
     now = time.time()
-    cutoff = now - args.older_than * 86400.0
+    cutoff = now - args.older_than * common.DAY
     victims = [f for f in files(settings) if (f.quarantined_at or now) <= cutoff]
     if not victims:
         print(f"nothing in {settings.quarantine.dir} is older than {args.older_than:g} days")

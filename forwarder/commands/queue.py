@@ -8,6 +8,8 @@ import time
 
 from forwarder.commands import common
 from forwarder.outbox import State
+from forwarder.policy import IDLE_SECONDS
+from forwarder.status import status_hex
 
 __all__ = ["BACKLOG", "add_arguments", "parse_states", "run"]
 
@@ -67,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=(
             "Make pending deliveries that wait for their next attempt (after a transient "
             "failure) due now. Attempts are not reset. The daemon's workers pick them up at "
-            "their next look at the outbox (within 30 s). A paused destination stays paused "
-            "until its pause ends."
+            f"their next look at the outbox (within {IDLE_SECONDS:g} s). A paused destination "
+            "stays paused until its pause ends."
         ),
     )
     common.add_config(retry)
@@ -114,7 +116,7 @@ def _list(args: argparse.Namespace) -> int:
                 d.state.name.lower(),
                 d.attempts,
                 when,
-                common.status_hex(d.last_status),
+                status_hex(d.last_status),
                 d.sop_instance_uid,
                 d.path,
                 common.short(d.last_error, 50),
@@ -155,7 +157,7 @@ def _retry(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{changed} deliveries made due now"
-        + ("" if nudged or not changed else "; the daemon picks them up within 30 s")
+        + ("" if nudged or not changed else f"; the daemon picks them up within {IDLE_SECONDS:g} s")
     )
     for name in sorted(paused):
         print(f"note: destination {name} is paused; its deliveries wait for the pause to end")

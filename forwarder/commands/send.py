@@ -25,7 +25,7 @@ from forwarder.errors import EX_CONFIG, ConfigError
 from forwarder.logs import EscapingFormatter
 from forwarder.pool import Outcome, send_all
 from forwarder.sender import AssociationFailed, Peer, StoreResult, client_tls_context
-from forwarder.status import Action
+from forwarder.status import Action, status_hex
 
 __all__ = ["add_arguments", "collect_files", "main", "run"]
 
@@ -235,7 +235,7 @@ def _log_result(result: StoreResult) -> None:
     info = result.info
     if cls.status is not None:
         LOGGER.info(f"Sending file: {info.path} ({result.sent_as})")
-        LOGGER.info(f"Received Store Response (Status: 0x{cls.status:04X} - {cls.meaning})")
+        LOGGER.info(f"Received Store Response (Status: {status_hex(cls.status)} - {cls.meaning})")
     if cls.action is Action.WARNING:
         LOGGER.warning(f"{info.path}: {cls.describe()}")
     elif not cls.delivered:
@@ -247,7 +247,7 @@ def _write_report(path: Path, rows: Sequence[_Row]) -> None:
         {
             "path": str(r.path),
             "sop_instance_uid": r.sop_instance_uid,
-            "status": "" if r.status is None else f"0x{r.status:04X}",
+            "status": status_hex(r.status) or "",
             "outcome": r.outcome,
             "reason": r.reason,
             "sent_as": r.sent_as,

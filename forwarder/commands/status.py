@@ -10,12 +10,11 @@ from typing import Any
 from forwarder import health
 from forwarder.commands import common
 from forwarder.config import Settings
+from forwarder.logs import iso
 from forwarder.outbox import Delivery, Heartbeat, Outbox, State
+from forwarder.status import status_hex
 
 __all__ = ["DaemonStatus", "DestinationStatus", "add_arguments", "collect", "run"]
-
-_HOUR = 3600.0
-_DAY = 86400.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,9 +51,9 @@ class DaemonStatus:
             "healthy": self.healthy,
             "health": self.health,
             "pid": beat.pid if beat else None,
-            "heartbeat_at": common.iso(beat.updated_at if beat else None),
+            "heartbeat_at": iso(beat.updated_at if beat else None),
             "heartbeat_age_seconds": round(now - beat.updated_at, 3) if beat else None,
-            "started_at": common.iso(beat.started_at if beat else None),
+            "started_at": iso(beat.started_at if beat else None),
             "version": beat.info.get("version") if beat else None,
             "stats": beat.info.get("stats") if beat else None,
         }
@@ -97,16 +96,16 @@ class DestinationStatus:
             "gone": self.counts[State.GONE],
             "sent_last_hour": self.sent_last_hour,
             "sent_last_day": self.sent_last_day,
-            "oldest_pending_at": common.iso(oldest),
+            "oldest_pending_at": iso(oldest),
             "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 3),
-            "last_success_at": common.iso(self.last_success_at),
+            "last_success_at": iso(self.last_success_at),
             "last_error": self.last_error,
-            "last_error_at": common.iso(self.last_error_at),
+            "last_error_at": iso(self.last_error_at),
             "last_refusal": None if refusal is None else _refusal_json(refusal),
             "consecutive_failures": self.consecutive_failures,
             "paused": self.paused_until is not None,
-            "paused_until": common.iso(self.paused_until),
-            "paused_since": common.iso(self.paused_at),
+            "paused_until": iso(self.paused_until),
+            "paused_since": iso(self.paused_at),
             "pause_reason": self.pause_reason,
         }
 
@@ -117,7 +116,7 @@ class DestinationStatus:
             found.append((self.last_error_at, self.last_error))
         d = self.last_refusal
         if d is not None and d.last_error:
-            status = common.status_hex(d.last_status)
+            status = status_hex(d.last_status)
             text = (
                 f"{status} {d.last_error}"
                 if status and status not in d.last_error
@@ -129,8 +128,8 @@ class DestinationStatus:
 
 def _refusal_json(d: Delivery) -> dict[str, Any]:
     return {
-        "at": common.iso(d.last_attempt_at),
-        "status": common.status_hex(d.last_status),
+        "at": iso(d.last_attempt_at),
+        "status": status_hex(d.last_status),
         "error": d.last_error,
         "state": d.state.name.lower(),
         "sop_instance_uid": d.sop_instance_uid,
@@ -156,8 +155,8 @@ def collect(
 ) -> tuple[DaemonStatus, list[DestinationStatus]]:
     """The daemon and every destination (configured first, then any left in the outbox)."""
     counts = outbox.counts()
-    last_hour = outbox.sent_since(now - _HOUR)
-    last_day = outbox.sent_since(now - _DAY)
+    last_hour = outbox.sent_since(now - common.HOUR)
+    last_day = outbox.sent_since(now - common.DAY)
     oldest = outbox.oldest_pending()
     infos = outbox.destination_info()
     refusals = outbox.last_failures()
@@ -251,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(
             {
-                "now": common.iso(now),
+                "now": iso(now),
                 "outbox": str(settings.outbox.path),
                 "daemon": daemon.to_json(now),
                 "destinations": [d.to_json(now) for d in dests],
