@@ -51,6 +51,7 @@ from forwarder.outbox import (
 )
 from forwarder.policy import Next, decide, pause_for
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
+from forwarder.sidecar import Sidecar
 from forwarder.status import Action, Classification
 from forwarder.watcher import ReadyFile, Watcher, WatchRootError
 
@@ -1222,35 +1223,7 @@ class Daemon:
             for r in self.outbox.list(path=key[0], limit=1000)
             if (r.size, r.mtime_ns) == (key[1], key[2])
         ]
-        sidecar: dict[str, object] = {
-            "reason": "; ".join(
-                f"{r.destination}: {r.last_error}" for r in rows if r.state is State.QUARANTINED
-            ),
-            "sop_instance_uid": rows[0].sop_instance_uid if rows else None,
-            "study_uid": rows[0].study_uid if rows else None,
-            "sop_class_uid": rows[0].sop_class_uid if rows else None,
-            "quarantined_at": _iso(time.time()),
-            # only the destinations that refused it: a reader (or a requeue) must not take
-            # the ones that have it for failures; those are listed under delivered_to
-            "destinations": {
-                r.destination: {
-                    "state": r.state.name.lower(),
-                    "status": None if r.last_status is None else f"0x{r.last_status:04X}",
-                    "meaning": r.last_error,
-                    "attempts": r.attempts,
-                    # which attempts were which: the peer refusing the instance, or passing
-                    # trouble (out of resources, no response) that says nothing about it
-                    "refusals": r.refusals,
-                    "transient_failures": r.transient_failures,
-                    "first_attempt": _iso(r.first_attempt_at),
-                    "last_attempt": _iso(r.last_attempt_at),
-                    "delivery_id": r.id,
-                }
-                for r in rows
-                if r.state is not State.SENT
-            },
-            "delivered_to": sorted(r.destination for r in rows if r.state is State.SENT),
-        }
+        sidecar = Sidecar.refused(rows, time.time())
         target = filing.quarantine(
             path, self.settings.watch.paths, self.settings.quarantine.dir, sidecar
         )
@@ -1263,11 +1236,7 @@ class Daemon:
 
     def quarantine_invalid(self, path: Path, reason: str) -> None:
         """A file that never became sendable DICOM: quarantine it with the reason."""
-        sidecar: dict[str, object] = {
-            "reason": reason,
-            "quarantined_at": _iso(time.time()),
-            "destinations": {},
-        }
+        sidecar = Sidecar.invalid(reason, time.time())
         try:
             target = filing.quarantine(
                 path, self.settings.watch.paths, self.settings.quarantine.dir, sidecar

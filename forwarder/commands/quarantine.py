@@ -1,185 +1,43 @@
 """``forwarder quarantine list|show|requeue|purge``: the operator's hands on quarantined files.
 
-A file lands in quarantine two ways. Once every destination is done with it and at least one
-refused it for good, the daemon moves it under ``quarantine.dir`` (at its path relative to the
-inbox) with a ``<file>.json`` sidecar, and points its outbox rows there: the rows of the
-destinations that refused it are ``QUARANTINED``. A file that never became sendable DICOM is
-quarantined with a sidecar only: the outbox never saw it.
-
-Requeue
--------
-``requeue`` puts a file back under the inbox at its original relative path (never over another
-file) and its ``QUARANTINED`` rows back to pending, so only the destinations that refused it
-get it again: the daemon's enqueuer finds the file's rows (same path, size and mtime) and does
-not queue it anew. The steps are ordered so the daemon never sees a half-done requeue:
-
-1. ``set_path``: every row of the file points at the inbox target (all rows are final, so no
-   worker claims one, and the file is not there yet, so the enqueuer cannot see it);
-2. the rows are requeued due a little later (`_lead`): a worker that claimed one before the
-   file is in place would find no file and drop the row as gone;
-3. the file is moved (a rename; a copy across file systems), then its sidecar removed;
-4. any row a worker did drop meanwhile (a copy slower than the lead) is requeued again.
-
-Once the file is in the inbox its rows are pending, so the enqueuer leaves it alone (it would
-dispose of a known file whose rows are all final).
+What is in quarantine, and how a file goes back to the inbox, is `forwarder.quarantine`; this
+module is the command line: arguments, printing and confirmation.
 """
 
 from __future__ import annotations
 
 import argparse
-import calendar
 import contextlib
-import json
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forwarder import filing
 from forwarder.commands import common
 from forwarder.config import Settings
 from forwarder.logs import escape, iso
 from forwarder.outbox import Delivery, Outbox, PathConflictError, State
 from forwarder.policy import IDLE_SECONDS
+from forwarder.quarantine import (
+    ALL_ROWS,
+    QuarantinedFile,
+    Requeued,
+    UnsafeTarget,
+    entries,
+    files,
+    requeue_file,
+    requeue_in_inbox,
+    within,
+)
 from forwarder.status import status_hex
 
-__all__ = ["Entry", "QuarantinedFile", "add_arguments", "entries", "files", "run"]
+__all__ = ["EXIT_NOTHING", "add_arguments", "dicom_summary", "run"]
 
-_ALL_ROWS = 1_000_000
-_REQUEUE_LEAD_SECONDS = 2.0
-_COPY_BYTES_PER_SECOND = 20e6  # a slow disk, for the lead of a copy across file systems
 EXIT_NOTHING = 1
-
-
-@dataclass(frozen=True)
-class QuarantinedFile:
-    """A file under ``quarantine.dir`` and its sidecar (None when it has none)."""
-
-    path: Path
-    sidecar: dict[str, Any] | None
-
-    @property
-    def sidecar_path(self) -> Path:
-        return Path(f"{self.path}{filing.SIDECAR_SUFFIX}")
-
-    @property
-    def quarantined_at(self) -> float | None:
-        """When it was quarantined: the sidecar's time, else the sidecar's or file's ctime."""
-        text = (self.sidecar or {}).get("quarantined_at")
-        if isinstance(text, str):
-            with contextlib.suppress(ValueError):
-                return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
-        for candidate in (self.sidecar_path, self.path):
-            with contextlib.suppress(OSError):
-                return candidate.stat().st_ctime
-        return None
-
-    @property
-    def reason(self) -> str | None:
-        value = (self.sidecar or {}).get("reason")
-        return str(value) if value else None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One line of ``quarantine list``: a refused (file, destination), or a file never queued."""
-
-    path: str
-    sop_instance_uid: str | None
-    study_uid: str | None
-    destination: str | None
-    status: int | None
-    reason: str | None
-    when: float | None
-    in_quarantine: bool
-    """False: the file is still in the inbox, waiting for the other destinations."""
-    delivery_id: int | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "sop_instance_uid": self.sop_instance_uid,
-            "study_uid": self.study_uid,
-            "destination": self.destination,
-            "status": status_hex(self.status),
-            "reason": self.reason,
-            "quarantined_at": iso(self.when),
-            "in_quarantine": self.in_quarantine,
-            "delivery_id": self.delivery_id,
-        }
-
-
-def _is_sidecar(path: Path) -> bool:
-    """A ``<file>.json`` beside its file, or an orphan one (its file is gone)."""
-    if not path.name.endswith(filing.SIDECAR_SUFFIX):
-        return False
-    if path.with_name(path.name[: -len(filing.SIDECAR_SUFFIX)]).is_file():
-        return True
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "quarantined_path" in data
-
-
-def files(settings: Settings) -> list[QuarantinedFile]:
-    """Every file under ``quarantine.dir`` (not sidecars, not hidden temporaries), by path."""
-    root = settings.quarantine.dir
-    found = []
-    for top, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            path = Path(top) / name
-            if name.startswith(".") or path.is_symlink() or not path.is_file():
-                continue  # a symlink is never a quarantined file: the daemon moves files
-            if _is_sidecar(path):
-                continue
-            found.append(QuarantinedFile(path, filing.read_sidecar(path)))
-    return found
-
-
-def entries(settings: Settings, outbox: Outbox) -> list[Entry]:
-    """The outbox's QUARANTINED rows, plus quarantined files that have none, oldest first."""
-    qdir = settings.quarantine.dir
-    rows = outbox.list(states=[State.QUARANTINED], limit=_ALL_ROWS)
-    result = [
-        Entry(
-            path=d.path,
-            sop_instance_uid=d.sop_instance_uid,
-            study_uid=d.study_uid,
-            destination=d.destination,
-            status=d.last_status,
-            reason=d.last_error,
-            when=d.done_at,
-            in_quarantine=Path(d.path).is_relative_to(qdir),
-            delivery_id=d.id,
-        )
-        for d in rows
-    ]
-    with_rows = {d.path for d in rows}
-    for f in files(settings):
-        if str(f.path) in with_rows:
-            continue
-        side = f.sidecar or {}
-        result.append(
-            Entry(
-                path=str(f.path),
-                sop_instance_uid=side.get("sop_instance_uid"),
-                study_uid=side.get("study_uid"),
-                destination=None,
-                status=None,
-                reason=f.reason or ("no sidecar" if f.sidecar is None else None),
-                when=f.quarantined_at,
-                in_quarantine=True,
-                delivery_id=None,
-            )
-        )
-    result.sort(key=lambda e: (e.when or 0.0, e.path, e.destination or ""))
-    return result
+"""``requeue`` found nothing to requeue."""
 
 
 def _shown(path: str, settings: Settings) -> str:
@@ -187,16 +45,6 @@ def _shown(path: str, settings: Settings) -> str:
     if p.is_relative_to(settings.quarantine.dir):
         return str(p.relative_to(settings.quarantine.dir))
     return f"(inbox) {path}"
-
-
-def _within(path: Path, root: Path) -> Path | None:
-    """`path` relative to `root` once both are resolved for real (symlinks and ``..``
-    followed, as the kernel would), or None when it lies outside."""
-    real = Path(os.path.realpath(path))
-    real_root = Path(os.path.realpath(root))
-    if real == real_root or not real.is_relative_to(real_root):
-        return None
-    return real.relative_to(real_root)
 
 
 def _resolve(text: str, settings: Settings) -> Path:
@@ -212,7 +60,7 @@ def _resolve(text: str, settings: Settings) -> Path:
     for c in candidates:
         if not c.is_file():
             continue
-        rel = _within(c, qdir)
+        rel = within(c, qdir)
         if rel is None:
             raise common.CommandError(
                 f"{text}: not under quarantine.dir {qdir} (resolves to {os.path.realpath(c)})"
@@ -319,16 +167,16 @@ def _show(args: argparse.Namespace) -> int:
     settings = common.load(args)
     now = time.time()
     path = _resolve(args.path, settings)
-    f = QuarantinedFile(path, filing.read_sidecar(path))
+    f = QuarantinedFile.at(path)
     with common.open_outbox(settings) as outbox:
-        rows = outbox.list(path=str(path), limit=_ALL_ROWS)
+        rows = outbox.list(path=str(path), limit=ALL_ROWS)
     header, problem = dicom_summary(path)
     if args.json:
         common.print_json(
             {
                 "path": str(path),
                 "size": path.stat().st_size,
-                "sidecar": f.sidecar,
+                "sidecar": None if f.sidecar is None else f.sidecar.to_json(),
                 "quarantined_at": iso(f.quarantined_at),
                 "deliveries": [common.delivery_json(d, now) for d in rows],
                 "dicom": header,
@@ -336,12 +184,12 @@ def _show(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    side = f.sidecar or {}
+    side = f.sidecar
     print(f"file:         {escape(str(path))} ({path.stat().st_size} bytes)")
     when = f.quarantined_at
     print(f"quarantined:  {common.local_time(when, now)} ({common.ago(when, now)})")
-    print(f"original:     {escape(str(side.get('original_path') or '-'))}")
-    reason = side.get("reason") or ("(no sidecar)" if f.sidecar is None else "-")
+    print(f"original:     {escape((side.original_path if side else None) or '-')}")
+    reason = f.reason or ("(no sidecar)" if side is None else "-")
     print(f"reason:       {escape(str(reason))}")
     print(f"sidecar:      {escape(str(f.sidecar_path)) if f.sidecar is not None else '-'}")
     if rows:
@@ -376,125 +224,6 @@ def _indent(text: str) -> str:
 # -- requeue ------------------------------------------------------------------------------
 
 
-class UnsafeTarget(ValueError):
-    """The place a quarantined file would go back to is not under the inbox."""
-
-
-def _target(f: QuarantinedFile, settings: Settings) -> Path:
-    """Where the file goes back: its original path under the watched folder it came from.
-
-    The sidecar's ``original_path`` is only a hint (anyone who can write the quarantine can
-    edit it). An absolute path under a watched folder, without ``..``, is used; one under no
-    watched folder (the inbox moved since) or no sidecar at all: the file's path relative to
-    ``quarantine.dir`` (the quarantine keeps the inbox's relative paths) under the first
-    watched folder. Either way the target must resolve inside its watched folder (no
-    symlinked folder leading out).
-
-    Raises
-    ------
-    UnsafeTarget
-        ``original_path`` has ``..`` or is not absolute, or the target resolves outside the
-        watched folder; nothing is moved.
-    """
-    roots = sorted(settings.watch.paths, key=lambda r: len(r.parts), reverse=True)
-    original = (f.sidecar or {}).get("original_path")
-    given = Path(str(original)) if original is not None else None
-    if given is not None and (
-        not isinstance(original, str) or not given.is_absolute() or ".." in given.parts
-    ):
-        raise UnsafeTarget(
-            f"its sidecar's original_path {str(original)!r} is not a plain path under "
-            "watch.paths; fix or remove the sidecar"
-        )
-    root = next((r for r in roots if given is not None and given.is_relative_to(r)), None)
-    if given is not None and root is not None and given != root:
-        target = filing.unique_target(root, given.relative_to(root))
-    else:
-        root = settings.watch.paths[0]
-        target = filing.unique_target(root, f.path.relative_to(settings.quarantine.dir))
-    if _within(target, root) is None:
-        raise UnsafeTarget(
-            f"{target} resolves to {os.path.realpath(target)}, outside the watched folder {root}"
-        )
-    return target
-
-
-def _lead(f: QuarantinedFile, target: Path) -> float:
-    """Seconds the requeued rows wait for the file: a rename is instant, a copy is not."""
-    with contextlib.suppress(OSError):
-        st = f.path.stat()
-        parent = next(p for p in [target.parent, *target.parents] if p.exists())
-        if parent.stat().st_dev != st.st_dev:
-            return _REQUEUE_LEAD_SECONDS + st.st_size / _COPY_BYTES_PER_SECOND
-    return _REQUEUE_LEAD_SECONDS
-
-
-@dataclass(frozen=True)
-class Requeued:
-    """What one requeue did."""
-
-    source: str
-    target: str | None
-    """None when the file stayed where it was (still in the inbox)."""
-    destinations: tuple[str, ...]
-    """The destinations it is queued for again (none: the enqueuer examines it afresh)."""
-
-
-def requeue_file(
-    settings: Settings, outbox: Outbox, f: QuarantinedFile, want: Callable[[Delivery], bool]
-) -> Requeued:
-    """Move a quarantined file back into the inbox; queue it again where `want` (see above).
-
-    Raises
-    ------
-    OSError
-        The file cannot be moved; its rows then point at it where it still is (the
-        requeued ones are sent from there).
-    PathConflictError
-        The outbox already has rows for this very file at the target path (nothing changed).
-    UnsafeTarget
-        The file would go back outside the inbox (see `_target`; nothing changed).
-    """
-    target = _target(f, settings)
-    rows = outbox.list(path=str(f.path), limit=_ALL_ROWS)
-    again = [d for d in rows if d.state in (State.QUARANTINED, State.GONE) and want(d)]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    outbox.set_path(str(f.path), str(target), now=now)
-    ids = [d.id for d in again]
-    outbox.requeue(ids, now + _lead(f, target))
-    try:
-        filing.move_durably(f.path, target)
-    except OSError:
-        outbox.set_path(str(target), str(f.path), now=time.time())
-        raise
-    with contextlib.suppress(FileNotFoundError):
-        f.sidecar_path.unlink()
-    dropped = [
-        d.id
-        for d in outbox.list(path=str(target), states=[State.GONE], limit=_ALL_ROWS)
-        if d.id in ids
-    ]
-    if dropped:
-        outbox.requeue(dropped, time.time())
-    return Requeued(str(f.path), str(target), tuple(sorted({d.destination for d in again})))
-
-
-def _requeue_in_inbox(outbox: Outbox, rows: list[Delivery]) -> list[Requeued]:
-    """QUARANTINED rows whose file is still in the inbox (other destinations pending)."""
-    done = []
-    by_path: dict[str, list[Delivery]] = {}
-    for d in rows:
-        by_path.setdefault(d.path, []).append(d)
-    for path, group in sorted(by_path.items()):
-        if not Path(path).is_file():
-            print(f"skipped {path}: the file is missing", file=sys.stderr)
-            continue
-        outbox.requeue([d.id for d in group], time.time())
-        done.append(Requeued(path, None, tuple(sorted(d.destination for d in group))))
-    return done
-
-
 def _selected(
     args: argparse.Namespace, settings: Settings, outbox: Outbox
 ) -> Iterator[tuple[QuarantinedFile, Callable[[Delivery], bool]]]:
@@ -502,7 +231,7 @@ def _selected(
     if args.paths:
         for text in args.paths:
             path = _resolve(text, settings)
-            yield QuarantinedFile(path, filing.read_sidecar(path)), lambda d: True
+            yield QuarantinedFile.at(path), lambda d: True
         return
 
     def want(d: Delivery) -> bool:
@@ -512,7 +241,7 @@ def _selected(
         if args.all:
             yield f, want
             continue
-        rows = outbox.list(path=str(f.path), states=[State.QUARANTINED], limit=_ALL_ROWS)
+        rows = outbox.list(path=str(f.path), states=[State.QUARANTINED], limit=ALL_ROWS)
         if any(want(d) for d in rows):
             yield f, want
 
@@ -538,11 +267,14 @@ def _requeue(args: argparse.Namespace) -> int:
                     destination=args.destination,
                     states=[State.QUARANTINED],
                     study_uid=args.study,
-                    limit=_ALL_ROWS,
+                    limit=ALL_ROWS,
                 )
                 if not Path(d.path).is_relative_to(qdir)
             ]
-            done += _requeue_in_inbox(outbox, waiting)
+            in_inbox, missing = requeue_in_inbox(outbox, waiting)
+            for path in missing:
+                print(f"skipped {path}: the file is missing", file=sys.stderr)
+            done += in_inbox
         nudged = bool(done) and common.nudge_daemon(outbox, settings)
     for r in done:
         dests = ", ".join(r.destinations) if r.destinations else "a fresh look by the daemon"
@@ -602,7 +334,7 @@ def _purge(args: argparse.Namespace) -> int:
     deleted = 0
     with common.open_outbox(settings, write=True) as outbox:
         for f in victims:
-            rows = outbox.list(path=str(f.path), states=[State.QUARANTINED], limit=_ALL_ROWS)
+            rows = outbox.list(path=str(f.path), states=[State.QUARANTINED], limit=ALL_ROWS)
             try:
                 f.path.unlink()
             except FileNotFoundError:
