@@ -100,8 +100,8 @@ def _copy_new(src: Path, dst: Path) -> None:
     """Copy the bytes and times of `src` to a new file `dst`, never following a symlink.
 
     The copy is created by us, so the process umask applies (on top of the source's own
-    mode): ``shutil.copy2`` copied the mode as it was, and a world-readable file in the
-    inbox stayed world-readable in quarantine whatever the daemon's umask.
+    mode); ``shutil.copy2`` would copy the mode as it is, and a world-readable file in the
+    inbox would stay world-readable in quarantine whatever the daemon's umask.
     """
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
