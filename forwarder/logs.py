@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 __all__ = [
+    "ISO_FORMAT",
     "JOURNAL_FIELDS",
     "EscapingFormatter",
     "JournalHandler",
@@ -32,6 +33,9 @@ FIELDS_ATTR = "fwd"
 """The ``extra=`` key that carries an event's structured fields (see `fields`)."""
 
 SYSLOG_IDENTIFIER = "forwarder"
+
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""`iso`'s format, for `time.strptime` to read a time back."""
 
 JOURNAL_FIELDS: Mapping[str, str] = {
     "path": "FORWARDER_PATH",
@@ -75,7 +79,7 @@ def iso(ts: float | None) -> str | None:
     """
     if ts is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return time.strftime(ISO_FORMAT, time.gmtime(ts))
 
 
 def one_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from forwarder import filing
-from forwarder.logs import iso
+from forwarder.logs import ISO_FORMAT, iso
 from forwarder.outbox import Delivery, State
 from forwarder.status import status_hex
 
@@ -31,7 +31,6 @@ __all__ = [
 
 SIDECAR_VERSION = 2
 """The sidecar format written; 1 (a dict without ``"version"``) is still read."""
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # as `forwarder.logs.iso` writes it
 
 
 class SidecarError(ValueError):
@@ -44,7 +43,7 @@ def _parse_time(value: object, key: str) -> float | None:
     if not isinstance(value, str):
         raise SidecarError(f"{key}: not a time: {value!r}")
     try:
-        return float(calendar.timegm(time.strptime(value, _TIME_FORMAT)))
+        return float(calendar.timegm(time.strptime(value, ISO_FORMAT)))
     except ValueError:
         raise SidecarError(f"{key}: not an ISO 8601 UTC time: {value!r}") from None
 
