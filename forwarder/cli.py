@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "forwarder.commands.send",
         "send files to a peer now, like storescu (no daemon, no outbox)",
     ),
-    "run": ("forwarder.daemon", "run the forwarding daemon"),
+    "run": ("forwarder.commands.run", "run the forwarding daemon"),
     "health": (
         "forwarder.commands.health",
         "exit 0 when the daemon behind the config is alive and healthy",

@@ -44,7 +44,7 @@ WINDOW_STORES = 8
 RTT_PER_ASSOCIATION = 0.005
 """A round trip of this many seconds is worth one association from the start: a peer 20 ms
 away starts at four instead of climbing there one measured level at a time (on a 300-image
-series the climb cost a third of the time), a LAN peer (well under 5 ms) starts at one. A
+series the climb costs a third of the time), a LAN peer (well under 5 ms) starts at one. A
 round trip is what parallel associations hide, whether the network or the peer spends it."""
 REPROBE_SECONDS = 600.0
 """How long a settled level holds before "auto" measures again (the peer or the path change)."""

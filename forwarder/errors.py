@@ -17,16 +17,14 @@ __all__ = [
     "add_config_argument",
 ]
 
-# Exit statuses from sysexits.h, so that a supervisor (systemd's RestartPreventExitStatus=,
-# a container runtime) tells a bad config from a crash from a busy lock.
-EX_SOFTWARE = 70
-"""A pipeline stage died: exit so that the supervisor restarts the daemon."""
-EX_CANTCREAT = 73
-"""A directory or the outbox cannot be created, or the outbox is damaged."""
-EX_TEMPFAIL = 75
-"""Another daemon holds the outbox or the inbox: try again later."""
 EX_CONFIG = 78
-"""The configuration is unusable."""
+"""Exit status for a bad configuration (sysexits.h EX_CONFIG)."""
+EX_CANTCREAT = 73
+"""sysexits.h: a directory or the outbox cannot be created, or is damaged."""
+EX_SOFTWARE = 70
+"""sysexits.h: a pipeline stage died; exiting lets the supervisor restart the daemon."""
+EX_TEMPFAIL = 75
+"""sysexits.h: another daemon holds the outbox or the inbox."""
 
 
 class ConfigError(Exception):

@@ -381,8 +381,8 @@ def _unreadable(exc: OSError) -> Classification:
 def _no_response(detail: str) -> Classification:
     """A store without a valid response (outcome unknown); `detail` says why.
 
-    The detail rides in the classification, so the caller's one line for the file names
-    the cause (it used to be a second, separate error line from the sender).
+    The detail rides in the classification, so the one line the caller logs for the file
+    names the cause: the sender logs no separate error line.
     """
     cls = classify_status(None)
     return Classification(cls.action, f"{cls.meaning}: {detail}")

@@ -6,6 +6,7 @@ import random
 
 import pytest
 from pydicom.uid import UID
+from sopclasses import MISPRINTS, SEED_STORAGE_CLASSES
 
 from forwarder.contexts import (
     MAX_CONTEXTS,
@@ -15,7 +16,6 @@ from forwarder.contexts import (
     split_by_contexts,
 )
 from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, EXPLICIT_LE, IMPLICIT_LE
-from forwarder.sopclasses import MISPRINTS, SEED_STORAGE_CLASSES
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

@@ -30,8 +30,9 @@ from test_daemon import (  # the daemon fixtures and helpers
 )
 
 from forwarder.config import Settings
-from forwarder.daemon import EX_SOFTWARE, Daemon
+from forwarder.daemon import Daemon
 from forwarder.dicomfile import inspect
+from forwarder.errors import EX_SOFTWARE
 from forwarder.outbox import FileRecord, Outbox, State
 
 __all__ = ["corpus", "fwd"]  # fixtures, imported for pytest

@@ -60,13 +60,13 @@ def _params(func: Any) -> list[str]:
     return list(inspect.signature(func).parameters)
 
 
-# forwarder/watcher.py subclasses watchdog's inotify emitter, watch group and move grouper.
+# forwarder/inotify.py subclasses watchdog's inotify emitter, watch group and move grouper.
 def test_watchdog_inotify_emitter_shape() -> None:
     from watchdog.observers import Observer
     from watchdog.observers.api import BaseObserver
     from watchdog.observers.inotify import InotifyEmitter
 
-    what = "watcher._Emitter overrides it"
+    what = "forwarder.inotify._Emitter overrides it"
     _has(InotifyEmitter, "get_event_mask_from_filter", what)
     queue = _has(InotifyEmitter, "build_and_queue_event", what)
     assert "full_events" in _params(queue), "InotifyEmitter.build_and_queue_event(full_events=)"
@@ -87,7 +87,7 @@ def test_watchdog_watch_group_and_move_grouper_shape() -> None:
         PathedInotifyEvent,
     )
 
-    what = "watcher._WatchGroup sets _move_event_grouper before its __post_init__"
+    what = "forwarder.inotify._WatchGroup sets _move_event_grouper before its __post_init__"
     _has(InotifyWatchGroup, "__post_init__", what)
     fields = InotifyWatchGroup.__dataclass_fields__
     assert "_move_event_grouper" in fields and not fields["_move_event_grouper"].init, what
@@ -102,20 +102,20 @@ def test_watchdog_watch_group_and_move_grouper_shape() -> None:
         "read_event",
         "discard_pending_events",
     ):
-        _has(InotifyMoveEventGrouper, method, "watcher._MoveGrouper overrides it")
+        _has(InotifyMoveEventGrouper, method, "forwarder.inotify._MoveGrouper overrides it")
     grouper = InotifyMoveEventGrouper()
-    queue = _has(grouper, "_queue", "watcher._MoveGrouper puts into it")
+    queue = _has(grouper, "_queue", "forwarder.inotify._MoveGrouper puts into it")
     assert "delay" in _params(queue.put), "the grouper's queue lost put(event, delay=)"
     assert "ev" in PathedInotifyEvent._fields, "PathedInotifyEvent.ev is gone"
 
 
 def test_watchdog_shutdown_message_still_filtered() -> None:
-    """watcher._ShutdownNoise drops one ERROR line by its text and logger name."""
+    """forwarder.inotify._ShutdownNoise drops one ERROR line by its text and logger name."""
     from watchdog.observers import inotify
 
     src = inspect.getsource(inotify)
     assert "called when the thread is inactive" in src or "thread is inactive" in src, (
-        "watchdog changed the shutdown-race message that watcher._ShutdownNoise filters"
+        "watchdog changed the shutdown-race message that forwarder.inotify._ShutdownNoise filters"
     )
     assert logging.getLogger(inotify.__name__).name == "watchdog.observers.inotify"
 

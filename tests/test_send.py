@@ -40,6 +40,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import sop_class as pynetdicom_sop_class
 from pynetdicom.service_class import StorageServiceClass
+from sopclasses import SEED_STORAGE_CLASSES
 
 from forwarder.commands.send import main
 from forwarder.dicomfile import (
@@ -51,7 +52,6 @@ from forwarder.dicomfile import (
     inspect,
 )
 from forwarder.sender import AssociationFailed, Peer, Sender
-from forwarder.sopclasses import SEED_STORAGE_CLASSES
 from forwarder.status import Action
 
 REPO = Path(__file__).resolve().parents[1]

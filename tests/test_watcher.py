@@ -18,7 +18,8 @@ import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
-from forwarder.watcher import THREAD_NAME, ReadyFile, Watcher, WatchRootError, _MoveGrouper
+from forwarder.inotify import _MoveGrouper
+from forwarder.watcher import THREAD_NAME, ReadyFile, Watcher, WatchRootError
 
 SETTLE = 0.2
 """Short settle time to keep the tests fast."""
@@ -355,7 +356,7 @@ def test_changed_file_is_reported_again(make_watcher: MakeWatcher, inbox: Path) 
 
 
 def test_deleted_file_is_dropped(make_watcher: MakeWatcher, inbox: Path) -> None:
-    # Deletions in place are not asked of the kernel (the daemon's own were a third of all
+    # Deletions in place are not asked of the kernel (the daemon's own are a third of all
     # events): a deleted file being tracked is dropped when the tracker next looks at it.
     watcher, got = make_watcher(unclosed_grace_seconds=1.0)
     path = inbox / "d.dcm"
@@ -462,6 +463,29 @@ def test_forget_lets_a_redropped_file_be_reported_again(
     archived.rename(path)
     assert wait_for(lambda: len(got.get("f.dcm")) == 2, 5)
     assert got.get("f.dcm")[0] == got.get("f.dcm")[1]
+
+
+def test_a_file_deleted_in_place_and_dropped_again_is_reported_again(
+    make_watcher: MakeWatcher, inbox: Path, tmp_path: Path
+) -> None:
+    # Deletions in place are not seen; the new name is. No forget: nobody told the watcher.
+    _, got = make_watcher()
+    path = write(inbox / "f.dcm")
+    assert wait_for(got.has("f.dcm"), 5)
+    st = path.stat()
+    spare = tmp_path / "spare.dcm"
+    spare.write_bytes(path.read_bytes())
+    os.utime(spare, ns=(st.st_atime_ns, st.st_mtime_ns))
+    path.unlink()
+    write(path, spare.read_bytes())  # copied back in place, times kept (cp -p)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    spare.rename(inbox / "g.dcm")  # and renamed into place over a reported name (rsync -t)
+    assert wait_for(got.has("g.dcm"), 5)
+    (inbox / "g.dcm").rename(path)
+    assert wait_for(lambda: len(got.get("f.dcm")) == 3, 5), got.get("f.dcm")
+    assert len({(r.size, r.mtime_ns) for r in got.get("f.dcm")}) == 1  # the same size and mtime
+    flush(inbox, got)
+    assert got.names()["f.dcm"] == 3
 
 
 def test_on_ready_errors_are_logged_and_the_tracker_lives_on(

@@ -1,1 +1,1 @@
-"""The operator commands of ``forwarder``: one module per command, sharing `common`."""
+"""The `forwarder` commands: one module per command, each with add_arguments and run."""

@@ -1,9 +1,10 @@
-"""The storage SOP classes of pynetdicom's storescu documentation (the project's seed list).
+"""157 storage SOP classes: a real-world proposal list for tests of the 128-context limit.
 
-`SEED_STORAGE_CLASSES` is the SOP Classes table of ``reference/storescu-app.txt``: 157
-classes in its order (``pydicom.uid.UID(uid).name`` names each), its two misprinted UIDs
-corrected. `MISPRINTS` maps each misprint to the UID the standard gives that class
-(PS3.4 B.5), so a list copied from that documentation can be corrected, not sent as is.
+`SEED_STORAGE_CLASSES` is the "Storage Service / SOP Classes" table of pynetdicom's
+``docs/apps/storescu.rst`` (its DICOM Conformance section, as in pynetdicom 3.0): 157 classes
+in its order, each named by pydicom's UID dictionary (``pydicom.uid.UID(uid).name``), with its
+two misprinted UIDs corrected. `MISPRINTS` maps each misprint to the UID that PS3.4 B.5 (and
+pydicom) gives that class, so a list copied from that table can be corrected, not sent as is.
 """
 
 from __future__ import annotations

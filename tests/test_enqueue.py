@@ -1,0 +1,129 @@
+"""The enqueue stage driven one `Enqueuer.loop(now)` at a time against a real outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import data_file, make_instance
+from pydicom import dcmread
+from stages import Calls, disposer
+
+from forwarder.enqueue import DICOMDIR, Enqueuer, Intake
+from forwarder.inodes import InodeIndex
+from forwarder.outbox import Mark, Outbox, State
+from forwarder.trouble import OutboxTrouble
+from forwarder.watcher import ReadyFile
+
+UID = "1.2.826.0.1.3680043.2.1125.7.1"
+GRACE = 10.0
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    with Outbox(tmp_path / "outbox.sqlite3") as box:
+        yield box
+
+
+def enqueuer(outbox: Outbox, tmp_path: Path, calls: Calls) -> Enqueuer:
+    intake = Intake(
+        destinations=("one", "two"),
+        follow_symlinks=False,
+        invalid_grace_seconds=GRACE,
+        keeps_delivered=False,
+    )
+    inodes = InodeIndex()
+    return Enqueuer(
+        outbox,
+        intake,
+        disposer(outbox, tmp_path, calls),
+        inodes,
+        OutboxTrouble(),
+        forget=calls.forget,
+        queued=calls.on_queued,
+        fatal=calls.on_fatal,
+        clock=lambda: 5.0,
+    )
+
+
+def ready(path: Path) -> ReadyFile:
+    st = path.stat()
+    return ReadyFile(path, st.st_size, st.st_mtime_ns, path.parent, st.st_dev, st.st_ino)
+
+
+def test_a_ready_file_becomes_one_row_per_destination(tmp_path: Path, outbox: Outbox) -> None:
+    path = tmp_path / "in" / "a.dcm"
+    make_instance(path, UID)
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls)
+    stage.offer(ready(path))
+    stage.loop(0.0)
+    rows = outbox.list(limit=10)
+    assert sorted(d.destination for d in rows) == ["one", "two"]
+    assert {(d.sop_instance_uid, d.state, d.path) for d in rows} == {
+        (UID, State.PENDING, str(path))
+    }
+    assert calls.queued == 1
+    stage.offer(ready(path))  # offered again (a rescan): known, not queued twice
+    stage.loop(1.0)
+    assert len(outbox.list(limit=10)) == 2 and calls.queued == 1
+
+
+def test_not_dicom_waits_out_the_grace_then_goes_to_quarantine(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    path = tmp_path / "in" / "a.dcm"
+    path.parent.mkdir()
+    path.write_bytes(b"\0" * 200)
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls)
+    stage.offer(ready(path))
+    stage.loop(100.0)
+    stage.loop(100.0 + GRACE - 1)
+    assert path.exists() and outbox.list(limit=10) == []
+    stage.loop(100.0 + GRACE)
+    assert not path.exists() and (tmp_path / "quarantine" / "a.dcm").exists()
+
+
+def test_a_file_that_becomes_dicom_within_the_grace_is_queued(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    path = tmp_path / "in" / "a.dcm"
+    path.parent.mkdir()
+    path.write_bytes(b"\0" * 200)
+    stage = enqueuer(outbox, tmp_path, Calls())
+    stage.offer(ready(path))
+    stage.loop(100.0)
+    make_instance(path, UID)
+    stage.loop(101.0)
+    assert [d.sop_instance_uid for d in outbox.list(limit=10)] == [UID, UID]
+
+
+def test_a_dicomdir_goes_to_quarantine(tmp_path: Path, outbox: Outbox) -> None:
+    path = tmp_path / "in" / "DICOMDIR"
+    path.parent.mkdir()
+    ds = dcmread(data_file("CT_small.dcm"))  # a DICOMDIR's SOP Class on a readable file
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DICOMDIR
+    ds.save_as(path, enforce_file_format=True)
+    stage = enqueuer(outbox, tmp_path, Calls())
+    stage.offer(ready(path))
+    stage.loop(0.0)
+    assert outbox.list(limit=10) == [] and (tmp_path / "quarantine" / "DICOMDIR").exists()
+
+
+def test_a_file_delivered_before_is_disposed_of_not_sent_again(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    path = tmp_path / "in" / "a.dcm"
+    make_instance(path, UID)
+    stage = enqueuer(outbox, tmp_path, Calls())
+    stage.offer(ready(path))
+    stage.loop(0.0)
+    for name in ("one", "two"):
+        (d,) = outbox.claim(name, 10, 6.0, 300)
+        outbox.mark_many([Mark(d.id, State.SENT, 0)], 7.0)
+    stage.offer(ready(path))  # as after a crash between the commit and the delete
+    stage.loop(1.0)
+    assert not path.exists()
+    assert {d.state for d in outbox.list(limit=10)} == {State.SENT}
