@@ -13,21 +13,27 @@ from typing import Any, NoReturn
 # `run(args) -> int`; modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "send": (
-        "forwarder.send_cli",
+        "forwarder.commands.send",
         "send files to a peer now, like storescu (no daemon, no outbox)",
     ),
     "run": ("forwarder.commands.run", "run the forwarding daemon"),
-    "health": ("forwarder.health", "exit 0 when the daemon behind the config is alive and healthy"),
-    "status": ("forwarder.ops_status", "the queue per destination; is the daemon alive"),
-    "queue": ("forwarder.ops_queue", "list deliveries in the outbox; make waiting ones due now"),
+    "health": (
+        "forwarder.commands.health",
+        "exit 0 when the daemon behind the config is alive and healthy",
+    ),
+    "status": ("forwarder.commands.status", "the queue per destination; is the daemon alive"),
+    "queue": (
+        "forwarder.commands.queue",
+        "list deliveries in the outbox; make waiting ones due now",
+    ),
     "quarantine": (
-        "forwarder.ops_quarantine",
+        "forwarder.commands.quarantine",
         "list, show, requeue or purge quarantined files",
     ),
-    "find": ("forwarder.ops_find", "where is this SOP Instance or Study UID"),
-    "outbox": ("forwarder.ops_outbox", "check the outbox file for damage"),
-    "echo": ("forwarder.ops_echo", "C-ECHO the destinations with their AE titles and TLS"),
-    "config": ("forwarder.ops_config", "validate the config, or show the effective settings"),
+    "find": ("forwarder.commands.find", "where is this SOP Instance or Study UID"),
+    "outbox": ("forwarder.commands.outbox", "check the outbox file for damage"),
+    "echo": ("forwarder.commands.echo", "C-ECHO the destinations with their AE titles and TLS"),
+    "config": ("forwarder.commands.config", "validate the config, or show the effective settings"),
 }
 
 

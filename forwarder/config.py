@@ -31,7 +31,9 @@ __all__ = [
     "Settings",
     "TLSSettings",
     "add_config_argument",
+    "check_layout",
     "check_tls",
+    "flatten",
     "load_raw",
     "load_settings",
     "parse_umask",
@@ -369,15 +371,22 @@ def has_env_settings(env: Mapping[str, str]) -> bool:
     return any(k.startswith(ENV_PREFIX) and k != "FORWARDER_CONFIG" for k in env)
 
 
-def _flatten(raw: Any, prefix: str, origin: dict[str, str], source: str) -> None:
-    if isinstance(raw, dict):
-        for key, value in raw.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else key, origin, source)
-    elif isinstance(raw, list) and raw and all(isinstance(v, dict) for v in raw):
-        for idx, value in enumerate(raw):
-            _flatten(value, f"{prefix}.{idx}", origin, source)
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as ``{"dotted.key": leaf}``; a list of tables is keyed by index.
+
+    ``{"destinations": [{"name": "pacs"}]}`` gives ``{"destinations.0.name": "pacs"}``. An
+    empty table has no leaf, so it gives nothing.
+    """
+    flat: dict[str, Any] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flat.update(flatten(item, f"{prefix}.{key}" if prefix else key))
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for idx, item in enumerate(value):
+            flat.update(flatten(item, f"{prefix}.{idx}"))
     else:
-        origin[prefix] = source
+        flat[prefix] = value
+    return flat
 
 
 def load_raw(
@@ -410,7 +419,7 @@ def load_raw(
             raise ConfigError(source, [f"config file {cfg} is unreadable: {exc.strerror}"]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(source, [f"config file {cfg} is not valid TOML: {exc}"]) from exc
-        _flatten(raw, "", origin, f"file ({cfg})")
+        origin.update(dict.fromkeys(flatten(raw), f"file ({cfg})"))
     errors = _apply_env(raw, env, origin)
     if errors:
         raise ConfigError(source, errors)
@@ -453,6 +462,31 @@ def load_settings(
     if require_destinations and not settings.destinations:
         raise ConfigError(source, ["destinations: at least one [[destinations]] entry is required"])
     return settings
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_layout(settings: Settings) -> list[str]:
+    """Config errors no schema can see: folders that would feed the daemon its own output."""
+    errors = []
+    for root in settings.watch.paths:
+        if _overlaps(root, settings.quarantine.dir):
+            errors.append(
+                f"quarantine.dir: {settings.quarantine.dir} overlaps the watched folder {root}"
+            )
+        if settings.disposition.on_success == "move" and _overlaps(
+            root, settings.disposition.archive_dir
+        ):
+            errors.append(
+                f"disposition.archive_dir: {settings.disposition.archive_dir} overlaps the "
+                f"watched folder {root}"
+            )
+    if not settings.watch.paths:
+        errors.append("watch.paths: at least one folder to watch is required")
+    return errors
 
 
 def check_tls(settings: Settings) -> list[str]:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from forwarder import __version__
 from forwarder.breaker import Breaker
-from forwarder.config import ConfigError, Destination, Settings, check_tls, load_settings
+from forwarder.config import (
+    ConfigError,
+    Destination,
+    Settings,
+    check_layout,
+    check_tls,
+    load_settings,
+)
 from forwarder.deliver import Crew, Rules, Worker, stop_workers
 from forwarder.dispose import Disposer, Layout
 from forwarder.enqueue import Enqueuer, Intake
@@ -26,7 +33,7 @@ from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.trouble import OutboxTrouble, damaged, iso
 from forwarder.watcher import Watcher
 
-__all__ = ["INBOX_LOCK", "Daemon", "check_layout", "load"]
+__all__ = ["INBOX_LOCK", "Daemon", "load"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
@@ -42,31 +49,6 @@ DEFAULT_STALL_SECONDS = 60.0
 """The timeouts assumed without any destination."""
 MIN_WAKE_SECONDS = 0.01
 """The main loop sleeps at least this long between steps."""
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
-def check_layout(settings: Settings) -> list[str]:
-    """Config errors no schema can see: folders that would feed the daemon its own output."""
-    errors = []
-    for root in settings.watch.paths:
-        if _overlaps(root, settings.quarantine.dir):
-            errors.append(
-                f"quarantine.dir: {settings.quarantine.dir} overlaps the watched folder {root}"
-            )
-        if settings.disposition.on_success == "move" and _overlaps(
-            root, settings.disposition.archive_dir
-        ):
-            errors.append(
-                f"disposition.archive_dir: {settings.disposition.archive_dir} overlaps the "
-                f"watched folder {root}"
-            )
-    if not settings.watch.paths:
-        errors.append("watch.paths: at least one folder to watch is required")
-    return errors
 
 
 def load(path: Path | None) -> Settings:

@@ -16,7 +16,7 @@ from forwarder.events import Events
 from forwarder.inodes import FileKey, InodeIndex
 from forwarder.logs import fields
 from forwarder.outbox import FINAL_STATES, Delivery, Outbox, State
-from forwarder.trouble import iso
+from forwarder.sidecar import Sidecar
 from forwarder.watcher import ReadyFile
 
 __all__ = ["Disposer", "Layout"]
@@ -149,35 +149,7 @@ class Disposer:
             for r in self.outbox.list(path=key[0], limit=MAX_ROWS_PER_FILE)
             if (r.size, r.mtime_ns) == (key[1], key[2])
         ]
-        sidecar: dict[str, object] = {
-            "reason": "; ".join(
-                f"{r.destination}: {r.last_error}" for r in rows if r.state is State.QUARANTINED
-            ),
-            "sop_instance_uid": rows[0].sop_instance_uid if rows else None,
-            "study_uid": rows[0].study_uid if rows else None,
-            "sop_class_uid": rows[0].sop_class_uid if rows else None,
-            "quarantined_at": iso(self.clock()),
-            # only the destinations that refused it: a reader (or a requeue) must not take
-            # the ones that have it for failures; those are listed under delivered_to
-            "destinations": {
-                r.destination: {
-                    "state": r.state.name.lower(),
-                    "status": None if r.last_status is None else f"0x{r.last_status:04X}",
-                    "meaning": r.last_error,
-                    "attempts": r.attempts,
-                    # which attempts were which: the peer refusing the instance, or passing
-                    # trouble (out of resources, no response) that says nothing about it
-                    "refusals": r.refusals,
-                    "transient_failures": r.transient_failures,
-                    "first_attempt": iso(r.first_attempt_at),
-                    "last_attempt": iso(r.last_attempt_at),
-                    "delivery_id": r.id,
-                }
-                for r in rows
-                if r.state is not State.SENT
-            },
-            "delivered_to": sorted(r.destination for r in rows if r.state is State.SENT),
-        }
+        sidecar = Sidecar.refused(rows, self.clock())
         target = filing.quarantine(path, self.layout.roots, self.layout.quarantine_dir, sidecar)
         self.outbox.set_path(str(path), str(target), now=self.clock())
         failed = [n for n, s in states.items() if s is State.QUARANTINED]
@@ -188,11 +160,7 @@ class Disposer:
 
     def quarantine_invalid(self, path: Path, reason: str) -> None:
         """A file that never became sendable DICOM: quarantine it with the reason."""
-        sidecar: dict[str, object] = {
-            "reason": reason,
-            "quarantined_at": iso(self.clock()),
-            "destinations": {},
-        }
+        sidecar = Sidecar.invalid(reason, self.clock())
         try:
             target = filing.quarantine(path, self.layout.roots, self.layout.quarantine_dir, sidecar)
         except FileNotFoundError:

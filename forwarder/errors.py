@@ -1,4 +1,4 @@
-"""Config errors and the --config option: what every command needs before pydantic loads."""
+"""Exit statuses, config errors and --config: what every command needs before pydantic loads."""
 
 from __future__ import annotations
 

@@ -9,7 +9,10 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # forwarder.sidecar builds on this module: no import cycle at run time
+    from forwarder.sidecar import Sidecar
 
 __all__ = [
     "SIDECAR_SUFFIX",
@@ -17,9 +20,9 @@ __all__ = [
     "delete",
     "move_durably",
     "quarantine",
-    "read_sidecar",
     "relative_path",
     "unique_target",
+    "write_json_durably",
 ]
 
 SIDECAR_SUFFIX = ".json"
@@ -97,8 +100,8 @@ def _copy_new(src: Path, dst: Path) -> None:
     """Copy the bytes and times of `src` to a new file `dst`, never following a symlink.
 
     The copy is created by us, so the process umask applies (on top of the source's own
-    mode): ``shutil.copy2`` copied the mode as it was, and a world-readable file in the
-    inbox stayed world-readable in quarantine whatever the daemon's umask.
+    mode); ``shutil.copy2`` would copy the mode as it is, and a world-readable file in the
+    inbox would stay world-readable in quarantine whatever the daemon's umask.
     """
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
     try:
@@ -116,11 +119,12 @@ def _copy_new(src: Path, dst: Path) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+def write_json_durably(path: Path, data: Mapping[str, Any]) -> None:
+    """Write `data` as JSON to `path` through a temporary file, fsync and rename."""
     tmp = path.with_name(f".{path.name}.forwarder-tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as fp:
-            json.dump(data, fp, indent=2, sort_keys=True, default=str)
+            json.dump(data, fp, indent=2, sort_keys=True)
             fp.write("\n")
             fp.flush()
             os.fsync(fp.fileno())
@@ -144,14 +148,12 @@ def delete(path: Path) -> None:
         path.unlink()
 
 
-def quarantine(
-    path: Path, roots: Sequence[Path], quarantine_dir: Path, sidecar: Mapping[str, Any]
-) -> Path:
+def quarantine(path: Path, roots: Sequence[Path], quarantine_dir: Path, sidecar: Sidecar) -> Path:
     """Move `path` into quarantine with a sidecar ``<file>.json`` saying why.
 
-    The sidecar is written first (beside the target name), then the file is moved; a
-    crash in between leaves the file in the inbox, where it is found again. Never
-    overwrites an earlier quarantined file.
+    The sidecar is written first (beside the target name, with the file's original and
+    quarantined paths), then the file is moved; a crash in between leaves the file in the
+    inbox, where it is found again. Never overwrites an earlier quarantined file.
 
     Returns
     -------
@@ -166,8 +168,7 @@ def quarantine(
     target = unique_target(quarantine_dir, relative_path(path, roots))
     target.parent.mkdir(parents=True, exist_ok=True)
     sidecar_path = Path(f"{target}{SIDECAR_SUFFIX}")
-    data = {**sidecar, "original_path": str(path), "quarantined_path": str(target)}
-    _write_json(sidecar_path, data)
+    sidecar.placed(path, target).write(sidecar_path)
     try:
         move_durably(path, target)
     except BaseException:
@@ -175,12 +176,3 @@ def quarantine(
             sidecar_path.unlink()
         raise
     return target
-
-
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    """The sidecar of a quarantined file, or None when there is none or it is unreadable."""
-    try:
-        data = json.loads(Path(f"{path}{SIDECAR_SUFFIX}").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -1,36 +1,15 @@
-"""``forwarder health``: is the daemon behind this config alive and healthy? (exit 0 or 1)."""
+"""The daemon's health as its outbox shows it: heartbeat, paused destinations, a full disk."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-from forwarder.config import (
-    EX_CONFIG,
-    ConfigError,
-    Settings,
-    add_config_argument,
-    load_settings,
-)
+from forwarder.config import Settings
 from forwarder.outbox import Outbox, OutboxError
 
-__all__ = ["MIN_FREE_BYTES", "add_arguments", "check", "disk_full", "run"]
-
-EXIT_HEALTHY = 0
-EXIT_UNHEALTHY = 1
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Exit 0 when the daemon behind the config is alive and healthy (fresh heartbeat in "
-        "the outbox, workers alive, no destination paused too long); otherwise exit 1 with a "
-        "one-line reason. For Docker's HEALTHCHECK and monitoring."
-    )
-    add_config_argument(parser)
-    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing when healthy")
+__all__ = ["MIN_FREE_BYTES", "check", "disk_full"]
 
 
 def check(settings: Settings, now: float | None = None) -> tuple[bool, str]:
@@ -88,18 +67,3 @@ def disk_full(path: Path) -> str | None:
         f"the disk holding the outbox {path} is full ({free // 1024} KiB free): "
         "the daemon takes no new files until space is freed"
     )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        exc.report("forwarder health")
-        return EX_CONFIG
-    healthy, line = check(settings)
-    if not healthy:
-        print(f"unhealthy: {line}", file=sys.stderr)
-        return EXIT_UNHEALTHY
-    if not args.quiet:
-        print(line)
-    return EXIT_HEALTHY

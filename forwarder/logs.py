@@ -6,12 +6,14 @@ import json
 import logging
 import os
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 __all__ = [
+    "ISO_FORMAT",
     "JOURNAL_FIELDS",
     "EscapingFormatter",
     "JournalHandler",
@@ -19,6 +21,7 @@ __all__ = [
     "TextFormatter",
     "escape",
     "fields",
+    "iso",
     "journal_fields",
     "journal_stream_matches",
     "one_line",
@@ -30,6 +33,9 @@ FIELDS_ATTR = "fwd"
 """The ``extra=`` key that carries an event's structured fields (see `fields`)."""
 
 SYSLOG_IDENTIFIER = "forwarder"
+
+ISO_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""`iso`'s format, for `time.strptime` to read a time back."""
 
 JOURNAL_FIELDS: Mapping[str, str] = {
     "path": "FORWARDER_PATH",
@@ -64,6 +70,16 @@ def _escape_char(c: str) -> str:
     if code < 0x100:
         return f"\\x{code:02x}"
     return f"\\u{code:04x}"
+
+
+def iso(ts: float | None) -> str | None:
+    """Unix time as ISO 8601 UTC to the second (``2026-11-25T21:41:16Z``); None stays None.
+
+    The one spelling of a time in sidecars, ``--json`` output and log lines.
+    """
+    if ts is None:
+        return None
+    return time.strftime(ISO_FORMAT, time.gmtime(ts))
 
 
 def one_line(exc: BaseException) -> str:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
-from forwarder.config import RetrySettings
 from forwarder.status import Action, Classification
 
-__all__ = ["REFUSALS", "Decision", "Next", "backoff", "decide", "pause_for"]
+__all__ = [
+    "IDLE_SECONDS",
+    "REFUSALS",
+    "Decision",
+    "Next",
+    "RetryLimits",
+    "backoff",
+    "decide",
+    "pause_for",
+]
 
 RETRY_FEW_LIMIT = 3  # refusals for "probably transient" statuses (0x0110, 0xCxxx)
 RETRY_FRESH_LIMIT = 2  # one retry on a fresh association (0x0210-0x0212)
@@ -17,6 +26,28 @@ REFUSALS = frozenset({Action.RETRY_FEW, Action.RETRY_FRESH, Action.UNREADABLE, A
 """Outcomes that say something about the instance itself (the peer refused it, or our file
 could not be read), as opposed to a passing condition (out of resources, no response)."""
 FRESH_RETRY_SECONDS = 1.0
+IDLE_SECONDS = 30.0
+"""The longest a worker waits before looking at the outbox again: a retry made due by hand
+(``forwarder queue retry``) is picked up within this, even when the daemon was not woken."""
+_HOUR = 3600.0
+_MAX_DOUBLINGS = 60  # 2.0 ** 1024 raises OverflowError; 2 ** 60 times any wait is forever
+
+
+class RetryLimits(Protocol):
+    """The retry settings `decide` reads (``[retry]``; `forwarder.config.RetrySettings`).
+
+    A protocol, so that deciding needs no pydantic: the policy is a pure function of these
+    four numbers.
+    """
+
+    @property
+    def initial_seconds(self) -> float: ...
+    @property
+    def max_seconds(self) -> float: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def max_age_seconds(self) -> float: ...
 
 
 class Next(enum.Enum):
@@ -43,9 +74,9 @@ def backoff(attempt: int, initial: float, maximum: float, rand: float) -> float:
     `rand` in [0, 1) spreads the wait over 50-100% of the exponential value, so that
     instances failing together do not come back together.
     """
-    # The exponent is capped: 2.0 ** 1024 raises OverflowError, and a destination down for
-    # days reaches that many failures in a row (it crashed the worker).
-    base = min(maximum, initial * 2.0 ** min(max(attempt - 1, 0), 60))
+    # The exponent is capped: a destination down for days reaches over 1024 failures in a
+    # row, and 2.0 ** 1024 raises OverflowError.
+    base = min(maximum, initial * 2.0 ** min(max(attempt - 1, 0), _MAX_DOUBLINGS))
     return base * (0.5 + rand / 2)
 
 
@@ -59,7 +90,7 @@ def decide(
     attempts_before: int,
     first_attempt_at: float | None,
     now: float,
-    retry: RetrySettings,
+    retry: RetryLimits,
     rand: float,
     refusals_before: int = 0,
 ) -> Decision:
@@ -103,7 +134,7 @@ def decide(
             Next.QUARANTINE, f"gave up after {tally}: {cls.describe()}", refusal=refusal
         )
     if now - started >= retry.max_age_seconds:
-        hours = (now - started) / 3600
+        hours = (now - started) / _HOUR
         return Decision(
             Next.QUARANTINE,
             f"gave up after {hours:.1f} h ({attempts} attempts): {cls.describe()}",

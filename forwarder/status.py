@@ -5,7 +5,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["Action", "Classification", "classify_association", "classify_status"]
+__all__ = [
+    "Action",
+    "Classification",
+    "classify_association",
+    "classify_status",
+    "status_hex",
+]
+
+
+def status_hex(status: int | None) -> str | None:
+    """A DIMSE status as DICOM writes it, ``0xA900``; None when there was no response."""
+    return None if status is None else f"0x{status:04X}"
 
 
 class Action(enum.Enum):
@@ -38,7 +49,7 @@ class Classification:
         """A short text such as ``0xA700 out of resources``."""
         if self.status is None:
             return self.meaning
-        return f"0x{self.status:04X} {self.meaning}"
+        return f"{status_hex(self.status)} {self.meaning}"
 
 
 # Exact codes first (PS3.4 B.2.3, PS3.7 C), then ranges.

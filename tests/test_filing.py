@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,6 +10,10 @@ from pathlib import Path
 import pytest
 
 from forwarder import filing
+from forwarder.sidecar import Sidecar
+
+NOW = 1_795_000_000.0  # a whole second: a sidecar keeps times to the second
+INVALID = Sidecar.invalid("not DICOM", NOW)
 
 
 def write(path: Path, data: bytes = b"data") -> Path:
@@ -154,21 +157,17 @@ def test_delete_tolerates_a_missing_file(tmp_path: Path) -> None:
 def test_quarantine_writes_a_sidecar_and_never_overwrites(tmp_path: Path) -> None:
     inbox, qdir = tmp_path / "in", tmp_path / "q"
     src = write(inbox / "sub/a.dcm", b"bad")
-    target = filing.quarantine(src, [inbox], qdir, {"reason": "rejected", "n": 1})
+    target = filing.quarantine(src, [inbox], qdir, Sidecar.invalid("rejected", NOW))
     assert target == qdir / "sub/a.dcm"
     assert not src.exists()
-    side = filing.read_sidecar(target)
-    assert side == {
-        "reason": "rejected",
-        "n": 1,
-        "original_path": str(src),
-        "quarantined_path": str(target),
-    }
+    side = Sidecar.read(Path(f"{target}.json"))
+    assert side == Sidecar.invalid("rejected", NOW).placed(src, target)
+    assert side.original_path == str(src) and side.quarantined_path == str(target)
     again = write(inbox / "sub/a.dcm", b"bad again")
-    target2 = filing.quarantine(again, [inbox], qdir, {"reason": "twice"})
+    target2 = filing.quarantine(again, [inbox], qdir, Sidecar.invalid("twice", NOW))
     assert target2 == qdir / "sub/a.1.dcm"
     assert target.read_bytes() == b"bad"
-    assert (filing.read_sidecar(target2) or {})["reason"] == "twice"
+    assert Sidecar.read(Path(f"{target2}.json")).reason == "twice"
     leftovers = [p.name for p in (qdir / "sub").iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
@@ -176,7 +175,7 @@ def test_quarantine_writes_a_sidecar_and_never_overwrites(tmp_path: Path) -> Non
 def test_quarantine_of_a_vanished_file_leaves_no_sidecar(tmp_path: Path) -> None:
     qdir = tmp_path / "q"
     with pytest.raises(FileNotFoundError):
-        filing.quarantine(tmp_path / "in/gone.dcm", [tmp_path / "in"], qdir, {"reason": "x"})
+        filing.quarantine(tmp_path / "in/gone.dcm", [tmp_path / "in"], qdir, INVALID)
     assert not any(p.is_file() for p in qdir.rglob("*"))
 
 
@@ -186,23 +185,16 @@ def test_unwritable_quarantine_raises_and_keeps_the_file(tmp_path: Path) -> None
     qdir.write_text("a file where the folder should be")
     src = write(inbox / "sub/a.dcm", b"keep me")
     with pytest.raises(OSError):
-        filing.quarantine(src, [inbox], qdir, {"reason": "x"})
+        filing.quarantine(src, [inbox], qdir, INVALID)
     assert src.read_bytes() == b"keep me"
     top = write(inbox / "b.dcm", b"me too")
     with pytest.raises(OSError):
-        filing.quarantine(top, [inbox], qdir, {"reason": "x"})
+        filing.quarantine(top, [inbox], qdir, INVALID)
     assert top.exists()
 
 
-def test_sidecar_values_json_cannot_hold_are_written_as_text(tmp_path: Path) -> None:
-    src = write(tmp_path / "in/a.dcm")
-    target = filing.quarantine(src, [tmp_path / "in"], tmp_path / "q", {"where": Path("/x")})
-    assert json.loads(Path(f"{target}.json").read_text())["where"] == "/x"
-
-
-@pytest.mark.parametrize("content", [None, "not json", "[1, 2]"])
-def test_read_sidecar_returns_none_for_missing_or_bad(tmp_path: Path, content: str | None) -> None:
-    path = write(tmp_path / "a.dcm")
-    if content is not None:
-        Path(f"{path}.json").write_text(content)
-    assert filing.read_sidecar(path) is None
+def test_write_json_durably_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    filing.write_json_durably(path, {"b": 1, "a": [None]})
+    assert path.read_text() == '{\n  "a": [\n    null\n  ],\n  "b": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

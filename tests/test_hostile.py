@@ -29,9 +29,9 @@ from test_daemon import corpus as corpus
 from test_daemon import fwd as fwd
 
 from forwarder.cli import main as cli_main
+from forwarder.commands.send import main as send_main
 from forwarder.dicomfile import InvalidDicom, inspect
 from forwarder.outbox import FileRecord, Outbox, State
-from forwarder.send_cli import main as send_main
 
 EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
 

@@ -20,6 +20,7 @@ from forwarder.logs import (
     JournalHandler,
     escape,
     fields,
+    iso,
     journal_fields,
     journal_stream_matches,
     setup_logging,
@@ -502,3 +503,8 @@ def test_journal_fields_are_escaped() -> None:
     assert entry["MESSAGE"] == "sent " + escape(FORGED)
     assert entry["FORWARDER_PATH"] == escape(FORGED)
     assert entry["DICOM_SOP_INSTANCE_UID"] == "1.2\\x00"
+
+
+def test_iso_is_utc_to_the_second() -> None:
+    assert iso(1_795_000_000.9) == "2026-11-18T11:06:40Z"
+    assert iso(None) is None

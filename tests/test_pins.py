@@ -143,7 +143,7 @@ def test_the_send_path_imports_no_pynetdicom() -> None:
     import sys
 
     code = (
-        "import sys, forwarder.send_cli, forwarder.sender, forwarder.association;"
+        "import sys, forwarder.commands.send, forwarder.sender, forwarder.association;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pynetdicom', 'pydicom')))"
     )
     out = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from forwarder.config import RetrySettings
@@ -219,3 +221,25 @@ def test_the_reason_for_giving_up_tells_refusals_from_transient_failures() -> No
 def test_a_low_max_attempts_still_bounds_refusals() -> None:
     retry = RETRY.model_copy(update={"max_attempts": 2})
     assert _run([0xA700, 0xC000, 0xC000], retry) == [Next.RETRY, Next.RETRY, Next.QUARANTINE]
+
+
+def test_policy_needs_no_pydantic() -> None:
+    """The policy is pure: deciding takes the retry limits through a protocol, so importing
+    it loads no settings machinery."""
+    import subprocess
+    import sys
+
+    code = "import forwarder.policy, sys; assert 'pydantic' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_decide_takes_any_retry_limits() -> None:
+    @dataclass(frozen=True)
+    class Limits:
+        initial_seconds: float = 5
+        max_seconds: float = 600
+        max_attempts: int = 1
+        max_age_seconds: float = 86400
+
+    d = decide(classify_status(0xA700), 0, None, NOW, Limits(), 0.5)
+    assert d.next is Next.QUARANTINE and "1 attempts" in d.reason

@@ -42,6 +42,7 @@ from pynetdicom import sop_class as pynetdicom_sop_class
 from pynetdicom.service_class import StorageServiceClass
 from sopclasses import SEED_STORAGE_CLASSES
 
+from forwarder.commands.send import main
 from forwarder.dicomfile import (
     DEFLATED_LE,
     EXPLICIT_BE,
@@ -50,7 +51,6 @@ from forwarder.dicomfile import (
     DicomInfo,
     inspect,
 )
-from forwarder.send_cli import main
 from forwarder.sender import AssociationFailed, Peer, Sender
 from forwarder.status import Action
 

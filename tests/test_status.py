@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from forwarder.status import Action, Classification, classify_association, classify_status
+from forwarder.status import (
+    Action,
+    Classification,
+    classify_association,
+    classify_status,
+    status_hex,
+)
 
 # Every row of "C-STORE statuses" in notes/dicom-networking.md: (codes, action)
 TABLE: list[tuple[tuple[int, ...], Action]] = [
@@ -102,3 +108,10 @@ def test_refused_or_aborted_connection_is_transient() -> None:
     assert cls.action is Action.RETRY
     assert cls.meaning == "cannot connect: [Errno 111] refused"
     assert classify_association(rejected=False).meaning == "connection failed or aborted"
+
+
+@pytest.mark.parametrize(
+    ("status", "text"), [(0x0000, "0x0000"), (0xA900, "0xA900"), (0xC0DE, "0xC0DE"), (None, None)]
+)
+def test_status_hex(status: int | None, text: str | None) -> None:
+    assert status_hex(status) == text

@@ -14,12 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from forwarder.config import EX_CONFIG, ConfigError, Settings, add_config_argument, load_settings
-from forwarder.logs import escape
+from forwarder.config import Settings, load_settings
+from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
+from forwarder.logs import escape, iso
 from forwarder.outbox import Delivery, Outbox, OutboxError, State
+from forwarder.status import status_hex
 
 __all__ = [
+    "DAY",
     "EXIT_FAILED",
+    "HOUR",
+    "MINUTE",
     "CommandError",
     "add_config",
     "add_json",
@@ -27,19 +32,23 @@ __all__ = [
     "ago",
     "command",
     "delivery_json",
-    "iso",
     "load",
     "local_time",
     "location",
     "open_outbox",
     "print_json",
     "short",
-    "status_hex",
     "table",
 ]
 
 EXIT_FAILED = 1
 """The command ran but could not do (all of) what was asked."""
+
+# seconds in each unit of the durations operators read and type (``3m12s``, ``--older-than DAYS``)
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+_FUTURE_SLACK = 0.5  # seconds: a time this close to now is "ago", not "in" (clock jitter)
 
 
 class CommandError(Exception):
@@ -141,19 +150,12 @@ def nudge_daemon(outbox: Outbox, settings: Settings) -> bool:
         return False
     try:
         os.kill(beat.pid, signal.SIGUSR1)
-    except OSError:  # another user's daemon: it looks again within 30 s anyway
+    except OSError:  # another user's daemon: it looks again within IDLE_SECONDS anyway
         return False
     return True
 
 
 # -- values -------------------------------------------------------------------------------
-
-
-def iso(ts: float | None) -> str | None:
-    """Unix time as ISO 8601 UTC (``2026-11-25T21:41:16Z``), as in sidecars; None stays None."""
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def local_time(ts: float | None, now: float) -> str:
@@ -170,27 +172,22 @@ def age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     s = max(0, int(seconds))
-    if s < 60:
+    if s < MINUTE:
         return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s < HOUR:
+        return f"{s // MINUTE}m{s % MINUTE:02d}s"
+    if s < DAY:
+        return f"{s // HOUR}h{s % HOUR // MINUTE:02d}m"
+    return f"{s // DAY}d{s % DAY // HOUR:02d}h"
 
 
 def ago(ts: float | None, now: float) -> str:
     """``3m12s ago``, ``in 2m05s`` for the future, ``never`` for None."""
     if ts is None:
         return "never"
-    if ts > now + 0.5:
+    if ts > now + _FUTURE_SLACK:
         return f"in {age(ts - now)}"
     return f"{age(now - ts)} ago"
-
-
-def status_hex(status: int | None) -> str | None:
-    """A DIMSE status as ``0xA900``; None when there was no response."""
-    return None if status is None else f"0x{status:04X}"
 
 
 def short(text: str | None, width: int = 60) -> str:

@@ -6,8 +6,10 @@ import argparse
 import sys
 import time
 
-from forwarder import ops
+from forwarder.commands import common
 from forwarder.outbox import State
+from forwarder.policy import IDLE_SECONDS
+from forwarder.status import status_hex
 
 __all__ = ["BACKLOG", "add_arguments", "parse_states", "run"]
 
@@ -22,7 +24,7 @@ def parse_states(values: list[str] | None) -> tuple[State, ...] | None:
 
     Raises
     ------
-    ops.CommandError
+    common.CommandError
         For a name that is not a state.
     """
     if not values:
@@ -33,7 +35,7 @@ def parse_states(values: list[str] | None) -> tuple[State, ...] | None:
     unknown = [n for n in names if n not in _STATE_NAMES]
     if unknown:
         known = ", ".join([*(s.name.lower() for s in State), "all"])
-        raise ops.CommandError(f"unknown state {unknown[0]!r} (states: {known})", 2)
+        raise common.CommandError(f"unknown state {unknown[0]!r} (states: {known})", 2)
     return tuple(dict.fromkeys(_STATE_NAMES[n] for n in names))
 
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "only the backlog (pending, in flight) is shown."
         ),
     )
-    ops.add_config(ls)
+    common.add_config(ls)
     ls.add_argument("--destination", metavar="D", help="only deliveries to D")
     ls.add_argument(
         "--state",
@@ -59,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ls.add_argument("--study", metavar="UID", help="only this Study Instance UID")
     ls.add_argument("--limit", metavar="N", type=int, default=100, help="at most N (default 100)")
-    ops.add_json(ls)
+    common.add_json(ls)
 
     retry = sub.add_parser(
         "retry",
@@ -67,30 +69,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description=(
             "Make pending deliveries that wait for their next attempt (after a transient "
             "failure) due now. Attempts are not reset. The daemon's workers pick them up at "
-            "their next look at the outbox (within 30 s). A paused destination stays paused "
-            "until its pause ends."
+            f"their next look at the outbox (within {IDLE_SECONDS:g} s). A paused destination "
+            "stays paused until its pause ends."
         ),
     )
-    ops.add_config(retry)
+    common.add_config(retry)
     retry.add_argument("--destination", metavar="D", help="only deliveries to D")
     retry.add_argument("--study", metavar="UID", help="only this Study Instance UID")
-    ops.add_json(retry)
+    common.add_json(retry)
 
 
 def _list(args: argparse.Namespace) -> int:
     if args.limit < 1:
-        raise ops.CommandError("--limit must be at least 1", 2)
+        raise common.CommandError("--limit must be at least 1", 2)
     states = parse_states(args.state)
-    settings = ops.load(args)
+    settings = common.load(args)
     now = time.time()
-    with ops.open_outbox(settings) as outbox:
+    with common.open_outbox(settings) as outbox:
         rows = outbox.list(
             destination=args.destination, states=states, study_uid=args.study, limit=args.limit
         )
     if args.json:
-        ops.print_json(
+        common.print_json(
             {
-                "deliveries": [ops.delivery_json(d, now) for d in rows],
+                "deliveries": [common.delivery_json(d, now) for d in rows],
                 "limit": args.limit,
                 "truncated": len(rows) == args.limit,
             }
@@ -102,11 +104,11 @@ def _list(args: argparse.Namespace) -> int:
     table = []
     for d in rows:
         if d.state is State.PENDING:
-            when = "due now" if d.next_attempt_at <= now else ops.ago(d.next_attempt_at, now)
+            when = "due now" if d.next_attempt_at <= now else common.ago(d.next_attempt_at, now)
         elif d.state is State.INFLIGHT:
             when = "sending"
         else:
-            when = ops.local_time(d.done_at, now)
+            when = common.local_time(d.done_at, now)
         table.append(
             [
                 d.id,
@@ -114,10 +116,10 @@ def _list(args: argparse.Namespace) -> int:
                 d.state.name.lower(),
                 d.attempts,
                 when,
-                ops.status_hex(d.last_status),
+                status_hex(d.last_status),
                 d.sop_instance_uid,
                 d.path,
-                ops.short(d.last_error, 50),
+                common.short(d.last_error, 50),
             ]
         )
     headers = [
@@ -131,38 +133,38 @@ def _list(args: argparse.Namespace) -> int:
         "PATH",
         "LAST ERROR",
     ]
-    print(ops.table(headers, table, right=(0, 3)))
+    print(common.table(headers, table, right=(0, 3)))
     if len(rows) == args.limit:
         print(f"(first {args.limit} shown; --limit N for more)", file=sys.stderr)
     return 0
 
 
 def _retry(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     now = time.time()
-    with ops.open_outbox(settings, write=True) as outbox:
+    with common.open_outbox(settings, write=True) as outbox:
         changed = outbox.retry_now(now, destination=args.destination, study_uid=args.study)
-        nudged = changed > 0 and ops.nudge_daemon(outbox, settings)
+        nudged = changed > 0 and common.nudge_daemon(outbox, settings)
         paused = [
             name
             for name, info in outbox.destination_info().items()
             if info.paused(now) and args.destination in (None, name)
         ]
     if args.json:
-        ops.print_json(
+        common.print_json(
             {"retried": changed, "paused_destinations": sorted(paused), "daemon_woken": nudged}
         )
         return 0
     print(
         f"{changed} deliveries made due now"
-        + ("" if nudged or not changed else "; the daemon picks them up within 30 s")
+        + ("" if nudged or not changed else f"; the daemon picks them up within {IDLE_SECONDS:g} s")
     )
     for name in sorted(paused):
         print(f"note: destination {name} is paused; its deliveries wait for the pause to end")
     return 0
 
 
-@ops.command("forwarder queue")
+@common.command("forwarder queue")
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return _list(args)

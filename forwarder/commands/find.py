@@ -6,8 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from forwarder import ops
+from forwarder.commands import common
+from forwarder.logs import iso
 from forwarder.outbox import Delivery, DestinationInfo, State
+from forwarder.status import status_hex
 
 __all__ = ["EXIT_NOT_FOUND", "add_arguments", "run"]
 
@@ -21,20 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "its file is now (inbox, quarantine, archive, or deleted after delivery). Exit 1 when "
         "the outbox has never seen it."
     )
-    ops.add_config(parser)
+    common.add_config(parser)
     parser.add_argument("uid", metavar="UID", help="SOP Instance UID or Study Instance UID")
-    ops.add_json(parser)
+    common.add_json(parser)
 
 
-@ops.command("forwarder find")
+@common.command("forwarder find")
 def run(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     now = time.time()
     uid = args.uid.strip()
-    with ops.open_outbox(settings) as outbox:
+    with common.open_outbox(settings) as outbox:
         rows = outbox.find(uid)
         breakers = outbox.destination_info()
-    files = {d.path: ops.location(Path(d.path), settings) for d in rows}
+    files = {d.path: common.location(Path(d.path), settings) for d in rows}
 
     def pause_of(d: Delivery) -> DestinationInfo | None:
         """The pause that holds `d` back now: a waiting delivery to a paused destination is
@@ -45,15 +47,15 @@ def run(args: argparse.Namespace) -> int:
         return None
 
     if args.json:
-        ops.print_json(
+        common.print_json(
             {
                 "uid": uid,
                 "found": bool(rows),
                 "deliveries": [
                     {
-                        **ops.delivery_json(d, now),
+                        **common.delivery_json(d, now),
                         "file": files[d.path],
-                        "paused_until": ops.iso(p.paused_until) if (p := pause_of(d)) else None,
+                        "paused_until": iso(p.paused_until) if (p := pause_of(d)) else None,
                         "pause_reason": p.pause_reason if p else None,
                     }
                     for d in rows
@@ -74,14 +76,14 @@ def run(args: argparse.Namespace) -> int:
         if pause is not None:
             state, detail = "paused", pause.pause_reason
             until = pause.paused_until
-            when = f"until {ops.local_time(until, now)} ({ops.ago(until, now)})"
+            when = f"until {common.local_time(until, now)} ({common.ago(until, now)})"
         elif d.state is State.PENDING:
-            due = "due now" if d.next_attempt_at <= now else ops.ago(d.next_attempt_at, now)
+            due = "due now" if d.next_attempt_at <= now else common.ago(d.next_attempt_at, now)
             when = f"next {due}"
         elif d.state is State.INFLIGHT:
             when = "sending now"
         else:
-            when = ops.local_time(d.done_at, now)
+            when = common.local_time(d.done_at, now)
         file = files[d.path]
         if file == "missing" and d.state is State.SENT:
             file = "deleted after delivery"
@@ -92,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
                 state,
                 when,
                 d.attempts,
-                ops.status_hex(d.last_status),
-                ops.short(detail, 50),
+                status_hex(d.last_status),
+                common.short(detail, 50),
                 f"{file}: {d.path}" if file not in ("missing", "deleted after delivery") else file,
             ]
         )
@@ -107,5 +109,5 @@ def run(args: argparse.Namespace) -> int:
         "DETAIL",
         "FILE",
     ]
-    print(ops.table(headers, table, right=(4,)))
+    print(common.table(headers, table, right=(4,)))
     return 0

@@ -7,14 +7,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from forwarder import health, ops
+from forwarder import health
+from forwarder.commands import common
 from forwarder.config import Settings
+from forwarder.logs import iso
 from forwarder.outbox import Delivery, Heartbeat, Outbox, State
+from forwarder.status import status_hex
 
 __all__ = ["DaemonStatus", "DestinationStatus", "add_arguments", "collect", "run"]
-
-_HOUR = 3600.0
-_DAY = 86400.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the daemon is alive (its heartbeat in the outbox). Reads the outbox without ever "
         "blocking the daemon."
     )
-    ops.add_config(parser)
-    ops.add_json(parser)
+    common.add_config(parser)
+    common.add_json(parser)
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ class DaemonStatus:
             "healthy": self.healthy,
             "health": self.health,
             "pid": beat.pid if beat else None,
-            "heartbeat_at": ops.iso(beat.updated_at if beat else None),
+            "heartbeat_at": iso(beat.updated_at if beat else None),
             "heartbeat_age_seconds": round(now - beat.updated_at, 3) if beat else None,
-            "started_at": ops.iso(beat.started_at if beat else None),
+            "started_at": iso(beat.started_at if beat else None),
             "version": beat.info.get("version") if beat else None,
             "stats": beat.info.get("stats") if beat else None,
         }
@@ -96,16 +96,16 @@ class DestinationStatus:
             "gone": self.counts[State.GONE],
             "sent_last_hour": self.sent_last_hour,
             "sent_last_day": self.sent_last_day,
-            "oldest_pending_at": ops.iso(oldest),
+            "oldest_pending_at": iso(oldest),
             "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 3),
-            "last_success_at": ops.iso(self.last_success_at),
+            "last_success_at": iso(self.last_success_at),
             "last_error": self.last_error,
-            "last_error_at": ops.iso(self.last_error_at),
+            "last_error_at": iso(self.last_error_at),
             "last_refusal": None if refusal is None else _refusal_json(refusal),
             "consecutive_failures": self.consecutive_failures,
             "paused": self.paused_until is not None,
-            "paused_until": ops.iso(self.paused_until),
-            "paused_since": ops.iso(self.paused_at),
+            "paused_until": iso(self.paused_until),
+            "paused_since": iso(self.paused_at),
             "pause_reason": self.pause_reason,
         }
 
@@ -116,7 +116,7 @@ class DestinationStatus:
             found.append((self.last_error_at, self.last_error))
         d = self.last_refusal
         if d is not None and d.last_error:
-            status = ops.status_hex(d.last_status)
+            status = status_hex(d.last_status)
             text = (
                 f"{status} {d.last_error}"
                 if status and status not in d.last_error
@@ -128,8 +128,8 @@ class DestinationStatus:
 
 def _refusal_json(d: Delivery) -> dict[str, Any]:
     return {
-        "at": ops.iso(d.last_attempt_at),
-        "status": ops.status_hex(d.last_status),
+        "at": iso(d.last_attempt_at),
+        "status": status_hex(d.last_status),
         "error": d.last_error,
         "state": d.state.name.lower(),
         "sop_instance_uid": d.sop_instance_uid,
@@ -155,8 +155,8 @@ def collect(
 ) -> tuple[DaemonStatus, list[DestinationStatus]]:
     """The daemon and every destination (configured first, then any left in the outbox)."""
     counts = outbox.counts()
-    last_hour = outbox.sent_since(now - _HOUR)
-    last_day = outbox.sent_since(now - _DAY)
+    last_hour = outbox.sent_since(now - common.HOUR)
+    last_day = outbox.sent_since(now - common.DAY)
     oldest = outbox.oldest_pending()
     infos = outbox.destination_info()
     refusals = outbox.last_failures()
@@ -192,9 +192,9 @@ def _head(daemon: DaemonStatus, now: float) -> str:
     beat = daemon.beat
     if beat is None:
         return "daemon: never started (no heartbeat in the outbox)"
-    line = f"daemon: {daemon.state}, pid {beat.pid}, heartbeat {ops.ago(beat.updated_at, now)}"
+    line = f"daemon: {daemon.state}, pid {beat.pid}, heartbeat {common.ago(beat.updated_at, now)}"
     if daemon.alive:
-        line += f", up {ops.age(now - beat.started_at)}"
+        line += f", up {common.age(now - beat.started_at)}"
         if not daemon.healthy:
             line += f"; UNHEALTHY: {daemon.health}"
     return line
@@ -220,7 +220,7 @@ def render(daemon: DaemonStatus, dests: list[DestinationStatus], now: float) -> 
         error = "-"
         latest = d.latest_error()
         if latest is not None:
-            error = f"{ops.ago(latest[0], now)}: {ops.short(latest[1], 50)}"
+            error = f"{common.ago(latest[0], now)}: {common.short(latest[1], 50)}"
         rows.append(
             [
                 d.name if d.address else f"{d.name} (not configured)",
@@ -229,26 +229,28 @@ def render(daemon: DaemonStatus, dests: list[DestinationStatus], now: float) -> 
                 d.sent_last_hour,
                 d.sent_last_day,
                 d.counts[State.QUARANTINED],
-                "-" if oldest is None else ops.age(now - oldest),
-                ops.ago(d.last_success_at, now),
-                "no" if d.paused_until is None else f"until {ops.local_time(d.paused_until, now)}",
+                "-" if oldest is None else common.age(now - oldest),
+                common.ago(d.last_success_at, now),
+                "no"
+                if d.paused_until is None
+                else f"until {common.local_time(d.paused_until, now)}",
                 error,
             ]
         )
-    body = ops.table(headers, rows, right=(1, 2, 3, 4, 5, 6)) if rows else "no destinations"
+    body = common.table(headers, rows, right=(1, 2, 3, 4, 5, 6)) if rows else "no destinations"
     return f"{_head(daemon, now)}\n{body}"
 
 
-@ops.command("forwarder status")
+@common.command("forwarder status")
 def run(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     now = time.time()
-    with ops.open_outbox(settings) as outbox:
+    with common.open_outbox(settings) as outbox:
         daemon, dests = collect(settings, outbox, now)
     if args.json:
-        ops.print_json(
+        common.print_json(
             {
-                "now": ops.iso(now),
+                "now": iso(now),
                 "outbox": str(settings.outbox.path),
                 "daemon": daemon.to_json(now),
                 "destinations": [d.to_json(now) for d in dests],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from forwarder import ops
+from forwarder.commands import common
 from forwarder.outbox import Outbox, OutboxCorruptError
 
 __all__ = ["EXIT_DAMAGED", "add_arguments", "run"]
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "damaged: then stop the daemon and restore the outbox from a backup."
         ),
     )
-    ops.add_config(check)
+    common.add_config(check)
     check.add_argument(
         "--quick",
         action="store_true",
@@ -37,13 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@ops.command("forwarder outbox")
+@common.command("forwarder outbox")
 def run(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     path = settings.outbox.path
     started = time.monotonic()
     if not path.is_file():
-        raise ops.CommandError(f"no outbox at {path}: the daemon has never run with this config")
+        raise common.CommandError(f"no outbox at {path}: the daemon has never run with this config")
     try:
         with Outbox(path, readonly=True) as outbox:
             problems = outbox.integrity_check(quick=args.quick)

@@ -9,16 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from forwarder import ops
+from forwarder.commands import common
 from forwarder.config import (
-    EX_CONFIG,
     NO_CONFIG,
-    ConfigError,
     Settings,
+    check_layout,
     check_tls,
+    flatten,
     load_raw,
     load_settings,
 )
+from forwarder.errors import EX_CONFIG, ConfigError
 
 __all__ = ["MASK", "add_arguments", "check", "effective", "masked", "run"]
 
@@ -32,7 +33,6 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
     The schema, the folder layout (a quarantine or archive inside the inbox), the metrics
     address, and the TLS files of every destination (loaded as the sender would).
     """
-    from forwarder.daemon import check_layout
     from forwarder.metrics import parse_listen
 
     try:
@@ -56,17 +56,6 @@ def masked(key: str, value: Any) -> Any:
     return value
 
 
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else key, out)
-    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        for idx, item in enumerate(value):
-            _flatten(item, f"{prefix}.{idx}", out)
-    else:
-        out[prefix] = value
-
-
 def _origin(key: str, origin: dict[str, str]) -> tuple[str, str | None]:
     """(default | file | environment, the file or variable) of a dotted setting."""
     parts = key.split(".")
@@ -88,8 +77,7 @@ def effective(path: Path | None) -> dict[str, dict[str, Any]]:
     """
     settings = load_settings(path)
     _, origin = load_raw(path)
-    flat: dict[str, Any] = {}
-    _flatten(settings.model_dump(mode="json"), "", flat)
+    flat = flatten(settings.model_dump(mode="json"))
     result = {}
     for key in sorted(flat, key=_sort_key):
         source, detail = _origin(key, origin)
@@ -122,7 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "would start with it, 78 with one line per bad setting otherwise."
         ),
     )
-    ops.add_config(chk)
+    common.add_config(chk)
     show = sub.add_parser(
         "show",
         help="the effective settings and where each came from",
@@ -132,8 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "or token are masked."
         ),
     )
-    ops.add_config(show)
-    ops.add_json(show)
+    common.add_config(show)
+    common.add_json(show)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -151,17 +139,19 @@ def _check(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     settings = effective(args.config)
     if args.json:
-        ops.print_json({"config": str(args.config) if args.config else None, "settings": settings})
+        common.print_json(
+            {"config": str(args.config) if args.config else None, "settings": settings}
+        )
         return 0
     rows = [
         [key, _text(s["value"]), s["source"] + (f" ({s['from']})" if s["from"] else "")]
         for key, s in settings.items()
     ]
-    print(ops.table(["SETTING", "VALUE", "SOURCE"], rows))
+    print(common.table(["SETTING", "VALUE", "SOURCE"], rows))
     return 0
 
 
-@ops.command("forwarder config")
+@common.command("forwarder config")
 def run(args: argparse.Namespace) -> int:
     if args.action == "check":
         return _check(args)

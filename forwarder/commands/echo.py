@@ -8,15 +8,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from forwarder import ops
 from forwarder.association import AssociationFailed, Peer, open_association
+from forwarder.commands import common
 from forwarder.config import Destination
+from forwarder.dicomfile import IMPLICIT_LE
+from forwarder.status import status_hex
 from forwarder.wire import C_ECHO_RSP, VERIFICATION, WireError, encode_echo_command
 
-__all__ = ["EXIT_FAILED", "EchoResult", "add_arguments", "echo", "run"]
-
-EXIT_FAILED = 1
-_IMPLICIT_LE = "1.2.840.10008.1.2"
+__all__ = ["EchoResult", "add_arguments", "echo", "run"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def echo(dest: Destination) -> EchoResult:
         return _failed(result, f"cannot load the TLS files: {exc}")
     start = time.perf_counter()
     try:
-        assoc = open_association(peer, [(VERIFICATION, [_IMPLICIT_LE])])
+        assoc = open_association(peer, [(VERIFICATION, [IMPLICIT_LE])])
     except AssociationFailed as exc:
         return _failed(result, exc.classification.meaning)
     associated = time.perf_counter()
@@ -69,7 +68,7 @@ def echo(dest: Destination) -> EchoResult:
         return _failed(result, f"no C-ECHO response: {exc}")
     assoc.release()
     if code != 0:
-        return _failed(result, f"C-ECHO answered 0x{code:04X}")
+        return _failed(result, f"C-ECHO answered {status_hex(code)}")
     return EchoResult(
         dest.name,
         address,
@@ -90,26 +89,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "daemon associates. Prints the association set-up and C-ECHO round-trip times. "
         "Exit 1 when any destination fails."
     )
-    ops.add_config(parser)
+    common.add_config(parser)
     parser.add_argument("--destination", metavar="D", help="only destination D")
-    ops.add_json(parser)
+    common.add_json(parser)
 
 
-@ops.command("forwarder echo")
+@common.command("forwarder echo")
 def run(args: argparse.Namespace) -> int:
-    settings = ops.load(args)
+    settings = common.load(args)
     if args.destination:
         try:
             dests = [settings.destination(args.destination)]
         except KeyError as exc:
-            raise ops.CommandError(str(exc.args[0])) from None
+            raise common.CommandError(str(exc.args[0])) from None
     else:
         dests = list(settings.destinations)
     if not dests:
-        raise ops.CommandError("no destinations configured")
+        raise common.CommandError("no destinations configured")
     results = [echo(d) for d in dests]
     if args.json:
-        ops.print_json({"results": [r.to_json() for r in results]})
+        common.print_json({"results": [r.to_json() for r in results]})
     else:
         rows = [
             [
@@ -123,5 +122,5 @@ def run(args: argparse.Namespace) -> int:
             for r in results
         ]
         headers = ["DESTINATION", "ADDRESS", "RESULT", "ASSOCIATE", "ECHO", "ERROR"]
-        print(ops.table(headers, rows, right=(3, 4)))
-    return 0 if all(r.ok for r in results) else EXIT_FAILED
+        print(common.table(headers, rows, right=(3, 4)))
+    return 0 if all(r.ok for r in results) else common.EXIT_FAILED

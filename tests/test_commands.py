@@ -1,4 +1,4 @@
-"""Tests for the operator commands (forwarder/ops*.py) against a real daemon's outbox.
+"""Tests for the operator commands (forwarder/commands/) against a real daemon's outbox.
 
 One daemon (``forwarder run`` in a subprocess) forwards real DICOM files to two in-process
 SCPs: ``pacs`` stores everything, ``archive`` refuses some instances for good (0xA900),
@@ -38,7 +38,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from forwarder.cli import main as cli_main
-from forwarder.ops_config import MASK, masked
+from forwarder.commands.config import MASK, masked
 from forwarder.outbox import Outbox, OutboxError, State
 
 REPO = Path(__file__).resolve().parents[1]
