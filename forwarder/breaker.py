@@ -7,10 +7,9 @@ import random
 import threading
 from collections.abc import Callable
 
-from forwarder.config import RetrySettings
 from forwarder.logs import fields
 from forwarder.outbox import Outbox
-from forwarder.policy import pause_for
+from forwarder.policy import RetryLimits, pause_for
 
 __all__ = ["MIN_HOLD_SECONDS", "Breaker"]
 
@@ -65,7 +64,7 @@ class Breaker:
             extra=fields(destination=self.name, outcome="resumed"),
         )
 
-    def trip(self, reason: str, retry: RetrySettings, *, hold: bool, now: float) -> float:
+    def trip(self, reason: str, retry: RetryLimits, *, hold: bool, now: float) -> float:
         """Pause after one more failure, backing off as `retry` says; `hold` (the peer refuses
         us) pauses at least `MIN_HOLD_SECONDS`. Returns the end of the pause."""
         with self._lock:

@@ -26,11 +26,11 @@ from forwarder.enqueue import Enqueuer, Intake
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
 from forwarder.events import Events
 from forwarder.inodes import InodeIndex
-from forwarder.logs import fields
+from forwarder.logs import fields, iso
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
-from forwarder.trouble import OutboxTrouble, damaged, iso
+from forwarder.trouble import OutboxTrouble, damaged
 from forwarder.watcher import Watcher
 
 __all__ = ["INBOX_LOCK", "Daemon", "load"]

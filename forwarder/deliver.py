@@ -15,7 +15,7 @@ from pathlib import Path
 from forwarder import verdict
 from forwarder.breaker import Breaker
 from forwarder.concurrency import Autoscale
-from forwarder.config import Destination, RetrySettings, Settings
+from forwarder.config import Destination, Settings
 from forwarder.contexts import ContextSpec
 from forwarder.dicomfile import DicomInfo
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
@@ -23,7 +23,7 @@ from forwarder.events import Events
 from forwarder.logs import fields
 from forwarder.metrics import Metrics
 from forwarder.outbox import Delivery, Outbox, OutboxCorruptError, OutboxError
-from forwarder.policy import Next, decide
+from forwarder.policy import IDLE_SECONDS, Next, RetryLimits, decide
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
 from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
@@ -33,8 +33,6 @@ __all__ = ["Crew", "Rules", "Worker"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
-IDLE_SECONDS = 30.0
-"""The longest a worker sleeps without looking at the outbox again."""
 MAX_TROUBLE_PAUSE_SECONDS = 5.0
 """The longest a worker waits between tries while the outbox cannot be written."""
 WAIT_FOR_FIRST_SECONDS = 1.0
@@ -62,7 +60,7 @@ class Rules:
     lease_seconds: float
     linger_seconds: float
     follow_symlinks: bool
-    retry: RetrySettings
+    retry: RetryLimits
 
     @classmethod
     def of(cls, settings: Settings) -> Rules:

@@ -14,21 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder.config import Settings
-from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
+from forwarder.dicomfile import DICOMDIR_SOP_CLASS, DicomInfo, InvalidDicom, inspect
 from forwarder.dispose import Disposer
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
 from forwarder.inodes import FileKey, FirstName, InodeIndex
 from forwarder.logs import fields
 from forwarder.outbox import FINAL_STATES, Outbox, OutboxCorruptError, OutboxError, State
+from forwarder.policy import IDLE_SECONDS
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
 from forwarder.watcher import ReadyFile
 
-__all__ = ["DICOMDIR", "Enqueuer", "Intake"]
+__all__ = ["Enqueuer", "Intake"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
-DICOMDIR = "1.2.840.10008.1.3.10"
-"""The Media Storage Directory SOP Class: a DICOMDIR is not an instance to store."""
 BATCH = 256
 """Files examined and queued in one outbox transaction."""
 QUEUE_SIZE = 1000
@@ -39,8 +38,6 @@ MAX_HELD = 10_000
 them again at its next rescan."""
 GATHER_SECONDS = 0.005
 """After the first file of a burst, the watcher gets this long to hand over more."""
-IDLE_SECONDS = 30.0
-"""The longest the enqueuer waits for a file before looking at its own work again."""
 RECHECK_SECONDS = 1.0
 """How often a file that is not valid DICOM yet (or waits for its first name) is looked at."""
 MAX_SUSPECTS = 1000
@@ -311,7 +308,7 @@ class Enqueuer(threading.Thread):
         except InvalidDicom as exc:
             self._invalid(ready, now, first_seen, exc.reason)
             return None
-        if info.sop_class_uid == DICOMDIR:
+        if info.sop_class_uid == DICOMDIR_SOP_CLASS:
             self.disposer.quarantine_invalid(path, "a DICOMDIR is not a storage instance")
             return None
         if self._inodes.tracks(ready):

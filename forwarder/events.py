@@ -7,6 +7,7 @@ import threading
 
 from forwarder.logs import fields
 from forwarder.outbox import Delivery
+from forwarder.status import status_hex
 
 __all__ = ["Events"]
 
@@ -49,6 +50,6 @@ class Events:
                 study_uid=d.study_uid,
                 destination=d.destination,
                 outcome=outcome,
-                status=None if status is None else f"0x{status:04X}",
+                status=status_hex(status),
             ),
         )

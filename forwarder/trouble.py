@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 
-from forwarder.logs import fields
+from forwarder.logs import fields, iso
 from forwarder.outbox import OutboxError
 
 __all__ = ["OutboxTrouble", "pause_after"]
@@ -22,12 +22,6 @@ MAX_PAUSE_SECONDS = 30.0
 def pause_after(failures: int) -> float:
     """Seconds a stage waits after `failures` unexpected errors in a row (0.5 s .. 30 s)."""
     return float(min(MAX_PAUSE_SECONDS, 0.5 * 2 ** min(failures - 1, 6)))
-
-
-def iso(ts: float | None) -> str | None:
-    if not ts:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 class OutboxTrouble:

@@ -11,7 +11,8 @@ from conftest import data_file, make_instance
 from pydicom import dcmread
 from stages import Calls, disposer
 
-from forwarder.enqueue import DICOMDIR, Enqueuer, Intake
+from forwarder.dicomfile import DICOMDIR_SOP_CLASS
+from forwarder.enqueue import Enqueuer, Intake
 from forwarder.inodes import InodeIndex
 from forwarder.outbox import Mark, Outbox, State
 from forwarder.trouble import OutboxTrouble
@@ -105,7 +106,7 @@ def test_a_dicomdir_goes_to_quarantine(tmp_path: Path, outbox: Outbox) -> None:
     path = tmp_path / "in" / "DICOMDIR"
     path.parent.mkdir()
     ds = dcmread(data_file("CT_small.dcm"))  # a DICOMDIR's SOP Class on a readable file
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DICOMDIR
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DICOMDIR_SOP_CLASS
     ds.save_as(path, enforce_file_format=True)
     stage = enqueuer(outbox, tmp_path, Calls())
     stage.offer(ready(path))
