@@ -40,7 +40,6 @@ from forwarder.notify import Notifier
 from forwarder.outbox import (
     FINAL_STATES,
     Delivery,
-    FileRecord,
     Mark,
     Outbox,
     OutboxCorruptError,
@@ -549,17 +548,7 @@ class Worker(threading.Thread):
         if (st.st_size, st.st_mtime_ns) != (d.size, d.mtime_ns):
             self._changed(d, now)
             return None
-        return DicomInfo(
-            path=Path(d.path),
-            size=d.size,
-            mtime_ns=d.mtime_ns,
-            sop_class_uid=d.sop_class_uid,
-            sop_instance_uid=d.sop_instance_uid,
-            transfer_syntax=d.transfer_syntax,
-            study_uid=d.study_uid,
-            dataset_offset=d.dataset_offset,
-            has_meta=d.dataset_offset > 0,  # not used for sending; a meta-less file starts at 0
-        )
+        return d.file
 
     def _changed(self, d: Delivery, now: float) -> None:
         reason = "the file changed after it was queued; the new version is queued on its own"
@@ -723,7 +712,7 @@ class Enqueuer(threading.Thread):
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
         # examined but not queued: the outbox could not be written; tried again every second
         # (beyond _MAX_HELD the watcher is asked to offer them again at its next rescan)
-        self._held: list[FileRecord] = []
+        self._held: list[DicomInfo] = []
         self._inodes = InodeIndex(track_all=daemon.settings.watch.follow_symlinks)
         self._twins: dict[Path, tuple[ReadyFile, FirstName]] = {}  # waiting for their first name
         self._batch: set[FileKey] = set()  # files of the batch being examined, not yet queued
@@ -791,7 +780,7 @@ class Enqueuer(threading.Thread):
 
     def _take(self, batch: list[ReadyFile]) -> None:
         """Examine `batch` and queue what is new (with any files held back before)."""
-        records: list[FileRecord] = []
+        records: list[DicomInfo] = []
         try:
             known = self.d.outbox.known_files(
                 (str(r.path), r.size, r.mtime_ns) for r in batch
@@ -846,7 +835,7 @@ class Enqueuer(threading.Thread):
             for path in paths:
                 self.d.watcher.forget(Path(path))
 
-    def _recheck(self, records: list[FileRecord]) -> None:
+    def _recheck(self, records: list[DicomInfo]) -> None:
         now = time.monotonic()
         for path, (first_seen, ready, _reason) in list(self._suspects.items()):
             if now - first_seen < 1.0 and len(self._suspects) < 1000:
@@ -873,7 +862,7 @@ class Enqueuer(threading.Thread):
         now: float,
         first_seen: float | None = None,
         known: set[tuple[str, int, int]] | None = None,
-    ) -> FileRecord | None:
+    ) -> DicomInfo | None:
         path = ready.path
         outbox = self.d.outbox
         key = (str(path), ready.size, ready.mtime_ns)
@@ -924,16 +913,7 @@ class Enqueuer(threading.Thread):
                 return None
         self._inodes.register(ready, info.sop_instance_uid)
         self._batch.add(key)
-        return FileRecord(
-            path=str(info.path),
-            size=info.size,
-            mtime_ns=info.mtime_ns,
-            sop_class_uid=info.sop_class_uid,
-            sop_instance_uid=info.sop_instance_uid,
-            transfer_syntax=info.transfer_syntax,
-            study_uid=info.study_uid,
-            dataset_offset=info.dataset_offset,
-        )
+        return info
 
     def _invalid(self, ready: ReadyFile, now: float, first_seen: float | None, reason: str) -> None:
         """Not valid DICOM (yet): look again, or quarantine once the grace is over."""
@@ -1015,7 +995,7 @@ class Enqueuer(threading.Thread):
             if (d.size, d.mtime_ns) == (size, mtime_ns)
         }
 
-    def _recheck_twins(self, records: list[FileRecord]) -> None:
+    def _recheck_twins(self, records: list[DicomInfo]) -> None:
         for path, (ready, first) in list(self._twins.items()):
             if not self._twin(ready, first):
                 self._twins.pop(path, None)
@@ -1088,7 +1068,7 @@ class Daemon:
         for w in self.workers:
             w.wake.set()
 
-    def enqueue(self, records: Sequence[FileRecord]) -> int:
+    def enqueue(self, records: Sequence[DicomInfo]) -> int:
         names = [d.name for d in self.settings.destinations]
         added = self.outbox.enqueue_many(records, names, time.time())
         for rec in records:
