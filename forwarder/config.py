@@ -51,6 +51,7 @@ _MAX_SECONDS = 366 * 86400  # a year: longer is a typo, not a policy
 _MAX_NETWORK_SECONDS = 86400  # a peer silent for a day is dead, whatever the setting says
 Seconds = Annotated[float, Field(gt=0, le=_MAX_SECONDS, allow_inf_nan=False)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=_MAX_SECONDS, allow_inf_nan=False)]
+_MAX_KEEP_DAYS = 100 * 366  # retention: a century is "forever", longer is a typo
 NetworkSeconds = Annotated[float, Field(gt=0, le=_MAX_NETWORK_SECONDS, allow_inf_nan=False)]
 
 
@@ -146,6 +147,13 @@ class WatchSettings(_Model):
 class OutboxSettings(_Model):
     path: Path = Path("/var/lib/forwarder/outbox.sqlite3")
     lease_seconds: Seconds = 300
+    # delivered rows older than this are deleted; 0 keeps them forever
+    keep_sent_days: float = Field(default=30, ge=0, le=_MAX_KEEP_DAYS, allow_inf_nan=False)
+
+    @property
+    def keep_sent_seconds(self) -> float:
+        """`keep_sent_days` in seconds (0: delivered rows are kept forever)."""
+        return self.keep_sent_days * 86400
 
 
 class RetrySettings(_Model):
