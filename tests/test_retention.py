@@ -18,6 +18,7 @@ from test_outbox import LEASE, T0, raw, rec
 from forwarder.cli import main as cli_main
 from forwarder.config import ConfigError, load_settings
 from forwarder.outbox import MIGRATIONS, SCHEMA_VERSION, Mark, Outbox, State
+from forwarder.outbox import db as outbox_db
 from forwarder.retention import BUSY_SECONDS, IDLE_SECONDS, SWEEP_SECONDS, Retention, still_in
 
 DAY = 86400.0
@@ -197,6 +198,11 @@ def _version_4_db(db_path: Path) -> dict[str, State]:
     return rows
 
 
+def free_list(db_path: Path) -> int:
+    with raw(db_path) as conn:
+        return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+
 def test_migrating_version_4_keeps_every_row_and_lets_the_file_shrink(
     db_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -218,6 +224,27 @@ def test_migrating_version_4_keeps_every_row_and_lets_the_file_shrink(
     with caplog.at_level(logging.INFO, logger="forwarder.outbox"), Outbox(db_path):
         pass  # converted once: no VACUUM at the next start
     assert not any("VACUUM" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_large_version_4_outbox_is_rewritten_later_and_reuses_its_pages_meanwhile(
+    db_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _version_4_db(db_path)
+    monkeypatch.setattr(outbox_db, "VACUUM_AT_OPEN_MAX_BYTES", 100_000)  # under its live data
+    with caplog.at_level(logging.INFO, logger="forwarder.outbox"), Outbox(db_path) as ob:
+        with raw(db_path) as conn:
+            assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0  # not rewritten
+        drain(Retention(ob, DAY), T0 + 10 * DAY)  # 1200 of the 3000 rows were delivered
+        assert len(ob.list(limit=10_000)) == 1800 and ob.free_pages() == 0
+        size, free = file_size(db_path), free_list(db_path)
+        assert free > 0
+        ob.enqueue_many([rec(i) for i in range(10_000, 10_100)], ["a"], T0 + 10 * DAY)
+        assert free_list(db_path) < free  # the new rows went into freed pages
+    assert "not rewritten yet (VACUUM)" in caplog.text
+    monkeypatch.undo()  # pruning brought its live data under the limit: the next start does it
+    with Outbox(db_path) as ob:
+        assert ob.free_pages() == 0
+    assert file_size(db_path) < size
 
 
 def test_a_new_outbox_shrinks_without_a_vacuum(db_path: Path) -> None:

@@ -33,11 +33,18 @@ from forwarder.outbox.schema import (
     SCHEMA_VERSION,
     SQL_AUTO_VACUUM,
     SQL_INTEGRITY,
+    SQL_LIVE_BYTES,
     SQL_QUICK_CHECK,
     SQL_VACUUM,
 )
 
-__all__ = ["BUSY_TIMEOUT_SECONDS", "MIN_SQLITE", "Database", "is_unique_violation"]
+__all__ = [
+    "BUSY_TIMEOUT_SECONDS",
+    "MIN_SQLITE",
+    "VACUUM_AT_OPEN_MAX_BYTES",
+    "Database",
+    "is_unique_violation",
+]
 
 log = logging.getLogger("forwarder.outbox")
 T = TypeVar("T")
@@ -52,6 +59,11 @@ _BUSY_POLL: Final = (0.0005, 0.004)
 """First and longest pause (seconds, before jitter) between tries of a locked database."""
 
 _MB: Final = 1024 * 1024
+
+VACUUM_AT_OPEN_MAX_BYTES: Final = 1024 * _MB
+"""Largest live data (pages in use) that opening a pre-schema-5 outbox rewrites with VACUUM
+to give it incremental auto_vacuum: at tens of MB/s that is well within the 90 s the systemd
+unit allows a start."""
 
 
 def is_unique_violation(exc: BaseException | None) -> bool:
@@ -302,16 +314,29 @@ class Database:
     def _give_incremental_vacuum(self, conn: sqlite3.Connection) -> None:
         """Make a file created before schema 5 able to shrink: one VACUUM, logged.
 
-        Checked at every read-write open, so a VACUUM cut short (a crash, a full disk, another
-        process holding the lock) is done at a later one; until then pruned rows' pages are
-        reused by new rows but the file does not shrink.
+        Only while its live data is under `VACUUM_AT_OPEN_MAX_BYTES`: a VACUUM copies the live
+        pages, and a longer one would outlast a service manager's start timeout (killed, it
+        would start over at every start). Above that, pruning frees pages that new rows reuse,
+        so the file stops growing, and a later start converts it once pruning has brought the
+        live data under the limit. Checked at every read-write open, so a VACUUM cut short (a
+        crash, a full disk, another process holding the lock) is done at a later one.
         """
         if conn.execute(SQL_AUTO_VACUUM).fetchone()[0] == AUTO_VACUUM_INCREMENTAL:
             return
         before = self._path.stat().st_size
+        live = conn.execute(SQL_LIVE_BYTES).fetchone()[0]
+        if live > VACUUM_AT_OPEN_MAX_BYTES:
+            log.info(
+                "outbox %s: not rewritten yet (VACUUM) to shrink back after pruning: %.0f MB "
+                "of live data, more than %.0f MB; its free pages are reused meanwhile",
+                self._path,
+                live / _MB,
+                VACUUM_AT_OPEN_MAX_BYTES / _MB,
+            )
+            return
         log.info(
             "outbox %s: rewriting it once (VACUUM, %.1f MB) so that it shrinks back as "
-            "delivered rows are pruned; this takes a while for a large file",
+            "delivered rows are pruned",
             self._path,
             before / _MB,
         )

@@ -182,5 +182,10 @@ class Queries(Database):
         return float(rows[0][0]) if rows else None
 
     def free_pages(self) -> int:
-        """Return the pages of the file that hold nothing (given back by `vacuum_step`)."""
+        """Return the free pages `vacuum_step` can give back to the file system.
+
+        0 for a file not yet in incremental auto_vacuum mode (see
+        `forwarder.outbox.db.VACUUM_AT_OPEN_MAX_BYTES`): its free pages are only reused by
+        new rows.
+        """
         return int(self._query("free_pages", SQL_FREE_PAGES)[0][0])

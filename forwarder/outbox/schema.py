@@ -469,7 +469,11 @@ SQL_SET_HORIZON: Final = """
 
 SQL_HORIZON: Final = "SELECT pruned_before FROM retention WHERE id = 1"
 
-SQL_FREE_PAGES: Final = "PRAGMA freelist_count"
+# free pages that incremental_vacuum can give back: none before the file has that mode
+SQL_FREE_PAGES: Final = """
+    SELECT CASE WHEN auto_vacuum = 2 THEN freelist_count ELSE 0 END
+      FROM pragma_auto_vacuum(), pragma_freelist_count()
+"""
 SQL_AUTO_VACUUM: Final = "PRAGMA auto_vacuum"
 AUTO_VACUUM_INCREMENTAL: Final = 2
 """What ``PRAGMA auto_vacuum`` reads when free pages are given back by `incremental_vacuum`."""
@@ -477,6 +481,10 @@ PRAGMA_AUTO_VACUUM: Final = "PRAGMA auto_vacuum = INCREMENTAL"
 """Set by a writer before anything else: it takes effect on a new file (before its first
 table, and before WAL mode is set), and on an existing one at its next VACUUM."""
 SQL_VACUUM: Final = "VACUUM"
+SQL_LIVE_BYTES: Final = """
+    SELECT (page_count - freelist_count) * page_size
+      FROM pragma_page_count(), pragma_freelist_count(), pragma_page_size()
+"""
 
 
 def incremental_vacuum(pages: int) -> str:
