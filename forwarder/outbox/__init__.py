@@ -43,7 +43,8 @@ Measured on the development VM (tests/test_outbox.py builds the same backlog): o
 with ``synchronous=FULL`` costs about 0.3 ms against 0.13 ms with NORMAL -- nothing next to a
 C-STORE, so we keep FULL; ``enqueue_many`` writes about 60,000 rows/s, ``claim`` of 64 rows
 out of a 100,000-row backlog takes about 1.3 ms through the ``deliveries_claim`` index, and
-the file grows by about 450 bytes per row.
+the file grows by about 680 bytes per row with real inbox paths and UIDs
+(bench/bench_outbox_size.py).
 
 A CLI opens the outbox with ``readonly=True`` for queries: a ``mode=ro`` connection that never
 writes, never migrates and reads a WAL snapshot without blocking the daemon or being blocked by it
