@@ -6,7 +6,6 @@ import contextvars
 import json
 import os
 import re
-import ssl
 import tomllib
 import types
 import typing
@@ -31,8 +30,6 @@ __all__ = [
     "Settings",
     "TLSSettings",
     "add_config_argument",
-    "check_layout",
-    "check_tls",
     "flatten",
     "load_raw",
     "load_settings",
@@ -53,6 +50,7 @@ _MAX_SECONDS = 366 * 86400  # a year: longer is a typo, not a policy
 _MAX_NETWORK_SECONDS = 86400  # a peer silent for a day is dead, whatever the setting says
 Seconds = Annotated[float, Field(gt=0, le=_MAX_SECONDS, allow_inf_nan=False)]
 SecondsOrZero = Annotated[float, Field(ge=0, le=_MAX_SECONDS, allow_inf_nan=False)]
+_MAX_KEEP_DAYS = 100 * 366  # retention: a century is "forever", longer is a typo
 NetworkSeconds = Annotated[float, Field(gt=0, le=_MAX_NETWORK_SECONDS, allow_inf_nan=False)]
 
 
@@ -148,6 +146,13 @@ class WatchSettings(_Model):
 class OutboxSettings(_Model):
     path: Path = Path("/var/lib/forwarder/outbox.sqlite3")
     lease_seconds: Seconds = 300
+    # delivered rows older than this are deleted; 0 keeps them forever
+    keep_sent_days: float = Field(default=30, ge=0, le=_MAX_KEEP_DAYS, allow_inf_nan=False)
+
+    @property
+    def keep_sent_seconds(self) -> float:
+        """`keep_sent_days` in seconds (0: delivered rows are kept forever)."""
+        return self.keep_sent_days * 86400
 
 
 class RetrySettings(_Model):
@@ -462,84 +467,3 @@ def load_settings(
     if require_destinations and not settings.destinations:
         raise ConfigError(source, ["destinations: at least one [[destinations]] entry is required"])
     return settings
-
-
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
-def check_layout(settings: Settings) -> list[str]:
-    """Config errors no schema can see: folders that would feed the daemon its own output."""
-    errors = []
-    for root in settings.watch.paths:
-        if _overlaps(root, settings.quarantine.dir):
-            errors.append(
-                f"quarantine.dir: {settings.quarantine.dir} overlaps the watched folder {root}"
-            )
-        if settings.disposition.on_success == "move" and _overlaps(
-            root, settings.disposition.archive_dir
-        ):
-            errors.append(
-                f"disposition.archive_dir: {settings.disposition.archive_dir} overlaps the "
-                f"watched folder {root}"
-            )
-    if not settings.watch.paths:
-        errors.append("watch.paths: at least one folder to watch is required")
-    return errors
-
-
-def check_tls(settings: Settings) -> list[str]:
-    """The TLS files of every destination, loaded as the sender will; one line per problem.
-
-    A missing, unreadable or malformed CA, certificate or key is named by its setting
-    (``destinations.0.tls.ca: file not found: /etc/forwarder/ca.pem``). Kept out of the
-    schema so that `forwarder config show` and the operator commands still work on a host
-    without the files.
-    """
-    errors: list[str] = []
-    for i, dest in enumerate(settings.destinations):
-        tls = dest.tls
-        if tls is None:
-            continue
-        files = {"ca": tls.ca, "cert": tls.cert, "key": tls.key}
-        bad = False
-        for name, path in files.items():
-            if path is None:
-                continue
-            problem = _file_problem(path)
-            if problem is not None:
-                errors.append(f"destinations.{i}.tls.{name}: {problem}: {path}")
-                bad = True
-        if bad:
-            continue
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if tls.ca is not None:
-            try:
-                ctx.load_verify_locations(cafile=str(tls.ca))
-            except (ssl.SSLError, OSError) as exc:
-                errors.append(f"destinations.{i}.tls.ca: not a PEM CA bundle: {tls.ca} ({exc})")
-        if tls.cert is not None:
-            try:
-                ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-            except (ssl.SSLError, OSError) as exc:
-                errors.append(
-                    f"destinations.{i}.tls.cert: cannot load the certificate {tls.cert} "
-                    f"with the key {tls.key} ({exc})"
-                )
-    return errors
-
-
-def _file_problem(path: Path) -> str | None:
-    """Why `path` cannot be read as a file, or None."""
-    try:
-        with open(path, "rb"):
-            return None
-    except FileNotFoundError:
-        return "file not found"
-    except IsADirectoryError:
-        return "a folder, not a file"
-    except PermissionError:
-        return "not readable (permission denied)"
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"

@@ -12,14 +12,7 @@ from pathlib import Path
 
 from forwarder import __version__
 from forwarder.breaker import Breaker
-from forwarder.config import (
-    ConfigError,
-    Destination,
-    Settings,
-    check_layout,
-    check_tls,
-    load_settings,
-)
+from forwarder.config import ConfigError, Destination, Settings
 from forwarder.deliver import Crew, Rules, Worker, stop_workers
 from forwarder.dispose import Disposer, Layout
 from forwarder.enqueue import Enqueuer, Intake
@@ -30,10 +23,12 @@ from forwarder.logs import fields, iso
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
+from forwarder.preflight import load_for_daemon
+from forwarder.retention import Retention, still_in
 from forwarder.trouble import OutboxTrouble, damaged
 from forwarder.watcher import Watcher
 
-__all__ = ["INBOX_LOCK", "Daemon", "load"]
+__all__ = ["INBOX_LOCK", "Daemon"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
@@ -47,17 +42,10 @@ STALL_MARGIN_SECONDS = 60.0
 """Added to twice the longest timeouts: a batch stuck longer than that is hung."""
 DEFAULT_STALL_SECONDS = 60.0
 """The timeouts assumed without any destination."""
+PRUNE_AFTER_ERROR_SECONDS = 60.0
+"""Retention tries again this long after the outbox refused a step."""
 MIN_WAKE_SECONDS = 0.01
 """The main loop sleeps at least this long between steps."""
-
-
-def load(path: Path | None) -> Settings:
-    """Settings for the daemon: schema, layout and TLS files; raises ConfigError listing all."""
-    settings = load_settings(path, require_destinations=True)
-    errors = check_layout(settings) + check_tls(settings)
-    if errors:
-        raise ConfigError(str(path) if path else "environment", errors)
-    return settings
 
 
 class Daemon:
@@ -95,6 +83,7 @@ class Daemon:
             queued=self.wake_workers,
             fatal=self.die,
         )
+        self.retention = _retention(self.outbox, settings)
         self.watcher: Watcher | None = None
         self.crews: dict[str, Crew] = {}
         self.breakers: dict[str, Breaker] = {}  # kept across reloads, as the outbox keeps them
@@ -237,7 +226,7 @@ class Daemon:
     def reload(self) -> None:
         self.notifier.reloading()
         try:
-            new = load(self.config_path)
+            new = load_for_daemon(self.config_path)
         except ConfigError as exc:
             for line in exc.lines():
                 LOGGER.error(f"reload refused, keeping the running config: {line}")
@@ -258,6 +247,8 @@ class Daemon:
         self.settings = new
         self.enqueuer.intake = Intake.of(new)
         self.disposer.layout = Layout.of(new)
+        if (new.outbox, new.watch.paths) != (old.outbox, old.watch.paths):
+            self.retention = _retention(self.outbox, new)
         rules = Rules.of(new)
         for crew in self.crews.values():
             crew.rules = rules
@@ -345,7 +336,7 @@ class Daemon:
         """The main loop: heartbeat, status, watchdog, leases, summary, reload; until stop."""
         hb_every = self.settings.health.heartbeat_seconds
         wd_every = self.notifier.watchdog_interval()
-        next_hb = next_status = next_summary = next_lease = next_wd = 0.0
+        next_hb = next_status = next_summary = next_lease = next_wd = next_prune = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
             if self.reload_requested.is_set():
@@ -380,11 +371,19 @@ class Daemon:
                     self._tend(lambda: LOGGER.info(f"summary: {self.status_line()}"))
                 next_summary = now + self.settings.log.summary_seconds
             self._tend(lambda: self.disposer.loop(time.monotonic()))
-            deadlines = [next_hb, next_status, next_summary, next_lease]
+            if now >= next_prune:
+                next_prune = now + self._prune()
+            deadlines = [next_hb, next_status, next_summary, next_lease, next_prune]
             if wd_every is not None:
                 deadlines.append(next_wd)
             self.wakeup.wait(max(MIN_WAKE_SECONDS, min(deadlines) - time.monotonic()))
             self.wakeup.clear()
+
+    def _prune(self) -> float:
+        """One retention step (its clock is the outbox's); seconds until the next one."""
+        delays = [PRUNE_AFTER_ERROR_SECONDS]
+        self._tend(lambda: delays.append(self.retention.loop(time.time())))
+        return delays[-1]
 
     def _recover_leases(self) -> None:
         n = self.outbox.recover_leases(time.time())
@@ -425,3 +424,8 @@ class Daemon:
                 self.outbox.close()
         LOGGER.info("stopped" if clean else "stopped (forced)")
         return clean
+
+
+def _retention(outbox: Outbox, settings: Settings) -> Retention:
+    # a file still in a watched folder keeps its rows: pruned, a restart would send it again
+    return Retention(outbox, settings.outbox.keep_sent_seconds, still_in(settings.watch.paths))

@@ -95,7 +95,6 @@ class DicomInfo:
     transfer_syntax: str
     study_uid: str | None
     dataset_offset: int  # where the data set starts (after preamble and file meta)
-    has_meta: bool  # preamble + DICM + group 0002 present
 
 
 class _Reader:
@@ -481,7 +480,6 @@ def inspect(path: Path | str, *, follow_symlinks: bool = True) -> DicomInfo:
         transfer_syntax=ts,
         study_uid=_text(found.get(_STUDY)),
         dataset_offset=offset,
-        has_meta=has_meta,
     )
 
 
@@ -525,7 +523,6 @@ def locate(
         transfer_syntax=transfer_syntax,
         study_uid=study_uid,
         dataset_offset=offset,
-        has_meta=has_meta,
     )
 
 

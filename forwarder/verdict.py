@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from forwarder.dicomfile import DicomInfo, InvalidDicom, escape_bytes, locate, uid_problem
 from forwarder.outbox import Delivery, Mark, State
@@ -79,17 +78,7 @@ def checked(d: Delivery, *, follow_symlinks: bool) -> DicomInfo | Verdict:
             # not through a symlink that replaced the file since (unless symlinks are followed)
             st = os.stat(d.path, follow_symlinks=follow_symlinks)
             size, mtime_ns = st.st_size, st.st_mtime_ns
-            info = DicomInfo(
-                path=Path(d.path),
-                size=d.size,
-                mtime_ns=d.mtime_ns,
-                sop_class_uid=d.sop_class_uid,
-                sop_instance_uid=d.sop_instance_uid,
-                transfer_syntax=d.transfer_syntax,
-                study_uid=d.study_uid,
-                dataset_offset=d.dataset_offset,
-                has_meta=d.dataset_offset > 0,  # not used for sending
-            )
+            info = d.file
         else:
             info = locate(
                 d.path,

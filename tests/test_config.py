@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SCP, make_instance, wait_for
 
-from forwarder.config import NO_CONFIG, ConfigError, check_tls, load_settings, parse_umask
+from forwarder.config import NO_CONFIG, ConfigError, load_settings, parse_umask
+from forwarder.preflight import check_tls
 
 ROOT = Path(__file__).resolve().parents[1]
 

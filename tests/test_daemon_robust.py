@@ -31,9 +31,9 @@ from test_daemon import (  # the daemon fixtures and helpers
 
 from forwarder.config import Settings
 from forwarder.daemon import Daemon
-from forwarder.dicomfile import inspect
+from forwarder.dicomfile import DicomInfo, inspect
 from forwarder.errors import EX_SOFTWARE
-from forwarder.outbox import FileRecord, Outbox, State
+from forwarder.outbox import Outbox, State
 
 __all__ = ["corpus", "fwd"]  # fixtures, imported for pytest
 
@@ -230,8 +230,8 @@ def _fill_and_damage(outbox_path: Path) -> None:
     """An outbox with 3000 rows whose middle pages are then overwritten with garbage."""
     with Outbox(outbox_path) as ob:
         recs = [
-            FileRecord(f"/old/{i}.dcm", 1000, i, "1.2.840.10008.5.1.4.1.1.7", f"1.2.3.{i}",
-                       "1.2.840.10008.1.2.1", "1.2.9")
+            DicomInfo(Path(f"/old/{i}.dcm"), 1000, i, "1.2.840.10008.5.1.4.1.1.7", f"1.2.3.{i}",
+                      "1.2.840.10008.1.2.1", "1.2.9", 0)
             for i in range(3000)
         ]  # fmt: skip
         ob.enqueue_many(recs, ["retired"], 1.0)
@@ -362,8 +362,8 @@ def test_damage_found_while_running_stops_the_daemon_with_73(
     fwd.configure([dest("pacs", scp.port)])
     with Outbox(fwd.outbox_path) as ob:
         recs = [
-            FileRecord(f"/old/{i}.dcm", 1000, i, "1.2.840.10008.5.1.4.1.1.7", f"1.2.3.{i}",
-                       "1.2.840.10008.1.2.1", "1.2.9")
+            DicomInfo(Path(f"/old/{i}.dcm"), 1000, i, "1.2.840.10008.5.1.4.1.1.7", f"1.2.3.{i}",
+                      "1.2.840.10008.1.2.1", "1.2.9", 0)
             for i in range(3000)
         ]  # fmt: skip
         ob.enqueue_many(recs, ["retired"], 1.0)
@@ -391,8 +391,8 @@ def test_a_row_that_breaks_the_sender_does_not_stop_its_worker(
     corpus.write(bad)
     st = bad.stat()
     with Outbox(fwd.outbox_path) as ob:
-        rec = FileRecord(
-            str(bad), st.st_size, st.st_mtime_ns, "1.2.840.10008.5.1.4.1.1.7",
+        rec = DicomInfo(
+            bad, st.st_size, st.st_mtime_ns, "1.2.840.10008.5.1.4.1.1.7",
             "1.2.826.0.1.3680043.10.999.\u00e9", "1.2.840.10008.1.2.1", "1.2.9",
             dataset_offset=inspect(bad).dataset_offset,
         )  # fmt: skip

@@ -30,8 +30,8 @@ from test_daemon import fwd as fwd
 
 from forwarder.cli import main as cli_main
 from forwarder.commands.send import main as send_main
-from forwarder.dicomfile import InvalidDicom, inspect
-from forwarder.outbox import FileRecord, Outbox, State
+from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
+from forwarder.outbox import Outbox, State
 
 EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
 
@@ -105,8 +105,8 @@ def test_rows_queued_with_bad_uids_before_the_upgrade_never_reach_the_peer(
             path = fwd.inbox / name
             corpus.write(path)
             info = inspect(path)
-            rec = FileRecord(
-                path=str(path),
+            rec = DicomInfo(
+                path=path,
                 size=info.size,
                 mtime_ns=info.mtime_ns,
                 sop_class_uid=info.sop_class_uid,

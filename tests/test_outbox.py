@@ -20,16 +20,17 @@ from typing import Any
 import pytest
 
 from forwarder import outbox as outbox_module
+from forwarder.dicomfile import DicomInfo
 from forwarder.outbox import (
     SCHEMA_VERSION,
     Delivery,
-    FileRecord,
     Mark,
     Outbox,
     OutboxBusyError,
     OutboxError,
     PathConflictError,
     State,
+    schema,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,16 +60,19 @@ def outbox(db_path: Path) -> Iterator[Outbox]:
         yield ob
 
 
-def rec(i: int = 1, **changes: Any) -> FileRecord:
-    """A file record numbered `i`; study = i // 10."""
-    base = FileRecord(
-        path=f"/in/{i:07d}.dcm",
+def rec(i: int = 1, **changes: Any) -> DicomInfo:
+    """A file's facts, numbered `i`; study = i // 10."""
+    if "path" in changes:
+        changes["path"] = Path(changes["path"])
+    base = DicomInfo(
+        path=Path(f"/in/{i:07d}.dcm"),
         size=1000 + i,
         mtime_ns=1_700_000_000_000_000_000 + i,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         sop_instance_uid=f"1.2.3.{i}",
         transfer_syntax="1.2.840.10008.1.2.1",
         study_uid=f"1.2.9.{i // 10}",
+        dataset_offset=336,
     )
     return replace(base, **changes)
 
@@ -179,7 +183,7 @@ def _version_1_db(db_path: Path) -> None:
             " transfer_syntax, study_uid, destination, next_attempt_at, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, 'a', ?, ?, ?)",
             (
-                r.path,
+                str(r.path),
                 r.size,
                 r.mtime_ns,
                 r.sop_class_uid,
@@ -236,7 +240,7 @@ def test_known_files_and_files_states_answer_for_a_batch(db_path: Path) -> None:
         ob.enqueue_many([rec(i) for i in range(1, 4)], ["a", "b"], T0)
         (d,) = [x for x in ob.claim("a", 10, T0 + 1, 60) if x.sop_instance_uid == "1.2.3.2"]
         ob.mark_sent(d.id, 0, T0 + 2)
-        key = {i: (rec(i).path, rec(i).size, rec(i).mtime_ns) for i in range(1, 5)}
+        key = {i: (str(rec(i).path), rec(i).size, rec(i).mtime_ns) for i in range(1, 5)}
         other_version = (key[1][0], key[1][1] + 1, key[1][2])
         assert ob.known_files([key[1], key[2], key[4], other_version]) == {key[1], key[2]}
         assert ob.known_files([]) == set()
@@ -287,7 +291,8 @@ def test_readonly_never_writes(db_path: Path) -> None:
             lambda: ro.claim("a", 1, T0, LEASE),
             lambda: ro.heartbeat(T0, {}),
             lambda: ro.recover_leases(T0, all_inflight=True),
-            lambda: ro.prune(T0),
+            lambda: ro.prune_delivered(T0),
+            lambda: ro.vacuum_step(),
         ]
         for write in writes:
             with pytest.raises(OutboxError, match="read-only"):
@@ -382,26 +387,26 @@ def test_closed_outbox_raises(db_path: Path) -> None:
     ],
 )
 def test_enqueue_dedup(
-    outbox: Outbox, second: FileRecord, destinations: list[str], added: int
+    outbox: Outbox, second: DicomInfo, destinations: list[str], added: int
 ) -> None:
     first = rec(1)
-    assert not outbox.is_known(first.path, first.size, first.mtime_ns)
+    assert not outbox.is_known(str(first.path), first.size, first.mtime_ns)
     assert outbox.enqueue(first, ["a", "b"], T0) == 2
-    assert outbox.is_known(first.path, first.size, first.mtime_ns)
+    assert outbox.is_known(str(first.path), first.size, first.mtime_ns)
     assert outbox.enqueue(second, destinations, T0 + 1) == added
-    known = added > 0 or (second.path, second.size, second.mtime_ns) == (
-        first.path,
+    known = added > 0 or (str(second.path), second.size, second.mtime_ns) == (
+        str(first.path),
         first.size,
         first.mtime_ns,
     )
-    assert outbox.is_known(second.path, second.size, second.mtime_ns) == known
+    assert outbox.is_known(str(second.path), second.size, second.mtime_ns) == known
     assert len(outbox.list()) == 2 + added
 
 
 def test_enqueue_sets_pending_row(outbox: Outbox) -> None:
     outbox.enqueue(rec(3), ["a"], T0)
     (d,) = outbox.list()
-    assert (d.path, d.destination, d.state, d.attempts) == (rec(3).path, "a", State.PENDING, 0)
+    assert (d.path, d.destination, d.state, d.attempts) == (str(rec(3).path), "a", State.PENDING, 0)
     assert (d.next_attempt_at, d.created_at, d.done_at) == (T0, T0, None)
     assert (d.first_attempt_at, d.last_attempt_at, d.last_status, d.last_error) == (
         None,
@@ -442,19 +447,25 @@ def test_claim_oldest_due_first_with_limit_and_lease(outbox: Outbox, db_path: Pa
     outbox.enqueue_many([rec(i) for i in range(1, 6)], ["a", "b"], T0)
     # push rec(1) and rec(2) of "a" back: 1 due at T0+50, 2 due at T0+20
     first = outbox.claim("a", 2, T0, LEASE)
-    assert [d.path for d in first] == [rec(1).path, rec(2).path]
+    assert [d.path for d in first] == [str(rec(1).path), str(rec(2).path)]
     outbox.mark_retry(first[0].id, 0xA700, "out of resources", T0, T0 + 50)
     outbox.mark_retry(first[1].id, 0xA700, "out of resources", T0, T0 + 20)
 
     now = T0 + 30
     batch = outbox.claim("a", 2, now, LEASE)
-    assert [d.path for d in batch] == [rec(3).path, rec(4).path]  # by (next_attempt_at, id)
+    assert [d.path for d in batch] == [
+        str(rec(3).path),
+        str(rec(4).path),
+    ]  # by (next_attempt_at, id)
     assert all(d.state is State.INFLIGHT and d.destination == "a" for d in batch)
     assert column(db_path, batch[0].id, "lease_until") == now + LEASE
     batch = outbox.claim("a", 10, now, LEASE)
-    assert [d.path for d in batch] == [rec(5).path, rec(2).path]  # rec(1) not due until +50
+    assert [d.path for d in batch] == [
+        str(rec(5).path),
+        str(rec(2).path),
+    ]  # rec(1) not due until +50
     assert outbox.claim("a", 10, now, LEASE) == []
-    assert [d.path for d in outbox.claim("a", 10, T0 + 50, LEASE)] == [rec(1).path]
+    assert [d.path for d in outbox.claim("a", 10, T0 + 50, LEASE)] == [str(rec(1).path)]
     assert len(outbox.claim("b", 100, now, LEASE)) == 5  # other destination untouched
 
 
@@ -660,7 +671,7 @@ def test_release_keeps_place_in_line(outbox: Outbox) -> None:
     batch = outbox.claim("a", 2, T0 + 1, LEASE)
     outbox.release([d.id for d in batch], T0 + 2)
     again = outbox.claim("a", 3, T0 + 2, LEASE)
-    assert [d.path for d in again] == [rec(1).path, rec(2).path, rec(3).path]
+    assert [d.path for d in again] == [str(rec(1).path), str(rec(2).path), str(rec(3).path)]
     assert all(d.attempts == 0 for d in again)
     outbox.release([], T0)  # nothing to do
 
@@ -694,13 +705,13 @@ def test_next_due(outbox: Outbox) -> None:
 
 def test_file_states(outbox: Outbox) -> None:
     r = rec(1)
-    assert outbox.file_states(r.path, r.size, r.mtime_ns) == {}
+    assert outbox.file_states(str(r.path), r.size, r.mtime_ns) == {}
     outbox.enqueue(r, ["a", "b", "c"], T0)
     outbox.enqueue(rec(1, size=1), ["a"], T0)  # another version of the same path
     a, b, _ = (outbox.claim(name, 1, T0, LEASE)[0] for name in ("a", "b", "c"))
     outbox.mark_sent(a.id, 0, T0)
     outbox.mark_quarantined(b.id, 0xC000, "cannot understand", T0)
-    assert outbox.file_states(r.path, r.size, r.mtime_ns) == {
+    assert outbox.file_states(str(r.path), r.size, r.mtime_ns) == {
         "a": State.SENT,
         "b": State.QUARANTINED,
         "c": State.INFLIGHT,
@@ -710,24 +721,24 @@ def test_file_states(outbox: Outbox) -> None:
 def test_set_path(outbox: Outbox) -> None:
     outbox.enqueue(rec(1), ["a", "b"], T0)
     outbox.enqueue(rec(2), ["a"], T0)
-    assert outbox.set_path(rec(1).path, "/quarantine/x.dcm", now=T0 + 1) == 2
+    assert outbox.set_path(str(rec(1).path), "/quarantine/x.dcm", now=T0 + 1) == 2
     assert outbox.set_path("/nowhere.dcm", "/elsewhere.dcm") == 0
-    assert not outbox.is_known(rec(1).path, rec(1).size, rec(1).mtime_ns)
+    assert not outbox.is_known(str(rec(1).path), rec(1).size, rec(1).mtime_ns)
     assert outbox.file_states("/quarantine/x.dcm", rec(1).size, rec(1).mtime_ns) == {
         "a": State.PENDING,
         "b": State.PENDING,
     }
     assert {d.path for d in outbox.list(destination="b")} == {"/quarantine/x.dcm"}
     with pytest.raises(ValueError, match="absolute"):
-        outbox.set_path(rec(2).path, "relative.dcm")
+        outbox.set_path(str(rec(2).path), "relative.dcm")
 
 
 def test_set_path_conflict(outbox: Outbox) -> None:
     outbox.enqueue(rec(1), ["a"], T0)
     outbox.enqueue(rec(1, path="/archive/x.dcm"), ["a"], T0)
     with pytest.raises(PathConflictError):
-        outbox.set_path(rec(1).path, "/archive/x.dcm")
-    assert {d.path for d in outbox.list()} == {rec(1).path, "/archive/x.dcm"}  # rolled back
+        outbox.set_path(str(rec(1).path), "/archive/x.dcm")
+    assert {d.path for d in outbox.list()} == {str(rec(1).path), "/archive/x.dcm"}  # rolled back
 
 
 # ------------------------------------------------------------------------------- operator
@@ -794,7 +805,7 @@ def test_requeue_keeps_path_without_new_path(outbox: Outbox) -> None:
     (d,) = outbox.claim("a", 1, T0, LEASE)
     outbox.mark_gone(d.id, "vanished", T0)
     assert outbox.requeue([d.id], T0) == 1
-    assert one(outbox, d.id).path == rec(1).path
+    assert one(outbox, d.id).path == str(rec(1).path)
 
 
 def _finish(outbox: Outbox, destination: str, state: State, now: float) -> None:
@@ -811,7 +822,7 @@ def _finish(outbox: Outbox, destination: str, state: State, now: float) -> None:
     ("sibling", "pruned"),
     [
         (State.SENT, 2),
-        (State.GONE, 1),
+        (State.GONE, 2),
         (State.PENDING, 0),
         (State.INFLIGHT, 0),
         (State.QUARANTINED, 0),
@@ -826,20 +837,27 @@ def test_prune_keeps_files_with_unfinished_rows(
         outbox.claim("b", 1, T0, LEASE)
     elif sibling is not State.PENDING:
         _finish(outbox, "b", sibling, T0)
-    assert outbox.prune(T0 + 1) == pruned
-    if pruned:
-        assert outbox.prune(T0 + 1) == 0
+    assert outbox.prune_delivered(T0 + 1).deleted == pruned
+    assert outbox.prune_delivered(T0 + 1).deleted == 0
+    assert len(outbox.list()) == 2 - pruned
 
 
-def test_prune_age_and_batches(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbox_module, "PRUNE_BATCH", 3)
+def test_prune_age_and_batches(outbox: Outbox) -> None:
     outbox.enqueue_many([rec(i) for i in range(10)], ["a"], T0)
     for i, d in enumerate(outbox.claim("a", 10, T0, LEASE)):
         outbox.mark_sent(d.id, 0, T0 + i)
-    assert outbox.prune(T0 + 7) == 7  # done at T0+0 .. T0+6, in three transactions
+    deleted, after, calls = 0, None, 0
+    while True:  # done at T0+0 .. T0+6: three calls of three rows, the last finds one
+        result = outbox.prune_delivered(T0 + 7, 3, after=after)
+        deleted, after, calls = deleted + result.deleted, result.last, calls + 1
+        assert result.deleted <= 3
+        if result.done:
+            break
+    assert (deleted, calls) == (7, 3)
+    assert outbox.retention_horizon() == T0 + 7
     assert sorted(d.done_at or 0 for d in outbox.list()) == [T0 + 7, T0 + 8, T0 + 9]
     # a pruned file is no longer known, so the same unchanged file would be queued again
-    assert not outbox.is_known(rec(0).path, rec(0).size, rec(0).mtime_ns)
+    assert not outbox.is_known(str(rec(0).path), rec(0).size, rec(0).mtime_ns)
 
 
 def test_counts_sent_since_oldest_pending(outbox: Outbox) -> None:
@@ -872,7 +890,7 @@ def test_counts_sent_since_oldest_pending(outbox: Outbox) -> None:
         ),
         ({"states": []}, []),
         ({"study_uid": "1.2.9.1"}, [(11, "a"), (11, "b")]),
-        ({"path": rec(2).path}, [(2, "a"), (2, "b")]),
+        ({"path": str(rec(2).path)}, [(2, "a"), (2, "b")]),
         ({"destination": "a", "states": [State.PENDING], "study_uid": "1.2.9.0"}, [(2, "a")]),
         ({"limit": 3}, [(1, "a"), (1, "b"), (2, "a")]),
     ],
@@ -1098,14 +1116,16 @@ def test_daemon_is_not_blocked_by_a_reader_process(db_path: Path) -> None:
 
 _ENQUEUE_FOREVER = """
 import sys
-from forwarder.outbox import FileRecord, Outbox
+from pathlib import Path
+from forwarder.dicomfile import DicomInfo
+from forwarder.outbox import Outbox
 ob = Outbox(sys.argv[1])
 i = int(sys.argv[2])
 start = i
 while True:
-    rec = FileRecord(
-        f"/in/{i:07d}.dcm", 1000 + i, i * 7, "1.2.840.10008.5.1.4.1.1.2",
-        f"1.2.3.{i}", "1.2.840.10008.1.2.1", f"1.2.9.{i // 10}",
+    rec = DicomInfo(
+        Path(f"/in/{i:07d}.dcm"), 1000 + i, i * 7, "1.2.840.10008.5.1.4.1.1.2",
+        f"1.2.3.{i}", "1.2.840.10008.1.2.1", f"1.2.9.{i // 10}", 336,
     )
     ob.enqueue(rec, ("a", "b", "c"), float(i))
     for d in ob.claim("a", 2, float(i), 60.0):
@@ -1168,11 +1188,11 @@ def test_100k_backlog_claims_through_the_index(outbox: Outbox, db_path: Path) ->
     recs = [rec(i) for i in range(100_000)]
     assert outbox.enqueue_many(recs, ["pacs"], T0) == 100_000
     batch = outbox.claim("pacs", 64, T0, LEASE)
-    assert [d.path for d in batch] == [r.path for r in recs[:64]]
+    assert [d.path for d in batch] == [str(r.path) for r in recs[:64]]
 
     plan = _plan(
         db_path,
-        outbox_module.SQL_CLAIM,
+        schema.SQL_CLAIM,
         {"destination": "pacs", "now": T0, "limit": 64, "lease_until": T0 + LEASE},
     )
     assert any("USING COVERING INDEX deliveries_claim" in line for line in plan), plan
@@ -1190,15 +1210,19 @@ def test_100k_backlog_claims_through_the_index(outbox: Outbox, db_path: Path) ->
         ("SQL_SENT_SINCE", "deliveries_done"),
         ("SQL_OLDEST_PENDING", "deliveries_backlog"),
         ("SQL_RECOVER_EXPIRED", "deliveries_done"),
-        ("SQL_PRUNE", "deliveries_done"),
+        ("SQL_PRUNE_CANDIDATES", "deliveries_delivered"),
+        ("SQL_PRUNE_ONE", "deliveries_file"),
         ("SQL_FIND", "deliveries_sop"),
         ("SQL_FIND", "deliveries_study"),
     ],
 )
 def test_queries_use_indexes(outbox: Outbox, db_path: Path, name: str, index: str) -> None:
-    sql: str = getattr(outbox_module, name)
+    sql: str = getattr(schema, name)
     params = dict.fromkeys(
-        ("path", "size", "mtime_ns", "old_path", "new_path", "now", "uid", "older_than", "batch"),
+        (
+            *("path", "size", "mtime_ns", "old_path", "new_path", "now", "uid", "id"),
+            *("before", "limit", "after_done", "after_id"),
+        ),
         1,
     )
     positional = (1,) * sql.count("?")

@@ -33,7 +33,7 @@ def db_path(tmp_path: Path) -> Path:
 
 def test_a_name_that_is_not_utf8_round_trips_through_every_path_query(db_path: Path) -> None:
     r = rec(1, path=LATIN1)
-    key = (r.path, r.size, r.mtime_ns)
+    key = (str(r.path), r.size, r.mtime_ns)
     with Outbox(db_path) as ob:
         assert ob.known_files([key]) == set()
         assert ob.enqueue(r, ["a"], T0) == 1
@@ -72,7 +72,7 @@ def _version_2_db(db_path: Path, rows: int) -> None:
                 " transfer_syntax, study_uid, destination, next_attempt_at, created_at,"
                 " updated_at, dataset_offset, state, attempts, done_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, 'a', ?, ?, ?, 300, 2, 1, ?)",
-                (r.path, r.size, r.mtime_ns, r.sop_class_uid, r.sop_instance_uid,
+                (str(r.path), r.size, r.mtime_ns, r.sop_class_uid, r.sop_instance_uid,
                  r.transfer_syntax, r.study_uid, T0, T0, T0, T0),
             )  # fmt: skip
         conn.execute("DELETE FROM deliveries WHERE id = ?", (rows,))
@@ -83,16 +83,16 @@ def test_migrating_version_2_keeps_rows_paths_and_never_reuses_an_id(db_path: Pa
     with Outbox(db_path) as ob:
         old = ob.list()
         assert [(d.id, d.path, d.state, d.dataset_offset) for d in old] == [
-            (1, rec(1).path, State.SENT, 300),
-            (2, rec(2).path, State.SENT, 300),
+            (1, str(rec(1).path), State.SENT, 300),
+            (2, str(rec(2).path), State.SENT, 300),
         ]
-        assert ob.known_files([(rec(1).path, rec(1).size, rec(1).mtime_ns)])
+        assert ob.known_files([(str(rec(1).path), rec(1).size, rec(1).mtime_ns)])
         assert ob.enqueue(rec(1), ["a"], T0) == 0  # still known after the migration
         ob.enqueue(rec(9, path=LATIN1), ["a"], T0)
         (new,) = ob.list(path=LATIN1)
         assert new.id > 3  # 3 was used, then pruned: never given out again
     with raw(db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "deliveries_v3" not in names

@@ -19,8 +19,9 @@ import pytest
 from forwarder import filing
 from forwarder.cli import main as cli_main
 from forwarder.config import load_settings
+from forwarder.dicomfile import DicomInfo
 from forwarder.logs import iso
-from forwarder.outbox import FileRecord, Outbox, State
+from forwarder.outbox import Outbox, State
 from forwarder.policy import IDLE_SECONDS
 from forwarder.quarantine import QuarantinedFile, entries, files
 from forwarder.sidecar import Sidecar
@@ -76,14 +77,15 @@ def refused_in_outbox(place: Place, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"DICM" * 32)
     st = path.stat()
-    rec = FileRecord(
-        path=str(path),
+    rec = DicomInfo(
+        path=path,
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
         sop_instance_uid=UID,
         transfer_syntax="1.2.840.10008.1.2.1",
         study_uid=STUDY,
+        dataset_offset=0,
     )
     with Outbox(place.outbox) as ob:
         ob.enqueue(rec, ["pacs", "archive"], NOW)

@@ -13,13 +13,12 @@ from forwarder.commands import common
 from forwarder.config import (
     NO_CONFIG,
     Settings,
-    check_layout,
-    check_tls,
     flatten,
     load_raw,
     load_settings,
 )
 from forwarder.errors import EX_CONFIG, ConfigError
+from forwarder.preflight import check_layout, check_tls
 
 __all__ = ["MASK", "add_arguments", "check", "effective", "masked", "run"]
 

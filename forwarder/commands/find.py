@@ -21,11 +21,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Find a SOP Instance UID or a Study Instance UID in the outbox: which destinations "
         "have it (when, with which status), which are still waiting or quarantined, and where "
         "its file is now (inbox, quarantine, archive, or deleted after delivery). Exit 1 when "
-        "the outbox has never seen it."
+        "the outbox has no row of it: never queued, or delivered longer ago than "
+        "outbox.keep_sent_days."
     )
     common.add_config(parser)
     parser.add_argument("uid", metavar="UID", help="SOP Instance UID or Study Instance UID")
     common.add_json(parser)
+
+
+def _not_found(keep_days: float, horizon: float | None) -> str:
+    """Why a UID may be missing: never queued, or delivered before the retention horizon."""
+    if keep_days <= 0:
+        return "not in the outbox (never queued, or pruned long after delivery)"
+    kept = f"delivered rows are kept {keep_days:g} days, outbox.keep_sent_days"
+    if horizon is None:
+        return f"not in the outbox: never queued ({kept}; none pruned yet)"
+    return (
+        f"not in the outbox: never queued, or delivered before {iso(horizon)} and past "
+        f"retention ({kept})"
+    )
 
 
 @common.command("forwarder find")
@@ -36,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     with common.open_outbox(settings) as outbox:
         rows = outbox.find(uid)
         breakers = outbox.destination_info()
+        horizon = outbox.retention_horizon()
     files = {d.path: common.location(Path(d.path), settings) for d in rows}
 
     def pause_of(d: Delivery) -> DestinationInfo | None:
@@ -64,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0 if rows else EXIT_NOT_FOUND
     if not rows:
-        print(f"{uid}: not in the outbox (never queued, or pruned long after delivery)")
+        print(f"{uid}: {_not_found(settings.outbox.keep_sent_days, horizon)}")
         return EXIT_NOT_FOUND
     instances = {d.sop_instance_uid for d in rows}
     what = "SOP Instance" if uid in instances else f"Study ({len(instances)} instances)"

@@ -13,13 +13,14 @@ from pathlib import Path
 from types import FrameType
 
 from forwarder.config import EX_CONFIG, ConfigError, Settings, add_config_argument
-from forwarder.daemon import INBOX_LOCK, Daemon, load
+from forwarder.daemon import INBOX_LOCK, Daemon
 from forwarder.errors import EX_CANTCREAT, EX_TEMPFAIL
 from forwarder.health import disk_full
 from forwarder.lockfile import Held, LockedError, LockError, hold
 from forwarder.logs import setup_logging
 from forwarder.notify import Notifier
 from forwarder.outbox import OutboxCorruptError, OutboxError, OutboxFullError
+from forwarder.preflight import load_for_daemon
 from forwarder.trouble import OutboxTrouble
 from forwarder.watcher import WatchRootError
 
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     # watcher is busy. At hundreds of stores a second that wait is the bottleneck.
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        settings = load(args.config)
+        settings = load_for_daemon(args.config)
     except ConfigError as exc:
         exc.report("forwarder")
         return EX_CONFIG

@@ -104,7 +104,8 @@ class _Row:
 def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
     """Build the peer from ADDR PORT or --destination; returns it and the file arguments."""
     if args.destination:
-        from forwarder.config import check_tls, load_settings  # pydantic: only with a config
+        from forwarder.config import load_settings  # pydantic: only with a config
+        from forwarder.preflight import check_tls
 
         settings = load_settings(args.config, require_destinations=True)
         source = str(args.config) if args.config else "environment"
