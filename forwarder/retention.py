@@ -22,7 +22,11 @@ BUSY_SECONDS: Final = 0.05
 writes get the lock in between."""
 
 IDLE_SECONDS: Final = 60.0
-"""Pause once caught up: rows come of age by the minute, never in a rush."""
+"""Pause once caught up: rows come of age by the minute, never in a rush ..."""
+
+IDLE_FRACTION: Final = 0.1
+"""... unless the retention is that short: then a tenth of it (a row stays at most 10 % past
+its time)."""
 
 SWEEP_SECONDS: Final = 3600.0
 """How often a pass starts again from the oldest row instead of where the last one stopped, for
@@ -87,7 +91,7 @@ class Retention:
         -------
         float
             Seconds until the next call: `BUSY_SECONDS` while there is more to do,
-            `IDLE_SECONDS` once caught up, ``math.inf`` when disabled (take the minimum with
+            `IDLE_SECONDS` (or a tenth of a shorter retention) once caught up, ``math.inf`` when disabled (take the minimum with
             the other stages' delays before waiting on it).
         """
         if not self.enabled:
@@ -114,7 +118,11 @@ class Retention:
                 extra=fields(outcome="pruned"),
             )
         self._before, self._deleted = None, 0
-        return BUSY_SECONDS if free else IDLE_SECONDS
+        return BUSY_SECONDS if free else self._idle
+
+    @property
+    def _idle(self) -> float:
+        return max(BUSY_SECONDS, min(IDLE_SECONDS, self._keep * IDLE_FRACTION))
 
 
 def still_in(folders: Iterable[Path]) -> Callable[[str], bool]:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -455,3 +457,37 @@ def test_a_stage_thread_that_ended_stops_the_daemon_with_70(tmp_path: Path) -> N
         assert d.exit_status == EX_SOFTWARE  # the first reason wins
     finally:
         d.outbox.close()
+
+
+# -- a bounded outbox (issue 11) --------------------------------------------------------------
+
+
+def test_delivered_rows_leave_the_outbox_after_keep_sent_days_others_stay(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    keep_days = 0.00003  # 2.6 s
+    scp.statuses = [0xA900, 0xA700]  # the first store refused for good, the second to retry
+    fwd.configure(
+        [dest("pacs", scp.port)],
+        outbox={"keep_sent_days": keep_days},
+        retry={"initial_seconds": 300, "max_seconds": 600},
+    ).start()
+    sent = corpus.many(fwd.inbox, 30)
+    fwd.wait(lambda: len(scp.uids()) == 28, 30, "28 instances stored")
+
+    def by_state() -> Counter[State]:
+        return Counter(d.state for d in fwd.deliveries())
+
+    fwd.wait(lambda: by_state()[State.SENT] == 28, 20, "28 deliveries recorded as sent")
+    fwd.wait(lambda: State.SENT not in by_state(), 30, "the delivered rows pruned")
+    assert by_state() == {State.QUARANTINED: 1, State.PENDING: 1}  # never pruned
+
+    def pruned() -> int:  # one line per pass, logged once the pass is over
+        return sum(map(int, re.findall(r"pruned (\d+) delivered row", fwd.text())))
+
+    fwd.wait(lambda: pruned() == 28, 10, "the pruning logged")
+    gone = next(uid for uid in sent if uid in scp.uids())
+    found = cli(fwd, "find", gone)
+    assert found.returncode == 1
+    assert "past retention" in found.stdout + found.stderr
+    assert fwd.stop() == 0
