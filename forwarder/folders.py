@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ["WatchRootError", "WatchedFolders", "is_under", "outermost", "watch_error"]
 
 # The watcher's lines: an operator filters on one logger for everything about watching.
-log = logging.getLogger("forwarder.watcher")
+LOGGER = logging.getLogger("forwarder.watcher")
 
 _MAX_WARNED_LINKS = 10_000
 """Symlinks remembered as warned about; past this the memory starts afresh (warned again)."""
@@ -111,12 +111,12 @@ class WatchedFolders:
                     entries = list(it)
             except FileNotFoundError:
                 if folder in self.roots:
-                    log.warning("watched folder %s does not exist", folder)
+                    LOGGER.warning("watched folder %s does not exist", folder)
                 continue
             except OSError as exc:
                 failed.add(folder)
                 if folder not in self.unreadable:
-                    log.warning("cannot read folder %s: %s; skipped", folder, exc.strerror)
+                    LOGGER.warning("cannot read folder %s: %s; skipped", folder, exc.strerror)
                 continue
             for entry in entries:
                 if self._ignore is not None and self._ignore.match(os.path.normcase(entry.name)):
@@ -155,7 +155,7 @@ class WatchedFolders:
             if len(self._warned_links) >= _MAX_WARNED_LINKS:
                 self._warned_links.clear()  # bounded memory against a flood of links
             self._warned_links.add(path)
-            log.warning(
+            LOGGER.warning(
                 "skipped symlink %s -> %s: %s; it is not read, sent or moved",
                 path,
                 target,

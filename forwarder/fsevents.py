@@ -29,7 +29,7 @@ from forwarder.stability import Kind, Mark
 __all__ = ["EVENT_FILTER", "EventInbox", "Taken"]
 
 # The watcher's lines: an operator filters on one logger for everything about watching.
-log = logging.getLogger("forwarder.watcher")
+LOGGER = logging.getLogger("forwarder.watcher")
 
 _FILE_KINDS: dict[type[FileSystemEvent], Kind] = {
     FileCreatedEvent: Kind.CREATED,
@@ -144,7 +144,7 @@ class EventInbox(FileSystemEventHandler):
     def _note_dir(self, path: str, *, created: bool) -> None:
         if path in self._folders.roots:
             if not created:
-                log.warning("watched folder %s was removed; it is no longer watched", path)
+                LOGGER.warning("watched folder %s was removed; it is no longer watched", path)
                 with self._lock:
                     self._taken.dirs_gone.add(path)
                 self._wake.set()

@@ -12,7 +12,7 @@ from typing import Literal
 
 __all__ = ["Notifier"]
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger("forwarder.notify")
 
 Backend = Literal["auto", "plain"]
 
@@ -86,7 +86,7 @@ class Notifier:
         if self._libsystemd is None:
             self._address = _address(self._path)
             if self._address is None:
-                log.debug("NOTIFY_SOCKET=%s is not a socket path; notifications are off", path)
+                LOGGER.debug("NOTIFY_SOCKET=%s is not a socket path; notifications are off", path)
                 self._path = None
 
     @property
@@ -125,7 +125,7 @@ class Notifier:
                     return bool(self._libsystemd(message))
                 return self._send_plain(message.encode("utf-8"))
             except Exception as exc:  # never let a notification take the daemon down
-                log.debug("sd_notify to %s failed: %s (%s)", self._path, exc, message.strip())
+                LOGGER.debug("sd_notify to %s failed: %s (%s)", self._path, exc, message.strip())
                 return False
 
     def _send_plain(self, data: bytes) -> bool:

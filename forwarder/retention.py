@@ -91,8 +91,8 @@ class Retention:
         -------
         float
             Seconds until the next call: `BUSY_SECONDS` while there is more to do,
-            `IDLE_SECONDS` (or a tenth of a shorter retention) once caught up, ``math.inf`` when disabled (take the minimum with
-            the other stages' delays before waiting on it).
+            `IDLE_SECONDS` (or a tenth of a shorter retention) once caught up, ``math.inf``
+            when disabled (take the minimum with the other stages' delays before waiting).
         """
         if not self.enabled:
             return math.inf

@@ -26,7 +26,7 @@ from forwarder.stability import Candidate, Kind, Mark, SettleRules, Sig, sig
 
 __all__ = ["THREAD_NAME", "ReadyFile", "WatchRootError", "Watcher"]
 
-log = logging.getLogger("forwarder.watcher")
+LOGGER = logging.getLogger("forwarder.watcher")
 
 THREAD_NAME = "forwarder-watcher"
 """Name of the tracker thread; watchdog's observer and emitter threads get this prefix too."""
@@ -259,7 +259,7 @@ class Watcher:
                     emitter.name = f"{THREAD_NAME}-emitter"
 
     def _start_tracker(self) -> None:
-        log.info(
+        LOGGER.info(
             "watching %s (%s, %s, settle %.3g s)",
             ", ".join(self._folders.roots),
             f"polling every {self._poll_interval:g} s" if self._poll else "inotify",
@@ -285,7 +285,7 @@ class Watcher:
         if thread is not None and thread is not threading.current_thread():
             thread.join(_JOIN_SECONDS)
             if thread.is_alive():
-                log.warning("watcher tracker did not stop within %.0f s", _JOIN_SECONDS)
+                LOGGER.warning("watcher tracker did not stop within %.0f s", _JOIN_SECONDS)
 
     def __enter__(self) -> Self:
         self.start()
@@ -346,7 +346,7 @@ class Watcher:
             try:
                 delay = self.loop(self._clock())
             except Exception:
-                log.exception("watcher iteration failed; retrying in 1 s")
+                LOGGER.exception("watcher iteration failed; retrying in 1 s")
                 delay = 1.0
             if self._wake.wait(delay) and not self._stop.is_set():
                 self._stop.wait(_GATHER_SECONDS)  # woken by an event: let a burst gather
@@ -402,7 +402,7 @@ class Watcher:
             self._emitted.pop(path, None)
             return
         except OSError as exc:
-            log.warning("cannot stat %s: %s; dropped until the next rescan", path, exc.strerror)
+            LOGGER.warning("cannot stat %s: %s; dropped until the next rescan", path, exc.strerror)
             self._candidates.pop(path, None)
             return
         if not stat.S_ISREG(st.st_mode):  # a symlink to a folder, a fifo, ...
@@ -430,11 +430,11 @@ class Watcher:
             links=st.st_nlink,
             via_symlink=via_symlink,
         )
-        log.debug("ready: %s (%d bytes)", path, st.st_size)
+        LOGGER.debug("ready: %s (%d bytes)", path, st.st_size)
         try:
             self._on_ready(ready)
         except Exception:
-            log.exception("on_ready failed for %s; it is offered again at the next rescan", path)
+            LOGGER.exception("on_ready failed for %s; it is offered again at the next rescan", path)
             return
         self._emitted[path] = now_sig
 
@@ -491,7 +491,7 @@ class Watcher:
             self._folders.unreadable = failed
         else:
             self._folders.unreadable |= failed
-        log.debug("scanned %s: %d files, %d pending", ", ".join(tops), count, self.pending)
+        LOGGER.debug("scanned %s: %d files, %d pending", ", ".join(tops), count, self.pending)
 
     def _stop_observer(self) -> None:
         observer = self._observer
@@ -502,4 +502,4 @@ class Watcher:
         if observer.is_alive():
             observer.join(_JOIN_SECONDS)
             if observer.is_alive():
-                log.warning("watchdog observer did not stop within %.0f s", _JOIN_SECONDS)
+                LOGGER.warning("watchdog observer did not stop within %.0f s", _JOIN_SECONDS)

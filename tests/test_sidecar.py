@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from forwarder.dicomfile import DicomInfo
 from forwarder.outbox import Delivery, State
 from forwarder.sidecar import SIDECAR_VERSION, DestinationRecord, Sidecar, SidecarError
 
@@ -15,17 +16,21 @@ NOW = 1_795_000_000.0  # 2026-11-18T11:06:40Z; whole seconds survive the ISO rou
 
 
 def row(destination: str, state: State, **kw: Any) -> Delivery:
+    file = DicomInfo(
+        path=Path("/in/a.dcm"),
+        size=100,
+        mtime_ns=1,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid="1.2.3",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        study_uid="1.2",
+        dataset_offset=0,
+    )
     values: dict[str, Any] = {
         "id": 7,
-        "path": "/in/a.dcm",
+        "file": file,
         "destination": destination,
         "state": state,
-        "size": 100,
-        "mtime_ns": 1,
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "sop_instance_uid": "1.2.3",
-        "transfer_syntax": "1.2.840.10008.1.2.1",
-        "study_uid": "1.2",
         "attempts": 1,
         "next_attempt_at": NOW,
         "first_attempt_at": NOW - 60,

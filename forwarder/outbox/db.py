@@ -46,7 +46,7 @@ __all__ = [
     "is_unique_violation",
 ]
 
-log = logging.getLogger("forwarder.outbox")
+LOGGER = logging.getLogger("forwarder.outbox")
 T = TypeVar("T")
 
 MIN_SQLITE: Final = (3, 37, 0)
@@ -141,7 +141,7 @@ class Database:
                     with self._write(f"writing to {self._path}") as probe:
                         probe.execute(PROBE_WRITE)
                 except OutboxFullError as exc:  # writable, just no room now: the caller copes
-                    log.warning("outbox: %s", exc)
+                    LOGGER.warning("outbox: %s", exc)
         except sqlite3.Error as exc:
             self.close()
             raise _translate(exc, f"opening {self._path}") from exc
@@ -255,7 +255,7 @@ class Database:
                     try:
                         conn.execute("ROLLBACK")
                     except sqlite3.Error:  # keep the original error; the lock is released
-                        log.exception("outbox: rollback failed after %s", what)
+                        LOGGER.exception("outbox: rollback failed after %s", what)
                 if isinstance(exc, sqlite3.Error):
                     raise _translate(exc, what) from exc
                 raise
@@ -309,7 +309,7 @@ class Database:
                     raise OutboxError(f"no migration from schema {current} to {version}")
                 for sql in statements:
                     conn.execute(sql)
-                log.info("outbox %s migrated to schema version %d", self._path, version)
+                LOGGER.info("outbox %s migrated to schema version %d", self._path, version)
 
     def _give_incremental_vacuum(self, conn: sqlite3.Connection) -> None:
         """Make a file created before schema 5 able to shrink: one VACUUM, logged.
@@ -326,7 +326,7 @@ class Database:
         before = self._path.stat().st_size
         live = conn.execute(SQL_LIVE_BYTES).fetchone()[0]
         if live > VACUUM_AT_OPEN_MAX_BYTES:
-            log.info(
+            LOGGER.info(
                 "outbox %s: not rewritten yet (VACUUM) to shrink back after pruning: %.0f MB "
                 "of live data, more than %.0f MB; its free pages are reused meanwhile",
                 self._path,
@@ -334,7 +334,7 @@ class Database:
                 VACUUM_AT_OPEN_MAX_BYTES / _MB,
             )
             return
-        log.info(
+        LOGGER.info(
             "outbox %s: rewriting it once (VACUUM, %.1f MB) so that it shrinks back as "
             "delivered rows are pruned",
             self._path,
@@ -353,14 +353,14 @@ class Database:
                 error = _translate(exc, "VACUUM")
                 if not isinstance(error, OutboxFullError | OutboxBusyError):
                     raise error from exc
-                log.warning(
+                LOGGER.warning(
                     "outbox %s: %s; it is tried again at the next start, and until then the "
                     "file does not shrink after pruning",
                     self._path,
                     error,
                 )
                 return
-        log.info(
+        LOGGER.info(
             "outbox %s: VACUUM done in %.1f s (%.1f MB -> %.1f MB)",
             self._path,
             time.monotonic() - started,

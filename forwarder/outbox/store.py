@@ -49,7 +49,7 @@ from forwarder.outbox.schema import (
 
 __all__ = ["Outbox"]
 
-log = logging.getLogger("forwarder.outbox")
+LOGGER = logging.getLogger("forwarder.outbox")
 
 
 class Outbox(Pruning):
@@ -226,7 +226,7 @@ class Outbox(Pruning):
                 if not conn.execute(sql, params).rowcount:
                     ignored.append((m, "it is not in flight"))
         for m, why in ignored:
-            log.warning(
+            LOGGER.warning(
                 "outbox: marking delivery %d %s ignored: %s", m.delivery_id, m.state.name, why
             )
 
