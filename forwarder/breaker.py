@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 
 from forwarder.logs import fields
-from forwarder.outbox import Outbox
+from forwarder.outbox import Outbox, OutboxError
 from forwarder.policy import RetryLimits, pause_for
 
 __all__ = ["MIN_HOLD_SECONDS", "Breaker"]
@@ -41,7 +41,10 @@ class Breaker:
     def load(self, now: float) -> None:
         """Take over a pause recorded in the outbox that lasts beyond `now` (one that
         outlived the last run, or this destination's workers before a reload)."""
-        info = self._outbox.destination_info().get(self.name)
+        try:
+            info = self._outbox.destination_info().get(self.name)
+        except OutboxError:  # unreadable now: start unpaused; a failure pauses it again
+            return
         if info is not None and info.paused(now):
             with self._lock:
                 self.paused_until = info.paused_until or 0.0
@@ -74,8 +77,7 @@ class Breaker:
                 wait = max(wait, min(MIN_HOLD_SECONDS, retry.max_seconds))
             self.paused_until = max(self.paused_until, now + wait)
             until, failures = self.paused_until, self.failures
-        self._outbox.record_destination_error(self.name, reason, now)
-        self._outbox.pause_destination(self.name, until, reason, now)
+        self._outbox.pause_destination(self.name, until, reason, now, failure=True)
         level = logging.ERROR if failures == 1 or hold else logging.WARNING
         LOGGER.log(
             level,

@@ -13,6 +13,7 @@ from pathlib import Path
 from forwarder import __version__
 from forwarder.breaker import Breaker
 from forwarder.config import ConfigError, Destination, Settings
+from forwarder.contexts import ContextSpec
 from forwarder.deliver import Crew, Rules, Worker, stop_workers
 from forwarder.dispose import Disposer, Layout
 from forwarder.enqueue import Enqueuer, Intake
@@ -71,7 +72,12 @@ class Daemon:
         self._exit_lock = threading.Lock()
         inodes = InodeIndex(track_all=settings.watch.follow_symlinks)
         self.disposer = Disposer(
-            self.outbox, Layout.of(settings), self.events, inodes=inodes, forget=self._forget
+            self.outbox,
+            Layout.of(settings),
+            self.events,
+            inodes=inodes,
+            forget=self._forget,
+            queued=self.wake_workers,
         )
         self.enqueuer = Enqueuer(
             self.outbox,
@@ -89,6 +95,7 @@ class Daemon:
         self.breakers: dict[str, Breaker] = {}  # kept across reloads, as the outbox keeps them
         self._retired: list[Worker] = []  # stopped by a reload while still in a store
         self._recovered_at_start = False
+        self._prune_at = 0.0  # monotonic: when retention takes its next step
 
     @property
     def workers(self) -> list[Worker]:
@@ -121,7 +128,13 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.forget(path)
 
-    def _start_crews(self, destinations: Sequence[Destination]) -> None:
+    def _start_crews(
+        self,
+        destinations: Sequence[Destination],
+        contexts: dict[str, list[ContextSpec]] | None = None,
+    ) -> None:
+        """Start a crew of workers per destination (`contexts`: what extra associations of a
+        restarted destination propose, known from before)."""
         now = time.time()
         rules = Rules.of(self.settings)
         for dest in destinations:
@@ -131,6 +144,7 @@ class Daemon:
             else:
                 breaker.load(now)
             crew = self.crews[dest.name] = Crew.of(dest, rules, breaker)
+            crew.contexts = (contexts or {}).get(dest.name, [])
             for n in range(crew.scale.maximum):
                 worker = Worker(
                     crew,
@@ -240,8 +254,11 @@ class Daemon:
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
         changed = [n for n in old_dests if old_dests[n] != new_dests.get(n)]
-        retiring = [w for n in changed for w in self.crews.pop(n).workers]
-        if not stop_workers(retiring, new.shutdown_timeout, tick=self._keepalive):
+        old_crews = [crew for n in changed if (crew := self.crews.pop(n, None)) is not None]
+        contexts = {crew.dest.name: crew.contexts for crew in old_crews}
+        retiring = [w for crew in old_crews for w in crew.workers]
+        every = min(self.notifier.watchdog_interval() or 1.0, 1.0)
+        if not stop_workers(retiring, new.shutdown_timeout, self._keepalive, every):
             # still in a store: it ends on its own; shutdown joins it (or exits forced)
             self._retired += [w for w in retiring if w.is_alive()]
         self.settings = new
@@ -249,11 +266,12 @@ class Daemon:
         self.disposer.layout = Layout.of(new)
         if (new.outbox, new.watch.paths) != (old.outbox, old.watch.paths):
             self.retention = _retention(self.outbox, new)
+            self._prune_at = 0.0  # a retention turned on or shortened applies now
         rules = Rules.of(new)
         for crew in self.crews.values():
             crew.rules = rules
         started = [d for n, d in new_dests.items() if n not in old_dests or n in changed]
-        self._start_crews(started)
+        self._start_crews(started, contexts)
         for name in changed:
             if name not in new_dests:
                 waiting = sum(
@@ -336,12 +354,12 @@ class Daemon:
         """The main loop: heartbeat, status, watchdog, leases, summary, reload; until stop."""
         hb_every = self.settings.health.heartbeat_seconds
         wd_every = self.notifier.watchdog_interval()
-        next_hb = next_status = next_summary = next_lease = next_wd = next_prune = 0.0
+        next_hb = next_status = next_summary = next_lease = next_wd = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self.reload()
+                self._tend(self.reload)
             if self.nudge_requested.is_set():
                 self.nudge_requested.clear()
                 self.wake_workers()
@@ -371,9 +389,9 @@ class Daemon:
                     self._tend(lambda: LOGGER.info(f"summary: {self.status_line()}"))
                 next_summary = now + self.settings.log.summary_seconds
             self._tend(lambda: self.disposer.loop(time.monotonic()))
-            if now >= next_prune:
-                next_prune = now + self._prune()
-            deadlines = [next_hb, next_status, next_summary, next_lease, next_prune]
+            if now >= self._prune_at:
+                self._prune_at = now + self._prune()
+            deadlines = [next_hb, next_status, next_summary, next_lease, self._prune_at]
             if wd_every is not None:
                 deadlines.append(next_wd)
             self.wakeup.wait(max(MIN_WAKE_SECONDS, min(deadlines) - time.monotonic()))

@@ -468,9 +468,9 @@ class Worker(threading.Thread):
             until = self._pause(decision.reason, hold=True, now=now)
             self._keep(d, verdict.held(d, cls, decision.reason, until), pending)
             return
-        self._keep(d, verdict.judged(d, result, decision, now), pending)
         if decision.next is Next.SENT:
-            self.crew.breaker.succeeded()
+            self.crew.breaker.succeeded()  # "is back" before the line of the store that shows it
+        self._keep(d, verdict.judged(d, result, decision, now), pending)
         self._fresh = self._fresh or decision.fresh_association
 
     def _pause(self, reason: str, *, hold: bool, now: float) -> float:
@@ -487,12 +487,15 @@ class Worker(threading.Thread):
 
 
 def stop_workers(
-    workers: Sequence[Worker], timeout: float, tick: Callable[[], None] | None = None
+    workers: Sequence[Worker],
+    timeout: float,
+    tick: Callable[[], None] | None = None,
+    tick_every: float = 1.0,
 ) -> bool:
     """Stop `workers`, waiting up to `timeout` for their in-flight stores; True if all ended.
 
-    `tick` runs about once a second while waiting (a reload keeps the heartbeat and the
-    watchdog going: a slow peer would otherwise hold the main loop for the whole timeout).
+    `tick` runs every `tick_every` seconds while waiting (a reload keeps the heartbeat and
+    the watchdog going: a slow peer would otherwise hold the main loop for the whole timeout).
     """
     for w in workers:
         w.stop.set()
@@ -500,7 +503,7 @@ def stop_workers(
     deadline = time.monotonic() + timeout
     for w in workers:
         while w.is_alive() and (left := deadline - time.monotonic()) > 0:
-            w.join(left if tick is None else min(left, 1.0))
+            w.join(left if tick is None else min(left, tick_every))
             if tick is not None:
                 tick()
     return not any(w.is_alive() for w in workers)

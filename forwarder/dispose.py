@@ -12,6 +12,7 @@ from pathlib import Path
 
 from forwarder import filing
 from forwarder.config import Settings
+from forwarder.dicomfile import InvalidDicom, inspect
 from forwarder.events import Events
 from forwarder.inodes import FileKey, InodeIndex
 from forwarder.logs import fields
@@ -25,8 +26,6 @@ LOGGER = logging.getLogger("forwarder.daemon")
 
 RETRY_SECONDS = 30.0
 """A file that could not leave the inbox is tried again after this long."""
-MAX_ROWS_PER_FILE = 1000
-"""More deliveries of one file than any configuration has destinations."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class Layout:
     on_success: str
     archive_dir: Path
     quarantine_dir: Path
+    follow_symlinks: bool
 
     @classmethod
     def of(cls, settings: Settings) -> Layout:
@@ -45,6 +45,7 @@ class Layout:
             on_success=settings.disposition.on_success,
             archive_dir=settings.disposition.archive_dir,
             quarantine_dir=settings.quarantine.dir,
+            follow_symlinks=settings.watch.follow_symlinks,
         )
 
 
@@ -65,12 +66,14 @@ class Disposer:
         *,
         inodes: InodeIndex,
         forget: Callable[[Path], None],
+        queued: Callable[[], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.outbox = outbox
         self.layout = layout
         self.events = events
         self.forget = forget  # the watcher offers this path again when it next sees it
+        self.queued = queued  # rows are due again: wake the workers
         self._inodes = inodes  # shared with the enqueuer: which names are one file
         self.clock = clock
         self._lock = threading.Lock()
@@ -101,11 +104,17 @@ class Disposer:
             if states is None:
                 states = self.outbox.file_states(*key)
             if not states or any(s not in FINAL_STATES for s in states.values()):
+                self._later.pop(key, None)  # not done (any more): nothing to dispose of
                 return
             try:
                 st = path.stat()
                 if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                    self._later.pop(key, None)
                     return  # a new version: it has rows of its own
+                if State.GONE in states.values():
+                    self._later.pop(key, None)
+                    self._send_again(path, key)
+                    return
                 if st.st_nlink > 1:
                     self._remember_name(path, st)
                 if any(s is State.QUARANTINED for s in states.values()):
@@ -126,10 +135,38 @@ class Disposer:
             self._later.pop(key, None)
         self.forget(path)
 
+    def _send_again(self, path: Path, key: FileKey) -> None:
+        """The file vanished before it reached some destinations (their rows are GONE) and is
+        back with the same path, size and mtime (cp -p, rsync -t, a move back): it is queued
+        again for them, once its header shows the same instance, never taken for delivered."""
+        gone = [d for d in self.outbox.file_rows(*key) if d.state is State.GONE]
+        try:
+            info = inspect(path, follow_symlinks=self.layout.follow_symlinks)
+        except InvalidDicom as exc:
+            self.quarantine_invalid(path, f"back after it vanished unsent, but {exc.reason}")
+            return
+        except OSError:
+            self.forget(path)  # replaced or gone meanwhile: offered again when seen again
+            return
+        if any(d.sop_instance_uid != info.sop_instance_uid for d in gone):
+            LOGGER.error(
+                f"{path}: not queued: a file with this path, size and mtime was queued before "
+                f"as another instance ({gone[0].sop_instance_uid}); rename it to send it",
+                extra=fields(path=str(path), outcome="not-queued"),
+            )
+            return
+        if self.outbox.requeue([d.id for d in gone], self.clock()):
+            LOGGER.info(
+                f"{path} is back after it vanished unsent; queued again for "
+                f"{', '.join(sorted(d.destination for d in gone))}",
+                extra=fields(path=str(path), outcome="queued-again"),
+            )
+            self.queued()
+
     def _remember_name(self, path: Path, st: os.stat_result) -> None:
         """`path`, delivered and about to leave the inbox, has other names (hard links): keep
         its inode, so that another name met later (with one link left by then) is known."""
-        rows = self.outbox.list(path=str(path), limit=1)
+        rows = self.outbox.file_rows(str(path), st.st_size, st.st_mtime_ns)
         uid = rows[0].sop_instance_uid if rows else None
         seen = ReadyFile(path, st.st_size, st.st_mtime_ns, path.parent, st.st_dev, st.st_ino, 2)
         self._inodes.register(seen, uid)
@@ -144,11 +181,7 @@ class Disposer:
         LOGGER.debug("%s: every destination has it (%s)", path, how)
 
     def _quarantine_delivered(self, path: Path, key: FileKey, states: dict[str, State]) -> None:
-        rows = [
-            r
-            for r in self.outbox.list(path=key[0], limit=MAX_ROWS_PER_FILE)
-            if (r.size, r.mtime_ns) == (key[1], key[2])
-        ]
+        rows = self.outbox.file_rows(*key)
         sidecar = Sidecar.refused(rows, self.clock())
         target = filing.quarantine(path, self.layout.roots, self.layout.quarantine_dir, sidecar)
         self.outbox.set_path(str(path), str(target), now=self.clock())

@@ -271,14 +271,12 @@ class Enqueuer(threading.Thread):
         if key in known if known is not None else outbox.is_known(*key):
             self._inodes.register(ready)
             states = outbox.file_states(*key)
-            if State.GONE in states.values() and all(s in FINAL_STATES for s in states.values()):
-                self._send_again(ready, states)
-                return None
             if states and all(s in FINAL_STATES for s in states.values()):
                 # Left over from a crash, or dropped again with the same path, size and mtime
                 # (cp -p, rsync -t) after it was delivered: it is not sent again. Say so, or
-                # an operator re-sending a file sees it vanish without a word.
-                if not self.intake.keeps_delivered:
+                # an operator re-sending a file sees it vanish without a word. (Back after it
+                # vanished unsent, GONE somewhere, it is queued again: see the disposer.)
+                if State.GONE not in states.values() and not self.intake.keeps_delivered:
                     LOGGER.warning(
                         f"{path}: this file (same size and mtime) was already delivered to every "
                         "destination; disposing of it without sending it again",
@@ -318,36 +316,6 @@ class Enqueuer(threading.Thread):
         self._inodes.register(ready, info.sop_instance_uid)
         self._batch.add(key)
         return info
-
-    def _send_again(self, ready: ReadyFile, states: dict[str, State]) -> None:
-        """The file vanished before it reached some destinations (their rows are GONE) and is
-        back with the same path, size and mtime (cp -p, rsync -t): queue it again for them,
-        once its header shows the same instance."""
-        path = ready.path
-        rows = [
-            d
-            for d in self.outbox.list(path=str(path), limit=len(states))
-            if (d.size, d.mtime_ns) == (ready.size, ready.mtime_ns) and d.state is State.GONE
-        ]
-        try:
-            info = inspect(path, follow_symlinks=self.intake.follow_symlinks)
-        except (OSError, InvalidDicom):
-            self.forget(path)  # deleted or replaced meanwhile: the watcher reports it again
-            return
-        if any(d.sop_instance_uid != info.sop_instance_uid for d in rows):
-            LOGGER.error(
-                f"{path}: not queued: a file with this path, size and mtime was queued before "
-                f"as another instance ({rows[0].sop_instance_uid}); rename it to send it",
-                extra=fields(path=str(path), outcome="not-queued"),
-            )
-            return
-        if self.outbox.requeue([d.id for d in rows], self.clock()):
-            LOGGER.info(
-                f"{path} is back after it vanished unsent; queued again for "
-                f"{', '.join(sorted(d.destination for d in rows))}",
-                extra=fields(path=str(path), outcome="queued-again"),
-            )
-            self.queued()
 
     def _invalid(self, ready: ReadyFile, now: float, first_seen: float | None, reason: str) -> None:
         """Not valid DICOM (yet): look again, or quarantine once the grace is over."""

@@ -103,7 +103,14 @@ def disposer(outbox: Outbox, tmp: Path, calls: Calls, on_success: str = "delete"
         on_success=on_success,
         archive_dir=tmp / "sent",
         quarantine_dir=tmp / "quarantine",
+        follow_symlinks=False,
     )
     return Disposer(
-        outbox, layout, Events(), inodes=InodeIndex(), forget=calls.forget, clock=lambda: 0.0
+        outbox,
+        layout,
+        Events(),
+        inodes=InodeIndex(),
+        forget=calls.forget,
+        queued=calls.on_queued,
+        clock=lambda: 0.0,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -490,4 +491,17 @@ def test_delivered_rows_leave_the_outbox_after_keep_sent_days_others_stay(
     found = cli(fwd, "find", gone)
     assert found.returncode == 1
     assert "past retention" in found.stdout + found.stderr
+    assert fwd.stop() == 0
+
+
+def test_a_reload_that_turns_retention_on_prunes_without_a_restart(
+    fwd: Forwarder, scp: SCP, corpus: Corpus
+) -> None:
+    fwd.configure([dest("pacs", scp.port)], outbox={"keep_sent_days": 0}).start()
+    corpus.many(fwd.inbox, 5)
+    fwd.wait(lambda: [d.state for d in fwd.deliveries()] == [State.SENT] * 5, 20, "5 rows sent")
+    fwd.configure([dest("pacs", scp.port)], outbox={"keep_sent_days": 0.00003})  # 2.6 s
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded")
+    fwd.wait(lambda: not fwd.deliveries(), 30, "the delivered rows pruned after the reload")
     assert fwd.stop() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from conftest import SCP, free_port, make_instance
 from stages import Calls, destination, queue_files, worker
 
+from forwarder.config import RetrySettings
 from forwarder.outbox import Outbox, State
 
 CT_UIDS = [f"1.2.826.0.1.3680043.2.1125.9.{i}" for i in range(3)]
@@ -142,3 +144,23 @@ def test_nothing_due_claims_nothing(outbox: Outbox, files: list[Path], scp: SCP)
     finally:
         w.close()
     assert states(outbox) == {CT_UIDS[0]: State.PENDING} and scp.uids() == []
+
+
+def test_the_destination_is_back_before_the_store_that_shows_it_is_logged(
+    outbox: Outbox, files: list[Path], scp: SCP, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As in 1642feb: "destination pacs is back" is logged, then the "sent:" line of the store
+    # that ended the pause (an operator reading the log sees the cause before the effect).
+    queue_files(outbox, files[:1], ["pacs"])
+    calls = Calls()
+    w = worker(outbox, destination(scp.port), calls, now=1e6)
+    w.crew.breaker.trip("cannot connect", RetrySettings(), hold=False, now=0.0)
+    caplog.set_level(logging.INFO, logger="forwarder")
+    try:
+        w.loop(1e6)
+    finally:
+        w.close()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("forwarder")]
+    back = next(i for i, m in enumerate(lines) if m == "destination pacs is back")
+    sent = next(i for i, m in enumerate(lines) if m.startswith("sent: "))
+    assert back < sent, lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +99,19 @@ def test_an_invalid_file_is_quarantined_with_its_reason(tmp_path: Path, outbox: 
     sidecar = json.loads((tmp_path / "quarantine" / "junk.txt.json").read_text())
     assert sidecar["reason"] == "not DICOM: no preamble" and sidecar["destinations"] == {}
     assert calls.forgotten == [path]
+
+
+def test_a_file_back_after_it_vanished_but_no_longer_dicom_is_quarantined(
+    tmp_path: Path, outbox: Outbox, queued: Path
+) -> None:
+    st = queued.stat()
+    for name in ("one", "two"):
+        (d,) = outbox.claim(name, 10, 1.0, 300)
+        outbox.mark_many([Mark(d.id, State.GONE, None, "disappeared")], 2.0)
+    queued.write_bytes(b"\0" * st.st_size)  # same path, size and mtime, not DICOM
+    os.utime(queued, ns=(st.st_atime_ns, st.st_mtime_ns))
+    calls = Calls()
+    disposer(outbox, tmp_path, calls).dispose(queued, st.st_size, st.st_mtime_ns)
+    sidecar = json.loads((tmp_path / "quarantine" / "a.dcm.json").read_text())
+    assert "back after it vanished unsent" in sidecar["reason"]
+    assert not queued.exists() and calls.queued == 0

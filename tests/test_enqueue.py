@@ -155,3 +155,68 @@ def test_a_file_that_vanished_unsent_and_comes_back_the_same_is_sent_not_deleted
     states = {d.destination: d.state for d in outbox.list(limit=10)}
     assert states == {"one": State.SENT, "two": State.PENDING}
     assert calls.queued == 2
+
+
+def test_a_file_back_after_it_vanished_is_sent_when_its_name_had_an_earlier_instance(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    # Modalities reuse file names: a.dcm was one instance, delivered and deleted; a new
+    # instance under the same name vanished before it was sent and came back unchanged.
+    # The rows of the earlier instance at that path must not hide the GONE rows of this one.
+    path = tmp_path / "in" / "a.dcm"
+    make_instance(path, UID)
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls)
+    stage.offer(ready(path))
+    stage.loop(0.0)
+    for name in ("one", "two"):
+        (d,) = outbox.claim(name, 10, 6.0, 300)
+        outbox.mark_many([Mark(d.id, State.SENT, 0)], 7.0)
+    path.unlink()  # delivered: disposed of
+    second = UID + ".2"
+    make_instance(path, second)
+    os.utime(path, ns=(1_000_000_000_123, 1_000_000_000_123))  # another version for sure
+    stage.offer(ready(path))
+    stage.loop(1.0)
+    kept = tmp_path / "kept.dcm"
+    os.rename(path, kept)
+    for name in ("one", "two"):
+        (d,) = outbox.claim(name, 10, 8.0, 300)
+        outbox.mark_many([Mark(d.id, State.GONE, None, "disappeared")], 9.0)
+    os.rename(kept, path)
+    stage.offer(ready(path))
+    stage.loop(2.0)
+    assert path.exists()
+    states = {(d.sop_instance_uid, d.destination): d.state for d in outbox.list(limit=10)}
+    assert states == {
+        (UID, "one"): State.SENT,
+        (UID, "two"): State.SENT,
+        (second, "one"): State.PENDING,
+        (second, "two"): State.PENDING,
+    }
+
+
+def test_a_file_back_after_it_vanished_for_one_destination_is_not_deleted_by_another(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    # "two" found the file gone (GONE) while "one" still waited (paused, or behind a
+    # backlog); the file came back unchanged before "one" sent it. Once "one" has it the file
+    # has still not reached "two": it must not be deleted as delivered.
+    path = tmp_path / "in" / "a.dcm"
+    make_instance(path, UID)
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls)
+    stage.offer(ready(path))
+    stage.loop(0.0)
+    kept = tmp_path / "kept.dcm"
+    os.rename(path, kept)
+    (two,) = outbox.claim("two", 10, 6.0, 300)
+    outbox.mark_many([Mark(two.id, State.GONE, None, "disappeared")], 7.0)
+    stage.disposer.done([two])
+    os.rename(kept, path)
+    stage.offer(ready(path))
+    stage.loop(1.0)
+    (one,) = outbox.claim("one", 10, 8.0, 300)
+    outbox.mark_many([Mark(one.id, State.SENT, 0)], 9.0)
+    stage.disposer.done([one])  # what the worker does once the mark is committed
+    assert path.exists()

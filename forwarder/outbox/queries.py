@@ -16,6 +16,7 @@ from forwarder.outbox.schema import (
     SELECT,
     SQL_COUNTS,
     SQL_DEST_INFO,
+    SQL_FILE_ROWS,
     SQL_FILE_STATES,
     SQL_FIND,
     SQL_FREE_PAGES,
@@ -80,6 +81,11 @@ class Queries(Database):
                 key = (path_str(row[0]), row[1], row[2])
                 if key in keys:  # other versions of the same path are not asked for
                     yield (key, row[3], row[4]) if states else key
+
+    def file_rows(self, path: str, size: int, mtime_ns: int) -> builtins.list[Delivery]:
+        """Return the rows of this exact file version (one per destination), by id."""
+        params = (path_bytes(path), size, mtime_ns)
+        return [delivery(row) for row in self._query("file_rows", SQL_FILE_ROWS, params)]
 
     def file_states(self, path: str, size: int, mtime_ns: int) -> dict[str, State]:
         """Return destination -> state of every row of this exact file version."""

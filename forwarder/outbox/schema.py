@@ -323,6 +323,8 @@ SQL_RECOVER_ALL: Final = """
      WHERE state = 1
 """
 
+SQL_FILE_ROWS: Final = SELECT + " WHERE path = ? AND size = ? AND mtime_ns = ? ORDER BY id"
+
 SQL_FILE_STATES: Final = """
     SELECT destination, state FROM deliveries WHERE path = ? AND size = ? AND mtime_ns = ?
 """

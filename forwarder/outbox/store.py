@@ -342,13 +342,20 @@ class Outbox(Pruning):
 
     # ---------------------------------------------------------------------------- breaker
 
-    def pause_destination(self, name: str, until: float, reason: str, now: float) -> None:
+    def pause_destination(
+        self, name: str, until: float, reason: str, now: float, *, failure: bool = False
+    ) -> None:
         """Make `claim` return nothing for `name` until `until`.
 
-        ``paused_at`` keeps the start of a pause that is extended before it ran out.
+        ``paused_at`` keeps the start of a pause that is extended before it ran out. With
+        `failure` the same transaction records `reason` as a failure to reach it (as
+        `record_destination_error`): the breaker's state is written in one piece.
         """
+        params = {"name": name, "until": until, "reason": reason, "now": now}
         with self._write("pause_destination") as conn:
-            conn.execute(SQL_PAUSE, {"name": name, "until": until, "reason": reason, "now": now})
+            if failure:
+                conn.execute(SQL_DEST_ERROR, {"name": name, "error": reason, "now": now})
+            conn.execute(SQL_PAUSE, params)
 
     def resume_destination(self, name: str) -> None:
         """End a pause of `name` now (no-op when not paused)."""
