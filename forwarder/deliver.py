@@ -211,7 +211,7 @@ class Worker(threading.Thread):
             else:
                 self._sender.release()
         except Exception:
-            LOGGER.exception("worker %s: releasing the association failed", self.name)
+            LOGGER.exception(f"worker {self.name}: releasing the association failed")
 
     def loop(self, now: float) -> None:
         """One iteration at wall-clock `now` (the outbox's clock): claim, send, record."""

@@ -178,7 +178,8 @@ class Disposer:
         elif how == "move":
             target = filing.archive(path, self.layout.roots, self.layout.archive_dir)
             self.outbox.set_path(str(path), str(target), now=self.clock())
-        LOGGER.debug("%s: every destination has it (%s)", path, how)
+        if LOGGER.isEnabledFor(logging.DEBUG):  # per file
+            LOGGER.debug(f"{path}: every destination has it ({how})")
 
     def _quarantine_delivered(self, path: Path, key: FileKey, states: dict[str, State]) -> None:
         rows = self.outbox.file_rows(*key)

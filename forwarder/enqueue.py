@@ -227,8 +227,9 @@ class Enqueuer(threading.Thread):
     def _enqueue(self, records: Sequence[DicomInfo]) -> int:
         names = self.intake.destinations
         added = self.outbox.enqueue_many(records, names, self.clock())
-        for rec in records:
-            LOGGER.debug("queued %s (%s)", rec.path, rec.sop_instance_uid)
+        if LOGGER.isEnabledFor(logging.DEBUG):  # per file
+            for rec in records:
+                LOGGER.debug(f"queued {rec.path} ({rec.sop_instance_uid})")
         if added:
             LOGGER.info(f"queued {len(records)} file(s) for {', '.join(names)}")
         return added
@@ -326,7 +327,7 @@ class Enqueuer(threading.Thread):
         else:
             self._suspects[path] = (first, ready, reason)
             if first_seen is None:
-                LOGGER.debug("%s: not valid DICOM yet (%s); looking again", path, reason)
+                LOGGER.debug(f"{path}: not valid DICOM yet ({reason}); looking again")
 
     def _twin(self, ready: ReadyFile, first: FirstName) -> bool:
         """`ready` is another name of the file queued as `first` (a hard link): the instance

@@ -111,12 +111,12 @@ class WatchedFolders:
                     entries = list(it)
             except FileNotFoundError:
                 if folder in self.roots:
-                    LOGGER.warning("watched folder %s does not exist", folder)
+                    LOGGER.warning(f"watched folder {folder} does not exist")
                 continue
             except OSError as exc:
                 failed.add(folder)
                 if folder not in self.unreadable:
-                    LOGGER.warning("cannot read folder %s: %s; skipped", folder, exc.strerror)
+                    LOGGER.warning(f"cannot read folder {folder}: {exc.strerror}; skipped")
                 continue
             for entry in entries:
                 if self._ignore is not None and self._ignore.match(os.path.normcase(entry.name)):

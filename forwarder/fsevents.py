@@ -144,7 +144,7 @@ class EventInbox(FileSystemEventHandler):
     def _note_dir(self, path: str, *, created: bool) -> None:
         if path in self._folders.roots:
             if not created:
-                LOGGER.warning("watched folder %s was removed; it is no longer watched", path)
+                LOGGER.warning(f"watched folder {path} was removed; it is no longer watched")
                 with self._lock:
                     self._taken.dirs_gone.add(path)
                 self._wake.set()

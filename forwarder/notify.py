@@ -86,7 +86,7 @@ class Notifier:
         if self._libsystemd is None:
             self._address = _address(self._path)
             if self._address is None:
-                LOGGER.debug("NOTIFY_SOCKET=%s is not a socket path; notifications are off", path)
+                LOGGER.debug(f"NOTIFY_SOCKET={path} is not a socket path; notifications are off")
                 self._path = None
 
     @property
@@ -125,7 +125,7 @@ class Notifier:
                     return bool(self._libsystemd(message))
                 return self._send_plain(message.encode("utf-8"))
             except Exception as exc:  # never let a notification take the daemon down
-                LOGGER.debug("sd_notify to %s failed: %s (%s)", self._path, exc, message.strip())
+                LOGGER.debug(f"sd_notify to {self._path} failed: {exc} ({message.strip()})")
                 return False
 
     def _send_plain(self, data: bytes) -> bool:

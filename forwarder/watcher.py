@@ -402,7 +402,7 @@ class Watcher:
             self._emitted.pop(path, None)
             return
         except OSError as exc:
-            LOGGER.warning("cannot stat %s: %s; dropped until the next rescan", path, exc.strerror)
+            LOGGER.warning(f"cannot stat {path}: {exc.strerror}; dropped until the next rescan")
             self._candidates.pop(path, None)
             return
         if not stat.S_ISREG(st.st_mode):  # a symlink to a folder, a fifo, ...
@@ -430,11 +430,12 @@ class Watcher:
             links=st.st_nlink,
             via_symlink=via_symlink,
         )
-        LOGGER.debug("ready: %s (%d bytes)", path, st.st_size)
+        if LOGGER.isEnabledFor(logging.DEBUG):  # per file
+            LOGGER.debug(f"ready: {path} ({st.st_size} bytes)")
         try:
             self._on_ready(ready)
         except Exception:
-            LOGGER.exception("on_ready failed for %s; it is offered again at the next rescan", path)
+            LOGGER.exception(f"on_ready failed for {path}; it is offered again at the next rescan")
             return
         self._emitted[path] = now_sig
 
@@ -491,7 +492,7 @@ class Watcher:
             self._folders.unreadable = failed
         else:
             self._folders.unreadable |= failed
-        LOGGER.debug("scanned %s: %d files, %d pending", ", ".join(tops), count, self.pending)
+        LOGGER.debug(f"scanned {', '.join(tops)}: {count} files, {self.pending} pending")
 
     def _stop_observer(self) -> None:
         observer = self._observer

@@ -141,7 +141,7 @@ class Database:
                     with self._write(f"writing to {self._path}") as probe:
                         probe.execute(PROBE_WRITE)
                 except OutboxFullError as exc:  # writable, just no room now: the caller copes
-                    LOGGER.warning("outbox: %s", exc)
+                    LOGGER.warning(f"outbox: {exc}")
         except sqlite3.Error as exc:
             self.close()
             raise _translate(exc, f"opening {self._path}") from exc
@@ -255,7 +255,7 @@ class Database:
                     try:
                         conn.execute("ROLLBACK")
                     except sqlite3.Error:  # keep the original error; the lock is released
-                        LOGGER.exception("outbox: rollback failed after %s", what)
+                        LOGGER.exception(f"outbox: rollback failed after {what}")
                 if isinstance(exc, sqlite3.Error):
                     raise _translate(exc, what) from exc
                 raise
@@ -309,7 +309,7 @@ class Database:
                     raise OutboxError(f"no migration from schema {current} to {version}")
                 for sql in statements:
                     conn.execute(sql)
-                LOGGER.info("outbox %s migrated to schema version %d", self._path, version)
+                LOGGER.info(f"outbox {self._path} migrated to schema version {version}")
 
     def _give_incremental_vacuum(self, conn: sqlite3.Connection) -> None:
         """Make a file created before schema 5 able to shrink: one VACUUM, logged.
