@@ -143,8 +143,9 @@ class Enqueuer(threading.Thread):
 
     def _wait(self) -> None:
         """Block until a file is handed over, or until own work (files to look at again) is
-        due. A burst arrives one file at a time: taking each as it comes was a thread switch
-        per file and as many outbox transactions, so the watcher gets `GATHER_SECONDS`."""
+        due. A burst arrives one file at a time: the watcher gets `GATHER_SECONDS` to hand
+        over more, so that a burst costs one thread switch and one outbox transaction per
+        batch, not per file."""
         busy = self._suspects or self._held or self._twins
         try:
             self._first = self.inbox.get(timeout=RECHECK_SECONDS if busy else IDLE_SECONDS)

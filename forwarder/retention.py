@@ -6,11 +6,10 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import Final
 
-from forwarder.logs import fields
+from forwarder.logs import fields, iso
 from forwarder.outbox import PRUNE_LIMIT, VACUUM_STEP_PAGES, Outbox
 
 __all__ = ["BUSY_SECONDS", "IDLE_SECONDS", "SWEEP_SECONDS", "Retention", "still_in"]
@@ -111,7 +110,7 @@ class Retention:
         if not result.done:
             return BUSY_SECONDS
         if self._deleted:
-            when = datetime.fromtimestamp(self._before, UTC).isoformat(timespec="seconds")
+            when = iso(self._before)
             LOGGER.info(
                 f"outbox: pruned {self._deleted} delivered row(s) finished before {when} "
                 f"(kept {self._keep / 86400:g} days: outbox.keep_sent_days)",

@@ -35,13 +35,10 @@ from test_daemon import (  # the daemon fixtures and helpers
 from forwarder.config import Settings
 from forwarder.daemon import Daemon
 from forwarder.dicomfile import DicomInfo, inspect
-from forwarder.errors import EX_SOFTWARE
+from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE, EX_TEMPFAIL
 from forwarder.outbox import Outbox, State
 
 __all__ = ["corpus", "fwd"]  # fixtures, imported for pytest
-
-EX_CANTCREAT = 73
-EX_TEMPFAIL = 75
 
 
 def cli(fwd: Forwarder, *argv: str) -> subprocess.CompletedProcess[str]:

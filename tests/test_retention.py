@@ -111,7 +111,7 @@ def test_batches_are_bounded_and_one_line_is_logged_per_pass(
     assert outbox.list() == []
     lines = [r.getMessage() for r in caplog.records if r.name == "forwarder.retention"]
     assert len(lines) == 1, lines
-    assert "pruned 35 delivered row(s) finished before 1970-01-13T13:46:40+00:00" in lines[0]
+    assert "pruned 35 delivered row(s) finished before 1970-01-13T13:46:40Z" in lines[0]
     # caught up: a later pass that deletes nothing says nothing
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="forwarder.retention"):
