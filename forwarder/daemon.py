@@ -19,14 +19,15 @@ from forwarder.dispose import Disposer, Layout
 from forwarder.enqueue import Enqueuer, Intake
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
 from forwarder.events import Events
+from forwarder.health import stall_limit, status_line
 from forwarder.inodes import InodeIndex
-from forwarder.logs import fields, iso
+from forwarder.logs import fields
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.preflight import load_for_daemon
-from forwarder.retention import Retention, still_in
 from forwarder.trouble import OutboxTrouble, damaged
+from forwarder.upkeep import Upkeep
 from forwarder.watcher import Watcher
 
 __all__ = ["INBOX_LOCK", "Daemon"]
@@ -37,14 +38,6 @@ INBOX_LOCK = ".forwarder.lock"
 """The lock file in each watched folder; the watcher always ignores it."""
 STATUS_SECONDS = 5.0
 """How often the status line goes to systemd (`systemctl status`)."""
-MIN_LEASE_CHECK_SECONDS = 1.0
-"""Expired leases are looked for every quarter lease, but not more often than this."""
-STALL_MARGIN_SECONDS = 60.0
-"""Added to twice the longest timeouts: a batch stuck longer than that is hung."""
-DEFAULT_STALL_SECONDS = 60.0
-"""The timeouts assumed without any destination."""
-PRUNE_AFTER_ERROR_SECONDS = 60.0
-"""Retention tries again this long after the outbox refused a step."""
 MIN_WAKE_SECONDS = 0.01
 """The main loop sleeps at least this long between steps."""
 
@@ -89,13 +82,17 @@ class Daemon:
             queued=self.wake_workers,
             fatal=self.die,
         )
-        self.retention = _retention(self.outbox, settings)
+        self.upkeep = Upkeep(
+            self.outbox,
+            settings.outbox.lease_seconds,
+            settings.outbox.keep_sent_seconds,
+            settings.watch.paths,
+            requeued=self.wake_workers,
+        )
         self.watcher: Watcher | None = None
         self.crews: dict[str, Crew] = {}
         self.breakers: dict[str, Breaker] = {}  # kept across reloads, as the outbox keeps them
         self._retired: list[Worker] = []  # stopped by a reload while still in a store
-        self._recovered_at_start = False
-        self._prune_at = 0.0  # monotonic: when retention takes its next step
 
     @property
     def workers(self) -> list[Worker]:
@@ -146,19 +143,22 @@ class Daemon:
             crew = self.crews[dest.name] = Crew.of(dest, rules, breaker)
             crew.contexts = (contexts or {}).get(dest.name, [])
             for n in range(crew.scale.maximum):
-                worker = Worker(
-                    crew,
-                    n,
-                    outbox=self.outbox,
-                    events=self.events,
-                    metrics=self.metrics,
-                    trouble=self.trouble,
-                    done=self.disposer.done,
-                    fatal=self.die,
-                    hard_stop=self.hard_stop,
-                )
+                worker = self._hire(crew, n)
                 crew.workers.append(worker)
                 worker.start()
+
+    def _hire(self, crew: Crew, index: int) -> Worker:
+        return Worker(
+            crew,
+            index,
+            outbox=self.outbox,
+            events=self.events,
+            metrics=self.metrics,
+            trouble=self.trouble,
+            done=self.disposer.done,
+            fatal=self.die,
+            hard_stop=self.hard_stop,
+        )
 
     def _keepalive(self) -> None:
         self._heartbeat()
@@ -182,13 +182,6 @@ class Daemon:
 
     # -- health -----------------------------------------------------------------------
 
-    def stall_limit(self) -> float:
-        dests = self.settings.destinations
-        worst = max(
-            (d.dimse_timeout + d.network_timeout for d in dests), default=DEFAULT_STALL_SECONDS
-        )
-        return self.settings.health.stall_seconds or (worst * 2 + STALL_MARGIN_SECONDS)
-
     def unhealthy(self) -> str | None:
         """Why the daemon is not healthy (for `forwarder health`), or None."""
         return self.trouble.problem() or self.stuck()
@@ -202,25 +195,12 @@ class Daemon:
         now = time.monotonic()
         if not self.enqueuer.is_alive():
             return "the enqueuer thread died"
-        limit = self.stall_limit()
+        limit = stall_limit(self.settings)
         return next(filter(None, (w.problem(limit, now) for w in self.workers)), None)
 
     def status_line(self) -> str:
-        counts = self.outbox.counts()
-        pending = sum(c.get(State.PENDING, 0) for c in counts.values())
-        inflight = sum(c.get(State.INFLIGHT, 0) for c in counts.values())
-        quarantined = sum(c.get(State.QUARANTINED, 0) for c in counts.values())
         now = time.time()
-        paused = [n for n, b in self.breakers.items() if b.remaining(now)]
-        infos = self.outbox.destination_info()
-        last = max((i.last_success_at or 0 for i in infos.values()), default=0)
-        line = (
-            f"{pending} queued, {inflight} in flight, {quarantined} quarantined, "
-            f"last success {iso(last) if last else 'never'}"
-        )
-        if paused:
-            line += f", paused: {', '.join(paused)}"
-        return line
+        return status_line(self.outbox, [n for n, b in self.breakers.items() if b.remaining(now)])
 
     def _heartbeat(self) -> None:
         workers = self.workers
@@ -265,8 +245,8 @@ class Daemon:
         self.enqueuer.intake = Intake.of(new)
         self.disposer.layout = Layout.of(new)
         if (new.outbox, new.watch.paths) != (old.outbox, old.watch.paths):
-            self.retention = _retention(self.outbox, new)
-            self._prune_at = 0.0  # a retention turned on or shortened applies now
+            out = new.outbox
+            self.upkeep.configure(out.lease_seconds, out.keep_sent_seconds, new.watch.paths)
         rules = Rules.of(new)
         for crew in self.crews.values():
             crew.rules = rules
@@ -296,25 +276,13 @@ class Daemon:
 
     # -- life cycle -------------------------------------------------------------------
 
-    def _recover_at_start(self) -> None:
-        """Queue again what was in flight at the last stop (no worker of ours holds any yet).
-
-        On a full disk this waits for the main loop to try again: until then those rows come
-        back when their leases run out, as after a crash.
-        """
+    def start(self) -> None:
         try:
-            recovered = self.outbox.recover_leases(time.time(), all_inflight=True)
+            self.upkeep.recover_at_start(time.time())
         except OutboxCorruptError:
             raise
-        except OutboxError as exc:
+        except OutboxError as exc:  # a full disk: the main loop tries again
             self.trouble.report("start-up", exc)
-            return
-        self._recovered_at_start = True
-        if recovered:
-            LOGGER.info(f"{recovered} deliveries were in flight at the last stop; queued again")
-
-    def start(self) -> None:
-        self._recover_at_start()
         self.metrics = start_metrics(
             self.settings.metrics.listen,
             self.outbox,
@@ -354,7 +322,7 @@ class Daemon:
         """The main loop: heartbeat, status, watchdog, leases, summary, reload; until stop."""
         hb_every = self.settings.health.heartbeat_seconds
         wd_every = self.notifier.watchdog_interval()
-        next_hb = next_status = next_summary = next_lease = next_wd = 0.0
+        next_hb = next_status = next_summary = next_wd = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
             if self.reload_requested.is_set():
@@ -364,8 +332,8 @@ class Daemon:
                 self.nudge_requested.clear()
                 self.wake_workers()
             self._check_stages()
-            if not self._recovered_at_start:
-                self._tend(self._recover_at_start)
+            if now >= self.upkeep.next_at:
+                self._tend(lambda: self.upkeep.loop(time.monotonic(), time.time()))
             if now >= next_hb:
                 if self._tend(self._heartbeat):
                     self.trouble.clear()
@@ -380,34 +348,16 @@ class Daemon:
                 else:
                     LOGGER.error(f"not pinging the watchdog: {problem}")
                 next_wd = now + wd_every
-            if now >= next_lease:
-                self._tend(self._recover_leases)
-                lease = self.settings.outbox.lease_seconds
-                next_lease = now + max(lease / 4, MIN_LEASE_CHECK_SECONDS)
             if now >= next_summary:
                 if next_summary:
                     self._tend(lambda: LOGGER.info(f"summary: {self.status_line()}"))
                 next_summary = now + self.settings.log.summary_seconds
             self._tend(lambda: self.disposer.loop(time.monotonic()))
-            if now >= self._prune_at:
-                self._prune_at = now + self._prune()
-            deadlines = [next_hb, next_status, next_summary, next_lease, self._prune_at]
+            deadlines = [next_hb, next_status, next_summary, self.upkeep.next_at]
             if wd_every is not None:
                 deadlines.append(next_wd)
             self.wakeup.wait(max(MIN_WAKE_SECONDS, min(deadlines) - time.monotonic()))
             self.wakeup.clear()
-
-    def _prune(self) -> float:
-        """One retention step (its clock is the outbox's); seconds until the next one."""
-        delays = [PRUNE_AFTER_ERROR_SECONDS]
-        self._tend(lambda: delays.append(self.retention.loop(time.time())))
-        return delays[-1]
-
-    def _recover_leases(self) -> None:
-        n = self.outbox.recover_leases(time.time())
-        if n:
-            LOGGER.warning(f"{n} deliveries outlived their lease; queued again")
-            self.wake_workers()
 
     def _check_stages(self) -> None:
         """A stage thread that ended while we are not stopping makes the daemon exit non-zero."""
@@ -442,8 +392,3 @@ class Daemon:
                 self.outbox.close()
         LOGGER.info("stopped" if clean else "stopped (forced)")
         return clean
-
-
-def _retention(outbox: Outbox, settings: Settings) -> Retention:
-    # a file still in a watched folder keeps its rows: pruned, a restart would send it again
-    return Retention(outbox, settings.outbox.keep_sent_seconds, still_in(settings.watch.paths))

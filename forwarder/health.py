@@ -4,12 +4,45 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from forwarder.config import Settings
-from forwarder.outbox import Outbox, OutboxError
+from forwarder.logs import iso
+from forwarder.outbox import Outbox, OutboxError, State
 
-__all__ = ["MIN_FREE_BYTES", "check", "disk_full"]
+__all__ = ["MIN_FREE_BYTES", "check", "disk_full", "stall_limit", "status_line"]
+
+STALL_MARGIN_SECONDS = 60.0
+"""Added to twice the longest timeouts: a batch stuck longer than that is hung."""
+DEFAULT_STALL_SECONDS = 60.0
+"""The timeouts assumed without any destination."""
+
+
+def stall_limit(settings: Settings) -> float:
+    """Seconds a worker may spend in one batch before the daemon counts as hung."""
+    worst = max(
+        (d.dimse_timeout + d.network_timeout for d in settings.destinations),
+        default=DEFAULT_STALL_SECONDS,
+    )
+    return settings.health.stall_seconds or (worst * 2 + STALL_MARGIN_SECONDS)
+
+
+def status_line(outbox: Outbox, paused: Sequence[str]) -> str:
+    """The daemon's one-line status (systemd's STATUS=, the summary line) from its outbox."""
+    counts = outbox.counts()
+    pending = sum(c.get(State.PENDING, 0) for c in counts.values())
+    inflight = sum(c.get(State.INFLIGHT, 0) for c in counts.values())
+    quarantined = sum(c.get(State.QUARANTINED, 0) for c in counts.values())
+    infos = outbox.destination_info()
+    last = max((i.last_success_at or 0 for i in infos.values()), default=0)
+    line = (
+        f"{pending} queued, {inflight} in flight, {quarantined} quarantined, "
+        f"last success {iso(last) if last else 'never'}"
+    )
+    if paused:
+        line += f", paused: {', '.join(paused)}"
+    return line
 
 
 def check(settings: Settings, now: float | None = None) -> tuple[bool, str]:
