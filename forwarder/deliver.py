@@ -29,7 +29,7 @@ from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
 from forwarder.verdict import Pending, Verdict
 
-__all__ = ["Crew", "Rules", "Worker"]
+__all__ = ["Crew", "Rules", "SenderFactory", "Worker", "dicom_sender"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
@@ -50,6 +50,13 @@ DUE_MARGIN_SECONDS = 0.01
 
 Fatal = Callable[[str, int], None]
 """Stops the daemon: (reason, exit status)."""
+SenderFactory = Callable[[Destination, threading.Event], Sender]
+"""Makes a worker's sender for its destination; the event cancels what it waits for."""
+
+
+def dicom_sender(dest: Destination, stop: threading.Event) -> Sender:
+    """The C-STORE sender (storescu's logic) of a DICOM destination."""
+    return Sender(Peer.from_destination(dest), stop=stop)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,7 @@ class Worker(threading.Thread):
         fatal: Fatal,
         hard_stop: threading.Event,
         clock: Callable[[], float] = time.time,
+        sender: SenderFactory | None = None,
     ) -> None:
         super().__init__(name=f"send-{crew.dest.name}-{index}", daemon=True)
         self.crew = crew
@@ -138,7 +146,7 @@ class Worker(threading.Thread):
         self.busy_since: float | None = None  # monotonic start of the current batch
         self.opening = False  # requesting its association before claiming (`_open_first`)
         self._last_activity = time.monotonic()
-        self._sender = Sender(Peer.from_destination(crew.dest), stop=self.stop)
+        self._sender = (sender or dicom_sender)(crew.dest, self.stop)
         self._fresh = False
         self._associations_counted = 0
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)

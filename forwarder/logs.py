@@ -123,7 +123,7 @@ class EscapingFormatter(logging.Formatter):
 def fields(**kw: Any) -> dict[str, Any]:
     """Return ``extra=`` for a log call carrying structured fields; None values are dropped.
 
-    >>> log.info("sent %s", path, extra=fields(path=path, destination="pacs", outcome="sent"))
+    >>> LOGGER.info(f"sent {path}", extra=fields(path=path, destination="pacs", outcome="sent"))
     """
     return {FIELDS_ATTR: {key: value for key, value in kw.items() if value is not None}}
 

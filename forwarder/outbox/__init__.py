@@ -31,8 +31,8 @@ connection (`threading.local`), because:
   the same time are served one after the other at once. Waiting for *other processes* (a CLI
   ``retry``, whose transactions are as short as ours) is a loop of short jittered polls up to
   ``busy_timeout`` (`_BUSY_POLL`), not SQLite's busy handler: that one sleeps up to 100 ms
-  between tries and, against a busy daemon, a CLI writer using it was starved outright in
-  tests (it kept waking up inside the daemon's transactions).
+  between tries and, against a busy daemon, starves a CLI writer outright (it keeps waking up
+  inside the daemon's transactions).
 
 The connections are opened with ``check_same_thread=False`` only so that `Outbox.close` (and the
 opening of a connection for a new thread) can close the connections of threads that are gone;
