@@ -227,8 +227,12 @@ class Worker(threading.Thread):
                 self._sender.release()
             self._idle(IDLE_SECONDS)
             return
-        if not self._sender.is_open and not self._open_first(now):
-            return
+        if not self._sender.is_open:
+            if not self._due(now):  # nothing to send: no association knocks on the peer
+                self._ran_out(now)
+                return
+            if not self._open_first(now):
+                return
         batch = self.outbox.claim(
             self.dest.name,
             self.rules.batch_size,
@@ -237,10 +241,7 @@ class Worker(threading.Thread):
             share=2 * scale.allowed if scale.allowed > 1 else 1,
         )
         if not batch:
-            if not self._ran_dry:
-                self._ran_dry = True
-                scale.interrupted()
-            self._idle_no_work(now)
+            self._ran_out(now)
             return
         if self._ran_dry:
             self._ran_dry = False
@@ -256,6 +257,17 @@ class Worker(threading.Thread):
         if self._fresh:
             self._sender.release()
             self._fresh = False
+
+    def _ran_out(self, now: float) -> None:
+        """Nothing to send: pause the scale's measurement, wait for work."""
+        if not self._ran_dry:
+            self._ran_dry = True
+            self.scale.interrupted()
+        self._idle_no_work(now)
+
+    def _due(self, now: float) -> bool:
+        due = self.outbox.next_due(self.dest.name, now)
+        return due is not None and due <= now
 
     def _open_first(self, now: float) -> bool:
         """Open the association before taking any work; True when the worker may claim.

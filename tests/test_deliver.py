@@ -164,3 +164,20 @@ def test_the_destination_is_back_before_the_store_that_shows_it_is_logged(
     back = next(i for i, m in enumerate(lines) if m == "destination pacs is back")
     sent = next(i for i, m in enumerate(lines) if m.startswith("sent: "))
     assert back < sent, lines
+
+
+def test_an_idle_worker_opens_no_association(outbox: Outbox, files: list[Path], scp: SCP) -> None:
+    # Once the destination's contexts are known, a worker opens its association before it
+    # claims; with nothing due it must not: an idle daemon would knock on the PACS every 30 s.
+    queue_files(outbox, files[:1], ["pacs"])
+    calls = Calls()
+    w = worker(outbox, destination(scp.port), calls)
+    try:
+        w.loop(0.0)  # sends the file; the crew now knows its contexts
+        w.close()
+        assert scp.associations == 1 and w.crew.contexts
+        w.wake.set()  # the idle wait returns at once
+        w.loop(1.0)
+    finally:
+        w.close()
+    assert scp.associations == 1
