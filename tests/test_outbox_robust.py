@@ -4,6 +4,8 @@ damaged file, and the count of refusals kept apart from transient failures. Real
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,34 @@ def test_reading_a_damaged_page_raises_outbox_corrupt(db_path: Path) -> None:
     _corrupt(db_path)
     with Outbox(db_path, readonly=True) as ob, pytest.raises(OutboxCorruptError, match="damaged"):
         ob.counts()
+
+
+_OPEN = """
+import sys
+from forwarder.outbox import Outbox
+with Outbox(sys.argv[1]) as ob:
+    print("ready", flush=True)
+"""
+
+
+def test_processes_opening_one_outbox_at_once_both_open_it(tmp_path: Path) -> None:
+    # An operator command opening the outbox while the daemon (re)opens it: SQLite's first
+    # look at the WAL index answers "locked" for a moment, which is waited out, not fatal.
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    for i in range(16):
+        path = tmp_path / f"outbox{i}.sqlite3"
+        Outbox(path).close()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN, str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(2)
+        ]
+        for p in procs:
+            out, err = p.communicate(timeout=60)
+            assert (p.returncode, out.strip()) == (0, "ready"), err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
 import random
 import sqlite3
@@ -129,7 +130,8 @@ class Database:
         try:
             conn = self._connection()
             if not readonly:
-                conn.execute(PRAGMA_AUTO_VACUUM)  # before WAL mode: a new file takes it then
+                # before WAL mode: a new file takes it then; it may wait for another writer
+                self._patiently(lambda: conn.execute(PRAGMA_AUTO_VACUUM))
                 mode = self._patiently(lambda: conn.execute(PRAGMA_WAL).fetchone()[0])
                 if str(mode).lower() != "wal":
                     raise OutboxError(f"{self._path}: cannot use WAL mode (journal_mode={mode})")
@@ -211,8 +213,9 @@ class Database:
             uri=uri,
         )
         try:
+            # a first look at the WAL index waits while another process opens or checkpoints
             for pragma in PRAGMAS:
-                conn.execute(pragma)
+                self._patiently(functools.partial(conn.execute, pragma))
             if self._readonly:
                 conn.execute(PRAGMA_QUERY_ONLY)
         except BaseException:
