@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from forwarder.config import Settings
+from forwarder.dicomfile import DicomInfo
 from forwarder.health import check
 from forwarder.outbox import Outbox
 
@@ -79,6 +80,31 @@ def test_destination_paused_too_long(tmp_path: Path, outbox: Outbox) -> None:
     assert not healthy
     assert "destination pacs paused for 120 min" in line
     assert "refused" in line
+
+
+def test_a_destination_down_through_many_short_pauses_is_unhealthy(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    # Each retry pauses it anew after the last pause ran out (retry.max_seconds caps them
+    # below max_paused_seconds): the outage is measured from its first pause, not the last.
+    outbox.heartbeat(NOW - 1, {"unhealthy": None})
+    for start in range(-7200, 0, 600):
+        outbox.pause_destination("pacs", NOW + start + 590, "refused", NOW + start, failure=True)
+    outbox.pause_destination("pacs", NOW + 300, "refused", NOW - 5, failure=True)
+    healthy, line = check(settings(tmp_path), NOW)
+    assert not healthy and "destination pacs paused for 120 min" in line
+
+
+def test_an_outage_ends_with_a_store(tmp_path: Path, outbox: Outbox) -> None:
+    outbox.heartbeat(NOW - 1, {"unhealthy": None})
+    outbox.pause_destination("pacs", NOW - 7000, "refused", NOW - 7200, failure=True)
+    path = tmp_path / "a.dcm"
+    info = DicomInfo(path, 1, 1, "1.2.840.10008.5.1.4.1.1.7", "1.2.3", "1.2.840.10008.1.2", None, 0)
+    outbox.enqueue_many([info], ["pacs"], NOW - 100)
+    (d,) = outbox.claim("pacs", 1, NOW - 90, 60)
+    outbox.mark_sent(d.id, 0x0000, NOW - 60)  # the peer answered: the outage is over
+    outbox.pause_destination("pacs", NOW + 60, "refused", NOW - 30, failure=True)
+    assert check(settings(tmp_path), NOW)[0]  # paused 30 s, not two hours
 
 
 def test_short_pause_is_healthy(tmp_path: Path, outbox: Outbox) -> None:

@@ -344,7 +344,11 @@ SQL_PAUSE: Final = """
     ON CONFLICT (name) DO UPDATE
        SET paused_until = excluded.paused_until,
            pause_reason = excluded.pause_reason,
+           -- one outage, one start: a pause extended before it ran out, or a new pause
+           -- with no store answered since the last one began (health measures the outage)
            paused_at = CASE WHEN destinations.paused_until > excluded.paused_at
+                              OR coalesce(destinations.last_success_at, 0)
+                                 < coalesce(destinations.paused_at, 0)
                             THEN coalesce(destinations.paused_at, excluded.paused_at)
                             ELSE excluded.paused_at END
 """
