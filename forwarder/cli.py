@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -35,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "echo": ("forwarder.commands.echo", "C-ECHO the destinations with their AE titles and TLS"),
     "config": ("forwarder.commands.config", "validate the config, or show the effective settings"),
 }
+
+
+EXIT_BROKEN_PIPE = 128 + 13
+"""As a process killed by SIGPIPE: the reader of its output went away (``| head``)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     intermixed = getattr(module, "INTERMIXED_ARGS", False)
     ns = parser.parse_intermixed_args(rest) if intermixed else parser.parse_args(rest)
     try:
-        return int(module.run(ns))
+        status = int(module.run(ns))
+        sys.stdout.flush()  # a reader gone (`| head`) shows here, not as a traceback at exit
+        return status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away: stop quietly, as coreutils do on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

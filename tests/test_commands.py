@@ -696,3 +696,21 @@ def test_commands_run_as_subprocesses(run: Run) -> None:
     )
     for name in ("status", "queue", "quarantine", "find", "echo", "config"):
         assert f"    {name}" in helped.stdout
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path: Path) -> None:
+    # `forwarder config show | head -1`: the pipe closes before the output is written
+    cfg = tmp_path / "forwarder.toml"
+    cfg.write_text('[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\nport = 104\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "forwarder", "config", "show", "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")},
+        cwd=tmp_path,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
