@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from test_daemon import dest
+
 from forwarder.breaker import Breaker
 from forwarder.config import Destination, RetrySettings
 from forwarder.deliver import Crew, Rules, Worker
@@ -48,17 +50,8 @@ def queue_files(outbox: Outbox, paths: Sequence[Path], destinations: Sequence[st
 
 
 def destination(port: int, **kw: Any) -> Destination:
-    settings: dict[str, Any] = {
-        "name": "pacs",
-        "host": "127.0.0.1",
-        "port": port,
-        "associations": 1,
-        "connect_timeout": 2,
-        "acse_timeout": 5,
-        "dimse_timeout": 10,
-        "network_timeout": 10,
-    }
-    return Destination(**(settings | kw))
+    """A destination "pacs" on loopback, as the daemon tests configure one (`test_daemon.dest`)."""
+    return Destination(**dest(kw.pop("name", "pacs"), port, **kw))
 
 
 def worker(

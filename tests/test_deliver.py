@@ -11,7 +11,8 @@ import pytest
 from conftest import SCP, free_port, make_instance
 from stages import Calls, destination, queue_files, worker
 
-from forwarder.config import RetrySettings
+from forwarder.config import Destination, RetrySettings
+from forwarder.deliver import Worker
 from forwarder.outbox import Outbox, State
 
 CT_UIDS = [f"1.2.826.0.1.3680043.2.1125.9.{i}" for i in range(3)]
@@ -31,6 +32,17 @@ def files(tmp_path: Path) -> list[Path]:
     return paths
 
 
+def one_loop(outbox: Outbox, dest: Destination, now: float = 0.0) -> tuple[Worker, Calls]:
+    """A worker of `dest` runs one iteration at `now`, then ends its association."""
+    calls = Calls()
+    w = worker(outbox, dest, calls, now=now)
+    try:
+        w.loop(now)
+    finally:
+        w.close()
+    return w, calls
+
+
 def states(outbox: Outbox) -> dict[str, State]:
     return {d.sop_instance_uid: d.state for d in outbox.list(limit=100)}
 
@@ -39,12 +51,7 @@ def test_one_loop_sends_the_due_files_and_lets_them_go(
     outbox: Outbox, files: list[Path], scp: SCP
 ) -> None:
     queue_files(outbox, files, ["pacs"])
-    calls = Calls()
-    w = worker(outbox, destination(scp.port), calls)
-    try:
-        w.loop(0.0)
-    finally:
-        w.close()
+    _w, calls = one_loop(outbox, destination(scp.port))
     assert sorted(scp.uids()) == sorted(CT_UIDS)  # what the peer actually received
     assert set(states(outbox).values()) == {State.SENT}
     assert sorted(d.sop_instance_uid for d in calls.done) == sorted(CT_UIDS)
@@ -55,12 +62,7 @@ def test_a_transient_status_is_retried_later_and_the_file_stays(
 ) -> None:
     queue_files(outbox, files[:1], ["pacs"])
     scp.statuses = [0xA700]  # out of resources
-    calls = Calls()
-    w = worker(outbox, destination(scp.port), calls)
-    try:
-        w.loop(0.0)
-    finally:
-        w.close()
+    _w, calls = one_loop(outbox, destination(scp.port))
     (row,) = outbox.list(limit=10)
     assert row.state is State.PENDING and row.last_status == 0xA700
     assert row.next_attempt_at is not None and row.next_attempt_at > 0.0
@@ -72,12 +74,7 @@ def test_a_refused_instance_is_quarantined_and_let_go(
 ) -> None:
     queue_files(outbox, files[:1], ["pacs"])
     scp.statuses = [0xA900]  # data set does not match SOP class: the peer refuses it
-    calls = Calls()
-    w = worker(outbox, destination(scp.port), calls)
-    try:
-        w.loop(0.0)
-    finally:
-        w.close()
+    _w, calls = one_loop(outbox, destination(scp.port))
     (row,) = outbox.list(limit=10)
     assert row.state is State.QUARANTINED and row.last_status == 0xA900
     assert [d.id for d in calls.done] == [row.id]
@@ -87,12 +84,7 @@ def test_a_peer_that_is_down_pauses_the_destination_and_keeps_the_files(
     outbox: Outbox, files: list[Path]
 ) -> None:
     queue_files(outbox, files, ["pacs"])
-    calls = Calls()
-    w = worker(outbox, destination(free_port()), calls, now=100.0)
-    try:
-        w.loop(100.0)
-    finally:
-        w.close()
+    w, calls = one_loop(outbox, destination(free_port()), now=100.0)
     assert set(states(outbox).values()) == {State.PENDING}  # given back, no attempt burnt
     assert all(d.attempts == 0 for d in outbox.list(limit=10))
     info = outbox.destination_info()["pacs"]
@@ -107,12 +99,7 @@ def test_a_file_changed_after_it_was_queued_is_not_sent(
     queue_files(outbox, files[:1], ["pacs"])
     st = files[0].stat()
     os.utime(files[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    calls = Calls()
-    w = worker(outbox, destination(scp.port), calls)
-    try:
-        w.loop(0.0)
-    finally:
-        w.close()
+    _w, calls = one_loop(outbox, destination(scp.port))
     (row,) = outbox.list(limit=10)
     assert row.state is State.GONE and "changed" in (row.last_error or "")
     assert scp.uids() == [] and calls.done == []  # the new version has rows of its own
@@ -123,12 +110,7 @@ def test_a_file_deleted_after_it_was_queued_is_gone_and_let_go(
 ) -> None:
     queue_files(outbox, files[:1], ["pacs"])
     files[0].unlink()
-    calls = Calls()
-    w = worker(outbox, destination(scp.port), calls)
-    try:
-        w.loop(0.0)
-    finally:
-        w.close()
+    _w, calls = one_loop(outbox, destination(scp.port))
     (row,) = outbox.list(limit=10)
     assert row.state is State.GONE and len(calls.done) == 1
     assert scp.uids() == []
