@@ -27,6 +27,12 @@ IDLE_FRACTION: Final = 0.1
 """... unless the retention is that short: then a tenth of it (a row stays at most 10 % past
 its time)."""
 
+MIN_FREE_PAGES: Final = 256
+"""Free pages (1 MiB at the default page size) worth giving back to the file system. Fewer are
+left to new rows: the daemon's own updates free a few pages all the time, and giving them back
+at once would be a write transaction every `BUSY_SECONDS` beside the workers' (a send burst
+measured 15 % slower)."""
+
 SWEEP_SECONDS: Final = 3600.0
 """How often a pass starts again from the oldest row instead of where the last one stopped, for
 the rows it passed over: spared ones (their file may have left the inbox since), rows whose
@@ -105,7 +111,7 @@ class Retention:
         self._deleted += result.deleted
         self._after = result.last
         free = self._outbox.free_pages()
-        if free:
+        if free >= MIN_FREE_PAGES:
             free = self._outbox.vacuum_step(self._vacuum_pages)
         if not result.done:
             return BUSY_SECONDS
@@ -117,7 +123,7 @@ class Retention:
                 extra=fields(outcome="pruned"),
             )
         self._before, self._deleted = None, 0
-        return BUSY_SECONDS if free else self._idle
+        return BUSY_SECONDS if free >= MIN_FREE_PAGES else self._idle
 
     @property
     def _idle(self) -> float:
