@@ -14,7 +14,8 @@ from forwarder import __version__
 from forwarder.breaker import Breaker
 from forwarder.config import ConfigError, Destination, Settings
 from forwarder.contexts import ContextSpec
-from forwarder.deliver import Crew, Rules, Worker, stop_workers
+from forwarder.crew import Crew, Rules, stop_workers
+from forwarder.deliver import Worker
 from forwarder.dispose import Disposer, Layout
 from forwarder.enqueue import Enqueuer, Intake
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE

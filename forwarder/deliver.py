@@ -9,27 +9,24 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from forwarder import verdict
-from forwarder.breaker import Breaker
-from forwarder.concurrency import Autoscale
-from forwarder.config import Destination, Settings
-from forwarder.contexts import ContextSpec
+from forwarder.config import Destination
+from forwarder.crew import Crew, Rules
 from forwarder.dicomfile import DicomInfo
 from forwarder.errors import EX_CANTCREAT, EX_SOFTWARE
 from forwarder.events import Events
 from forwarder.logs import fields
 from forwarder.metrics import Metrics
 from forwarder.outbox import Delivery, Outbox, OutboxCorruptError, OutboxError
-from forwarder.policy import IDLE_SECONDS, Next, RetryLimits, decide
+from forwarder.policy import IDLE_SECONDS, Next, decide
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
 from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
 from forwarder.verdict import Pending, Verdict
 
-__all__ = ["Crew", "Rules", "SenderFactory", "Worker", "dicom_sender"]
+__all__ = ["SenderFactory", "Worker", "dicom_sender"]
 
 LOGGER = logging.getLogger("forwarder.daemon")
 
@@ -57,52 +54,6 @@ SenderFactory = Callable[[Destination, threading.Event], Sender]
 def dicom_sender(dest: Destination, stop: threading.Event) -> Sender:
     """The C-STORE sender (storescu's logic) of a DICOM destination."""
     return Sender(Peer.from_destination(dest), stop=stop)
-
-
-@dataclass(frozen=True)
-class Rules:
-    """The settings the deliver stage reads (from `Settings`, fixed for a worker's life)."""
-
-    batch_size: int
-    lease_seconds: float
-    linger_seconds: float
-    follow_symlinks: bool
-    retry: RetryLimits
-
-    @classmethod
-    def of(cls, settings: Settings) -> Rules:
-        return cls(
-            batch_size=settings.sender.batch_size,
-            lease_seconds=settings.outbox.lease_seconds,
-            linger_seconds=settings.sender.linger_seconds,
-            follow_symlinks=settings.watch.follow_symlinks,
-            retry=settings.retry,
-        )
-
-
-@dataclass
-class Crew:
-    """One destination's workers and what they share: the scale of its associations, its
-    breaker, and the presentation contexts an extra association proposes."""
-
-    dest: Destination
-    rules: Rules  # replaced on reload: running workers follow it
-    scale: Autoscale
-    breaker: Breaker
-    contexts: list[ContextSpec] = field(default_factory=list)
-    workers: list[Worker] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, dest: Destination, rules: Rules, breaker: Breaker) -> Crew:
-        if dest.associations == "auto":
-            scale = Autoscale(dest.max_associations)
-        else:
-            scale = Autoscale(dest.associations, auto=False)
-        return cls(dest, rules, scale, breaker)
-
-    def wake(self) -> None:
-        for worker in self.workers:
-            worker.wake.set()
 
 
 class Worker(threading.Thread):
@@ -496,26 +447,3 @@ class Worker(threading.Thread):
         if hold:
             reason += " (check called_aet/calling_aet and the peer's configuration)"
         self._pause(reason, hold=hold, now=now)
-
-
-def stop_workers(
-    workers: Sequence[Worker],
-    timeout: float,
-    tick: Callable[[], None] | None = None,
-    tick_every: float = 1.0,
-) -> bool:
-    """Stop `workers`, waiting up to `timeout` for their in-flight stores; True if all ended.
-
-    `tick` runs every `tick_every` seconds while waiting (a reload keeps the heartbeat and
-    the watchdog going: a slow peer would otherwise hold the main loop for the whole timeout).
-    """
-    for w in workers:
-        w.stop.set()
-        w.wake.set()
-    deadline = time.monotonic() + timeout
-    for w in workers:
-        while w.is_alive() and (left := deadline - time.monotonic()) > 0:
-            w.join(left if tick is None else min(left, tick_every))
-            if tick is not None:
-                tick()
-    return not any(w.is_alive() for w in workers)

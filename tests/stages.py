@@ -12,7 +12,8 @@ from test_daemon import dest
 
 from forwarder.breaker import Breaker
 from forwarder.config import Destination, RetrySettings
-from forwarder.deliver import Crew, Rules, Worker
+from forwarder.crew import Crew, Rules
+from forwarder.deliver import Worker
 from forwarder.dicomfile import inspect
 from forwarder.dispose import Disposer, Layout
 from forwarder.events import Events
