@@ -179,8 +179,9 @@ class Worker(threading.Thread):
             self._idle(IDLE_SECONDS)
             return
         if not self._sender.is_open:
-            if not self._due(now):  # nothing to send: no association knocks on the peer
-                self._ran_out(now)
+            due = self.outbox.next_due(self.dest.name, now)
+            if due is None or due > now:  # nothing to send: no association knocks on the peer
+                self._ran_out(now, due)
                 return
             if not self._open_first(now):
                 return
@@ -192,7 +193,7 @@ class Worker(threading.Thread):
             share=2 * scale.allowed if scale.allowed > 1 else 1,
         )
         if not batch:
-            self._ran_out(now)
+            self._ran_out(now, self.outbox.next_due(self.dest.name, now))
             return
         if self._ran_dry:
             self._ran_dry = False
@@ -209,16 +210,22 @@ class Worker(threading.Thread):
             self._sender.release()
             self._fresh = False
 
-    def _ran_out(self, now: float) -> None:
-        """Nothing to send: pause the scale's measurement, wait for work."""
+    def _ran_out(self, now: float, due: float | None) -> None:
+        """Nothing to send before `due` (None: nothing queued): pause the scale's measurement,
+        release an association idle for the linger time, wait for work."""
         if not self._ran_dry:
             self._ran_dry = True
             self.scale.interrupted()
-        self._idle_no_work(now)
-
-    def _due(self, now: float) -> bool:
-        due = self.outbox.next_due(self.dest.name, now)
-        return due is not None and due <= now
+        waits = [IDLE_SECONDS]
+        if self._sender.is_open:
+            idle = time.monotonic() - self._last_activity
+            if idle >= self.rules.linger_seconds:
+                self._sender.release()
+            else:
+                waits.append(self.rules.linger_seconds - idle)
+        if due is not None:
+            waits.append(due - now + DUE_MARGIN_SECONDS)
+        self._idle(min(waits))
 
     def _open_first(self, now: float) -> bool:
         """Open the association before taking any work; True when the worker may claim.
@@ -269,19 +276,6 @@ class Worker(threading.Thread):
     def _idle(self, seconds: float) -> None:
         self.wake.wait(max(0.0, min(seconds, IDLE_SECONDS)))
         self.wake.clear()
-
-    def _idle_no_work(self, now: float) -> None:
-        waits = [IDLE_SECONDS]
-        if self._sender.is_open:
-            idle = time.monotonic() - self._last_activity
-            if idle >= self.rules.linger_seconds:
-                self._sender.release()
-            else:
-                waits.append(self.rules.linger_seconds - idle)
-        due = self.outbox.next_due(self.dest.name, now)
-        if due is not None:
-            waits.append(due - now + DUE_MARGIN_SECONDS)
-        self._idle(min(waits))
 
     def _send_batch(self, batch: list[Delivery], now: float) -> None:
         by_path: dict[Path, Delivery] = {}
