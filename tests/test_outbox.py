@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -1233,3 +1234,14 @@ def test_queries_use_indexes(outbox: Outbox, db_path: Path, name: str, index: st
     assert any(index in line for line in plan), plan
     # no full scan of the table; counts reads the (smaller) covering index
     assert not any(line == "SCAN deliveries" for line in plan), plan
+
+
+def test_a_new_outbox_is_logged_once_as_created(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "new.sqlite3"
+    with caplog.at_level(logging.INFO, logger="forwarder.outbox"):
+        Outbox(path).close()
+        Outbox(path).close()  # up to date: nothing to say
+    lines = [r.getMessage() for r in caplog.records if "schema" in r.getMessage()]
+    assert lines == [f"outbox {path} created (schema version {SCHEMA_VERSION})"]

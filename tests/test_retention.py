@@ -215,6 +215,8 @@ def test_migrating_version_4_keeps_every_row_and_lets_the_file_shrink(
         offsets = {d.id: d.dataset_offset for d in ob.list(limit=10_000)}
         assert offsets[7] == 336 and offsets[8] is None  # rows queued without an offset
     assert any("VACUUM" in r.getMessage() for r in caplog.records), caplog.text
+    migrated = [r.getMessage() for r in caplog.records if "schema version" in r.getMessage()]
+    assert migrated == [f"outbox {db_path} migrated from schema version 4 to 5"]  # one line
     with raw(db_path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental

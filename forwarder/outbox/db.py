@@ -300,7 +300,11 @@ class Database:
             pause = min(pause * 2, longest)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Bring the schema to `SCHEMA_VERSION`, one transaction per step (safe to race)."""
+        """Bring the schema to `SCHEMA_VERSION`, one transaction per step (safe to race).
+
+        Logged once: a new outbox as created, an older one as migrated from its version.
+        """
+        start: int | None = None
         for version, statements in MIGRATIONS:
             with self._write(f"migrating {self._path} to schema {version}"):
                 current = conn.execute(GET_VERSION).fetchone()[0]
@@ -312,7 +316,13 @@ class Database:
                     raise OutboxError(f"no migration from schema {current} to {version}")
                 for sql in statements:
                     conn.execute(sql)
-                LOGGER.info(f"outbox {self._path} migrated to schema version {version}")
+                start = current if start is None else start
+        if start == 0:
+            LOGGER.info(f"outbox {self._path} created (schema version {SCHEMA_VERSION})")
+        elif start is not None:
+            LOGGER.info(
+                f"outbox {self._path} migrated from schema version {start} to {SCHEMA_VERSION}"
+            )
 
     def _give_incremental_vacuum(self, conn: sqlite3.Connection) -> None:
         """Make a file created before schema 5 able to shrink: one VACUUM, logged.
