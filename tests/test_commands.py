@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -39,6 +40,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from forwarder.cli import main as cli_main
 from forwarder.commands.config import MASK, masked
+from forwarder.dicomfile import inspect
 from forwarder.outbox import Outbox, OutboxError, State
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,6 +336,28 @@ def test_queue_list_table(run: Run) -> None:
     assert lines[0].split()[:4] == ["ID", "DESTINATION", "STATE", "ATTEMPTS"]
     assert len(lines) == 1 + len(BUSY)
     assert all("archive" in line and "pending" in line and "0xA700" in line for line in lines[1:])
+
+
+def test_queue_list_says_a_paused_destination_is_paused_not_due(tmp_path: Path) -> None:
+    # as `forwarder find` does: a waiting row of a paused destination is not "due now"
+    db = tmp_path / "outbox.sqlite3"
+    path = tmp_path / "a.dcm"
+    make_instance(path, "1.2.826.0.1.3680043.2.1125.5.1")
+    now = time.time()
+    with Outbox(db) as outbox:
+        outbox.enqueue_many([inspect(path)], ["pacs"], now - 60)
+        outbox.pause_destination("pacs", now + 600, "cannot connect: refused", now, failure=True)
+    config = tmp_path / "f.toml"
+    config.write_text(
+        f'[outbox]\npath = "{db}"\n[[destinations]]\nname = "pacs"\nhost = "127.0.0.1"\n'
+        "port = 104\n",
+        encoding="utf-8",
+    )
+    res = cli("queue", "list", "--config", str(config))
+    assert res.status == 0, res.err
+    (row,) = res.out.splitlines()[1:]
+    assert "paused until" in row and "due now" not in row
+    assert "cannot connect: refused" in row
 
 
 # ------------------------------------------------------------------------------- find

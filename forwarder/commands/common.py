@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from forwarder.config import Settings, load_settings
 from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
 from forwarder.logs import escape, iso
-from forwarder.outbox import Delivery, Outbox, OutboxError, State
+from forwarder.outbox import Delivery, DestinationInfo, Outbox, OutboxError, State
 from forwarder.status import status_hex
 
 __all__ = [
@@ -275,3 +275,14 @@ def table(
 def print_json(data: Any, out: TextIO | None = None) -> None:
     """Print `data` as indented JSON with sorted keys (stable for scripts and diffs)."""
     print(json.dumps(data, indent=2, sort_keys=True, default=str), file=out or sys.stdout)
+
+
+def pause_of(
+    d: Delivery, breakers: Mapping[str, DestinationInfo], now: float
+) -> DestinationInfo | None:
+    """The pause that holds `d` back now: a waiting delivery to a paused destination is not
+    being sent, whatever its row says (it is in flight only while we try to connect)."""
+    info = breakers.get(d.destination)
+    if d.state in (State.PENDING, State.INFLIGHT) and info is not None and info.paused(now):
+        return info
+    return None

@@ -54,12 +54,7 @@ def run(args: argparse.Namespace) -> int:
     files = {d.path: common.location(Path(d.path), settings) for d in rows}
 
     def pause_of(d: Delivery) -> DestinationInfo | None:
-        """The pause that holds `d` back now: a waiting delivery to a paused destination is
-        not being sent, whatever its row says (it is in flight only while we try to connect)."""
-        info = breakers.get(d.destination)
-        if d.state in (State.PENDING, State.INFLIGHT) and info is not None and info.paused(now):
-            return info
-        return None
+        return common.pause_of(d, breakers, now)
 
     if args.json:
         common.print_json(

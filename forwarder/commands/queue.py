@@ -89,6 +89,7 @@ def _list(args: argparse.Namespace) -> int:
         rows = outbox.list(
             destination=args.destination, states=states, study_uid=args.study, limit=args.limit
         )
+        breakers = outbox.destination_info()
     if args.json:
         common.print_json(
             {
@@ -103,7 +104,13 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     table = []
     for d in rows:
-        if d.state is State.PENDING:
+        error = d.last_error
+        pause = common.pause_of(d, breakers, now)
+        if pause is not None:  # as `forwarder find` says it: not "due now"
+            until = pause.paused_until or now
+            when = f"paused until {common.local_time(until, now)} ({common.ago(until, now)})"
+            error = error or pause.pause_reason
+        elif d.state is State.PENDING:
             when = "due now" if d.next_attempt_at <= now else common.ago(d.next_attempt_at, now)
         elif d.state is State.INFLIGHT:
             when = "sending"
@@ -119,7 +126,7 @@ def _list(args: argparse.Namespace) -> int:
                 status_hex(d.last_status),
                 d.sop_instance_uid,
                 d.path,
-                common.short(d.last_error, 50),
+                common.short(error, 50),
             ]
         )
     headers = [
