@@ -30,10 +30,12 @@ __all__ = [
     "Settings",
     "TLSSettings",
     "add_config_argument",
+    "check_glob",
     "flatten",
     "load_raw",
     "load_settings",
     "parse_umask",
+    "rule_tag",
 ]
 
 
@@ -102,8 +104,87 @@ def _check_ae(value: str) -> str:
     return value
 
 
+# Value representations whose value is text: a rule compares it with globs as is. Numbers
+# stored binary (US, UL, FL ...), sequences and bulk data are not routable in v1.
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+     "UR", "UT"}
+)  # fmt: skip
+_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)?$")
+PATH_KEY = "path"
+"""The reserved rule key: the file's path relative to its watched folder."""
+
+
+def rule_tag(key: str) -> int | None:
+    """The tag a rule key names (a DICOM keyword or ``"GGGG,EEEE"``); None for `PATH_KEY`.
+
+    pydicom's data dictionary is read here, when the settings are validated, and never on
+    the send path.
+
+    Raises
+    ------
+    ValueError
+        Naming the key: not a keyword or tag, or an attribute whose value is not text
+        (binary numbers, sequences, bulk data) or that lives in the file meta.
+    """
+    if key == PATH_KEY:
+        return None
+    from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+
+    found = _TAG.match(key)
+    tag = int(found[1] + found[2], 16) if found else tag_for_keyword(key)
+    if tag is None:
+        raise ValueError(f'{key!r} is not a DICOM keyword or a tag "GGGG,EEEE"')
+    group = tag >> 16
+    if group in (0x0000, 0x0002, 0xFFFE):
+        raise ValueError(f"{key!r}: command, file meta and item tags are not routable")
+    if dictionary_has_tag(tag):
+        vr = dictionary_VR(tag)
+        if vr not in _TEXT_VRS:
+            raise ValueError(
+                f"{key!r} has VR {vr}: only text attributes are routable in v1 "
+                f"({', '.join(sorted(_TEXT_VRS))})"
+            )
+    # a private or unknown tag: its value is read as text
+    return tag
+
+
+def check_glob(key: str, glob: Any) -> str:
+    """`glob` when it is usable for rule `key`; raises ValueError naming both."""
+    if not isinstance(glob, str):
+        raise ValueError(f"{key}: a glob is a string, got {glob!r}")
+    start = glob.find("[")
+    while start != -1:
+        # fnmatch takes a '[' without its ']' literally, which is never what was meant
+        end = glob.find("]", start + 2)
+        if end == -1:
+            raise ValueError(f"{key}: glob {glob!r} has a '[' without its ']'")
+        start = glob.find("[", end + 1)
+    return glob
+
+
+Globs = str | list[str]
+
+
+def _check_rules(value: dict[str, Globs]) -> dict[str, Globs]:
+    for key, globs in value.items():
+        rule_tag(key)
+        items = [globs] if isinstance(globs, str) else globs
+        if not items:
+            raise ValueError(f"{key}: an empty list matches nothing")
+        for glob in items:
+            check_glob(key, glob)
+    return value
+
+
+class RoutingSettings(_Model):
+    # an instance no destination wants: quarantined with the reason, or disposed of as a
+    # delivered file is (disposition.on_success)
+    unmatched: Literal["quarantine", "dispose"] = "quarantine"
+
+
 class Destination(_Model):
-    """One DICOM peer that receives every instance."""
+    """One DICOM peer, and which instances it gets (every one, unless rules say otherwise)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = Field(min_length=1)
@@ -118,8 +199,13 @@ class Destination(_Model):
     dimse_timeout: NetworkSeconds = 30
     network_timeout: NetworkSeconds = 60
     tls: TLSSettings | None = None
+    # rule key (keyword, "GGGG,EEEE" or path) -> glob(s); every match rule must match, any
+    # exclude rule excludes
+    match: dict[str, Globs] = {}
+    exclude: dict[str, Globs] = {}
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
+    _rules = field_validator("match", "exclude")(_check_rules)
     _host = field_validator("host")(_check_host)
 
     @field_validator("associations")
@@ -217,6 +303,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     health: HealthSettings = HealthSettings()
+    routing: RoutingSettings = RoutingSettings()
     shutdown_timeout: Seconds = 30
     # file mode creation mask of the daemon (outbox, sidecars, copies, folders it creates)
     umask: str = "0027"

@@ -192,6 +192,31 @@ class Disposer:
             extra=fields(path=str(path), outcome="quarantined"),
         )
 
+    def dispose_unwanted(self, path: Path, reason: str) -> None:
+        """An instance no destination wants (``routing.unmatched = "dispose"``): it leaves
+        the inbox as a delivered file does (deleted, archived or kept), with one log line."""
+        how = self.layout.on_success
+        try:
+            with self._lock:
+                self._on_success(path)
+        except FileNotFoundError:
+            self.forget(path)
+            return
+        except OSError as exc:
+            LOGGER.error(
+                f"{path}: no destination wants it ({reason}), and it cannot be moved out of "
+                f"the inbox: {exc}",
+                extra=fields(path=str(path), outcome="dispose-failed"),
+            )
+            self.forget(path)  # offered again at the watcher's next rescan
+            return
+        LOGGER.info(
+            f"not queued: {path}: no destination wants it ({reason}); disposition: {how}",
+            extra=fields(path=str(path), outcome="unmatched"),
+        )
+        if how != "keep":
+            self.forget(path)
+
     def quarantine_invalid(self, path: Path, reason: str) -> None:
         """A file that never became sendable DICOM: quarantine it with the reason."""
         sidecar = Sidecar.invalid(reason, self.clock())
