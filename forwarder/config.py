@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -149,32 +158,34 @@ def rule_tag(key: str) -> int | None:
     return tag
 
 
-def check_glob(key: str, glob: Any) -> str:
-    """`glob` when it is usable for rule `key`; raises ValueError naming both."""
-    if not isinstance(glob, str):
-        raise ValueError(f"{key}: a glob is a string, got {glob!r}")
+def check_glob(glob: str) -> str:
+    """`glob` when it is usable in a rule; raises ValueError naming it."""
     start = glob.find("[")
     while start != -1:
         # fnmatch takes a '[' without its ']' literally, which is never what was meant
         end = glob.find("]", start + 2)
         if end == -1:
-            raise ValueError(f"{key}: glob {glob!r} has a '[' without its ']'")
+            raise ValueError(f"glob {glob!r} has a '[' without its ']'")
         start = glob.find("[", end + 1)
     return glob
 
 
-Globs = str | list[str]
+def _check_key(key: str) -> str:
+    rule_tag(key)
+    return key
 
 
-def _check_rules(value: dict[str, Globs]) -> dict[str, Globs]:
-    for key, globs in value.items():
-        rule_tag(key)
-        items = [globs] if isinstance(globs, str) else globs
-        if not items:
-            raise ValueError(f"{key}: an empty list matches nothing")
-        for glob in items:
-            check_glob(key, glob)
-    return value
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+RuleKey = Annotated[str, AfterValidator(_check_key)]
+Globs = Annotated[
+    list[Annotated[str, AfterValidator(check_glob)]],
+    BeforeValidator(_one_or_many),
+    Field(min_length=1),
+]
+"""A glob or a list of globs (any may match); read as a list."""
 
 
 class RoutingSettings(_Model):
@@ -201,11 +212,10 @@ class Destination(_Model):
     tls: TLSSettings | None = None
     # rule key (keyword, "GGGG,EEEE" or path) -> glob(s); every match rule must match, any
     # exclude rule excludes
-    match: dict[str, Globs] = {}
-    exclude: dict[str, Globs] = {}
+    match: dict[RuleKey, Globs] = {}
+    exclude: dict[RuleKey, Globs] = {}
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
-    _rules = field_validator("match", "exclude")(_check_rules)
     _host = field_validator("host")(_check_host)
 
     @field_validator("associations")

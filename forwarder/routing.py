@@ -8,11 +8,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from forwarder.config import Globs, Settings, rule_tag
+from forwarder.config import Settings, rule_tag
 
 __all__ = ["Decision", "Filter", "Router", "Rule", "path_pattern"]
 
 Unmatched = Literal["quarantine", "dispose"]
+Globs = str | Sequence[str]
 
 
 def path_pattern(glob: str) -> str:
