@@ -218,7 +218,8 @@ class Disposer:
             self.forget(path)
 
     def quarantine_invalid(self, path: Path, reason: str) -> None:
-        """A file that never became sendable DICOM: quarantine it with the reason."""
+        """A file that never became sendable DICOM, or that no destination wants: quarantine
+        it with the reason."""
         sidecar = Sidecar.invalid(reason, self.clock())
         try:
             target = filing.quarantine(path, self.layout.roots, self.layout.quarantine_dir, sidecar)
@@ -226,7 +227,7 @@ class Disposer:
             return
         except OSError as exc:
             LOGGER.error(
-                f"{path}: not valid DICOM ({reason}) and cannot be quarantined: {exc}",
+                f"{path}: {reason}; and it cannot be quarantined: {exc}",
                 extra=fields(path=str(path), outcome="quarantine-failed"),
             )
             # forgotten, the unchanged file is offered again at the watcher's next rescan,
