@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "outbox": ("forwarder.commands.outbox", "check the outbox file for damage"),
     "echo": ("forwarder.commands.echo", "C-ECHO the destinations with their AE titles and TLS"),
     "config": ("forwarder.commands.config", "validate the config, or show the effective settings"),
+    "route": (
+        "forwarder.commands.route",
+        "try the routing rules on files: which destinations would get each, and why not",
+    ),
 }
 
 

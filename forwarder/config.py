@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,10 +39,12 @@ __all__ = [
     "Settings",
     "TLSSettings",
     "add_config_argument",
+    "check_glob",
     "flatten",
     "load_raw",
     "load_settings",
     "parse_umask",
+    "rule_tag",
 ]
 
 
@@ -102,8 +113,89 @@ def _check_ae(value: str) -> str:
     return value
 
 
+# Value representations whose value is text: a rule compares it with globs as is. Numbers
+# stored binary (US, UL, FL ...), sequences and bulk data are not routable in v1.
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+     "UR", "UT"}
+)  # fmt: skip
+_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)?$")
+PATH_KEY = "path"
+"""The reserved rule key: the file's path relative to its watched folder."""
+
+
+def rule_tag(key: str) -> int | None:
+    """The tag a rule key names (a DICOM keyword or ``"GGGG,EEEE"``); None for `PATH_KEY`.
+
+    pydicom's data dictionary is read here, when the settings are validated, and never on
+    the send path.
+
+    Raises
+    ------
+    ValueError
+        Naming the key: not a keyword or tag, or an attribute whose value is not text
+        (binary numbers, sequences, bulk data) or that lives in the file meta.
+    """
+    if key == PATH_KEY:
+        return None
+    from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
+
+    found = _TAG.match(key)
+    tag = int(found[1] + found[2], 16) if found else tag_for_keyword(key)
+    if tag is None:
+        raise ValueError(f'{key!r} is not a DICOM keyword or a tag "GGGG,EEEE"')
+    group = tag >> 16
+    if group in (0x0000, 0x0002, 0xFFFE):
+        raise ValueError(f"{key!r}: command, file meta and item tags are not routable")
+    if dictionary_has_tag(tag):
+        vr = dictionary_VR(tag)
+        if vr not in _TEXT_VRS:
+            raise ValueError(
+                f"{key!r} has VR {vr}: only text attributes are routable in v1 "
+                f"({', '.join(sorted(_TEXT_VRS))})"
+            )
+    # a private or unknown tag: its value is read as text
+    return tag
+
+
+def check_glob(glob: str) -> str:
+    """`glob` when it is usable in a rule; raises ValueError naming it."""
+    start = glob.find("[")
+    while start != -1:
+        # fnmatch takes a '[' without its ']' literally, which is never what was meant
+        end = glob.find("]", start + 2)
+        if end == -1:
+            raise ValueError(f"glob {glob!r} has a '[' without its ']'")
+        start = glob.find("[", end + 1)
+    return glob
+
+
+def _check_key(key: str) -> str:
+    rule_tag(key)
+    return key
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+RuleKey = Annotated[str, AfterValidator(_check_key)]
+Globs = Annotated[
+    list[Annotated[str, AfterValidator(check_glob)]],
+    BeforeValidator(_one_or_many),
+    Field(min_length=1),
+]
+"""A glob or a list of globs (any may match); read as a list."""
+
+
+class RoutingSettings(_Model):
+    # an instance no destination wants: quarantined with the reason, or disposed of as a
+    # delivered file is (disposition.on_success)
+    unmatched: Literal["quarantine", "dispose"] = "quarantine"
+
+
 class Destination(_Model):
-    """One DICOM peer that receives every instance."""
+    """One DICOM peer, and which instances it gets (every one, unless rules say otherwise)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     host: str = Field(min_length=1)
@@ -118,6 +210,10 @@ class Destination(_Model):
     dimse_timeout: NetworkSeconds = 30
     network_timeout: NetworkSeconds = 60
     tls: TLSSettings | None = None
+    # rule key (keyword, "GGGG,EEEE" or path) -> glob(s); every match rule must match, any
+    # exclude rule excludes
+    match: dict[RuleKey, Globs] = {}
+    exclude: dict[RuleKey, Globs] = {}
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
     _host = field_validator("host")(_check_host)
@@ -217,6 +313,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     health: HealthSettings = HealthSettings()
+    routing: RoutingSettings = RoutingSettings()
     shutdown_timeout: Seconds = 30
     # file mode creation mask of the daemon (outbox, sidecars, copies, folders it creates)
     umask: str = "0027"

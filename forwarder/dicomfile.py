@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,6 +53,16 @@ class DicomInfo:
     transfer_syntax: str
     study_uid: str | None
     dataset_offset: int  # where the data set starts (after preamble and file meta)
+    # the top-level attributes `inspect` was asked for that the file has: tag -> its values
+    # as text (a multi-valued attribute has one per backslash-separated value)
+    attributes: Mapping[int, tuple[str, ...]] = field(default_factory=dict, hash=False)
+
+
+def _values(raw: bytes) -> tuple[str, ...]:
+    """A text attribute's values: Latin-1 (ASCII's superset: never fails), split at the
+    backslash, each without its padding."""
+    text = raw.decode("latin-1").rstrip("\x00 ")
+    return tuple(v.strip(" \x00") for v in text.split("\\"))
 
 
 def _text(value: bytes | None) -> str | None:
@@ -150,12 +161,17 @@ def _inflate_check(fp: BinaryIO, path: Path, prefix_size: int = 1 << 16) -> byte
     return bytes(prefix)
 
 
-def inspect(path: Path | str, *, follow_symlinks: bool = True) -> DicomInfo:
+def inspect(
+    path: Path | str, *, follow_symlinks: bool = True, attributes: frozenset[int] = frozenset()
+) -> DicomInfo:
     """Read the file meta and header of a DICOM file and check that it is complete.
 
     Only element headers are read; values are skipped, so pixel data is never
     read (a deflated data set is inflated in chunks to prove it ends). With
     ``follow_symlinks=False`` a symlink at `path` is not opened (OSError ELOOP).
+    The top-level `attributes` (tags) the file has come back in ``DicomInfo.attributes``,
+    read by the same walk (not inside sequences; in a deflated data set, only those in its
+    first 64 KiB).
 
     Raises
     ------
@@ -204,17 +220,20 @@ def inspect(path: Path | str, *, follow_symlinks: bool = True) -> DicomInfo:
             ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
         offset = reader.pos
         explicit, little, deflated = _ts_encoding(ts)
+        # the same walk reads the attributes routing rules name: no cost without rules
+        wanted = _WANTED | attributes if attributes else _WANTED
+        stop_after = max(_STUDY, *attributes) if attributes else _STUDY
         walked = True  # the data set was read past where its SOP UIDs belong
         if deflated:
             fp.seek(offset)
             prefix = _inflate_check(fp, path)
             sub = Reader(io.BytesIO(prefix), path, len(prefix))
             try:
-                found = sub.dataset(True, True, wanted=_WANTED, stop_after=_STUDY)
+                found = sub.dataset(True, True, wanted=wanted, stop_after=stop_after)
             except Truncated:  # the prefix is only the first part of the data set
                 found, walked = {}, False
         else:
-            found = reader.dataset(explicit, little, wanted=_WANTED)
+            found = reader.dataset(explicit, little, wanted=wanted)
             if offset == size:
                 raise Truncated(path, "file meta only, no data set")
     sop_class = _uid(path, _SOP_CLASS, found.get(_SOP_CLASS))
@@ -238,6 +257,7 @@ def inspect(path: Path | str, *, follow_symlinks: bool = True) -> DicomInfo:
         transfer_syntax=ts,
         study_uid=_text(found.get(_STUDY)),
         dataset_offset=offset,
+        attributes={t: _values(found[t]) for t in attributes if t in found} if attributes else {},
     )
 
 

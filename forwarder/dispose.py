@@ -192,8 +192,34 @@ class Disposer:
             extra=fields(path=str(path), outcome="quarantined"),
         )
 
+    def dispose_unwanted(self, path: Path, reason: str) -> None:
+        """An instance no destination wants (``routing.unmatched = "dispose"``): it leaves
+        the inbox as a delivered file does (deleted, archived or kept), with one log line."""
+        how = self.layout.on_success
+        try:
+            with self._lock:
+                self._on_success(path)
+        except FileNotFoundError:
+            self.forget(path)
+            return
+        except OSError as exc:
+            LOGGER.error(
+                f"{path}: no destination wants it ({reason}), and it cannot be moved out of "
+                f"the inbox: {exc}",
+                extra=fields(path=str(path), outcome="dispose-failed"),
+            )
+            self.forget(path)  # offered again at the watcher's next rescan
+            return
+        LOGGER.info(
+            f"not queued: {path}: no destination wants it ({reason}); disposition: {how}",
+            extra=fields(path=str(path), outcome="unmatched"),
+        )
+        if how != "keep":
+            self.forget(path)
+
     def quarantine_invalid(self, path: Path, reason: str) -> None:
-        """A file that never became sendable DICOM: quarantine it with the reason."""
+        """A file that never became sendable DICOM, or that no destination wants: quarantine
+        it with the reason."""
         sidecar = Sidecar.invalid(reason, self.clock())
         try:
             target = filing.quarantine(path, self.layout.roots, self.layout.quarantine_dir, sidecar)
@@ -201,7 +227,7 @@ class Disposer:
             return
         except OSError as exc:
             LOGGER.error(
-                f"{path}: not valid DICOM ({reason}) and cannot be quarantined: {exc}",
+                f"{path}: {reason}; and it cannot be quarantined: {exc}",
                 extra=fields(path=str(path), outcome="quarantine-failed"),
             )
             # forgotten, the unchanged file is offered again at the watcher's next rescan,

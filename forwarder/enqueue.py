@@ -9,7 +9,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from forwarder.inodes import FileKey, FirstName, InodeIndex
 from forwarder.logs import fields
 from forwarder.outbox import FINAL_STATES, Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.policy import IDLE_SECONDS
+from forwarder.routing import Router
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
 from forwarder.watcher import ReadyFile
 
@@ -44,6 +45,8 @@ MAX_SUSPECTS = 1000
 """Files not valid DICOM yet that are looked at again before their second is up."""
 
 Fatal = Callable[[str, int], None]
+Routed = tuple[DicomInfo, tuple[str, ...]]
+"""An examined file and the destinations that want it."""
 
 
 @dataclass(frozen=True)
@@ -54,15 +57,27 @@ class Intake:
     follow_symlinks: bool
     invalid_grace_seconds: float
     keeps_delivered: bool  # disposition.on_success = keep: delivered files stay in the inbox
+    router: Router | None = None  # None: every instance to every destination
 
     @classmethod
     def of(cls, settings: Settings) -> Intake:
+        router = Router.of(settings)
         return cls(
             destinations=tuple(d.name for d in settings.destinations),
             follow_symlinks=settings.watch.follow_symlinks,
             invalid_grace_seconds=settings.watch.invalid_grace_seconds,
             keeps_delivered=settings.disposition.on_success == "keep",
+            router=router if router.has_rules else None,
         )
+
+
+def _relative(ready: ReadyFile) -> str:
+    """The file's path relative to its watched folder, ``/``-separated (what ``path`` rules
+    match)."""
+    try:
+        return ready.path.relative_to(ready.root).as_posix()
+    except ValueError:  # not under its root (cannot happen from the watcher): its name
+        return ready.path.name
 
 
 class Enqueuer(threading.Thread):
@@ -101,7 +116,7 @@ class Enqueuer(threading.Thread):
         self._first: ReadyFile | None = None  # taken from `inbox` by `_wait`
         self._suspects: dict[Path, tuple[float, ReadyFile, str]] = {}
         # examined but not queued: the outbox could not be written; tried again every second
-        self._held: list[DicomInfo] = []
+        self._held: list[Routed] = []
         self._inodes = inodes
         self._twins: dict[Path, tuple[ReadyFile, FirstName]] = {}  # waiting for their first name
         self._batch: set[FileKey] = set()  # files of the batch being examined, not yet queued
@@ -177,7 +192,7 @@ class Enqueuer(threading.Thread):
 
     def _take(self, batch: list[ReadyFile], now: float) -> None:
         """Examine `batch` and queue what is new (with any files held back before)."""
-        records: list[DicomInfo] = []
+        records: list[Routed] = []
         try:
             known = self.outbox.known_files(
                 (str(r.path), r.size, r.mtime_ns) for r in batch
@@ -216,7 +231,7 @@ class Enqueuer(threading.Thread):
             except OutboxError as exc:
                 self.trouble.report("enqueuer", exc)
                 self._held = records[:MAX_HELD]
-                self._drop(r.path for r in records[MAX_HELD:])
+                self._drop(r.path for r, _ in records[MAX_HELD:])
                 self._batch.clear()
                 return
             self._held = []
@@ -225,14 +240,17 @@ class Enqueuer(threading.Thread):
                 self.queued()
         self._batch.clear()
 
-    def _enqueue(self, records: Sequence[DicomInfo]) -> int:
-        names = self.intake.destinations
-        added = self.outbox.enqueue_many(records, names, self.clock())
+    def _enqueue(self, records: Sequence[Routed]) -> int:
+        added = self.outbox.enqueue_routed(records, self.clock())
         if LOGGER.isEnabledFor(logging.DEBUG):  # per file
-            for rec in records:
-                LOGGER.debug(f"queued {rec.path} ({rec.sop_instance_uid})")
+            for rec, names in records:
+                LOGGER.debug(f"queued {rec.path} ({rec.sop_instance_uid}) for {', '.join(names)}")
         if added:
-            LOGGER.info(f"queued {len(records)} file(s) for {', '.join(names)}")
+            groups: dict[tuple[str, ...], int] = {}
+            for _, names in records:
+                groups[names] = groups.get(names, 0) + 1
+            for names, count in groups.items():
+                LOGGER.info(f"queued {count} file(s) for {', '.join(names)}")
         return added
 
     def _drop(self, paths: Iterable[str | Path]) -> None:
@@ -241,7 +259,7 @@ class Enqueuer(threading.Thread):
         for path in paths:
             self.forget(Path(path))
 
-    def _recheck(self, records: list[DicomInfo], now: float) -> None:
+    def _recheck(self, records: list[Routed], now: float) -> None:
         for path, (first_seen, ready, _reason) in list(self._suspects.items()):
             if now - first_seen < RECHECK_SECONDS and len(self._suspects) < MAX_SUSPECTS:
                 continue
@@ -266,7 +284,7 @@ class Enqueuer(threading.Thread):
         now: float,
         first_seen: float | None = None,
         known: set[tuple[str, int, int]] | None = None,
-    ) -> DicomInfo | None:
+    ) -> Routed | None:
         path = ready.path
         outbox = self.outbox
         key = (str(path), ready.size, ready.mtime_ns)
@@ -290,8 +308,11 @@ class Enqueuer(threading.Thread):
         if first is not None and self._twin(ready, first):
             return None
         follow = self.intake.follow_symlinks
+        router = self.intake.router  # one reload's rules for the whole file
         try:
-            info = inspect(path, follow_symlinks=follow)
+            info = inspect(
+                path, follow_symlinks=follow, attributes=router.tags if router else frozenset()
+            )
         except FileNotFoundError:  # deleted meanwhile (the watcher is not told of that)
             self.forget(path)
             return None
@@ -315,9 +336,24 @@ class Enqueuer(threading.Thread):
             first = self._queued_elsewhere(ready, info.sop_instance_uid)
             if first is not None and self._twin(ready, first):
                 return None
+        names = self.intake.destinations
+        if router is not None:
+            decision = router.route(info.attributes, _relative(ready))
+            if not decision.destinations:
+                self._unmatched(ready, router, decision.why_not)
+                return None
+            names = decision.destinations
         self._inodes.register(ready, info.sop_instance_uid)
         self._batch.add(key)
-        return info
+        return info, names
+
+    def _unmatched(self, ready: ReadyFile, router: Router, why_not: Mapping[str, str]) -> None:
+        """No destination wants the instance: ``routing.unmatched`` says where it goes."""
+        reason = "no destination matched: " + "; ".join(f"{d}: {w}" for d, w in why_not.items())
+        if router.unmatched == "dispose":
+            self.disposer.dispose_unwanted(ready.path, reason)
+        else:
+            self.disposer.quarantine_invalid(ready.path, reason)
 
     def _invalid(self, ready: ReadyFile, now: float, first_seen: float | None, reason: str) -> None:
         """Not valid DICOM (yet): look again, or quarantine once the grace is over."""
@@ -390,7 +426,7 @@ class Enqueuer(threading.Thread):
             if (d.size, d.mtime_ns) == (size, mtime_ns)
         }
 
-    def _recheck_twins(self, records: list[DicomInfo], now: float) -> None:
+    def _recheck_twins(self, records: list[Routed], now: float) -> None:
         for path, (ready, first) in list(self._twins.items()):
             if not self._twin(ready, first):
                 self._twins.pop(path, None)

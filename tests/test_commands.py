@@ -738,3 +738,93 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+# -------------------------------------------------------------------------------- route
+
+
+def _route_config(tmp_path: Path) -> Path:
+    config = tmp_path / "routes.toml"
+    config.write_text(
+        f"""
+[watch]
+paths = ["{tmp_path / "in"}"]
+[routing]
+unmatched = "dispose"
+[[destinations]]
+name = "ct-archive"
+host = "127.0.0.1"
+port = 104
+[destinations.match]
+Modality = ["CT", "PT"]
+path = "siteA/**"
+[destinations.exclude]
+SeriesDescription = ["*SCOUT*", "*LOCALIZER*"]
+[[destinations]]
+name = "mr-station"
+host = "127.0.0.1"
+port = 105
+match = {{ Modality = "MR" }}
+""",
+        encoding="utf-8",
+    )
+    return config
+
+
+def _instance(path: Path, modality: str, series: str = "AX 5mm") -> Path:
+    from pydicom import dcmread
+
+    make_instance(path, generate_uid())
+    ds = dcmread(path)
+    ds.Modality = modality
+    ds.SeriesDescription = series
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_route_test_explains_each_decision(tmp_path: Path) -> None:
+    config = _route_config(tmp_path)
+    ct = _instance(tmp_path / "in" / "siteA" / "ct.dcm", "CT")
+    mr = _instance(tmp_path / "in" / "siteB" / "mr.dcm", "MR")
+    res = cli("route", "test", "--config", str(config), str(ct), str(mr))
+    assert res.status == 0, res.err
+    assert res.out.splitlines() == [
+        f"{ct}:",
+        "  ct-archive: yes",
+        "  mr-station: no: Modality 'CT' does not match 'MR'",
+        f"{mr}:",
+        "  ct-archive: no: Modality 'MR' does not match ['CT', 'PT']",
+        "  mr-station: yes",
+    ]
+
+
+def test_route_test_json_and_status_when_a_file_goes_nowhere(tmp_path: Path) -> None:
+    config = _route_config(tmp_path)
+    scout = _instance(tmp_path / "in" / "siteA" / "scout.dcm", "CT", "CHEST SCOUT")
+    ct_b = _instance(tmp_path / "in" / "siteB" / "ct.dcm", "CT")
+    junk = tmp_path / "in" / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    res = cli("route", "test", "--config", str(config), str(scout), "--json")
+    assert res.status == 1
+    (report,) = res.json()["files"]
+    assert report["destinations"] == [] and report["unmatched"] == "dispose"
+    assert report["path"] == "siteA/scout.dcm"
+    assert report["not"] == {
+        "ct-archive": "SeriesDescription 'CHEST SCOUT' is excluded by ['*SCOUT*', '*LOCALIZER*']",
+        "mr-station": "Modality 'CT' does not match 'MR'",
+    }
+    res = cli("route", "test", "--config", str(config), str(ct_b), str(junk))
+    assert res.status == 1
+    assert "  ct-archive: no: path 'siteB/ct.dcm' does not match 'siteA/**'" in res.out
+    assert "  no destination wants it: routing.unmatched = dispose" in res.out
+    assert f"{junk}:\n  not valid DICOM: " in res.out
+
+
+def test_route_test_with_a_bad_rule_exits_78_naming_it(tmp_path: Path) -> None:
+    config = _route_config(tmp_path)
+    config.write_text(config.read_text().replace('Modality = "MR"', 'Modalty = "MR"'))
+    ct = _instance(tmp_path / "in" / "siteA" / "ct.dcm", "CT")
+    for argv in (["route", "test", str(ct)], ["config", "check"]):
+        res = cli(*argv, "--config", str(config))
+        assert res.status == 78
+        assert "destinations.1.match.Modalty" in res.err and "not a DICOM keyword" in res.err

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from conftest import SCP, StoreSCP, data_file, free_port, stores_per_association, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from forwarder import outbox as outbox_module
 from forwarder.dicomfile import inspect
@@ -127,6 +127,10 @@ def _toml_value(value: Any) -> str:
         return json.dumps(str(value))  # a JSON string is a valid TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table; keys quoted ("0008,0060" needs it)
+        return (
+            "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
@@ -1735,3 +1739,117 @@ def test_a_decompressed_lossy_file_says_so_to_the_peer_the_log_and_the_outbox(
 
     assert fwd.wait(row, what="the row committed as sent").sent_as == how
     assert fwd.stop() == 0
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+
+def routed_file(path: Path, modality: str, series: str = "AX 5mm") -> str:
+    """Write a small instance with this Modality and Series Description in one go; its UID."""
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = f"{_UID_ROOT}.3"
+    ds.Modality = modality
+    ds.SeriesDescription = series
+    ds.PatientID = "FWD-ROUTE"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return str(ds.SOPInstanceUID)
+
+
+CT_ONLY = {
+    "match": {"Modality": "CT"},
+    "exclude": {"SeriesDescription": ["*SCOUT*", "*LOCALIZER*"]},
+}
+MR_ONLY = {"match": {"Modality": "MR"}}
+
+
+def test_rules_route_ct_and_mr_exclude_scouts_and_quarantine_the_unmatched(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    archive, station = make_scp(), make_scp()
+    fwd.configure(
+        [dest("ct-archive", archive.port, **CT_ONLY), dest("mr", station.port, **MR_ONLY)]
+    )
+    fwd.start()
+    ct = {routed_file(fwd.inbox / f"ct{i}.dcm", "CT") for i in range(3)}
+    mr = {routed_file(fwd.inbox / f"mr{i}.dcm", "MR") for i in range(2)}
+    scout = routed_file(fwd.inbox / "scout.dcm", "CT", "CHEST SCOUT")
+    us = routed_file(fwd.inbox / "us.dcm", "US")
+    fwd.wait(has_all(archive, ct), what="the CTs at the archive")
+    fwd.wait(has_all(station, mr), what="the MRs at the MR station")
+    fwd.wait(lambda: len(fwd.quarantined()) == 2, what="2 quarantined files")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(archive) == once(ct)
+    assert received(station) == once(mr)
+    rows = {(d.sop_instance_uid, d.destination) for d in fwd.deliveries()}
+    assert rows == {(u, "ct-archive") for u in ct} | {(u, "mr") for u in mr}
+    reasons = {
+        p.name: json.loads(Path(f"{p}.json").read_text())["reason"] for p in fwd.quarantined()
+    }
+    assert reasons == {
+        "scout.dcm": "no destination matched: ct-archive: SeriesDescription 'CHEST SCOUT' is "
+        "excluded by ['*SCOUT*', '*LOCALIZER*']; mr: Modality 'CT' does not match 'MR'",
+        "us.dcm": "no destination matched: ct-archive: Modality 'US' does not match 'CT'; "
+        "mr: Modality 'US' does not match 'MR'",
+    }
+    log = fwd.text()
+    assert log.count("no destination matched") == 2, log  # logged once each
+    assert scout not in archive.uids() + station.uids() and us not in station.uids()
+
+
+def test_sighup_applies_new_rules_to_files_dropped_after_it(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    a, b = make_scp(), make_scp()
+    fwd.configure([dest("a", a.port, **CT_ONLY), dest("b", b.port, **MR_ONLY)]).start()
+    before = routed_file(fwd.inbox / "before.dcm", "MR")
+    fwd.wait(has_all(b, [before]), what="the first MR at b")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    # now MR goes to a as well, and b takes only what comes from the "urgent" folder
+    fwd.configure(
+        [
+            dest("a", a.port, match={"Modality": ["CT", "MR"]}),
+            dest("b", b.port, match={"Modality": "MR", "path": "urgent/**"}),
+        ]
+    )
+    fwd.signal(signal.SIGHUP)
+    fwd.wait_log("reloaded")
+    after = routed_file(fwd.inbox / "after.dcm", "MR")
+    urgent = routed_file(fwd.inbox / "urgent" / "x" / "urgent.dcm", "MR")
+    fwd.wait(has_all(a, [after, urgent]), what="both MRs at a")
+    fwd.wait(has_all(b, [urgent]), what="the urgent MR at b")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(a) == once([after, urgent])
+    assert received(b) == once([before, urgent])
+
+
+def test_unmatched_dispose_moves_the_file_like_a_delivered_one(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    a = make_scp()
+    fwd.configure(
+        [dest("a", a.port, **CT_ONLY)],
+        routing={"unmatched": "dispose"},
+        disposition={"on_success": "move"},
+    ).start()
+    ct = routed_file(fwd.inbox / "ct.dcm", "CT")
+    mr = routed_file(fwd.inbox / "mr.dcm", "MR")
+    fwd.wait(has_all(a, [ct]), what="the CT at a")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(a) == once([ct])
+    assert sorted(p.name for p in fwd.archive.rglob("*.dcm")) == ["ct.dcm", "mr.dcm"]
+    assert not fwd.quarantined()
+    assert {d.sop_instance_uid for d in fwd.deliveries()} == {ct}
+    assert fwd.text().count("no destination wants it") == 1
+    assert mr not in a.uids()

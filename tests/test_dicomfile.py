@@ -435,3 +435,62 @@ def test_padded_and_leading_zero_uids_are_accepted(
 )
 def test_uid_problem(uid: str, problem: str | None) -> None:
     assert uid_problem(uid) == problem
+
+
+# -- the attributes routing rules name, read by the same walk ------------------------------
+
+MODALITY = 0x00080060
+IMAGE_TYPE = 0x00080008
+SERIES_DESCRIPTION = 0x0008103E
+PATIENT_NAME = 0x00100010
+CODE_MEANING = 0x00080104  # only inside a sequence in the files below
+PRIVATE = 0x00091010
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "image_dfl.dcm"],
+)
+def test_attributes_are_the_values_pydicom_reads(name: str) -> None:
+    path = data_file(name)
+    ds = dcmread(path)
+    tags = frozenset({MODALITY, IMAGE_TYPE, PATIENT_NAME})
+    info = inspect(path, attributes=tags)
+    for tag in tags:
+        if tag in ds:
+            value = ds[tag].value
+            values = list(value) if ds[tag].VM > 1 else [value]
+            assert info.attributes[tag] == tuple(str(v) for v in values), (name, hex(tag))
+        else:
+            assert tag not in info.attributes
+    plain = inspect(path)
+    assert plain.attributes == {}
+    # the file facts are the same with and without attributes
+    assert (plain.sop_instance_uid, plain.study_uid, plain.dataset_offset) == (
+        info.sop_instance_uid,
+        info.study_uid,
+        info.dataset_offset,
+    )
+
+
+def test_attributes_are_top_level_only_latin1_and_multi_valued(tmp_path: Path) -> None:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.SeriesDescription = "Thorax \xe9 SCOUT "
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    item = Dataset()
+    item.CodeMeaning = "nested"
+    ds.ConceptNameCodeSequence = Sequence([item])
+    ds.add_new(0x00090010, "LO", "ACME")
+    ds.add_new(PRIVATE, "LO", "private value")
+    path = _write(ds, tmp_path / "a.dcm")
+    info = inspect(
+        path, attributes=frozenset({IMAGE_TYPE, SERIES_DESCRIPTION, CODE_MEANING, PRIVATE})
+    )
+    assert info.attributes == {
+        IMAGE_TYPE: ("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        SERIES_DESCRIPTION: ("Thorax \xe9 SCOUT",),
+        PRIVATE: ("private value",),
+    }  # CodeMeaning lives in a sequence: not read (v1)

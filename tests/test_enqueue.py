@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from forwarder.dicomfile import DICOMDIR_SOP_CLASS
 from forwarder.enqueue import Enqueuer, Intake
 from forwarder.inodes import InodeIndex
 from forwarder.outbox import Mark, Outbox, State
+from forwarder.routing import Router
 from forwarder.trouble import OutboxTrouble
 from forwarder.watcher import ReadyFile
 
@@ -28,18 +32,25 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
         yield box
 
 
-def enqueuer(outbox: Outbox, tmp_path: Path, calls: Calls) -> Enqueuer:
+def enqueuer(
+    outbox: Outbox,
+    tmp_path: Path,
+    calls: Calls,
+    router: Router | None = None,
+    on_success: str = "delete",
+) -> Enqueuer:
     intake = Intake(
         destinations=("one", "two"),
         follow_symlinks=False,
         invalid_grace_seconds=GRACE,
-        keeps_delivered=False,
+        keeps_delivered=on_success == "keep",
+        router=router,
     )
     inodes = InodeIndex()
     return Enqueuer(
         outbox,
         intake,
-        disposer(outbox, tmp_path, calls),
+        disposer(outbox, tmp_path, calls, on_success),
         inodes,
         OutboxTrouble(),
         forget=calls.forget,
@@ -220,3 +231,105 @@ def test_a_file_back_after_it_vanished_for_one_destination_is_not_deleted_by_ano
     outbox.mark_many([Mark(one.id, State.SENT, 0)], 9.0)
     stage.disposer.done([one])  # what the worker does once the mark is committed
     assert path.exists()
+
+
+# -- routing -------------------------------------------------------------------------------
+
+
+def _routed(path: Path, uid: str, modality: str, series: str = "AX") -> ReadyFile:
+    make_instance(path, uid)
+    ds = dcmread(path)
+    ds.Modality = modality
+    ds.SeriesDescription = series
+    ds.save_as(path, enforce_file_format=True)
+    st = path.stat()
+    return ReadyFile(path, st.st_size, st.st_mtime_ns, path.parents[1], st.st_dev, st.st_ino)
+
+
+def _router(unmatched: str = "quarantine") -> Router:
+    return Router.build(
+        [
+            (
+                "one",
+                {"Modality": ["CT", "PT"], "path": "siteA/**"},
+                {"SeriesDescription": "*SCOUT*"},
+            ),
+            ("two", {"Modality": "MR"}, {}),
+        ],
+        unmatched,  # type: ignore[arg-type]
+    )
+
+
+def test_rows_only_for_the_destinations_that_want_the_instance(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls, _router())
+    inbox = tmp_path / "in"
+    stage.offer(_routed(inbox / "siteA" / "ct.dcm", UID + "1", "CT"))
+    stage.offer(_routed(inbox / "siteA" / "mr.dcm", UID + "2", "MR"))
+    stage.offer(_routed(inbox / "siteA" / "pt.dcm", UID + "3", "PT"))
+    stage.loop(0.0)
+    rows = {(d.sop_instance_uid, d.destination) for d in outbox.list(limit=10)}
+    assert rows == {(UID + "1", "one"), (UID + "2", "two"), (UID + "3", "one")}
+    assert calls.queued == 1  # one batch, one transaction
+
+
+@pytest.mark.parametrize(
+    ("name", "modality", "series", "why"),
+    [
+        ("siteA/scout.dcm", "CT", "CHEST SCOUT", "SeriesDescription 'CHEST SCOUT' is excluded"),
+        ("siteB/ct.dcm", "CT", "AX", "path 'siteB/ct.dcm' does not match 'siteA/**'"),
+        ("siteA/us.dcm", "US", "AX", "Modality 'US' does not match ['CT', 'PT']"),
+    ],
+)
+def test_an_instance_no_destination_wants_is_quarantined_with_the_reason(
+    tmp_path: Path, outbox: Outbox, name: str, modality: str, series: str, why: str
+) -> None:
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls, _router())
+    path = tmp_path / "in" / name
+    stage.offer(_routed(path, UID, modality, series))
+    stage.loop(0.0)
+    assert outbox.list(limit=10) == [] and calls.queued == 0
+    assert not path.exists()
+    target = tmp_path / "quarantine" / name
+    assert target.exists()
+    reason = json.loads(Path(f"{target}.json").read_text())["reason"]
+    assert reason.startswith("no destination matched: one: ")
+    assert why in reason
+    assert f"two: Modality '{modality}' does not match 'MR'" in reason
+
+
+@pytest.mark.parametrize("on_success", ["delete", "move", "keep"])
+def test_unmatched_dispose_treats_it_as_a_delivered_file(
+    tmp_path: Path, outbox: Outbox, on_success: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls, _router("dispose"), on_success)
+    path = tmp_path / "in" / "siteA" / "us.dcm"
+    stage.offer(_routed(path, UID, "US"))
+    with caplog.at_level(logging.INFO, logger="forwarder.daemon"):
+        stage.loop(0.0)
+    assert outbox.list(limit=10) == []
+    assert not (tmp_path / "quarantine").exists()
+    assert path.exists() is (on_success == "keep")
+    assert (tmp_path / "sent" / "siteA" / "us.dcm").exists() is (on_success == "move")
+    lines = [r.getMessage() for r in caplog.records if "no destination wants it" in r.getMessage()]
+    assert len(lines) == 1 and "Modality 'US'" in lines[0]
+    # a kept file is not offered again by the watcher (not forgotten): logged once
+    assert (path in calls.forgotten) is (on_success != "keep")
+
+
+def test_a_new_router_applies_to_files_examined_after_it(tmp_path: Path, outbox: Outbox) -> None:
+    calls = Calls()
+    stage = enqueuer(outbox, tmp_path, calls, _router())
+    stage.offer(_routed(tmp_path / "in" / "siteA" / "a.dcm", UID + "1", "MR"))
+    stage.loop(0.0)
+    stage.intake = replace(
+        stage.intake, router=Router.build([("one", {}, {}), ("two", {"Modality": "CT"}, {})])
+    )
+    stage.offer(_routed(tmp_path / "in" / "siteA" / "b.dcm", UID + "2", "MR"))
+    stage.loop(1.0)
+    rows = {(d.sop_instance_uid, d.destination) for d in outbox.list(limit=10)}
+    assert rows == {(UID + "1", "two"), (UID + "2", "one")}

@@ -430,6 +430,19 @@ def test_enqueue_many_counts_only_new_rows(outbox: Outbox) -> None:
     assert outbox.enqueue_many([], ["a"], T0) == 0
 
 
+def test_enqueue_routed_queues_each_file_for_its_own_destinations(outbox: Outbox) -> None:
+    added = outbox.enqueue_routed(
+        [(rec(1), ["a"]), (rec(2), ["a", "b"]), (rec(3), []), (rec(4), ["b"])], T0
+    )
+    assert added == 4
+    rows = {(d.sop_instance_uid, d.destination) for d in outbox.list(limit=10)}
+    assert rows == {("1.2.3.1", "a"), ("1.2.3.2", "a"), ("1.2.3.2", "b"), ("1.2.3.4", "b")}
+    assert outbox.enqueue_routed([(rec(3), [])], T0) == 0
+    with pytest.raises(OutboxError):  # one transaction: all or nothing
+        outbox.enqueue_routed([(rec(5), ["a"]), (rec(6, size=-1), ["b"])], T0)
+    assert len(outbox.list(limit=10)) == 4
+
+
 def test_enqueue_many_is_all_or_nothing(outbox: Outbox) -> None:
     with pytest.raises(OutboxError):
         outbox.enqueue_many([rec(1), rec(2, size=-1)], ["a"], T0)  # CHECK (size >= 0)

@@ -107,10 +107,13 @@ class Outbox(Pruning):
         self, recs: Sequence[DicomInfo], destinations: Sequence[str], now: float
     ) -> int:
         """`enqueue` for many files in one transaction (all or none); returns rows added."""
-        for rec in recs:
+        return self.enqueue_routed([(rec, destinations) for rec in recs], now)
+
+    def enqueue_routed(self, routed: Sequence[tuple[DicomInfo, Sequence[str]]], now: float) -> int:
+        """Queue each file for its own destinations, all in one transaction (all or none);
+        returns rows added. A file with no destination gets no row."""
+        for rec, _ in routed:
             check_absolute(rec.path)
-        if not recs or not destinations:
-            return 0
         params = (
             {
                 "path": path_bytes(rec.path),
@@ -124,9 +127,11 @@ class Outbox(Pruning):
                 "now": now,
                 "dataset_offset": rec.dataset_offset,
             }
-            for rec in recs
+            for rec, destinations in routed
             for dest in destinations
         )
+        if not any(destinations for _, destinations in routed):
+            return 0
         with self._write("enqueue") as conn:
             before = conn.total_changes
             conn.executemany(SQL_ENQUEUE, params)
