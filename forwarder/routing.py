@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from forwarder.config import Settings, rule_tag
+from forwarder.config import Settings
+from forwarder.rulekeys import rule_tag
 
 __all__ = ["Decision", "Filter", "Router", "Rule", "path_pattern"]
 
