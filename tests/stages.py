@@ -19,7 +19,7 @@ from forwarder.dispose import Disposer, Layout
 from forwarder.events import Events
 from forwarder.inodes import InodeIndex
 from forwarder.metrics import NO_METRICS
-from forwarder.outbox import Delivery, Outbox
+from forwarder.outbox import Delivery, Mark, Outbox, State
 from forwarder.trouble import OutboxTrouble
 
 
@@ -108,3 +108,19 @@ def disposer(outbox: Outbox, tmp: Path, calls: Calls, on_success: str = "delete"
         queued=calls.on_queued,
         clock=lambda: 0.0,
     )
+
+
+def finish(outbox: Outbox, now: float = 1.0, **states: State) -> list[Delivery]:
+    """Claim each named destination's one due row at `now` and record it: SENT (0x0000),
+    QUARANTINED (0xA900, refused) or GONE (the file disappeared). Returns the rows claimed."""
+    marks = {
+        State.SENT: lambda i: Mark(i, State.SENT, 0x0000),
+        State.QUARANTINED: lambda i: Mark(i, State.QUARANTINED, 0xA900, "refused"),
+        State.GONE: lambda i: Mark(i, State.GONE, None, "disappeared"),
+    }
+    claimed = []
+    for name, state in states.items():
+        (d,) = outbox.claim(name, 10, now, 300)
+        outbox.mark_many([marks[state](d.id)], now + 1)
+        claimed.append(d)
+    return claimed

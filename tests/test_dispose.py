@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import make_instance
-from stages import Calls, disposer, queue_files
+from stages import Calls, disposer, finish, queue_files
 
-from forwarder.outbox import Mark, Outbox, State
+from forwarder.outbox import Outbox, State
 
 UID = "1.2.826.0.1.3680043.2.1125.8.1"
 
@@ -28,14 +28,6 @@ def queued(tmp_path: Path, outbox: Outbox) -> Path:
     make_instance(path, UID)
     queue_files(outbox, [path], ["one", "two"])
     return path
-
-
-def finish(outbox: Outbox, **states: State) -> None:
-    """Claim each destination's row and mark it as given (SENT or QUARANTINED)."""
-    for name, state in states.items():
-        (d,) = outbox.claim(name, 10, 1.0, 300)
-        status = 0 if state is State.SENT else 0xA900
-        outbox.mark_many([Mark(d.id, state, status, None if status == 0 else "refused")], 2.0)
 
 
 def test_a_file_stays_until_every_destination_is_final(
@@ -105,9 +97,7 @@ def test_a_file_back_after_it_vanished_but_no_longer_dicom_is_quarantined(
     tmp_path: Path, outbox: Outbox, queued: Path
 ) -> None:
     st = queued.stat()
-    for name in ("one", "two"):
-        (d,) = outbox.claim(name, 10, 1.0, 300)
-        outbox.mark_many([Mark(d.id, State.GONE, None, "disappeared")], 2.0)
+    finish(outbox, one=State.GONE, two=State.GONE)
     queued.write_bytes(b"\0" * st.st_size)  # same path, size and mtime, not DICOM
     os.utime(queued, ns=(st.st_atime_ns, st.st_mtime_ns))
     calls = Calls()

@@ -6,18 +6,19 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import data_file, make_instance
 from pydicom import dcmread
-from stages import Calls, disposer
+from stages import Calls, disposer, finish
 
 from forwarder.dicomfile import DICOMDIR_SOP_CLASS
 from forwarder.enqueue import Enqueuer, Intake
 from forwarder.inodes import InodeIndex
-from forwarder.outbox import Mark, Outbox, State
+from forwarder.outbox import Outbox, State
 from forwarder.routing import Router
 from forwarder.trouble import OutboxTrouble
 from forwarder.watcher import ReadyFile
@@ -58,6 +59,17 @@ def enqueuer(
         fatal=calls.on_fatal,
         clock=lambda: 5.0,
     )
+
+
+@contextmanager
+def away(path: Path) -> Iterator[None]:
+    """The file is out of the inbox meanwhile, then back, unchanged (same size and mtime)."""
+    kept = path.with_name(f".away-{path.name}")
+    os.rename(path, kept)
+    try:
+        yield
+    finally:
+        os.rename(kept, path)
 
 
 def ready(path: Path) -> ReadyFile:
@@ -133,9 +145,7 @@ def test_a_file_delivered_before_is_disposed_of_not_sent_again(
     stage = enqueuer(outbox, tmp_path, Calls())
     stage.offer(ready(path))
     stage.loop(0.0)
-    for name in ("one", "two"):
-        (d,) = outbox.claim(name, 10, 6.0, 300)
-        outbox.mark_many([Mark(d.id, State.SENT, 0)], 7.0)
+    finish(outbox, 6.0, one=State.SENT, two=State.SENT)
     stage.offer(ready(path))  # as after a crash between the commit and the delete
     stage.loop(1.0)
     assert not path.exists()
@@ -153,13 +163,8 @@ def test_a_file_that_vanished_unsent_and_comes_back_the_same_is_sent_not_deleted
     stage = enqueuer(outbox, tmp_path, calls)
     stage.offer(ready(path))
     stage.loop(0.0)
-    kept = tmp_path / "kept.dcm"
-    os.rename(path, kept)
-    (one,) = outbox.claim("one", 10, 6.0, 300)
-    outbox.mark_many([Mark(one.id, State.SENT, 0)], 7.0)  # "one" had it before it vanished
-    (two,) = outbox.claim("two", 10, 6.0, 300)
-    outbox.mark_many([Mark(two.id, State.GONE, None, "disappeared")], 7.0)
-    os.rename(kept, path)
+    with away(path):
+        finish(outbox, 6.0, one=State.SENT, two=State.GONE)  # "one" had it before it vanished
     stage.offer(ready(path))
     stage.loop(1.0)
     assert path.exists()
@@ -180,21 +185,15 @@ def test_a_file_back_after_it_vanished_is_sent_when_its_name_had_an_earlier_inst
     stage = enqueuer(outbox, tmp_path, calls)
     stage.offer(ready(path))
     stage.loop(0.0)
-    for name in ("one", "two"):
-        (d,) = outbox.claim(name, 10, 6.0, 300)
-        outbox.mark_many([Mark(d.id, State.SENT, 0)], 7.0)
+    finish(outbox, 6.0, one=State.SENT, two=State.SENT)
     path.unlink()  # delivered: disposed of
     second = UID + ".2"
     make_instance(path, second)
     os.utime(path, ns=(1_000_000_000_123, 1_000_000_000_123))  # another version for sure
     stage.offer(ready(path))
     stage.loop(1.0)
-    kept = tmp_path / "kept.dcm"
-    os.rename(path, kept)
-    for name in ("one", "two"):
-        (d,) = outbox.claim(name, 10, 8.0, 300)
-        outbox.mark_many([Mark(d.id, State.GONE, None, "disappeared")], 9.0)
-    os.rename(kept, path)
+    with away(path):
+        finish(outbox, 8.0, one=State.GONE, two=State.GONE)
     stage.offer(ready(path))
     stage.loop(2.0)
     assert path.exists()
@@ -219,17 +218,12 @@ def test_a_file_back_after_it_vanished_for_one_destination_is_not_deleted_by_ano
     stage = enqueuer(outbox, tmp_path, calls)
     stage.offer(ready(path))
     stage.loop(0.0)
-    kept = tmp_path / "kept.dcm"
-    os.rename(path, kept)
-    (two,) = outbox.claim("two", 10, 6.0, 300)
-    outbox.mark_many([Mark(two.id, State.GONE, None, "disappeared")], 7.0)
-    stage.disposer.done([two])
-    os.rename(kept, path)
+    with away(path):
+        stage.disposer.done(finish(outbox, 6.0, two=State.GONE))
     stage.offer(ready(path))
     stage.loop(1.0)
-    (one,) = outbox.claim("one", 10, 8.0, 300)
-    outbox.mark_many([Mark(one.id, State.SENT, 0)], 9.0)
-    stage.disposer.done([one])  # what the worker does once the mark is committed
+    # what the worker does once the mark is committed
+    stage.disposer.done(finish(outbox, 8.0, one=State.SENT))
     assert path.exists()
 
 

@@ -8,12 +8,11 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from contextlib import closing, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from test_outbox import LEASE, T0, raw, rec
+from test_outbox import LEASE, T0, db_path, outbox, raw, rec  # and its outbox fixtures
 
 from forwarder.cli import main as cli_main
 from forwarder.config import ConfigError, load_settings
@@ -21,18 +20,9 @@ from forwarder.outbox import MIGRATIONS, SCHEMA_VERSION, Mark, Outbox, State
 from forwarder.outbox import db as outbox_db
 from forwarder.retention import BUSY_SECONDS, IDLE_SECONDS, SWEEP_SECONDS, Retention, still_in
 
+__all__ = ["db_path", "outbox"]  # fixtures, imported for pytest
+
 DAY = 86400.0
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "outbox.sqlite3"
-
-
-@pytest.fixture
-def outbox(db_path: Path) -> Iterator[Outbox]:
-    with Outbox(db_path) as ob:
-        yield ob
 
 
 def finish(ob: Outbox, destination: str, state: State, now: float, limit: int = 1000) -> None:
