@@ -43,7 +43,12 @@ class Breaker:
         outlived the last run, or this destination's workers before a reload)."""
         try:
             info = self._outbox.destination_info().get(self.name)
-        except OutboxError:  # unreadable now: start unpaused; a failure pauses it again
+        except OutboxError as exc:  # start unpaused: a failure pauses it again
+            LOGGER.warning(
+                f"destination {self.name}: its recorded pause cannot be read ({exc}); "
+                "starting unpaused",
+                extra=fields(destination=self.name, outcome="outbox-error"),
+            )
             return
         if info is not None and info.paused(now):
             with self._lock:

@@ -145,8 +145,12 @@ class Disposer:
         except InvalidDicom as exc:
             self.quarantine_invalid(path, f"back after it vanished unsent, but {exc.reason}")
             return
-        except OSError:
-            self.forget(path)  # replaced or gone meanwhile: offered again when seen again
+        except OSError as exc:  # replaced or gone meanwhile: offered again when seen again
+            LOGGER.warning(
+                f"{path}: back after it vanished unsent, but cannot be read: {exc}",
+                extra=fields(path=str(path), outcome="unreadable"),
+            )
+            self.forget(path)
             return
         if any(d.sop_instance_uid != info.sop_instance_uid for d in gone):
             LOGGER.error(
