@@ -302,7 +302,7 @@ class Enqueuer(threading.Thread):
                         "destination; disposing of it without sending it again",
                         extra=fields(path=str(path), outcome="already-delivered"),
                     )
-                self.disposer.dispose(path, ready.size, ready.mtime_ns)
+                self.disposer.dispose(path, ready.size, ready.mtime_ns, states)
             return None
         first = self._inodes.first_name(ready)
         if first is not None and self._twin(ready, first):
