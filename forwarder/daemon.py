@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.preflight import load_for_daemon
 from forwarder.trouble import OutboxTrouble, damaged
 from forwarder.upkeep import Upkeep
+from forwarder.wakeup import Wakeup
 from forwarder.watcher import Watcher
 
 __all__ = ["INBOX_LOCK", "Daemon"]
@@ -59,9 +61,7 @@ class Daemon:
         self.metrics: Metrics = NO_METRICS
         self.stopping = threading.Event()
         self.hard_stop = threading.Event()
-        self.reload_requested = threading.Event()
-        self.nudge_requested = threading.Event()
-        self.wakeup = threading.Event()
+        self.wakeup = Wakeup()  # signal handlers and stages wake the main loop through it
         self.exit_status = 0
         self._exit_lock = threading.Lock()
         inodes = InodeIndex(track_all=settings.watch.follow_symlinks)
@@ -326,12 +326,9 @@ class Daemon:
         next_hb = next_status = next_summary = next_wd = 0.0
         while not self.stopping.is_set():
             now = time.monotonic()
-            if self.reload_requested.is_set():
-                self.reload_requested.clear()
-                self._tend(self.reload)
-            if self.nudge_requested.is_set():
-                self.nudge_requested.clear()
-                self.wake_workers()
+            self._handle_signals()
+            if self.stopping.is_set():
+                break
             self._check_stages()
             if now >= self.upkeep.next_at:
                 self._tend(lambda: self.upkeep.loop(time.monotonic(), time.time()))
@@ -358,7 +355,18 @@ class Daemon:
             if wd_every is not None:
                 deadlines.append(next_wd)
             self.wakeup.wait(max(MIN_WAKE_SECONDS, min(deadlines) - time.monotonic()))
-            self.wakeup.clear()
+
+    def _handle_signals(self) -> None:
+        """What the signal handlers recorded: SIGTERM/SIGINT stop, SIGHUP reloads the config,
+        SIGUSR1 (an operator command changed the outbox) wakes the workers."""
+        while self.wakeup.signals:
+            signum = self.wakeup.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stopping.set()
+            elif signum == signal.SIGHUP:
+                self._tend(self.reload)
+            elif signum == signal.SIGUSR1:
+                self.wake_workers()
 
     def _check_stages(self) -> None:
         """A stage thread that ended while we are not stopping makes the daemon exit non-zero."""

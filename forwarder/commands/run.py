@@ -50,28 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _install_signals(daemon: Daemon) -> None:
-    """Handlers only set flags: first SIGTERM/SIGINT stops cleanly, a second exits at once."""
+    """Handlers only record the signal (no lock: see `Wakeup`): the first SIGTERM/SIGINT stops
+    cleanly, a second exits at once."""
+    stops = 0
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
-        if daemon.stopping.is_set():
+        nonlocal stops
+        stops += 1
+        if stops > 1:
             os.write(2, b"second signal: exiting now (in-flight stores will be resent)\n")
             os._exit(128 + signum)
-        daemon.stopping.set()
-        daemon.wakeup.set()
+        daemon.wakeup.signal(signum)
 
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        daemon.reload_requested.set()
-        daemon.wakeup.set()
-
-    def on_usr1(signum: int, frame: FrameType | None) -> None:
-        # an operator command changed the outbox (queue retry, quarantine requeue)
-        daemon.nudge_requested.set()
-        daemon.wakeup.set()
+    def on_other(signum: int, frame: FrameType | None) -> None:
+        daemon.wakeup.signal(signum)  # SIGHUP: reload; SIGUSR1: an operator changed the outbox
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGHUP, on_other)
+    signal.signal(signal.SIGUSR1, on_other)
 
 
 def _prepare_dirs(settings: Settings) -> list[str]:
