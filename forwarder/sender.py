@@ -60,8 +60,9 @@ class StoreResult:
     info: DicomInfo
     classification: Classification
     transfer_syntax: str | None = None  # what it went out as
-    how: str = ""  # "as is", "convert", "decompress", or "" when not sent
+    how: str = ""  # "as is", "convert", "decompress", "transform..." or "" when not sent
     seconds: float = 0.0
+    sent_uid: str | None = None  # the SOP Instance UID sent, when a transform changed it
 
     @property
     def delivered(self) -> bool:
@@ -80,7 +81,13 @@ def sent_as(how: str, transfer_syntax: str | None) -> str:
         return ""
     if how == "as is":
         return how
-    verb = {"convert": "converted", "decompress": "decompressed"}.get(how, how)
+    verb = {
+        "convert": "converted",
+        "decompress": "decompressed",
+        "transform": "transformed",
+        "transform+convert": "transformed and converted",
+        "transform+decompress": "transformed and decompressed",
+    }.get(how, how)
     return f"{verb} to {_name(transfer_syntax)}"
 
 

@@ -105,9 +105,13 @@ def judged(d: Delivery, result: StoreResult, decision: Decision, now: float) -> 
     if decision.next is Next.SENT:
         warning = cls.describe() if cls.action is Action.WARNING else None
         how = result.sent_as or None
-        mark = Mark(d.id, State.SENT, cls.status or 0, warning, sent_as=how)
+        mark = Mark(
+            d.id, State.SENT, cls.status or 0, warning, sent_as=how, sent_uid=result.sent_uid
+        )
         level = logging.WARNING if warning else logging.INFO
         detail = f"{cls.describe()}; {how}" if how else cls.describe()
+        if result.sent_uid:
+            detail += f"; sent as {result.sent_uid}"
         outcome = "warning" if warning else "sent"
         return Verdict(mark, level, outcome, detail, cls.status, finished=True)
     if decision.next is Next.RETRY:

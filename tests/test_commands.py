@@ -41,7 +41,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from forwarder.cli import main as cli_main
 from forwarder.commands.config import MASK, masked
 from forwarder.dicomfile import inspect
-from forwarder.outbox import Outbox, OutboxError, State
+from forwarder.outbox import Mark, Outbox, OutboxError, State
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILES = 8
@@ -371,6 +371,39 @@ def test_find_a_sent_instance(run: Run) -> None:
     assert all(v["done_at"] and v["last_status"] == "0x0000" for v in rows.values())
     assert rows["pacs"]["file"] == "archive"  # disposition.on_success = move
     assert rows["pacs"]["path"] == str(run.archive / run.rel[0])
+
+
+def test_find_answers_for_the_uid_a_transform_sent(tmp_path: Path) -> None:
+    # a de-identifying destination sent the instance under a new SOP Instance UID: the row
+    # keeps it, and `find` answers for either UID
+    db = tmp_path / "outbox.sqlite3"
+    path = tmp_path / "a.dcm"
+    original, sent = "1.2.826.0.1.3680043.2.1125.5.1", "2.25.1234567890123456789"
+    make_instance(path, original)
+    now = time.time()
+    with Outbox(db) as outbox:
+        outbox.enqueue_many([inspect(path)], ["research", "pacs"], now - 60)
+        (r,) = outbox.claim("research", 10, now, 300)
+        (p,) = outbox.claim("pacs", 10, now, 300)
+        outbox.mark_many(
+            [
+                Mark(r.id, State.SENT, 0, sent_as="transformed", sent_uid=sent),
+                Mark(p.id, State.SENT, 0),
+            ],
+            now,
+        )
+    config = tmp_path / "f.toml"
+    config.write_text(f'[outbox]\npath = "{db}"\n', encoding="utf-8")
+    for uid in (original, sent):
+        res = cli("find", uid, "--config", str(config), "--json")
+        assert res.status == 0, res.err
+        rows = {d["destination"]: d for d in res.json()["deliveries"]}
+        assert rows["research"]["sent_uid"] == sent and rows["pacs"]["sent_uid"] is None
+        assert {d["sop_instance_uid"] for d in rows.values()} == {original}
+    table = cli("find", sent, "--config", str(config)).out.splitlines()
+    assert table[0] == f"{sent}: SOP Instance as sent (original UID {original})"
+    research = next(line for line in table if " research " in line)
+    assert f"sent as {sent}" in research
 
 
 def test_find_a_pending_instance(run: Run) -> None:

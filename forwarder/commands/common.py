@@ -234,6 +234,7 @@ def delivery_json(d: Delivery, now: float) -> dict[str, Any]:
         "last_status": status_hex(d.last_status),
         "last_error": d.last_error,
         "sent_as": d.sent_as,
+        "sent_uid": d.sent_uid,
         "created_at": iso(d.created_at),
         "done_at": iso(d.done_at),
         "age_seconds": round(now - d.created_at, 3),

@@ -77,11 +77,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"{uid}: {_not_found(settings.outbox.keep_sent_days, horizon)}")
         return EXIT_NOT_FOUND
     instances = {d.sop_instance_uid for d in rows}
-    what = "SOP Instance" if uid in instances else f"Study ({len(instances)} instances)"
+    if uid in instances:
+        what = "SOP Instance"
+    elif any(d.sent_uid == uid for d in rows):  # the UID a transform gave it
+        what = f"SOP Instance as sent (original UID {rows[0].sop_instance_uid})"
+    else:
+        what = f"Study ({len(instances)} instances)"
     print(f"{uid}: {what}")
     table = []
     for d in rows:
         state, detail = d.state.name.lower(), d.last_error
+        if d.sent_uid and d.state is State.SENT:
+            detail = f"sent as {d.sent_uid}" + (f"; {detail}" if detail else "")
         pause = pause_of(d)
         if pause is not None:
             state, detail = "paused", pause.pause_reason
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 when,
                 d.attempts,
                 status_hex(d.last_status),
-                common.short(detail, 50),
+                common.short(detail, 72),
                 f"{file}: {d.path}" if file not in ("missing", "deleted after delivery") else file,
             ]
         )

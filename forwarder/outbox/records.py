@@ -91,6 +91,8 @@ class Mark:
     opposed to a transient failure (out of resources, no response)."""
     sent_as: str | None = None
     """For SENT: how it went out ("as is", "converted to ...", "decompressed to ...")."""
+    sent_uid: str | None = None
+    """For SENT: the SOP Instance UID that went out, when a transform changed it."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,9 @@ class Delivery:
     sent_as: str | None = None
     """Once SENT: "as is", "converted to ..." or "decompressed to ..." (None before, or for
     rows sent by a version that did not record it)."""
+    sent_uid: str | None = None
+    """Once SENT by a destination whose transform gave the instance a new SOP Instance UID
+    (de-identification): that UID; None otherwise."""
 
     @property
     def path(self) -> str:

@@ -188,12 +188,25 @@ _SCHEMA_V5_RETENTION: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 5",
 )
 
+# Version 6: per-destination transforms. A destination that de-identifies sends the instance
+# under a new SOP Instance UID: the row keeps the one that went out, so that ``forwarder find``
+# answers for the original UID and for the sent one.
+_SCHEMA_V6_SENT_UID: Final[tuple[str, ...]] = (
+    "ALTER TABLE deliveries ADD COLUMN sent_uid TEXT",
+    """
+    CREATE INDEX IF NOT EXISTS deliveries_sent_uid
+        ON deliveries (sent_uid) WHERE sent_uid IS NOT NULL
+    """,
+    "PRAGMA user_version = 6",
+)
+
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (1, _SCHEMA_V1),
     (2, _SCHEMA_V2),
     (3, _SCHEMA_V3),
     (4, _SCHEMA_V4_SENT_AS),
     (5, _SCHEMA_V5_RETENTION),
+    (6, _SCHEMA_V6_SENT_UID),
 )
 """(version reached, statements) in order; version 0 is an empty database."""
 
@@ -219,7 +232,7 @@ COLUMNS: Final = (
     "id, path, destination, state, size, mtime_ns, sop_class_uid, sop_instance_uid, "
     "transfer_syntax, study_uid, attempts, next_attempt_at, first_attempt_at, "
     "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset, refusals, "
-    "sent_as"
+    "sent_as, sent_uid"
 )
 SELECT: Final = "SELECT " + COLUMNS + " FROM deliveries"
 
@@ -269,7 +282,7 @@ SQL_MARK_SENT: Final = """
        SET state = 2, lease_until = NULL, done_at = :now, updated_at = :now,
            attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :now),
            last_attempt_at = :now, last_status = :status, last_error = :warning,
-           sent_as = :sent_as
+           sent_as = :sent_as, sent_uid = :sent_uid
      WHERE id = :id AND state <> 2
     RETURNING destination
 """
@@ -406,7 +419,15 @@ SQL_LAST_FAILURES: Final = (
 """
 )
 
-SQL_FIND: Final = SELECT + " WHERE sop_instance_uid = :uid OR study_uid = :uid ORDER BY id"
+# an instance's rows by its own UID or by the UID a transform sent it under (every row of
+# it: the other destinations got the original), or a study's rows
+SQL_FIND: Final = (
+    SELECT
+    + """ WHERE sop_instance_uid = :uid OR study_uid = :uid
+             OR sop_instance_uid IN (SELECT sop_instance_uid FROM deliveries
+                                      WHERE sent_uid = :uid)
+          ORDER BY id"""
+)
 
 # Optional filters, joined with AND in a fixed order; values only ever go through placeholders.
 LIST_FILTERS: Final[tuple[tuple[str, str], ...]] = (
@@ -537,6 +558,7 @@ def delivery(row: Sequence[Any]) -> Delivery:
         offset_known=offset is not None,
         refusals=row[19],
         sent_as=row[20],
+        sent_uid=row[21],
     )
 
 

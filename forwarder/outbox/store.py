@@ -203,7 +203,12 @@ class Outbox(Pruning):
             for m in marks:
                 params: dict[str, Any] = {"id": m.delivery_id, "now": now, "status": m.status}
                 if m.state is State.SENT:
-                    sent = {**params, "warning": m.error, "sent_as": m.sent_as}
+                    sent = {
+                        **params,
+                        "warning": m.error,
+                        "sent_as": m.sent_as,
+                        "sent_uid": m.sent_uid,
+                    }
                     row = conn.execute(SQL_MARK_SENT, sent).fetchone()
                     if row is None:
                         ignored.append((m, "unknown or already sent"))
