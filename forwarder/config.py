@@ -32,6 +32,12 @@ from pydantic_settings import (
 from forwarder.concurrency import DEFAULT_MAX_ASSOCIATIONS, MAX_ASSOCIATIONS
 from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
 from forwarder.rulekeys import check_glob, rule_tag
+from forwarder.transformspec import (
+    TransformSpec,
+    check_remove_key,
+    check_set_key,
+    check_template,
+)
 
 __all__ = [
     "EX_CONFIG",
@@ -130,6 +136,72 @@ Globs = Annotated[
 """A glob or a list of globs (any may match); read as a list."""
 
 
+SetKey = Annotated[str, AfterValidator(check_set_key)]
+RemoveKey = Annotated[str, AfterValidator(check_remove_key)]
+Template = Annotated[str, AfterValidator(check_template)]
+SyntaxName = Literal[
+    "keep", "explicit-le", "implicit-le", "rle", "jpeg-ls-lossless", "jpeg2000-lossless"
+]
+
+# The Python modules a transform needs beyond the base install, and the extra that has them.
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "deidentify": ("dicognito",),
+    "explicit-le": (),
+    "implicit-le": (),
+    "rle": ("numpy",),
+    "jpeg-ls-lossless": ("numpy", "jpeg_ls"),
+    "jpeg2000-lossless": ("numpy", "openjpeg"),
+}
+
+
+class DestinationTransform(_Model):
+    """What a destination gets, changed (``[destinations.transform]``)."""
+
+    # keyword or "GGGG,EEEE" -> value; "{Keyword}" in it is the instance's original value
+    set: dict[SetKey, Template] = {}
+    remove: list[RemoveKey] = []
+    # PS3.15 E.1 Basic Application Level Confidentiality Profile
+    deidentify: Literal["none", "basic"] = "none"
+    transfer_syntax: SyntaxName = "keep"  # lossless only
+    # send instances with BurnedInAnnotation = YES de-identified anyway (pixels are not cleaned)
+    allow_burned_in: bool = False
+
+    @model_validator(mode="after")
+    def _installed(self) -> DestinationTransform:
+        import importlib.util
+
+        wanted = [*_NEEDS.get(self.transfer_syntax, ())]
+        if self.deidentify != "none":
+            wanted += _NEEDS["deidentify"]
+        missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+        if missing:
+            what = "deidentify" if "dicognito" in missing else "transfer_syntax"
+            raise ValueError(
+                f"{what}: needs the Python module(s) {', '.join(missing)}: install "
+                "dicom-forwarder[transform]"
+            )
+        return self
+
+    def spec(self) -> TransformSpec:
+        return TransformSpec(
+            set=tuple(self.set.items()),
+            remove=tuple(self.remove),
+            deidentify=self.deidentify,
+            transfer_syntax=self.transfer_syntax,
+            allow_burned_in=self.allow_burned_in,
+        )
+
+
+class TransformSettings(_Model):
+    # processes that decode, change and encode instances for destinations with a transform
+    # (started at the first one); default: the machine's CPU count
+    workers: int | None = Field(default=None, ge=1, le=256)
+
+    @property
+    def pool_size(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
 class RoutingSettings(_Model):
     # an instance no destination wants: quarantined with the reason, or disposed of as a
     # delivered file is (disposition.on_success)
@@ -156,6 +228,7 @@ class Destination(_Model):
     # exclude rule excludes
     match: dict[RuleKey, Globs] = {}
     exclude: dict[RuleKey, Globs] = {}
+    transform: DestinationTransform | None = None
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
     _host = field_validator("host")(_check_host)
@@ -166,6 +239,15 @@ class Destination(_Model):
         if isinstance(value, int) and not 1 <= value <= MAX_ASSOCIATIONS:
             raise ValueError(f'a number from 1 to {MAX_ASSOCIATIONS}, or "auto"')
         return value
+
+    @property
+    def transform_spec(self) -> TransformSpec | None:
+        """The destination's transform; None when it sends the files' own bytes (no
+        ``[destinations.transform]``, or one that changes nothing)."""
+        if self.transform is None:
+            return None
+        spec = self.transform.spec()
+        return None if spec.changes_nothing else spec
 
 
 class WatchSettings(_Model):
@@ -256,6 +338,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
+    transform: TransformSettings = TransformSettings()
     shutdown_timeout: Seconds = 30
     # file mode creation mask of the daemon (outbox, sidecars, copies, folders it creates)
     umask: str = "0027"

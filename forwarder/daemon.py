@@ -28,6 +28,7 @@ from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.preflight import load_for_daemon
+from forwarder.transforming import Transforms
 from forwarder.trouble import OutboxTrouble, damaged
 from forwarder.upkeep import Upkeep
 from forwarder.wakeup import Wakeup
@@ -90,6 +91,7 @@ class Daemon:
             settings.watch.paths,
             requeued=self.wake_workers,
         )
+        self.transforms = Transforms()
         self.watcher: Watcher | None = None
         self.crews: dict[str, Crew] = {}
         self.breakers: dict[str, Breaker] = {}  # kept across reloads, as the outbox keeps them
@@ -159,6 +161,7 @@ class Daemon:
             done=self.disposer.done,
             fatal=self.die,
             hard_stop=self.hard_stop,
+            sender=self.transforms.sender,
         )
 
     def _keepalive(self) -> None:
@@ -222,6 +225,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_for_daemon(self.config_path)
+            self.transforms.configure(new)
         except ConfigError as exc:
             for line in exc.lines():
                 LOGGER.error(f"reload refused, keeping the running config: {line}")
@@ -278,6 +282,16 @@ class Daemon:
     # -- life cycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the stages.
+
+        Raises
+        ------
+        ConfigError
+            The de-identification key cannot be read or created.
+        WatchRootError
+            A watched folder cannot be watched.
+        """
+        self.transforms.configure(self.settings)
         try:
             self.upkeep.recover_at_start(time.time())
         except OutboxCorruptError:
@@ -393,6 +407,7 @@ class Daemon:
             LOGGER.warning("in-flight stores did not finish in time; they will be sent again")
             self.hard_stop.set()
         self.metrics.close()
+        self.transforms.shutdown(wait=clean)
         try:
             with contextlib.suppress(OutboxError):
                 self.outbox.heartbeat(time.time(), {"version": __version__, "stopped": True})

@@ -219,6 +219,12 @@ def _run_locked(args: argparse.Namespace, settings: Settings) -> int:
         daemon.stopping.set()
         daemon.shutdown()
         return EX_CANTCREAT
+    except ConfigError as exc:
+        for line in exc.lines():
+            LOGGER.error(line)
+        daemon.stopping.set()
+        daemon.shutdown()
+        return EX_CONFIG
     try:
         daemon.serve()
     finally:

@@ -1,0 +1,182 @@
+"""The processes that transform instances for destinations with ``[destinations.transform]``.
+
+Decoding, de-identifying and encoding cost CPU: they run in a pool of processes
+(``[transform] workers``, default the CPU count), so that the send loops and the other
+destinations never wait behind an encoder. A transformed instance is written as a Part 10
+file under the spool folder beside the outbox and streamed from there like any file; the
+sender deletes it once the store is answered. The pool is started at the first transform
+and lives until the daemon stops; a process that dies (a codec crash, the OOM killer) fails
+the instances it held (retried, then quarantined) and the pool is started again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from forwarder.dicomfile import DicomInfo, inspect
+from forwarder.transformspec import TransformSpec
+
+__all__ = ["SECRET_FILE", "SPOOL_DIR", "Prepared", "TransformPool", "load_secret", "spool_dir"]
+
+LOGGER = logging.getLogger("forwarder.transform")
+
+SPOOL_DIR = "transform"
+"""The folder beside the outbox that holds transformed copies while they are sent."""
+SECRET_FILE = "deidentify.key"
+"""The per-installation de-identification key, beside the outbox."""
+_PR_SET_PDEATHSIG = 1
+_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An instance transformed for one destination: the copy to send, and what changed."""
+
+    info: DicomInfo  # the copy in the spool folder, inspected
+    changed: int  # how many attributes the transform changed
+
+
+def spool_dir(outbox_path: Path) -> Path:
+    """Where transformed copies wait to be sent: beside the outbox (the state folder)."""
+    return outbox_path.parent / SPOOL_DIR
+
+
+def load_secret(state_dir: Path, *, create: bool = True) -> bytes | None:
+    """The per-installation de-identification key (`SECRET_FILE` in `state_dir`).
+
+    It keys the new UIDs: the same original UID gives the same new one for every instance,
+    across restarts and reloads, and another installation's are unrelated. Created (32
+    random bytes, hex, mode 0600, atomically) when absent and `create`; None when absent
+    and not `create`. Losing it means new UIDs for the same studies from then on.
+
+    Raises
+    ------
+    ValueError
+        The file is damaged (not 64 hex digits), naming it.
+    OSError
+        It cannot be read or created.
+    """
+    path = state_dir / SECRET_FILE
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+        key = os.urandom(_SECRET_BYTES)
+        part = state_dir / f".{SECRET_FILE}.{os.getpid()}"
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key.hex().encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(part, path)  # never replaces a key another process made meanwhile
+        except FileExistsError:
+            return load_secret(state_dir, create=False)
+        finally:
+            os.unlink(part)
+        LOGGER.info(f"transform: created the de-identification key {path}")
+        return key
+    except UnicodeDecodeError:
+        text = ""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != _SECRET_BYTES:
+        raise ValueError(
+            f"{path}: damaged de-identification key (expected {2 * _SECRET_BYTES} hex digits); "
+            "restore it from a backup (a new key gives new UIDs to studies sent before)"
+        )
+    return key
+
+
+def _child_init() -> None:
+    """Each pool process: dies with its parent (no orphan encoders after a kill -9), and
+    leaves SIGINT/SIGTERM to the daemon, which stops the pool itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own pipes end it instead
+        pass
+
+
+def _prepare(src: Path, dst: Path, spec: TransformSpec, secret: bytes) -> Prepared:
+    """In a pool process: transform `src` into `dst`, and inspect the copy."""
+    from forwarder.transform import transform_file
+
+    done = transform_file(src, dst, spec, secret)
+    return Prepared(inspect(done.path), len(done.changes))
+
+
+class TransformPool:
+    """The daemon's transform processes and spool folder; shared by every destination."""
+
+    def __init__(self, workers: int, spool: Path, secret: bytes = b"") -> None:
+        self.workers = workers
+        self.spool = spool
+        self.secret = secret
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
+        self._names = itertools.count()
+        self._closed = False
+
+    def clear_spool(self) -> int:
+        """Remove copies left by an earlier run (they are made again when needed); create
+        the folder. Returns how many were removed."""
+        self.spool.mkdir(mode=0o750, exist_ok=True)
+        removed = 0
+        for entry in os.scandir(self.spool):
+            if entry.is_file(follow_symlinks=False) and entry.name.endswith((".dcm", ".part")):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def _pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the transform pool is shut down")
+            if self._executor is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload(["forwarder.transform", "forwarder.dicomfile"])
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=context, initializer=_child_init
+                )
+                LOGGER.info(f"transform: started {self.workers} process(es)")
+            return self._executor
+
+    def submit(self, src: Path, spec: TransformSpec) -> tuple[Path, Future[Prepared]]:
+        """Start transforming `src`; returns the copy's path and the future result."""
+        dst = self.spool / f"{next(self._names)}.dcm"
+        return dst, self._pool().submit(_prepare, src, dst, spec, self.secret)
+
+    def broken(self) -> None:
+        """A process of the pool died: start a new pool for what comes next (once, however
+        many futures report it)."""
+        with self._lock:
+            executor = self._executor
+            if executor is None or not getattr(executor, "_broken", False):
+                return
+            self._executor = None
+        LOGGER.error("transform: a transform process died; starting new ones")
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self, *, wait: bool = True) -> None:
+        """Stop the processes (waiting for the transforms under way with `wait`)."""
+        with self._lock:
+            self._closed = True
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=True)
