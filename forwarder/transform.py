@@ -42,3 +42,11 @@ def transform_file(src: Path, dst: Path, spec: TransformSpec, secret: bytes) -> 
     ds.save_as(part, enforce_file_format=True)
     os.replace(part, dst)
     return Transformed(dst, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, tuple(changes))
+
+
+def preview(src: Path, spec: TransformSpec, secret: bytes) -> tuple[tuple[Change, ...], str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        done = transform_file(src, Path(tmp) / "x.dcm", spec, secret)
+    return done.changes, done.transfer_syntax

@@ -823,11 +823,11 @@ def test_route_test_explains_each_decision(tmp_path: Path) -> None:
     assert res.status == 0, res.err
     assert res.out.splitlines() == [
         f"{ct}:",
-        "  ct-archive: yes",
+        "  ct-archive: yes, as is (Explicit VR Little Endian)",
         "  mr-station: no: Modality 'CT' does not match 'MR'",
         f"{mr}:",
         "  ct-archive: no: Modality 'MR' does not match ['CT', 'PT']",
-        "  mr-station: yes",
+        "  mr-station: yes, as is (Explicit VR Little Endian)",
     ]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,8 @@ from forwarder.commands import common
 from forwarder.config import Settings
 from forwarder.dicomfile import InvalidDicom, inspect
 from forwarder.routing import Decision, Router
+from forwarder.transformpool import SECRET_FILE, load_secret
+from forwarder.transformspec import TransformFailed
 
 __all__ = ["EXIT_UNROUTED", "add_arguments", "run"]
 
@@ -29,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "A path rule sees the file's path relative to the watched folder it is under "
             "(else its name). Exit 0 when every file goes to some destination, 1 when one "
             "goes nowhere (routing.unmatched applies) or is not valid DICOM, 78 for a bad "
-            "config."
+            "config. For a destination with a transform: each attribute it would change "
+            "(old -> new) and the transfer syntax it would send, or why it would refuse the "
+            "instance (quarantined for that destination). Nothing is written."
         ),
     )
     common.add_config(test)
@@ -46,7 +52,45 @@ def relative(path: Path, settings: Settings) -> str:
     return path.name
 
 
-def _one(path: Path, settings: Settings, router: Router) -> tuple[dict[str, Any], bool]:
+def _key(settings: Settings) -> tuple[bytes, bool]:
+    """The installation's de-identification key, read only; a throw-away one (and False)
+    when the daemon has not made it yet: the UIDs shown are then not the ones it will send."""
+    if not any(
+        (spec := d.transform_spec) is not None and spec.deidentify != "none"
+        for d in settings.destinations
+    ):
+        return b"", True
+    key = load_secret(settings.outbox.path.parent, create=False)
+    return (key, True) if key is not None else (os.urandom(32), False)
+
+
+def _transforms(
+    path: Path, settings: Settings, wanted: tuple[str, ...], key: bytes
+) -> dict[str, Any]:
+    """What each transform of a destination in `wanted` would do to the file."""
+    from forwarder.transform import preview
+
+    out: dict[str, Any] = {}
+    for dest in settings.destinations:
+        spec = dest.transform_spec
+        if spec is None or dest.name not in wanted:
+            continue
+        try:
+            changes, syntax = preview(path, spec, key)
+        except TransformFailed as exc:
+            out[dest.name] = {"refused": str(exc)}
+            continue
+        except OSError as exc:
+            out[dest.name] = {"refused": f"cannot read the file: {exc.strerror or exc}"}
+            continue
+        out[dest.name] = {
+            "changes": [{"attribute": c.key, "old": c.old, "new": c.new} for c in changes],
+            "transfer_syntax": syntax,
+        }
+    return out
+
+
+def _one(path: Path, settings: Settings, router: Router, key: bytes) -> tuple[dict[str, Any], bool]:
     """The JSON report of one file, and whether some destination would get it."""
     rel = relative(path, settings)
     try:
@@ -60,10 +104,19 @@ def _one(path: Path, settings: Settings, router: Router) -> tuple[dict[str, Any]
         "file": str(path),
         "path": rel,
         "sop_instance_uid": info.sop_instance_uid,
+        "transfer_syntax": info.transfer_syntax,
         "destinations": list(decision.destinations),
         "not": dict(decision.why_not),
         "unmatched": None if decision.destinations else router.unmatched,
+        "transforms": _transforms(path, settings, decision.destinations, key),
     }, bool(decision.destinations)
+
+
+def _syntax(uid: str) -> str:
+    """A transfer syntax's name ("JPEG-LS Lossless Image Compression"), or its UID."""
+    from pydicom.uid import UID
+
+    return str(UID(uid).name)
 
 
 def _print(report: dict[str, Any], order: list[str]) -> None:
@@ -73,7 +126,22 @@ def _print(report: dict[str, Any], order: list[str]) -> None:
         return
     for name in order:
         why = report["not"].get(name)
-        print(f"  {name}: yes" if why is None else f"  {name}: no: {why}")
+        if why is not None:
+            print(f"  {name}: no: {why}")
+            continue
+        change = report["transforms"].get(name)
+        if change is None:
+            print(f"  {name}: yes, as is ({_syntax(report['transfer_syntax'])})")
+        elif "refused" in change:
+            print(f"  {name}: yes, but its transform refuses it: {change['refused']}")
+            print("    (quarantined for this destination)")
+        else:
+            print(f"  {name}: yes, transformed:")
+            for c in change["changes"]:
+                old = "(absent)" if c["old"] is None else repr(c["old"])
+                new = "(removed)" if c["new"] is None else repr(c["new"])
+                print(f"    {c['attribute']}: {old} -> {new}")
+            print(f"    sent as {_syntax(change['transfer_syntax'])}")
     if report["unmatched"]:
         print(f"  no destination wants it: routing.unmatched = {report['unmatched']}")
 
@@ -83,7 +151,14 @@ def run(args: argparse.Namespace) -> int:
     settings = common.load(args)
     router = Router.of(settings)
     order = [d.name for d in settings.destinations]
-    results = [_one(path, settings, router) for path in args.files]
+    key, real = _key(settings)
+    results = [_one(path, settings, router, key) for path in args.files]
+    if not real and any(r.get("transforms") for r, _ in results):
+        print(
+            f"note: no de-identification key yet ({SECRET_FILE} is made at the daemon's first "
+            "start): the new UIDs shown are not the ones it will send",
+            file=sys.stderr,
+        )
     if args.json:
         common.print_json({"files": [report for report, _ in results]})
     else:
