@@ -177,3 +177,26 @@ def test_transform_processes_die_with_the_daemon_and_a_killed_one_is_replaced(
     assert pool
     fwd.kill()
     assert wait_for(lambda: not alive(pool), timeout=10), f"left behind: {alive(pool)}"
+
+
+def test_without_transforms_no_pool_no_spool_and_leftover_copies_go_at_start(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    peer = make_scp()
+    spool = fwd.outbox_path.parent / SPOOL_DIR
+    fwd.configure([dest("plain", peer.port)]).start()
+    uid = routed_file(fwd.inbox / "a.dcm", "CT")
+    fwd.wait(has_all(peer, [uid]), what="the file")
+    assert not descendants(fwd.pid)  # the streaming path: no process started
+    assert not spool.exists()
+    assert fwd.stop() == 0
+    # a copy left by a daemon killed while sending: removed when the pool starts
+    spool.mkdir()
+    (spool / "17.dcm").write_bytes(b"left over")
+    (spool / "18.dcm.part").write_bytes(b"left over")
+    fwd.configure([dest("plain", peer.port, transform={"set": {"StationName": "GW"}})]).start()
+    uid = routed_file(fwd.inbox / "b.dcm", "CT")
+    fwd.wait(has_all(peer, [uid]), what="the copy")
+    assert fwd.stop() == 0
+    assert not any(spool.iterdir())
+    assert "transform: removed 2 copies left in" in fwd.text()
