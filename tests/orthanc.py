@@ -20,6 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 BINARY = "/usr/sbin/Orthanc"
+# Debian links each plugin package's library here (libOrthancDicomWeb.so -> /usr/lib/orthanc/...).
 PLUGINS_DIR = Path("/usr/share/orthanc/plugins")
 # The plugins a test may ask for: name -> (file name glob in PLUGINS_DIR, Debian package).
 PLUGINS = {"dicomweb": ("libOrthancDicomWeb.so*", "orthanc-dicomweb")}
@@ -58,12 +59,14 @@ def find_binary() -> str | None:
 
 
 def find_plugin(name: str) -> Path:
-    """The shared object of plugin `name` (a PLUGINS key); OrthancUnavailable when absent."""
+    """The shared object of plugin `name` (a PLUGINS key) in $ORTHANC_PLUGINS_DIR, else
+    PLUGINS_DIR; OrthancUnavailable when absent."""
     pattern, package = PLUGINS[name]
-    found = sorted(PLUGINS_DIR.glob(pattern))
+    folder = Path(os.environ.get("ORTHANC_PLUGINS_DIR") or PLUGINS_DIR)
+    found = sorted(folder.glob(pattern))
     if not found:
         raise OrthancUnavailable(
-            f"Orthanc plugin {name!r} not in {PLUGINS_DIR} (apt-get install {package})"
+            f"Orthanc plugin {name!r} not in {folder} (apt-get install {package})"
         )
     return found[0]
 
@@ -104,12 +107,27 @@ class Orthanc:
         Storage Commitment reports).
     plugins : sequence of str
         Plugins to load, by PLUGINS key (``"dicomweb"``); none by default.
+    check_called_aet : bool
+        ``DicomCheckCalledAet``: refuse associations not addressed to `aet`.
     tcp_nodelay : bool
         Start Orthanc with ``TCP_NODELAY=1`` in its environment: the DCMTK it links then turns
-        Nagle off on its DICOM sockets (without it every store waits ~40 ms on delayed ACKs).
-        False gives the stock peer, as a PACS built on DCMTK behaves.
+        Nagle off on its DICOM sockets. False gives the stock peer, as a PACS built on DCMTK
+        behaves (a sender that does not re-arm TCP_QUICKACK then waits ~40 ms per store; ours
+        does, and Orthanc's own ingest, ~15 ms per CT_small here, dominates either way).
+    verbose : bool
+        Orthanc's ``--verbose`` logging into orthanc.log.
     config : mapping, optional
-        Further options merged over ours (top-level keys replace ours).
+        Further options merged over ours (top-level keys replace ours), e.g.
+        ``{"OverwriteInstances": True}``.
+
+    Notes
+    -----
+    What Orthanc 1.10.1 (with DCMTK 3.6.7) stores is not always the data set it received, byte
+    for byte (seen): encapsulated Pixel Data with VR OW is written as OB; sequences of undefined
+    length get explicit lengths; a deflated data set is followed by zero bytes up to its inflated
+    length. Uncompressed files without sequences of undefined length come back byte for byte.
+    A SOP Instance UID already stored is answered with success and not replaced
+    (``OverwriteInstances`` false, Orthanc's default).
     """
 
     def __init__(
@@ -350,8 +368,9 @@ class Orthanc:
         return sorted(str(i["MainDicomTags"]["SOPInstanceUID"]) for i in expanded)
 
     def tags(self, sop_uid: str) -> dict[str, Any]:
-        """Keyword -> value of the stored instance (REST simplified-tags: strings, sequences
-        as lists of dicts; binary elements are left out by Orthanc)."""
+        """Keyword -> value of the stored instance (REST simplified-tags): text as Orthanc shows
+        it (numbers as strings, multiple values joined by a backslash), sequences as lists of
+        dicts, binary and long elements (PixelData) as None."""
         result: dict[str, Any] = self.get(f"/instances/{self.orthanc_id(sop_uid)}/simplified-tags")
         return result
 

@@ -129,6 +129,8 @@ def test_orthanc_calls_back_the_modality_it_was_given(
     assert (answer["InstancesCount"], answer["FailedInstancesCount"]) == (1, 0)
     assert scp.uids() == [uid]
     assert scp.received[0].calling_aet == "PACS1"
+    orthanc.clear()
+    assert orthanc.instances() == []
 
 
 def test_stop_leaves_nothing_running(make_orthanc: Callable[..., Orthanc]) -> None:
