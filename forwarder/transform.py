@@ -362,10 +362,11 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
     from pydicom.sequence import Sequence
 
     ds.remove_private_tags()
-    originals: dict[int, Any] = {}
+    # id(element) -> (element, value before dicognito); holding the element keeps its id unique
+    originals: dict[int, tuple[DataElement, Any]] = {}
 
     def remember(_: Dataset, elem: DataElement) -> None:
-        originals[id(elem)] = elem.value if elem.VR != "SQ" else None
+        originals[id(elem)] = (elem, elem.value if elem.VR != "SQ" else None)
 
     ds.walk(remember)
     _anonymizer(secret).anonymize(ds)
@@ -384,7 +385,7 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
             if action == "X":
                 del dataset[tag]
                 continue
-            kept = id(elem) in originals and originals[id(elem)] == elem.value
+            kept = id(elem) in originals and originals[id(elem)][1] == elem.value
             if action == "U" or not kept or elem.value in (None, "", b""):
                 continue  # dicognito replaced it (UIDs always), or nothing to hide
             if "Z" in action:
@@ -452,6 +453,12 @@ def _transcode(ds: Dataset, source: str, target_name: str) -> str:
     elif source == EXPLICIT_BE:
         _swap_other_words(ds)
     ds.file_meta.TransferSyntaxUID = UID(source if source != EXPLICIT_BE else EXPLICIT_LE)
+    if target == SYNTAXES["jpeg2000-lossless"] and min(ds.Rows, ds.Columns) < 32:
+        # pylibjpeg-openjpeg always uses 6 wavelet resolution levels: 2**5 pixels at least
+        raise TransformFailed(
+            f"cannot encode as {_name(target)}: {ds.Columns}x{ds.Rows} image is smaller than 32 "
+            "pixels on a side (the encoder's minimum)"
+        )
     if UID(target).is_encapsulated:
         try:
             ds.compress(target, generate_instance_uid=False)

@@ -92,7 +92,8 @@ def key_tag(key: str) -> int:
     from pydicom.datadict import tag_for_keyword
 
     found = _TAG.match(key.strip())
-    tag = int(found[1] + found[2], 16) if found else tag_for_keyword(key)
+    # "" is the keyword of some retired dictionary entries: never a key
+    tag = int(found[1] + found[2], 16) if found else (tag_for_keyword(key) if key else None)
     if tag is None:
         raise ValueError(f'{key!r} is not a DICOM keyword or a tag "GGGG,EEEE"')
     if tag >> 16 in _RESERVED_GROUPS:
@@ -147,12 +148,12 @@ def template_fields(template: str) -> tuple[str, ...]:
             raise ValueError(
                 f"template {template!r}: {{{name}}} may not have a format spec or conversion"
             )
-        tag = tag_for_keyword(name)
+        tag = tag_for_keyword(name) if name else None
         if tag is None:
             raise ValueError(f"template {template!r}: {{{name}}} is not a DICOM keyword")
         if tag >> 16 in _RESERVED_GROUPS:
             raise ValueError(f"template {template!r}: {{{name}}} is a file meta attribute")
-        if str(dictionary_VR(tag)) in _UNREADABLE_VRS:
+        if set(str(dictionary_VR(tag)).split(" or ")) & _UNREADABLE_VRS:
             raise ValueError(
                 f"template {template!r}: {{{name}}} has VR {dictionary_VR(tag)}, not text"
             )
