@@ -577,3 +577,23 @@ def test_secret_in_unwritable_dir_is_oserror(tmp_path: Path) -> None:
             load_secret(tmp_path)
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_deidentification_reaches_nested_items(tmp_path: Path, secret: bytes) -> None:
+    """test-SR.dcm: names, organisations and free text inside ContentSequence items."""
+    src = data_file("test-SR.dcm")
+    spec = TransformSpec(deidentify="basic", transfer_syntax="jpeg-ls-lossless")
+    result = transform_file(src, tmp_path / "sr.dcm", spec, secret, durable=False)
+    raw = result.path.read_bytes()
+    for value in ("Riesmeier", "Observer^Verifying", "OFFIS e.V.", "Organisation", "A mass of",
+                  "Test^S R", "OFFIS Structured Reporting Test Document"):  # fmt: skip
+        assert value.encode("utf-8") not in raw and value.encode("latin-1") not in raw, value
+    out = dcmread(result.path)
+    assert out.ContentSequence  # D: kept, its items de-identified
+    assert result.transfer_syntax == EXPLICIT_LE  # no pixel data to compress
+
+
+def test_removing_the_instance_uid_fails(tmp_path: Path, secret: bytes) -> None:
+    spec = TransformSpec(remove=("SOPInstanceUID",))
+    with pytest.raises(TransformFailed, match=r"^the transformed data set has no SOPInstanceUID$"):
+        transform_file(data_file("CT_small.dcm"), tmp_path / "out.dcm", spec, secret)
