@@ -5,8 +5,9 @@ the DICOM standard 2026c as packaged by dicom-anonymizer 2.1.0
 (``dicomanonymizer/dicom_anonymization_databases/dicomfields_2026c.py``), one entry per tag;
 regenerate from there when the standard adds attributes. The three masked rows of the table
 (curve data 50xx,xxxx, overlay data 60xx,3000, overlay comments 60xx,4000) are
-`REMOVED_GROUP_MASKS`. Actions, PS3.15 E.1.1: D dummy value, Z zero length (or dummy), X remove,
-U replace the UID consistently, and their combinations ("X/Z": remove or zero length, ...).
+`REMOVED_GROUP_MASKS` (whole overlay groups: see there). Actions, PS3.15 E.1.1: D dummy
+value, Z zero length (or dummy), X remove, U replace the UID consistently, and their
+combinations ("X/Z": remove or zero length, ...).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ __all__ = ["ACTIONS", "REMOVED_GROUP_MASKS"]
 
 REMOVED_GROUP_MASKS: tuple[tuple[int, int], ...] = (
     (0xFF000000, 0x50000000),  # Curve Data: every element of groups 5000-50FF
-    (0xFF00FFFF, 0x60003000),  # Overlay Data (60xx,3000)
-    (0xFF00FFFF, 0x60004000),  # Overlay Comments (60xx,4000)
+    # Overlay Data (60xx,3000) and Overlay Comments (60xx,4000): the whole overlay group goes,
+    # since an overlay plane without its (type 1) data would be invalid
+    (0xFF000000, 0x60000000),
 )
 """(mask, value): a tag with ``tag & mask == value`` is removed."""
 

@@ -25,14 +25,19 @@ E.1-1, pydicom 3.0.2, one process):
   remapping needs a hand-written recipe; keeps InstitutionName, StationName and 253 more of the
   494; adds a matplotlib dependency; 54 ms per CT_small.
 
+With what this module adds, none of the 494 keeps its original value (17.6 ms per CT_small,
+read excluded; 9-14 ms per file for the 512x512 CT corpus file, read and write included).
+The attribute list is Table E.1-1 as dicom-anonymizer 2.1.0 packages it; the check filled every
+text attribute of the table with a value of its VR and compared after de-identification.
+
 What this module adds to dicognito:
 
 * private attributes removed first (E.1: X unless the Retain Safe Private option; it also
-  halves dicognito's walk over vendor-heavy headers);
+  shortens dicognito's walk over vendor-heavy headers);
 * every tag of Table E.1-1 dicognito left with its original value: X removed, Z (and X/Z,
   Z/D, X/Z/D) emptied, X/D removed, D given a dummy of its VR; X always removed, even when
-  dicognito put a dummy in; curve data (50xx), overlay data and comments (60xx,3000/4000)
-  removed; nested items too;
+  dicognito put a dummy in; curve data (50xx) and overlays (60xx: the table removes their data
+  and comments, which leaves no valid overlay) removed; nested items too;
 * PatientBirthDate and PatientBirthTime emptied (dicognito only shifts them);
 * the free text of SR content items (Text Value) replaced: the table marks Content Sequence
   D as a whole, which would leave a report without content; its items are kept instead, with

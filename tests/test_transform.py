@@ -597,3 +597,12 @@ def test_removing_the_instance_uid_fails(tmp_path: Path, secret: bytes) -> None:
     spec = TransformSpec(remove=("SOPInstanceUID",))
     with pytest.raises(TransformFailed, match=r"^the transformed data set has no SOPInstanceUID$"):
         transform_file(data_file("CT_small.dcm"), tmp_path / "out.dcm", spec, secret)
+
+
+def test_deidentification_removes_overlays(tmp_path: Path, secret: bytes) -> None:
+    src = data_file("examples_overlay.dcm")
+    assert any(elem.tag.group == 0x6000 for elem in dcmread(src))
+    result = transform_file(src, tmp_path / "out.dcm", TransformSpec(deidentify="basic"), secret)
+    out = dcmread(result.path)
+    assert not any(0x6000 <= elem.tag.group <= 0x60FF for elem in out)
+    assert np.array_equal(out.pixel_array, dcmread(src).pixel_array)
