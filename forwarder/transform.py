@@ -415,6 +415,9 @@ def _set(ds: Dataset, key: str, template: str, original: _Snapshot) -> None:
         vr = str(dictionary_VR(tag))
     else:
         vr = "LO"  # a private or unknown tag
+    if vr not in _TEXT_VRS and vr != "UI":
+        raise TransformFailed(f"cannot set {key}: the data set holds it with VR {vr}, not text")
+    _check_charset(ds, key, text)
     value: str | list[str] = (
         text.split("\\") if "\\" in text and vr not in ("LT", "ST", "UT", "UR") else text
     )
@@ -424,6 +427,34 @@ def _set(ds: Dataset, key: str, template: str, original: _Snapshot) -> None:
     except ValueError as exc:
         raise TransformFailed(f"cannot set {key} to {text!r}: {one_line(exc)}") from exc
     ds[tag] = DataElement(tag, vr, value)
+
+
+def _check_charset(ds: Dataset, key: str, text: str) -> None:
+    """Make sure `text` can be written in the data set's character set.
+
+    Non-ASCII text in a data set with the default repertoire switches it to UTF-8
+    (ISO_IR 192, a superset of the default: its other values read the same); a character
+    set that cannot hold the text is a TransformFailed naming both.
+    """
+    if text.isascii():
+        return
+    from pydicom.charset import convert_encodings
+
+    declared = ds.get("SpecificCharacterSet")
+    names = [declared] if isinstance(declared, str) else list(declared or [])
+    if not [name for name in names if name and name != "ISO_IR 6"]:
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        return
+    for codec in convert_encodings(names):
+        try:
+            text.encode(codec)
+            return
+        except (UnicodeError, LookupError):
+            continue
+    charset = "\\".join(names)
+    raise TransformFailed(
+        f"cannot set {key} to {text!r}: not representable in the data set's character set {charset}"
+    )
 
 
 # --- de-identification ----------------------------------------------------------------------

@@ -606,3 +606,20 @@ def test_deidentification_removes_overlays(tmp_path: Path, secret: bytes) -> Non
     out = dcmread(result.path)
     assert not any(0x6000 <= elem.tag.group <= 0x60FF for elem in out)
     assert np.array_equal(out.pixel_array, dcmread(src).pixel_array)
+
+
+def test_set_non_ascii_text(tmp_path: Path, secret: bytes) -> None:
+    # MR_small declares no character set: UTF-8 is declared for the new text
+    spec = TransformSpec(set=(("InstitutionName", "Klinik Zürich – Süd"),))
+    result = transform_file(data_file("MR_small.dcm"), tmp_path / "a.dcm", spec, secret)
+    out = dcmread(result.path)
+    assert out.SpecificCharacterSet == "ISO_IR 192"
+    assert out.InstitutionName == "Klinik Zürich – Süd"
+    assert out.PatientName == dcmread(data_file("MR_small.dcm")).PatientName
+    # CT_small declares Latin-1: "ü" fits, the dash does not
+    latin = TransformSpec(set=(("InstitutionName", "Klinik Zürich"),))
+    result = transform_file(data_file("CT_small.dcm"), tmp_path / "b.dcm", latin, secret)
+    out = dcmread(result.path)
+    assert (out.SpecificCharacterSet, out.InstitutionName) == ("ISO_IR 100", "Klinik Zürich")
+    with pytest.raises(TransformFailed, match=r"not representable in .* ISO_IR 100"):
+        transform_file(data_file("CT_small.dcm"), tmp_path / "c.dcm", spec, secret)
