@@ -1,7 +1,8 @@
 """Times `forwarder.transform.transform_file` in one process: ms per file for each transform.
 
-The file is instance 0 of the ``ct`` corpus (512x512, 16-bit, 12 bits stored, explicit VR
-little endian, ~0.5 MB; ``corpus.py``), so the numbers match what the daemon benchmark sends.
+The files are instance 0 of the ``ct`` corpus (512x512, 16-bit, 12 bits stored, explicit VR
+little endian, ~0.5 MB; ``corpus.py``) and of the ``small`` corpus (64x64, ~10 KB), so the
+numbers match what the daemon benchmark sends.
 Each transform runs `--count` times (after one warm-up) from the page-cached file into a
 tmpfs; the figure is the median, with the minimum and the output size beside it. A second
 source, pydicom's CT_small.dcm (a 128x128 GE CT with ~250 header elements, many private),
@@ -45,10 +46,10 @@ CASES: dict[str, TransformSpec] = {
 }
 
 
-def _ct_file(out: Path) -> Path:
-    spec = corpus.SPECS["ct"]
+def _corpus_file(out: Path, name: str) -> Path:
+    spec = corpus.SPECS[name]
     ds = corpus._dataset(spec, 0, corpus._base_image(spec))
-    path = out / "ct-512.dcm"
+    path = out / f"{name}-0.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -72,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         secret = load_secret(work)
         sources = {
-            "CT 512x512 16-bit": _ct_file(work),
+            "CT 512x512 16-bit (ct corpus)": _corpus_file(work, "ct"),
+            "CT 64x64 16-bit (small corpus)": _corpus_file(work, "small"),
             "CT_small 128x128 (GE header)": Path(str(get_testdata_file("CT_small.dcm"))),
         }
         print(f"transform_file, one process, median of {args.count} (min), output size")

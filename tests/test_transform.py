@@ -623,3 +623,80 @@ def test_set_non_ascii_text(tmp_path: Path, secret: bytes) -> None:
     assert (out.SpecificCharacterSet, out.InstitutionName) == ("ISO_IR 100", "Klinik Zürich")
     with pytest.raises(TransformFailed, match=r"not representable in .* ISO_IR 100"):
         transform_file(data_file("CT_small.dcm"), tmp_path / "c.dcm", spec, secret)
+
+
+# --- set/remove by splicing == set/remove through pydicom --------------------------------
+
+SPLICE_SPECS = [
+    TransformSpec(
+        set=(
+            ("PatientID", "SITE1-{PatientID}"),
+            ("InstitutionName", "Klinik Zürich"),  # UTF-8 declared where no charset was
+            ("ImageComments", "{ImageType} / {PatientName}"),
+            ("0029,1099", "priv-{Modality}"),  # private, absent
+            ("StudyDescription", "A\\B"),
+            ("AccessionNumber", ""),
+        ),
+        remove=(
+            "OtherPatientIDsSequence",
+            "0009,1001",
+            "ReferencedStudySequence",
+            "OtherPatientIDs",
+        ),
+    ),
+    TransformSpec(
+        set=(("StationName", "GW"), ("StationName", "{StationName}-2")),
+        remove=("SeriesDescription",),
+    ),
+    TransformSpec(
+        set=(("SOPInstanceUID", "1.2.826.0.1.3680043.10.1175.99"),), transfer_syntax="keep"
+    ),
+]
+
+
+@pytest.mark.parametrize("spec", SPLICE_SPECS)
+@pytest.mark.parametrize(
+    "source",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "test-SR.dcm",
+        "rtplan.dcm",
+        "examples_overlay.dcm",
+        "image_dfl.dcm",  # deflated: pydicom's path
+        "rtstruct.dcm",  # no preamble, no file meta: pydicom's path
+    ],
+)
+def test_splice_writes_what_pydicom_writes(
+    tmp_path: Path, secret: bytes, source: str, spec: TransformSpec
+) -> None:
+    from forwarder.transform import _splice, _transformed, _with_pydicom
+
+    src = data_file(source)
+    slow = _with_pydicom(src, spec, secret)
+    fast = _transformed(src, spec, secret)
+    spliced = _splice(src, spec, SYNTAXES[spec.transfer_syntax])
+    if source in ("image_dfl.dcm", "rtstruct.dcm"):
+        assert spliced is None
+    else:
+        assert spliced is not None
+    assert fast.changes == slow.changes
+    assert (fast.transfer_syntax, fast.sop_instance_uid) == (
+        slow.transfer_syntax,
+        slow.sop_instance_uid,
+    )
+    a, b = tmp_path / "fast.dcm", tmp_path / "slow.dcm"
+    a.write_bytes(fast.data)
+    b.write_bytes(slow.data)
+    fast_ds, slow_ds = dcmread(a), dcmread(b)
+    assert fast_ds.file_meta == slow_ds.file_meta
+    assert fast_ds == slow_ds
+    if "PixelData" in slow_ds:
+        assert np.array_equal(fast_ds.pixel_array, dcmread(src).pixel_array)
+    dump = subprocess.run(
+        [require_tool("dcmdump"), "-q", str(a)], capture_output=True, encoding="latin-1", timeout=30
+    )
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
