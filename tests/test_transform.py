@@ -1,12 +1,15 @@
 """forwarder.transform and forwarder.transformspec: real files in, real Part 10 files out.
 
 Pixel data is checked decoded (numpy array_equal against the source's decoded pixels), by
-pydicom and, where DCMTK has the decoder, by DCMTK itself (dcmdrle, dcmdjpls).
+pydicom and, where DCMTK has the decoder, by DCMTK itself (dcmdrle, dcmdjpls); by GDCM's
+gdcmconv too when it is installed (libgdcm-tools: the only JPEG 2000 decoder besides
+pydicom's here).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -389,17 +392,21 @@ def test_transfer_syntax_is_lossless(
         timeout=30,
     )
     assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
-    decoder = DCMTK_DECODERS.get(target)
-    if decoder is not None and original.file_meta.TransferSyntaxUID != SYNTAXES[target]:
-        plain = tmp_path / "dcmtk.dcm"
+    if original.file_meta.TransferSyntaxUID == SYNTAXES[target]:
+        return  # not re-encoded
+    decoders = []
+    if target in DCMTK_DECODERS:
+        decoders.append([require_tool(DCMTK_DECODERS[target])])
+    if target in ("rle", "jpeg-ls-lossless", "jpeg2000-lossless") and shutil.which("gdcmconv"):
+        # GDCM (libgdcm-tools, optional): a second decoder, and the only one for JPEG 2000
+        decoders.append(["gdcmconv", "--raw"])
+    for n, decoder in enumerate(decoders):
+        plain = tmp_path / f"decoded-{n}.dcm"
         run = subprocess.run(
-            [require_tool(decoder), str(result.path), str(plain)],
-            capture_output=True,
-            text=True,
-            timeout=30,
+            [*decoder, str(result.path), str(plain)], capture_output=True, text=True, timeout=30
         )
         assert run.returncode == 0, run.stderr
-        assert np.array_equal(dcmread(plain).pixel_array, original.pixel_array)
+        assert np.array_equal(dcmread(plain).pixel_array, original.pixel_array), decoder
 
 
 def test_keep_leaves_the_syntax_and_the_pixel_bytes(tmp_path: Path, secret: bytes) -> None:
