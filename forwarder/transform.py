@@ -524,7 +524,10 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    ds.remove_private_tags()
+    # private attributes first (by tag: pydicom's remove_private_tags decodes every element);
+    # those inside sequence items go in `complete`
+    for tag in [tag for tag in ds.keys() if tag >> 16 & 1]:  # noqa: SIM118 (no decoding)
+        del ds[tag]
     # id(element) -> (element, value before dicognito); holding the element keeps its id unique
     originals: dict[int, tuple[DataElement, Any]] = {}
 
@@ -537,6 +540,9 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
     def complete(dataset: Dataset) -> None:
         for elem in list(dataset):
             tag = int(elem.tag)
+            if tag >> 16 & 1:
+                del dataset[tag]
+                continue
             if elem.VR == "SQ":
                 for item in elem.value:
                     complete(item)

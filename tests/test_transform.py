@@ -707,3 +707,29 @@ def test_splice_writes_what_pydicom_writes(
         [require_tool("dcmdump"), "-q", str(a)], capture_output=True, encoding="latin-1", timeout=30
     )
     assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+
+
+def test_deidentification_removes_private_attributes_in_items(
+    tmp_path: Path, secret: bytes
+) -> None:
+    ds = dcmread(data_file("CT_small.dcm"))
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.1175.5"
+    block = item.private_block(0x0029, "ACME 1.0", create=True)
+    block.add_new(0x01, "LO", "NESTED-SECRET")
+    ds.ReferencedImageSequence = [item]
+    src = tmp_path / "src.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    result = transform_file(src, tmp_path / "out.dcm", TransformSpec(deidentify="basic"), secret)
+    assert b"NESTED-SECRET" not in result.path.read_bytes()
+    out = dcmread(result.path)
+    assert not [elem.tag for elem in out.iterall() if elem.tag.is_private]
+    ref = out.ReferencedImageSequence[0]
+    assert ref.ReferencedSOPClassUID == ds.SOPClassUID
+    # U: remapped as that instance's own SOP Instance UID is, so the reference still holds
+    other = tmp_path / "other.dcm"
+    make_instance(other, "1.2.826.0.1.3680043.10.1175.5")
+    spec = TransformSpec(deidentify="basic")
+    referenced = transform_file(other, tmp_path / "other-out.dcm", spec, secret)
+    assert ref.ReferencedSOPInstanceUID == referenced.sop_instance_uid
