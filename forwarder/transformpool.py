@@ -53,54 +53,65 @@ def spool_dir(outbox_path: Path) -> Path:
 
 
 def load_secret(state_dir: Path, *, create: bool = True) -> bytes | None:
-    """The per-installation de-identification key (`SECRET_FILE` in `state_dir`).
+    """The installation's de-identification secret: 32 bytes kept as hex in
+    ``state_dir / "deidentify.key"``, created (mode 0600) when absent and `create` (None
+    when absent and not `create`).
 
     It keys the new UIDs: the same original UID gives the same new one for every instance,
-    across restarts and reloads, and another installation's are unrelated. Created (32
-    random bytes, hex, mode 0600, atomically) when absent and `create`; None when absent
-    and not `create`. Losing it means new UIDs for the same studies from then on.
+    across restarts and reloads, and another installation's are unrelated. Losing it means new
+    UIDs for the same studies from then on.
 
-    Raises
-    ------
-    ValueError
-        The file is damaged (not 64 hex digits), naming it.
-    OSError
-        It cannot be read or created.
+    Creation is atomic and race-free: the key is written to an O_EXCL temporary file, flushed,
+    then hard-linked to its name; when another process got there first, its key is read.
+
+    Raises ValueError naming the file when it is damaged (not 64 hex digits), OSError when it
+    cannot be read or created.
     """
-    path = state_dir / SECRET_FILE
+    path = Path(state_dir) / SECRET_FILE
     try:
-        text = path.read_text(encoding="ascii").strip()
+        return _read_secret(path)
     except FileNotFoundError:
         if not create:
             return None
-        key = os.urandom(_SECRET_BYTES)
-        part = state_dir / f".{SECRET_FILE}.{os.getpid()}"
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key.hex().encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(part, path)  # never replaces a key another process made meanwhile
-        except FileExistsError:
-            return load_secret(state_dir, create=False)
-        finally:
-            os.unlink(part)
-        LOGGER.info(f"transform: created the de-identification key {path}")
-        return key
-    except UnicodeDecodeError:
-        text = ""
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        key = bytes.fromhex(text)
+        with os.fdopen(fd, "w", encoding="ascii") as fp:
+            fp.write(os.urandom(_SECRET_BYTES).hex() + "\n")
+            fp.flush()
+            os.fsync(fp.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: both use its key
+        else:
+            _fsync_dir(path.parent)  # losing the key would change every de-identified UID
+            LOGGER.info(f"created the de-identification secret {path}")
+    finally:
+        tmp.unlink()
+    return _read_secret(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_secret(path: Path) -> bytes:
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        secret = bytes.fromhex(text)
     except ValueError:
-        key = b""
-    if len(key) != _SECRET_BYTES:
+        secret = b""
+    if len(secret) != _SECRET_BYTES:
         raise ValueError(
-            f"{path}: damaged de-identification key (expected {2 * _SECRET_BYTES} hex digits); "
-            "restore it from a backup (a new key gives new UIDs to studies sent before)"
+            f"{path}: damaged de-identification secret (want {2 * _SECRET_BYTES} hex digits); "
+            "restore it from a backup (deleting it changes every de-identified UID from now on)"
         )
-    return key
+    return secret
 
 
 def _child_init(daemon: int) -> None:
@@ -145,7 +156,7 @@ def _prepare(src: Path, dst: Path, spec: TransformSpec, secret: bytes) -> Prepar
     """In a pool process: transform `src` into `dst`, and inspect the copy."""
     from forwarder.transform import transform_file
 
-    done = transform_file(src, dst, spec, secret)
+    done = transform_file(src, dst, spec, secret, durable=False)  # lost: made again
     return Prepared(inspect(done.path), len(done.changes))
 
 
