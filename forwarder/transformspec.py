@@ -110,12 +110,25 @@ def _dictionary_vr(tag: int) -> str | None:
     return str(dictionary_VR(tag))
 
 
+_IDENTITY = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID"}
+"""What the instance is: neither set nor removed (de-identification gives new instance UIDs)."""
+
+
+def _not_identity(key: str, tag: int, verb: str) -> None:
+    if tag in _IDENTITY:
+        raise ValueError(
+            f"{key!r}: the {_IDENTITY[tag]} is what the instance is and cannot be {verb} "
+            '(deidentify = "basic" gives new instance UIDs)'
+        )
+
+
 def check_set_key(key: str) -> str:
     """`key` when `set` may write it from text; ValueError naming it otherwise.
 
     A private or unknown tag is allowed (written as LO when the data set lacks it).
     """
     tag = key_tag(key)
+    _not_identity(key, tag, "set")
     vr = _dictionary_vr(tag)
     if vr is not None and vr not in _SETTABLE_VRS:
         raise ValueError(
@@ -127,8 +140,9 @@ def check_set_key(key: str) -> str:
 
 def check_remove_key(key: str) -> str:
     """`key` when `remove` may delete it (any keyword or tag outside groups 0000, 0002,
-    FFFE; private tags too); ValueError naming it otherwise."""
-    key_tag(key)
+    FFFE; private tags too) but the SOP Class and Instance UIDs; ValueError naming it
+    otherwise."""
+    _not_identity(key, key_tag(key), "removed")
     return key
 
 
