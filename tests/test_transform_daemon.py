@@ -200,3 +200,26 @@ def test_without_transforms_no_pool_no_spool_and_leftover_copies_go_at_start(
     assert fwd.stop() == 0
     assert not any(spool.iterdir())
     assert "transform: removed 2 copies left in" in fwd.text()
+
+
+def test_sigterm_to_every_process_at_once_stops_cleanly(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    # systemd's default KillMode (control-group) sends SIGTERM to the daemon and to every
+    # process it started at the same moment: the pool must not die under the daemon's feet
+    peer = make_scp()
+    fwd.configure(
+        [dest("regional", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})],
+        transform={"workers": 2},
+    ).start()
+    uids = [routed_file(fwd.inbox / f"a{i}.dcm", "CT") for i in range(3)]
+    fwd.wait(has_all(peer, uids), what="the copies")
+    everyone = {fwd.pid, *descendants(fwd.pid)}
+    assert len(everyone) > 2
+    for pid in everyone:
+        os.kill(pid, signal.SIGTERM)
+    assert fwd.proc is not None
+    assert fwd.proc.wait(20) == 0  # (fwd.stop() would send a second SIGTERM: exit at once)
+    log = fwd.text()
+    assert "died" not in log and "Traceback" not in log, log
+    assert wait_for(lambda: not alive(everyone), timeout=10), f"left behind: {alive(everyone)}"
