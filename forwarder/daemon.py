@@ -238,7 +238,9 @@ class Daemon:
             new = new.model_copy(update={"outbox": old.outbox})
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
-        changed = [n for n in old_dests if old_dests[n] != new_dests.get(n)]
+        changed = [n for n in old_dests if _sending(old_dests[n]) != _sending(new_dests.get(n))]
+        for name in old_dests.keys() - changed:  # the same peer; its rules may differ: the
+            self.crews[name].dest = new_dests[name]  # enqueuer applies them, workers go on
         old_crews = [crew for n in changed if (crew := self.crews.pop(n, None)) is not None]
         contexts = {crew.dest.name: crew.contexts for crew in old_crews}
         retiring = [w for crew in old_crews for w in crew.workers]
@@ -416,3 +418,9 @@ class Daemon:
                 self.outbox.close()
         LOGGER.info("stopped" if clean else "stopped (forced)")
         return clean
+
+
+def _sending(dest: Destination | None) -> Destination | None:
+    """What a destination's workers use: all of it but the routing rules (`match`,
+    `exclude`), which the enqueuer applies. A change in it restarts the destination's crew."""
+    return None if dest is None else dest.model_copy(update={"match": {}, "exclude": {}})

@@ -1823,6 +1823,8 @@ def test_sighup_applies_new_rules_to_files_dropped_after_it(
     )
     fwd.signal(signal.SIGHUP)
     fwd.wait_log("reloaded")
+    (line,) = [x for x in fwd.text().splitlines() if "reloaded" in x]
+    assert "restarted workers" not in line  # new rules only: the enqueuer applies them
     after = routed_file(fwd.inbox / "after.dcm", "MR")
     urgent = routed_file(fwd.inbox / "urgent" / "x" / "urgent.dcm", "MR")
     fwd.wait(has_all(a, [after, urgent]), what="both MRs at a")
