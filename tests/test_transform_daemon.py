@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from test_daemon import (  # the daemon fixtures and helpers
     Forwarder,
+    cpu_seconds,
     dest,
     fwd,
     has_all,
@@ -223,3 +226,28 @@ def test_sigterm_to_every_process_at_once_stops_cleanly(
     log = fwd.text()
     assert "died" not in log and "Traceback" not in log, log
     assert wait_for(lambda: not alive(everyone), timeout=10), f"left behind: {alive(everyone)}"
+
+
+def test_an_idle_daemon_with_a_started_pool_costs_no_cpu(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    peer = make_scp()
+    fwd.configure(
+        [dest("regional", peer.port, transform={"transfer_syntax": "jpeg-ls-lossless"})],
+        transform={"workers": 2},
+        sender={"linger_seconds": 0},
+    ).start()
+    uid = routed_file(fwd.inbox / "a.dcm", "CT")
+    fwd.wait(has_all(peer, [uid]), what="the copy")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    everyone = {fwd.pid, *descendants(fwd.pid)}
+
+    def cpu() -> float:
+        return sum(cpu_seconds(p) for p in alive(everyone))
+
+    threading.Event().wait(1.0)  # the last store's bookkeeping
+    cpu0, w0 = cpu(), time.monotonic()
+    threading.Event().wait(3.0)  # the measurement window itself
+    idle = (cpu() - cpu0) / (time.monotonic() - w0)
+    assert fwd.stop() == 0
+    assert idle < 0.02, f"{idle * 100:.2f} % CPU while idle"
