@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import array
 import logging
 import threading
 import time
@@ -19,6 +18,7 @@ from forwarder.association import (
     client_tls_context,
     open_association,
 )
+from forwarder.byteorder import swap_other_words
 from forwarder.contexts import (
     MAX_CONTEXTS,
     ContextSpec,
@@ -329,7 +329,7 @@ class Sender:
         source_little = info.transfer_syntax != EXPLICIT_BE  # decompressed data is LE too
         try:
             if source_little != target.is_little_endian:
-                _swap_other_words(ds, source_little)
+                swap_other_words(ds, source_little)
             return _encode(ds, target.is_implicit_VR, target.is_little_endian, ts == DEFLATED_LE)
         except Exception as exc:  # pydicom cannot write it (bad values, VRs): one line
             raise _ConversionError(
@@ -393,33 +393,6 @@ def _no_response(detail: str) -> Classification:
     """
     cls = classify_status(None)
     return Classification(cls.action, f"{cls.meaning}: {detail}")
-
-
-# Values pydicom writes back as the bytes it read, whatever the target byte order
-# (filewriter.write_OWvalue: "does not currently do the byte swapping"), by item size.
-_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-_ARRAY_TYPES = {array.array(t).itemsize: t for t in "QLIH"}
-
-
-def _swap_other_words(ds: Dataset, source_little: bool) -> None:
-    """Byte-swap the OW/OF/OL/OD/OV values of `ds`, nested ones too, in place.
-
-    Converting between big and little endian without this sent pixel data (OW) with each
-    16-bit value byte-swapped: MR_small_bigendian arrived as noise. Ambiguous VRs
-    ("OB or OW", "US or OW", "US or SS") are resolved first, with the source byte order
-    (their raw values are still in it), so that only real word values are swapped.
-    """
-    from pydicom.filewriter import correct_ambiguous_vr
-
-    correct_ambiguous_vr(ds, source_little)
-    for elem in ds.iterall():
-        size = _WORD_VRS.get(str(elem.VR))
-        value = elem.value
-        if size is None or not isinstance(value, bytes) or len(value) % size:
-            continue
-        words = array.array(_ARRAY_TYPES[size], value)
-        words.byteswap()
-        elem.value = words.tobytes()
 
 
 def _encapsulated_size(ds: Dataset) -> int | None:

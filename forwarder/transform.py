@@ -53,7 +53,6 @@ sequences marked D (walked: their items are de-identified element by element), a
 
 from __future__ import annotations
 
-import array
 import functools
 import logging
 import os
@@ -64,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from forwarder.association import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from forwarder.basicprofile import ACTIONS, REMOVED_GROUP_MASKS
+from forwarder.byteorder import swap_other_words
 from forwarder.dicomfile import uid_problem
 from forwarder.logs import one_line
 from forwarder.lossy import mark_lossy
@@ -118,8 +118,6 @@ _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR",
      "UT"}
 )  # fmt: skip
-_WORD_VRS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-_ARRAY_TYPES = {array.array(t).itemsize: t for t in "QLIH"}
 
 
 @dataclass(frozen=True)
@@ -716,7 +714,7 @@ def _transcode(ds: Dataset, source: str, target_name: str) -> str:
         _decompress(ds, source)
         source = EXPLICIT_LE
     elif source == EXPLICIT_BE:
-        _swap_other_words(ds)
+        swap_other_words(ds, False)
     ds.file_meta.TransferSyntaxUID = UID(source if source != EXPLICIT_BE else EXPLICIT_LE)
     if target == SYNTAXES["jpeg2000-lossless"] and min(ds.Rows, ds.Columns) < 32:
         # pylibjpeg-openjpeg always uses 6 wavelet resolution levels: 2**5 pixels at least
@@ -749,23 +747,6 @@ def _decompress(ds: Dataset, source: str) -> None:
             f"cannot decode the pixel data ({_name(source)}): {one_line(exc)}"
         ) from exc
     mark_lossy(ds, source, compressed)
-
-
-def _swap_other_words(ds: Dataset) -> None:
-    """Byte-swap the OW/OF/OL/OD/OV values of a data set read big endian, nested ones too
-    (pydicom writes their bytes as read whatever the target byte order); ambiguous VRs are
-    resolved first with the source byte order."""
-    from pydicom.filewriter import correct_ambiguous_vr
-
-    correct_ambiguous_vr(ds, False)
-    for elem in ds.iterall():
-        size = _WORD_VRS.get(str(elem.VR))
-        value = elem.value
-        if size is None or not isinstance(value, bytes) or len(value) % size:
-            continue
-        words = array.array(_ARRAY_TYPES[size], value)
-        words.byteswap()
-        elem.value = words.tobytes()
 
 
 # --- writing --------------------------------------------------------------------------------

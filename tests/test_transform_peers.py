@@ -8,8 +8,6 @@ peers stored (storescp's files, Orthanc's REST API) and compare pixels decoded b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +17,8 @@ from orthanc import Orthanc
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from test_daemon import ROOT, Forwarder, _clean_env, dest, fwd, routed_file
+from test_daemon import Forwarder, dest, fwd, routed_file
+from test_daemon_robust import cli
 
 from forwarder.outbox import Outbox, State
 
@@ -80,17 +79,6 @@ def storescp_files(peer: StoreSCP) -> dict[str, Dataset]:
         ds = dcmread(path)
         out[str(ds.SOPInstanceUID)] = ds
     return out
-
-
-def cli(fwd: Forwarder, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forwarder", *argv, "--config", str(fwd.cfg)],
-        cwd=ROOT,
-        env=_clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_rules_and_transforms_to_storescp_and_orthanc(
