@@ -731,3 +731,55 @@ def test_deidentification_removes_private_attributes_in_items(
     spec = TransformSpec(deidentify="basic")
     referenced = transform_file(other, tmp_path / "other-out.dcm", spec, secret)
     assert ref.ReferencedSOPInstanceUID == referenced.sop_instance_uid
+
+
+def _rgb_planar(tmp_path: Path, frames: int) -> tuple[Path, np.ndarray]:
+    """An uncompressed RGB image stored colour-by-plane (Planar Configuration 1, as some
+    ultrasound and secondary capture devices write it), odd width; and its pixels."""
+    rng = np.random.default_rng(12)
+    rows, columns = 40, 37
+    pixels = rng.integers(0, 256, size=(frames, rows, columns, 3), dtype=np.uint8)
+    ds = dcmread(data_file("examples_rgb_color.dcm"))  # explicit LE, 8-bit RGB
+    ds.Rows, ds.Columns = rows, columns
+    ds.PlanarConfiguration = 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    elif "NumberOfFrames" in ds:
+        del ds.NumberOfFrames
+    planes = pixels.transpose(0, 3, 1, 2).tobytes()  # R plane, G plane, B plane per frame
+    ds.PixelData = planes + b"\x00" * (len(planes) % 2)
+    path = tmp_path / "rgb-planar.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    decoded = dcmread(path).pixel_array
+    assert np.array_equal(decoded, pixels if frames > 1 else pixels[0])  # what it holds
+    return path, decoded
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+@pytest.mark.parametrize("target", ["rle", "jpeg-ls-lossless", "jpeg2000-lossless"])
+def test_colour_by_plane_pixels_stay_the_same(
+    tmp_path: Path, secret: bytes, target: str, frames: int
+) -> None:
+    """Planar Configuration 1 in the source: every decoder gets the source's pixels back
+    (pydicom's encoders read the planes as interleaved pixels: RLE scrambled the image; the
+    JPEG 2000 copy kept Planar Configuration 1, which GDCM applied to what it decoded)."""
+    src, pixels = _rgb_planar(tmp_path, frames)
+    result = transform_file(
+        src, tmp_path / "out.dcm", TransformSpec(transfer_syntax=target), secret
+    )
+    out = dcmread(result.path)
+    assert out.file_meta.TransferSyntaxUID == SYNTAXES[target]
+    # PS3.5 8.2: 0 for JPEG-LS and JPEG 2000; G.2 (RLE): the segments are colour planes, 1
+    assert out.PlanarConfiguration == (1 if target == "rle" else 0)
+    assert np.array_equal(out.pixel_array, pixels)
+    decoders = {"rle": ["dcmdrle"], "jpeg-ls-lossless": ["dcmdjpls"]}.get(target, [])
+    tools = [[require_tool(decoders[0])]] if decoders else []
+    if shutil.which("gdcmconv"):
+        tools.append(["gdcmconv", "--raw"])
+    for n, tool in enumerate(tools):
+        plain = tmp_path / f"decoded-{n}.dcm"
+        run = subprocess.run(
+            [*tool, str(result.path), str(plain)], capture_output=True, text=True, timeout=30
+        )
+        assert run.returncode == 0, run.stderr
+        assert np.array_equal(dcmread(plain).pixel_array, pixels), tool
