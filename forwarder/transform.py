@@ -723,13 +723,39 @@ def _transcode(ds: Dataset, source: str, target_name: str) -> str:
             "pixels on a side (the encoder's minimum)"
         )
     if UID(target).is_encapsulated:
+        _interleave_planes(ds)
         try:
             ds.compress(target, generate_instance_uid=False)
         except Exception as exc:
             raise TransformFailed(f"cannot encode as {_name(target)}: {one_line(exc)}") from exc
+        if int(ds.get("SamplesPerPixel") or 1) > 1:
+            # PS3.5 8.2: 0 for JPEG-LS and JPEG 2000; G.2: RLE segments are colour planes (1)
+            ds.PlanarConfiguration = 1 if target == SYNTAXES["rle"] else 0
     else:
         ds.file_meta.TransferSyntaxUID = UID(target)
     return target
+
+
+def _interleave_planes(ds: Dataset) -> None:
+    """Reorder native pixel data stored colour-by-plane (Planar Configuration 1) to
+    colour-by-pixel, the order pydicom's encoders read (they would take each plane for
+    interleaved pixels: a scrambled image). Whole samples are moved, values untouched."""
+    import numpy as np
+
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples < 2 or ds.get("PlanarConfiguration") != 1 or _PIXEL_DATA not in ds:
+        return
+    size = int(ds.BitsAllocated) // 8  # 8 or 16: colour data is never 1-bit
+    frames = int(ds.get("NumberOfFrames") or 1)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    length = frames * samples * rows * columns * size
+    data = bytes(ds.PixelData)
+    if size < 1 or len(data) < length:
+        return  # the encoder says what is wrong with it
+    planes = np.frombuffer(data, np.uint8, length).reshape(frames, samples, rows, columns, size)
+    pixels = planes.transpose(0, 2, 3, 1, 4).tobytes()
+    ds.PixelData = pixels + b"\x00" * (len(pixels) % 2)
+    ds.PlanarConfiguration = 0
 
 
 def _decompress(ds: Dataset, source: str) -> None:
