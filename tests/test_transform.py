@@ -783,3 +783,58 @@ def test_colour_by_plane_pixels_stay_the_same(
         )
         assert run.returncode == 0, run.stderr
         assert np.array_equal(dcmread(plain).pixel_array, pixels), tool
+
+
+def _item(**values: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value: str, meaning: str) -> list[Dataset]:
+    return [_item(CodeValue=value, CodingSchemeDesignator="99LOCAL", CodeMeaning=meaning)]
+
+
+def test_deidentification_empties_or_removes_the_sequences_e1_says(
+    tmp_path: Path, secret: bytes
+) -> None:
+    """Sequences Table E.1-1 marks Z or X (with /Z, /D) are emptied or removed, not walked:
+    their items hold identifying values no other row names (code meanings that are an
+    institution's or a person's name, staff numbers, namespace IDs)."""
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.InstitutionCodeSequence = _code("SH123", "Hospital SECRETHOSP")  # X/Z/D
+    ds.OperatorIdentificationSequence = [  # X/D
+        _item(PersonIdentificationCodeSequence=_code("EMP12345", "Jane Operatorsmith"))
+    ]
+    ds.VerifyingObserverSequence = [  # D: walked, with its Z sequence inside emptied
+        _item(
+            VerifyingObserverName="Verifier^Jane",
+            VerifyingOrganization="ORG SECRETHOSP",
+            VerificationDateTime="20200101120000",
+            VerifyingObserverIdentificationCodeSequence=_code("EMP67890", "Jane Verifier"),
+        )
+    ]
+    ds.IssuerOfTheContainerIdentifierSequence = [_item(LocalNamespaceEntityID="NS SECRETHOSP")]
+    ds.ReferencedStudySequence = [  # X/Z
+        _item(ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID="1.2.3.4")
+    ]
+    ds.SourceImageSequence = [  # X/Z/U*: kept, its UIDs replaced
+        _item(ReferencedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", ReferencedSOPInstanceUID="1.2.3.5")
+    ]
+    src = tmp_path / "coded.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    result = transform_file(src, tmp_path / "out.dcm", TransformSpec(deidentify="basic"), secret)
+    raw = result.path.read_bytes()
+    for value in ("SECRETHOSP", "EMP12345", "EMP67890", "Operatorsmith", "Jane Verifier", "SH123"):
+        assert value.encode() not in raw, value
+    out = dcmread(result.path)
+    assert out.get("InstitutionCodeSequence", []) == []
+    assert "OperatorIdentificationSequence" not in out
+    (observer,) = out.VerifyingObserverSequence
+    assert observer.VerifyingObserverIdentificationCodeSequence == []
+    assert observer.VerifyingObserverName != "Verifier^Jane"
+    assert out.get("IssuerOfTheContainerIdentifierSequence", []) == []
+    assert out.get("ReferencedStudySequence", []) == []
+    (source,) = out.SourceImageSequence
+    assert source.ReferencedSOPInstanceUID not in ("1.2.3.5", "")
