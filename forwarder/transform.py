@@ -38,6 +38,8 @@ What this module adds to dicognito:
   Z/D, X/Z/D) emptied, X/D removed, D given a dummy of its VR; X always removed, even when
   dicognito put a dummy in; curve data (50xx) and overlays (60xx: the table removes their data
   and comments, which leaves no valid overlay) removed; nested items too;
+* sequences the table marks Z or X (alone or with /Z, /D) emptied (Z) or removed, whatever
+  dicognito did inside their items (their code meanings and IDs name people and places);
 * PatientBirthDate and PatientBirthTime emptied (dicognito only shifts them);
 * the free text of SR content items (Text Value) replaced: the table marks Content Sequence
   D as a whole, which would leave a report without content; its items are kept instead, with
@@ -47,7 +49,7 @@ What this module adds to dicognito:
   Dates Option: dicognito shifts dates by one offset per secret rather than removing them).
 
 Left as they are: bulk values the table marks D (Encapsulated Document, certificates, ...),
-sequences marked D (walked: their items are de-identified element by element), and pixel data
+sequences marked D or U* (walked: their items are de-identified element by element), and pixel data
 (burned-in text is refused through BurnedInAnnotation, not removed).
 """
 
@@ -485,10 +487,18 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
             if tag >> 16 & 1:
                 del dataset[tag]
                 continue
-            if elem.VR == "SQ":
+            action = ACTIONS.get(tag) or _EXTRA_ACTIONS.get(tag)
+            if elem.VR == "SQ" and action not in (None, "D") and "U" not in action:
+                # Z, X (/Z, /D): its items are not walked but emptied or removed, as the
+                # table says (code meanings naming a person or an institution, staff IDs)
+                if "Z" in action:
+                    elem.value = Sequence()
+                else:
+                    del dataset[tag]
+                continue
+            if elem.VR == "SQ":  # D or U*: kept, its items de-identified
                 for item in elem.value:
                     complete(item)
-            action = ACTIONS.get(tag) or _EXTRA_ACTIONS.get(tag)
             if action is None:
                 if any(tag & mask == value for mask, value in REMOVED_GROUP_MASKS):
                     del dataset[tag]
