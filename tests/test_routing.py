@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import data_file
 
 from forwarder.config import ConfigError, load_settings
 from forwarder.routing import Router, path_pattern
@@ -303,3 +304,44 @@ def test_config_check_names_a_bad_transform_and_exits_78(tmp_path: Path) -> None
     )
     assert res.returncode == 78
     assert "destinations.0.transform.remove.0" in res.stderr and "Modalty" in res.stderr
+
+
+LONG = "Regional Imaging Gateway of the Northern Hospitals Trust, Department of Radiology"
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('set = { StudyDate = "2024-01-31" }', "StudyDate"),  # DA is YYYYMMDD
+        ('set = { PatientSex = "male" }', "PatientSex"),  # CS: upper case
+        (f'set = {{ InstitutionName = "{LONG}" }}', "InstitutionName"),  # LO: 64 at most
+        ('set = { StudyInstanceUID = "research.study.1" }', "StudyInstanceUID"),
+        ('set = { SeriesNumber = "one" }', "SeriesNumber"),  # IS
+    ],
+)
+def test_a_set_value_no_instance_could_take_is_refused_by_config_check(
+    tmp_path: Path, table: str, key: str
+) -> None:
+    """A constant `set` value its attribute's VR cannot hold would fail every instance at
+    run time (each quarantined for that destination): config check refuses it instead."""
+    from forwarder.transform import transform_file
+    from forwarder.transformspec import TransformFailed, TransformSpec
+
+    value = table.split('"')[1]
+    with pytest.raises(TransformFailed, match=f"cannot set {key}"):  # what run time would do
+        transform_file(
+            data_file("CT_small.dcm"), tmp_path / "x.dcm", TransformSpec(set=((key, value),)), b""
+        )
+    errors = _errors(_config(tmp_path, f"[destinations.transform]\n{table}\n"))
+    assert any(e.startswith("destinations.0.transform.set") and key in e for e in errors), errors
+
+
+def test_set_values_with_placeholders_or_private_tags_wait_for_the_instance(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(
+        tmp_path,
+        '[destinations.transform]\nset = { StudyInstanceUID = "1.2.{StudyID}", '
+        '"0009,1001" = "anything goes", StudyDate = "20240131", PatientSex = "O" }\n',
+    )
+    assert load_settings(cfg, env={}).destinations[0].transform_spec is not None
