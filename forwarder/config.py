@@ -34,6 +34,7 @@ from forwarder.errors import EX_CONFIG, ConfigError, add_config_argument
 from forwarder.rulekeys import check_glob, rule_tag
 from forwarder.transformspec import (
     TransformSpec,
+    check_constant,
     check_remove_key,
     check_set_key,
     check_template,
@@ -165,6 +166,13 @@ class DestinationTransform(_Model):
     transfer_syntax: SyntaxName = "keep"  # lossless only
     # send instances with BurnedInAnnotation = YES de-identified anyway (pixels are not cleaned)
     allow_burned_in: bool = False
+
+    @field_validator("set")
+    @classmethod
+    def _constants(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, template in value.items():
+            check_constant(key, template)
+        return value
 
     @model_validator(mode="after")
     def _installed(self) -> DestinationTransform:

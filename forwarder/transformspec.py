@@ -15,6 +15,7 @@ __all__ = [
     "DEIDENTIFY",
     "SYNTAXES",
     "TransformSpec",
+    "check_constant",
     "check_remove_key",
     "check_set_key",
     "check_template",
@@ -180,6 +181,29 @@ def check_template(template: str) -> str:
     attributes (``{{``/``}}`` for literal braces, as str.format); ValueError naming it."""
     template_fields(template)
     return template
+
+
+def check_constant(key: str, template: str) -> None:
+    """ValueError naming `key` when `template` has no placeholder and is a value the
+    dictionary VR of `key` cannot hold (every instance would fail at run time).
+
+    Placeholders and private or unknown tags are left to run time: their value, or the VR
+    the data set gives them, is only known per instance.
+    """
+    from pydicom.valuerep import validate_value
+
+    if template_fields(template):
+        return
+    text = template.replace("{{", "{").replace("}}", "}")
+    vr = _dictionary_vr(key_tag(key))
+    if vr is None or vr not in _SETTABLE_VRS:
+        return
+    values = text.split("\\") if vr not in ("LT", "ST", "UT", "UR") else [text]
+    try:
+        for value in values:
+            validate_value(vr, value, 2)  # 2: config.RAISE
+    except ValueError as exc:
+        raise ValueError(f"{key} = {text!r}: not a valid {vr} value ({exc})") from exc
 
 
 class TransformFailed(Exception):
