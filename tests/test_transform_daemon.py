@@ -251,3 +251,55 @@ def test_an_idle_daemon_with_a_started_pool_costs_no_cpu(
     idle = (cpu() - cpu0) / (time.monotonic() - w0)
     assert fwd.stop() == 0
     assert idle < 0.02, f"{idle * 100:.2f} % CPU while idle"
+
+
+def slow_file(path: Path, frames: int) -> str:
+    """A noisy 512x512 multi-frame image: JPEG 2000 takes about 0.1 s a frame to encode."""
+    import numpy as np
+    from pydicom import dcmread
+
+    uid = routed_file(path.with_suffix(".tmp"), "OT")
+    ds = dcmread(path.with_suffix(".tmp"))
+    rng = np.random.default_rng(5)
+    ds.Rows = ds.Columns = 512
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.NumberOfFrames = frames
+    ds.PixelData = rng.integers(0, 4096, size=(frames, 512, 512), dtype=np.uint16).tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.save_as(path.with_suffix(".tmp"), enforce_file_format=True)
+    os.replace(path.with_suffix(".tmp"), path)
+    return uid
+
+
+def test_stop_does_not_wait_for_the_transforms_under_way(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """SIGTERM while the pool encodes big images: the daemon is gone within about its
+    shutdown_timeout (systemd's TimeoutStopSec kills it otherwise), leaving no process and no
+    copy; the instances are sent after the restart."""
+    import time
+
+    peer = make_scp()
+    fwd.configure(
+        [dest("remote", peer.port, transform={"transfer_syntax": "jpeg2000-lossless"})],
+        transform={"workers": 1},
+        shutdown_timeout=1,
+    )
+    (fwd.tmp / "in").mkdir(exist_ok=True)
+    uids = [slow_file(fwd.tmp / "in" / f"big{i}.dcm", 40) for i in range(3)]  # ~4 s each
+    fwd.start()
+    for i in range(3):
+        os.replace(fwd.tmp / "in" / f"big{i}.dcm", fwd.inbox / f"big{i}.dcm")
+    fwd.wait_log("transform: started 1 process(es)", timeout=20)
+    pool = descendants(fwd.pid)
+    start = time.monotonic()
+    assert fwd.stop(timeout=30) == 0
+    took = time.monotonic() - start
+    assert took < 3.0, f"stopping took {took:.1f} s with shutdown_timeout = 1\n{fwd.tail()}"
+    assert wait_for(lambda: not alive(pool), timeout=10), f"left behind: {alive(pool)}"
+    assert not peer.received
+    fwd.start()
+    fwd.wait(has_all(peer, uids), timeout=60, what="the copies after the restart")
+    assert fwd.stop() == 0
+    assert not any((fwd.outbox_path.parent / SPOOL_DIR).iterdir())
