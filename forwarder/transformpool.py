@@ -220,9 +220,24 @@ class TransformPool:
         executor.shutdown(wait=False, cancel_futures=True)
 
     def shutdown(self, *, wait: bool = True) -> None:
-        """Stop the processes (waiting for the transforms under way with `wait`)."""
+        """Stop the processes now: queued transforms are cancelled and those under way
+        abandoned (killed: nobody waits for them any more, their copies are made again at the
+        next start, which clears the spool). With `wait`, return once they are gone.
+
+        Waiting for them instead kept a stopping daemon for as long as its biggest encode
+        (minutes for a tomosynthesis or cine file), past shutdown_timeout and systemd's
+        TimeoutStopSec.
+        """
         with self._lock:
             self._closed = True
             executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=wait, cancel_futures=True)
+        if executor is None:
+            return
+        # the pool's own processes (they ignore SIGTERM: the daemon stops them)
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        for process in processes:
+            try:
+                process.kill()
+            except (OSError, ValueError) as exc:  # gone already, or closed
+                LOGGER.debug(f"transform: process {process.pid} not killed: {exc}")
+        executor.shutdown(wait=wait, cancel_futures=True)

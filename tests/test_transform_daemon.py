@@ -298,6 +298,7 @@ def test_stop_does_not_wait_for_the_transforms_under_way(
     took = time.monotonic() - start
     assert took < 3.0, f"stopping took {took:.1f} s with shutdown_timeout = 1\n{fwd.tail()}"
     assert wait_for(lambda: not alive(pool), timeout=10), f"left behind: {alive(pool)}"
+    assert "Traceback" not in fwd.text(), fwd.tail()
     assert not peer.received
     fwd.start()
     fwd.wait(has_all(peer, uids), timeout=60, what="the copies after the restart")
