@@ -42,6 +42,7 @@ from forwarder.cli import main as cli_main
 from forwarder.commands.config import MASK, masked
 from forwarder.dicomfile import inspect
 from forwarder.outbox import Mark, Outbox, OutboxError, State
+from forwarder.transformpool import SECRET_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILES = 8
@@ -908,6 +909,41 @@ deidentify = "basic"
     ds.save_as(ct, enforce_file_format=True)
     res = cli("route", "test", "--config", str(config), str(ct))
     assert "  anon: yes, but its transform refuses it: burned-in annotation" in res.out
+
+
+@pytest.mark.parametrize("damage", ["text", "folder"])
+def test_route_test_with_an_unreadable_key_still_answers(tmp_path: Path, damage: str) -> None:
+    """The key kept by the daemon's user (mode 0600) read by an admin, or damaged: route
+    test answers (the new UIDs shown are not the ones sent, and says why), no traceback."""
+    config = _route_config(tmp_path)
+    state = tmp_path / "state"
+    config.write_text(
+        config.read_text()
+        + f"""
+[outbox]
+path = "{state / "outbox.sqlite3"}"
+[[destinations]]
+name = "anon"
+host = "127.0.0.1"
+port = 107
+[destinations.transform]
+deidentify = "basic"
+""",
+        encoding="utf-8",
+    )
+    key = state / SECRET_FILE
+    if damage == "text":
+        state.mkdir()
+        key.write_text("not a key\n")
+    else:
+        key.mkdir(parents=True)  # reading it fails with an OSError, as EACCES would
+    ct = _instance(tmp_path / "in" / "siteA" / "ct.dcm", "CT")
+    res = cli("route", "test", "--config", str(config), str(ct))
+    assert res.status == 0, res.err
+    assert "  anon: yes, transformed:" in res.out.splitlines()
+    assert "Traceback" not in res.err
+    (note,) = [line for line in res.err.splitlines() if SECRET_FILE in line]
+    assert "cannot read" in note and "not the ones it will send" in note
 
 
 def test_route_test_with_a_bad_rule_exits_78_naming_it(tmp_path: Path) -> None:
