@@ -52,16 +52,25 @@ def relative(path: Path, settings: Settings) -> str:
     return path.name
 
 
-def _key(settings: Settings) -> tuple[bytes, bool]:
-    """The installation's de-identification key, read only; a throw-away one (and False)
-    when the daemon has not made it yet: the UIDs shown are then not the ones it will send."""
+def _key(settings: Settings) -> tuple[bytes, str | None]:
+    """The installation's de-identification key, read only; a throw-away one and why when
+    it cannot be had (not made yet, not readable by this user, damaged): the UIDs shown are
+    then not the ones the daemon will send."""
     if not any(
         (spec := d.transform_spec) is not None and spec.deidentify != "none"
         for d in settings.destinations
     ):
-        return b"", True
-    key = load_secret(settings.outbox.path.parent, create=False)
-    return (key, True) if key is not None else (os.urandom(32), False)
+        return b"", None
+    state = settings.outbox.path.parent
+    try:
+        key = load_secret(state, create=False)
+    except (OSError, ValueError) as exc:  # e.g. 0600 and owned by the daemon's user
+        detail = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else str(exc)
+        return os.urandom(32), f"cannot read the de-identification key ({detail})"
+    if key is None:
+        why = f"no de-identification key yet ({SECRET_FILE} is made at the daemon's first start)"
+        return os.urandom(32), why
+    return key, None
 
 
 def _transforms(
@@ -151,14 +160,10 @@ def run(args: argparse.Namespace) -> int:
     settings = common.load(args)
     router = Router.of(settings)
     order = [d.name for d in settings.destinations]
-    key, real = _key(settings)
+    key, why = _key(settings)
     results = [_one(path, settings, router, key) for path in args.files]
-    if not real and any(r.get("transforms") for r, _ in results):
-        print(
-            f"note: no de-identification key yet ({SECRET_FILE} is made at the daemon's first "
-            "start): the new UIDs shown are not the ones it will send",
-            file=sys.stderr,
-        )
+    if why is not None and any(r.get("transforms") for r, _ in results):
+        print(f"note: {why}: the new UIDs shown are not the ones it will send", file=sys.stderr)
     if args.json:
         common.print_json({"files": [report for report, _ in results]})
     else:
