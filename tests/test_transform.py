@@ -838,3 +838,18 @@ def test_deidentification_empties_or_removes_the_sequences_e1_says(
     assert out.get("ReferencedStudySequence", []) == []
     (source,) = out.SourceImageSequence
     assert source.ReferencedSOPInstanceUID not in ("1.2.3.5", "")
+
+
+def test_allowed_burned_in_annotation_does_not_claim_the_identity_removed(
+    tmp_path: Path, secret: bytes
+) -> None:
+    """allow_burned_in sends pixels that still show the patient's name: Patient Identity
+    Removed (PS3.3: removed from the attributes and the pixel data) must not say YES."""
+    src = _copy(tmp_path, "CT_small.dcm", BurnedInAnnotation="YES")
+    allowed = TransformSpec(deidentify="basic", allow_burned_in=True)
+    out = dcmread(transform_file(src, tmp_path / "out.dcm", allowed, secret).path)
+    assert out.PatientIdentityRemoved == "NO"
+    assert "Basic" in out.DeidentificationMethod  # what was done to the attributes is said
+    plain = _copy(tmp_path, "MR_small.dcm")  # no BurnedInAnnotation: the attributes are clean
+    out = dcmread(transform_file(plain, tmp_path / "out2.dcm", allowed, secret).path)
+    assert out.PatientIdentityRemoved == "YES"
