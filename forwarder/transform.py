@@ -44,7 +44,8 @@ What this module adds to dicognito:
 * the free text of SR content items (Text Value) replaced: the table marks Content Sequence
   D as a whole, which would leave a report without content; its items are kept instead, with
   names, dates, UIDs and text replaced;
-* PatientIdentityRemoved "YES", DeidentificationMethod, and DeidentificationMethodCodeSequence
+* PatientIdentityRemoved "YES" ("NO" for burned-in pixels sent under allow_burned_in),
+  DeidentificationMethod, and DeidentificationMethodCodeSequence
   with DCM 113100 (Basic Profile) and 113107 (Retain Longitudinal Temporal Information Modified
   Dates Option: dicognito shifts dates by one offset per secret rather than removing them).
 
@@ -522,7 +523,10 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
     for name in ("PatientBirthDate", "PatientBirthTime"):
         if name in ds:
             ds[name].value = ""
-    ds.PatientIdentityRemoved = "YES"
+    # "removed from the attributes and the pixel data" (PS3.3): not true of pixels that carry
+    # burned-in text (sent under allow_burned_in); the method below says what was done
+    burned_in = _text(ds.get("BurnedInAnnotation")) == "YES"
+    ds.PatientIdentityRemoved = "NO" if burned_in else "YES"
     ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
     codes = Sequence()
     for value, meaning in _METHOD_CODES:
