@@ -304,3 +304,61 @@ def test_stop_does_not_wait_for_the_transforms_under_way(
     fwd.wait(has_all(peer, uids), timeout=60, what="the copies after the restart")
     assert fwd.stop() == 0
     assert not any((fwd.outbox_path.parent / SPOOL_DIR).iterdir())
+
+
+def test_a_long_transform_is_work_not_a_stuck_worker(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """A big image takes longer to encode than the stall limit (the default 180 s against a
+    tomosynthesis or cine file in JPEG 2000; 2 s against ~3 s images here): the daemon stays
+    healthy (an unhealthy one stops feeding systemd's watchdog and is killed and restarted,
+    the same file again each time). A batch of such files is progress, not one long stall."""
+    peer = make_scp()
+    fwd.configure(
+        [dest("remote", peer.port, transform={"transfer_syntax": "jpeg2000-lossless"})],
+        transform={"workers": 1},
+        health={"heartbeat_seconds": 0.5, "stall_seconds": 2},
+    )
+    (fwd.tmp / "in").mkdir(exist_ok=True)
+    uids = [slow_file(fwd.tmp / "in" / f"big{i}.dcm", 30) for i in range(3)]  # ~3 s each
+    fwd.start()
+    for i in range(3):
+        os.replace(fwd.tmp / "in" / f"big{i}.dcm", fwd.inbox / f"big{i}.dcm")
+    fwd.wait_log("transform: started 1 process(es)", timeout=20)
+    verdicts = []
+    while not has_all(peer, uids)():
+        health = fwd.health()
+        verdicts.append((health.returncode, health.stderr.strip()))
+        assert fwd.alive(), fwd.tail()
+    assert len(verdicts) >= 3
+    assert all(code == 0 for code, _ in verdicts), verdicts
+    assert fwd.stop() == 0
+
+
+def test_a_transform_that_never_ends_makes_the_daemon_unhealthy(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """A hung codec (here: the pool's process stopped with SIGSTOP) on a small file is still
+    a stuck worker once the stall limit and the file's allowance have passed."""
+    peer = make_scp()
+    fwd.configure(
+        [dest("remote", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})],
+        transform={"workers": 1},
+        health={"heartbeat_seconds": 0.5, "stall_seconds": 2},
+    ).start()
+    first = routed_file(fwd.inbox / "first.dcm", "CT")
+    fwd.wait(has_all(peer, [first]), what="the first copy")
+    (server,) = [p for p in descendants(fwd.pid) if descendants(p)]  # the forkserver
+    (worker,) = descendants(server)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        hung = routed_file(fwd.inbox / "hung.dcm", "CT")
+        health = fwd.wait(
+            lambda: (h := fwd.health()).returncode == 1 and h, timeout=20, what="unhealthy"
+        )
+        assert "send-remote-0" in health.stderr and "transform" in health.stderr, health.stderr
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    fwd.wait(has_all(peer, [first, hung]), what="the copy once the process goes on")
+    fwd.wait(lambda: fwd.health().returncode == 0, what="healthy again")
+    assert fwd.stop() == 0
