@@ -319,7 +319,8 @@ class HealthSettings(_Model):
     heartbeat_seconds: Seconds = 5
     stale_seconds: Seconds = 60
     max_paused_seconds: Seconds = 3600
-    # a worker busy with one batch longer than this is wedged (no WATCHDOG=1, health fails);
+    # a worker in a batch with no store answered for longer than this is wedged (no
+    # WATCHDOG=1, health fails); a wait for a transform may take 1 s per MB of its file more;
     # default: twice the slowest destination's dimse_timeout + network_timeout, plus 60 s
     stall_seconds: Seconds | None = None
 

@@ -113,7 +113,11 @@ class Worker(threading.Thread):
             return None if self.stop.is_set() else f"worker {self.name} died"
         since = self.busy_since
         if since is not None and now - since > stall_limit:
-            return f"worker {self.name} stuck in one batch for {now - since:.0f} s"
+            waiting = self._sender.waiting  # a transform: its file's allowance on top
+            start, allowance = (max(since, waiting[0]), waiting[1]) if waiting else (since, 0)
+            if now - start > stall_limit + allowance:
+                what = "waiting for a transform" if allowance else "stuck in one batch"
+                return f"worker {self.name} {what} for {now - start:.0f} s"
         if since is None and now - self.last_beat > QUIET_SECONDS:
             return f"worker {self.name} has not looked for work for {now - self.last_beat:.0f} s"
         return None
@@ -292,6 +296,7 @@ class Worker(threading.Thread):
         tripped: AssociationFailed | None = None
         try:
             for result in self._sender.send(infos):
+                self.busy_since = time.monotonic()  # progress: the stall limit is per store
                 d = by_path[result.info.path]
                 handled.add(d.id)
                 self._record(d, result, pending)

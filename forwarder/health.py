@@ -20,7 +20,8 @@ DEFAULT_STALL_SECONDS = 60.0
 
 
 def stall_limit(settings: Settings) -> float:
-    """Seconds a worker may spend in one batch before the daemon counts as hung."""
+    """Seconds a worker in a batch may go without a store answered before the daemon counts
+    as hung (a wait for a transform gets its file's allowance on top, `forwarder.transforming`)."""
     worst = max(
         (d.dimse_timeout + d.network_timeout for d in settings.destinations),
         default=DEFAULT_STALL_SECONDS,

@@ -115,6 +115,10 @@ class Sender:
         self._current: Association | None = None
         self._seen: dict[ContextSpec, None] = {}  # proposed before, most recent last
         self.associations = 0  # how many were established (for stats and tests)
+        # for work `send` waits for outside the association (a transform): (monotonic time,
+        # extra seconds) = since when it waits and how much longer than a store it may take,
+        # or when the last wait ended (0 extra: progress); None otherwise
+        self.waiting: tuple[float, float] | None = None
 
     # -- association handling -------------------------------------------------------
 

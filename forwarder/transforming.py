@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import wait as wait_for
@@ -40,6 +41,10 @@ LOGGER = logging.getLogger("forwarder.transform")
 
 _POLL_SECONDS = 0.25
 """How often a wait for the pool looks at the stop event."""
+SLOWEST_BYTES_PER_SECOND = 1_000_000
+"""The slowest a transform is expected to go (pylibjpeg-openjpeg encodes noisy 12-bit images
+at ~5 MB/s here): a wait for one may take its file's size at this rate beyond the stall limit
+before the worker counts as stuck (a hung codec)."""
 
 Job = tuple[DicomInfo, Path, "Future[Prepared]"]
 
@@ -72,6 +77,7 @@ class TransformingSender(Sender):
                 todo = [jobs[i.path] for i in items if i.sop_class_uid in classes]
                 yield from self._send_group(specs, todo)
         finally:
+            self.waiting = None
             for _, dst, future in jobs.values():
                 _discard(dst, future)
 
@@ -81,7 +87,7 @@ class TransformingSender(Sender):
         """Send the copies of `todo` in order, each run of ready ones on the association."""
         k = 0
         while k < len(todo) and not self.stop.is_set():
-            if not self._ready(todo[k][2]):
+            if not self._ready(todo[k][2], todo[k][0].size):
                 return  # stopped while waiting
             ready: list[tuple[DicomInfo, Prepared]] = []
             while k < len(todo) and (not ready or todo[k][2].done()):
@@ -96,12 +102,20 @@ class TransformingSender(Sender):
                     ready.append((info, outcome))
             yield from self._send_copies(specs, ready)
 
-    def _ready(self, future: Future[Prepared]) -> bool:
-        while not future.done():
-            if self.stop.is_set():
-                return False
-            wait_for([future], timeout=_POLL_SECONDS)
-        return True
+    def _ready(self, future: Future[Prepared], size: int) -> bool:
+        """Wait for `future` (False when stopped first), as `waiting` says: while it runs,
+        since when and the allowance of its file; once done, its end (progress)."""
+        if future.done():
+            return True
+        self.waiting = (time.monotonic(), size / SLOWEST_BYTES_PER_SECOND)
+        try:
+            while not future.done():
+                if self.stop.is_set():
+                    return False
+                wait_for([future], timeout=_POLL_SECONDS)
+            return True
+        finally:
+            self.waiting = (time.monotonic(), 0.0)
 
     def _send_copies(
         self, specs: Sequence[ContextSpec], ready: Sequence[tuple[DicomInfo, Prepared]]

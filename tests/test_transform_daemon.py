@@ -331,7 +331,7 @@ def test_a_long_transform_is_work_not_a_stuck_worker(
         verdicts.append((health.returncode, health.stderr.strip()))
         assert fwd.alive(), fwd.tail()
     assert len(verdicts) >= 3
-    assert all(code == 0 for code, _ in verdicts), verdicts
+    assert all(code == 0 for code, _ in verdicts), [v for v in verdicts if v[0]]
     assert fwd.stop() == 0
 
 
