@@ -853,3 +853,38 @@ def test_allowed_burned_in_annotation_does_not_claim_the_identity_removed(
     plain = _copy(tmp_path, "MR_small.dcm")  # no BurnedInAnnotation: the attributes are clean
     out = dcmread(transform_file(plain, tmp_path / "out2.dcm", allowed, secret).path)
     assert out.PatientIdentityRemoved == "YES"
+
+
+def test_deidentification_keeps_the_standards_own_uids(tmp_path: Path, secret: bytes) -> None:
+    """UIDs under the DICOM root 1.2.840.10008 name parts of the standard (the DCMR mapping
+    resource, context groups, coding schemes), never a patient: an SR's template and codes
+    must still say which they are; instance UIDs are still replaced."""
+    ds = dcmread(data_file("test-SR.dcm"))
+    ds.ContentTemplateSequence = [
+        _item(
+            MappingResource="DCMR",
+            TemplateIdentifier="1500",
+            MappingResourceUID="1.2.840.10008.8.1.1",
+        )
+    ]
+    ds.ConceptNameCodeSequence = [
+        _item(
+            CodeValue="126000",
+            CodingSchemeDesignator="DCM",
+            CodeMeaning="Imaging Measurement Report",
+            ContextUID="1.2.840.10008.6.1.1",
+            CodingSchemeUID="1.2.840.10008.2.16.4",
+        )
+    ]
+    src = tmp_path / "sr.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    result = transform_file(src, tmp_path / "out.dcm", TransformSpec(deidentify="basic"), secret)
+    out = dcmread(result.path)
+    assert out.ContentTemplateSequence[0].MappingResourceUID == "1.2.840.10008.8.1.1"
+    (code,) = out.ConceptNameCodeSequence
+    assert (code.ContextUID, code.CodingSchemeUID) == (
+        "1.2.840.10008.6.1.1",
+        "1.2.840.10008.2.16.4",
+    )
+    assert out.SOPInstanceUID != ds.SOPInstanceUID
+    assert out.StudyInstanceUID != ds.StudyInstanceUID
