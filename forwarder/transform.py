@@ -32,6 +32,9 @@ text attribute of the table with a value of its VR and compared after de-identif
 
 What this module adds to dicognito:
 
+* the standard's own UIDs (under 1.2.840.10008: DCMR, context groups, coding schemes) put
+  back where dicognito replaced them: they identify no one, and SR templates and codes are
+  read by them;
 * private attributes removed first (E.1: X unless the Retain Safe Private option; it also
   shortens dicognito's walk over vendor-heavy headers);
 * every tag of Table E.1-1 dicognito left with its original value: X removed, Z (and X/Z,
@@ -500,6 +503,9 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
             if elem.VR == "SQ":  # D or U*: kept, its items de-identified
                 for item in elem.value:
                     complete(item)
+            if elem.VR == "UI" and id(elem) in originals and "U" not in (action or ""):
+                # (an instance's UIDs, U in the table, are replaced whatever their root)
+                _keep_standard_uids(elem, originals[id(elem)][1])
             if action is None:
                 if any(tag & mask == value for mask, value in REMOVED_GROUP_MASKS):
                     del dataset[tag]
@@ -534,6 +540,28 @@ def _deidentify(ds: Dataset, secret: bytes) -> None:
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         codes.append(item)
     ds.DeidentificationMethodCodeSequence = codes
+
+
+_DICOM_ROOT = "1.2.840.10008."
+"""The standard's own UIDs (mapping resources, context groups, coding schemes, ...)."""
+
+
+def _keep_standard_uids(elem: DataElement, original: Any) -> None:
+    """Put back the values under the DICOM root dicognito replaced in `elem` (it replaces
+    every UI but class and transfer syntax UIDs): they name parts of the standard, never a
+    patient, and an SR's template and codes are read by them."""
+    from pydicom.multival import MultiValue
+
+    if original is None:
+        return
+    before = list(original) if isinstance(original, MultiValue | list) else [original]
+    after = list(elem.value) if isinstance(elem.value, MultiValue | list) else [elem.value]
+    if len(before) != len(after) or not any(str(v).startswith(_DICOM_ROOT) for v in before):
+        return
+    values = [
+        b if str(b).startswith(_DICOM_ROOT) else a for b, a in zip(before, after, strict=True)
+    ]
+    elem.value = values if len(values) > 1 else values[0]
 
 
 def _is_text(elem: DataElement) -> bool:
