@@ -362,3 +362,23 @@ def test_a_transform_that_never_ends_makes_the_daemon_unhealthy(
     fwd.wait(has_all(peer, [first, hung]), what="the copy once the process goes on")
     fwd.wait(lambda: fwd.health().returncode == 0, what="healthy again")
     assert fwd.stop() == 0
+
+
+def test_copies_left_by_a_killed_daemon_go_at_start_even_without_transforms(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """Copies left in the spool (a kill -9 while sending; set/remove copies carry the
+    patient's data) are removed at the next start even when the config no longer has a
+    transform (no pool is started then)."""
+    peer = make_scp()
+    spool = fwd.outbox_path.parent / SPOOL_DIR
+    spool.mkdir(parents=True)
+    (spool / "3.dcm").write_bytes(b"a copy with a patient's name")
+    (spool / "4.dcm.part").write_bytes(b"half a copy")
+    (spool / "notes.txt").write_bytes(b"not ours")
+    fwd.configure([dest("plain", peer.port)]).start()
+    uid = routed_file(fwd.inbox / "a.dcm", "CT")
+    fwd.wait(has_all(peer, [uid]), what="the file")
+    assert fwd.stop() == 0
+    assert sorted(p.name for p in spool.iterdir()) == ["notes.txt"]
+    assert "transform: removed 2 copies left in" in fwd.text()
