@@ -32,7 +32,13 @@ from forwarder.dicomfile import DicomInfo
 from forwarder.logs import one_line
 from forwarder.sender import Peer, Sender, StoreResult
 from forwarder.status import Action, Classification
-from forwarder.transformpool import Prepared, TransformPool, load_secret, spool_dir
+from forwarder.transformpool import (
+    Prepared,
+    TransformPool,
+    load_secret,
+    remove_copies,
+    spool_dir,
+)
 from forwarder.transformspec import SYNTAXES, TransformFailed, TransformSpec
 
 __all__ = ["TransformingSender", "Transforms"]
@@ -181,6 +187,18 @@ def _discard(dst: Path, future: Future[Prepared]) -> None:
         future.add_done_callback(unlink)  # runs at once when it is done already
 
 
+def _remove_leftovers(spool: Path) -> None:
+    """Remove the copies an earlier run left (a kill while sending), with or without
+    transforms in the config now; a failure is logged (each copy is made again anyway)."""
+    try:
+        removed = remove_copies(spool)
+    except OSError as exc:
+        LOGGER.error(f"transform: cannot remove the copies left in {spool}: {exc}")
+        return
+    if removed:
+        LOGGER.info(f"transform: removed {removed} copies left in {spool}")
+
+
 class Transforms:
     """The daemon's side of transforms: the de-identification key, the pool (started with
     the first destination that transforms), and each destination's sender."""
@@ -204,6 +222,7 @@ class Transforms:
         if self.pool is None:
             self._workers = settings.transform.pool_size
             self._spool = spool_dir(settings.outbox.path)
+            _remove_leftovers(self._spool)  # no pool yet: whatever is there is left over
         elif settings.transform.pool_size != self.pool.workers:
             LOGGER.warning("transform.workers changed: it takes effect at the next restart only")
         specs = [d.transform_spec for d in settings.destinations]

@@ -27,7 +27,15 @@ from pathlib import Path
 from forwarder.dicomfile import DicomInfo, inspect
 from forwarder.transformspec import TransformSpec
 
-__all__ = ["SECRET_FILE", "SPOOL_DIR", "Prepared", "TransformPool", "load_secret", "spool_dir"]
+__all__ = [
+    "SECRET_FILE",
+    "SPOOL_DIR",
+    "Prepared",
+    "TransformPool",
+    "load_secret",
+    "remove_copies",
+    "spool_dir",
+]
 
 LOGGER = logging.getLogger("forwarder.transform")
 
@@ -114,6 +122,21 @@ def _read_secret(path: Path) -> bytes:
     return secret
 
 
+def remove_copies(spool: Path) -> int:
+    """Remove the transformed copies (``*.dcm``, ``*.part``) in `spool`, if it exists;
+    returns how many. Only when no pool is running: they are its work in progress."""
+    removed = 0
+    try:
+        entries = list(os.scandir(spool))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.is_file(follow_symlinks=False) and entry.name.endswith((".dcm", ".part")):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
 def _child_init(daemon: int) -> None:
     """Each pool process: leaves SIGINT/SIGTERM to the daemon (which stops the pool), and
     exits when the daemon is gone, however it went (kill -9 included).
@@ -176,12 +199,7 @@ class TransformPool:
         """Remove copies left by an earlier run (they are made again when needed); create
         the folder. Returns how many were removed."""
         self.spool.mkdir(mode=0o750, exist_ok=True)
-        removed = 0
-        for entry in os.scandir(self.spool):
-            if entry.is_file(follow_symlinks=False) and entry.name.endswith((".dcm", ".part")):
-                os.unlink(entry.path)
-                removed += 1
-        return removed
+        return remove_copies(self.spool)
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
