@@ -382,3 +382,41 @@ def test_copies_left_by_a_killed_daemon_go_at_start_even_without_transforms(
     assert fwd.stop() == 0
     assert sorted(p.name for p in spool.iterdir()) == ["notes.txt"]
     assert "transform: removed 2 copies left in" in fwd.text()
+
+
+def test_a_cheap_transform_does_not_wait_behind_another_destinations_batch(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """Destinations share the pool: one that only sets an attribute must not wait for a whole
+    batch of another one's JPEG 2000 encodes (a batch is up to sender.batch_size files; a
+    tomosynthesis or cine file takes minutes)."""
+    research, regional = make_scp(), make_scp()
+    fwd.configure(
+        [
+            dest(
+                "research",
+                research.port,
+                match={"Modality": "OT"},
+                transform={"transfer_syntax": "jpeg2000-lossless"},
+            ),
+            dest(
+                "regional",
+                regional.port,
+                match={"Modality": "CT"},
+                transform={"set": {"InstitutionName": "Gateway A"}},
+            ),
+        ],
+        transform={"workers": 1},
+    )
+    (fwd.tmp / "in").mkdir(exist_ok=True)
+    big = [slow_file(fwd.tmp / "in" / f"big{i}.dcm", 25) for i in range(5)]  # ~2.5 s each
+    fwd.start()
+    for i in range(5):
+        os.replace(fwd.tmp / "in" / f"big{i}.dcm", fwd.inbox / f"big{i}.dcm")
+    fwd.wait_log("transform: started 1 process(es)", timeout=20)
+    small = routed_file(fwd.inbox / "small.dcm", "CT")
+    fwd.wait(has_all(regional, [small]), timeout=60, what="the small copy")
+    before = len(research.received)
+    fwd.wait(has_all(research, big), timeout=90, what="the big copies")
+    assert fwd.stop() == 0
+    assert before <= 3, f"the small copy waited for {before} of the 5 big encodes"
