@@ -1,7 +1,8 @@
 """The sender of a destination with a transform: every instance changed in the pool, then sent.
 
 A `TransformingSender` is a `Sender` (same association, contexts, fallbacks and outcomes)
-whose `send` first hands each file of the batch to the `TransformPool`, all at once, and then
+whose `send` first hands the files of the batch to the `TransformPool` (a few at a time,
+twice the pool's processes ahead: the pool is shared by every destination), and then
 sends the transformed copies in the batch's order as they become ready: the pool encodes the
 next instances while the first ones go out. What the peer sees is the copy: its transfer
 syntax, its SOP Instance UID (new after de-identification). What the worker records is the
@@ -52,8 +53,6 @@ SLOWEST_BYTES_PER_SECOND = 1_000_000
 at ~5 MB/s here): a wait for one may take its file's size at this rate beyond the stall limit
 before the worker counts as stuck (a hung codec)."""
 
-Job = tuple[DicomInfo, Path, "Future[Prepared]"]
-
 
 class TransformingSender(Sender):
     """Send `spec`-transformed copies of the files; see the module's description."""
@@ -76,30 +75,29 @@ class TransformingSender(Sender):
         # the contexts of what the copies will be in (the fallbacks cover an instance
         # without pixel data, which goes out uncompressed)
         pairs = [(i.sop_class_uid, self._target or i.transfer_syntax) for i in items]
-        jobs = {i.path: (i, *self.pool.submit(i.path, self.spec)) for i in items}
+        groups = split_by_contexts(pairs, self.restrict)
+        plan = [[i for i in items if i.sop_class_uid in {s.sop_class for s in g}] for g in groups]
+        jobs = _Jobs(self.pool, self.spec, [i for todo in plan for i in todo])
         try:
-            for specs in split_by_contexts(pairs, self.restrict):
-                classes = {s.sop_class for s in specs}
-                todo = [jobs[i.path] for i in items if i.sop_class_uid in classes]
-                yield from self._send_group(specs, todo)
+            for specs, todo in zip(groups, plan, strict=True):
+                yield from self._send_group(specs, todo, jobs)
         finally:
             self.waiting = None
-            for _, dst, future in jobs.values():
-                _discard(dst, future)
+            jobs.discard()
 
     def _send_group(
-        self, specs: Sequence[ContextSpec], todo: Sequence[Job]
+        self, specs: Sequence[ContextSpec], todo: Sequence[DicomInfo], jobs: _Jobs
     ) -> Iterator[StoreResult]:
         """Send the copies of `todo` in order, each run of ready ones on the association."""
         k = 0
         while k < len(todo) and not self.stop.is_set():
-            if not self._ready(todo[k][2], todo[k][0].size):
+            if not self._ready(jobs.future(todo[k]), todo[k].size):
                 return  # stopped while waiting
             ready: list[tuple[DicomInfo, Prepared]] = []
-            while k < len(todo) and (not ready or todo[k][2].done()):
-                info, _, future = todo[k]
+            while k < len(todo) and (not ready or jobs.done(todo[k])):
+                info = todo[k]
                 k += 1
-                outcome = self._outcome(info, future)
+                outcome = self._outcome(info, jobs.take(info))
                 if isinstance(outcome, StoreResult):
                     yield from self._send_copies(specs, ready)
                     ready = []
@@ -166,6 +164,56 @@ class TransformingSender(Sender):
         except Exception as exc:  # a bug in a codec or ours: retried, then quarantined
             cls = Classification(Action.RETRY_FEW, f"transform error: {one_line(exc)}")
         return StoreResult(info, cls)
+
+
+class _Jobs:
+    """The transforms of one batch, handed to the pool a few at a time in the order their
+    copies are sent: at most twice the pool's processes ahead of the sender, so that another
+    destination's next instance waits behind a few of these, not behind the whole batch (the
+    pool is one queue for every destination)."""
+
+    def __init__(self, pool: TransformPool, spec: TransformSpec, order: Sequence[DicomInfo]):
+        self._pool = pool
+        self._spec = spec
+        unique = {i.path: i for i in reversed(order)}  # a path twice: one transform
+        self._queue = list(unique.values())  # the next one to submit last
+        self._window = 2 * pool.workers
+        self._jobs: dict[Path, tuple[Path, Future[Prepared]]] = {}
+        self._ahead = 0  # submitted, not yet taken
+
+    def _submit(self) -> None:
+        info = self._queue.pop()
+        self._jobs[info.path] = self._pool.submit(info.path, self._spec)
+        self._ahead += 1
+
+    def _fill(self) -> None:
+        while self._queue and self._ahead < self._window:
+            self._submit()
+
+    def future(self, info: DicomInfo) -> Future[Prepared]:
+        """The transform of `info` (submitted now with the next ones, when not yet)."""
+        while info.path not in self._jobs:
+            self._submit()
+        self._fill()
+        return self._jobs[info.path][1]
+
+    def done(self, info: DicomInfo) -> bool:
+        job = self._jobs.get(info.path)
+        return job is not None and job[1].done()
+
+    def take(self, info: DicomInfo) -> Future[Prepared]:
+        """The transform of `info`, whose outcome the sender reads now: the next one in
+        the order is handed to the pool."""
+        future = self.future(info)
+        self._ahead = max(0, self._ahead - 1)
+        self._fill()
+        return future
+
+    def discard(self) -> None:
+        """Remove the copies (now, or once their process is done); submit no more."""
+        self._queue.clear()
+        for dst, future in self._jobs.values():
+            _discard(dst, future)
 
 
 def _transformed(how: str) -> str:
