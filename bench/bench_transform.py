@@ -63,6 +63,7 @@ import bench_daemon as bd
 import bench_send as bs
 import bench_wan as bw
 import corpus as corpus_mod
+import phantom
 
 PHASES = ("rules", "setremove", "compress", "wan")
 SYNTAX_UIDS = {
@@ -505,6 +506,13 @@ def inner_encode(syntax: str, src_dir: Path, dst_dir: Path, out: Path) -> int:
 # phases
 
 
+def ct_corpus(name: str, corpus_dir: Path) -> Path:
+    """``ct`` from corpus.py, or ``ctphantom`` from phantom.py."""
+    if name == "ctphantom":
+        return phantom.generate(corpus_dir)
+    return corpus_mod.generate(corpus_mod.SPECS[name], corpus_dir)
+
+
 def workload(mode: str, label: str, directory: Path, env: dict[str, str]) -> bs.Workload:
     paths = corpus_mod.dicom_files(directory)
     bs.warm_page_cache(paths)
@@ -567,27 +575,35 @@ def loopback_phases(
             ]
             rotate(env, f"{corpus}", entries, args.rules_rounds, runs, True)
     if "compress" in args.phases:
-        directory = corpus_mod.subset(dirs["ct"], args.ct_files)
-        work = workload("tuned", f"ct{args.ct_files}", directory, mode_env)
-        sources = uid_index(directory)
-        warm = warm_dir / "ct-compress.dcm"
-        make_warmup(corpus_mod.dicom_files(dirs["ct"])[-1], warm)
-        entries = [
-            (
-                "plain",
-                lambda rnd: daemon_run(env, work, plain(), rnd, warm, sources),
-            )
-        ]
-        for syntax in args.syntaxes:
-            s = compressing(syntax, args.workers)
-            entries.append(
+        for name in args.ct_corpora:
+            directory = corpus_mod.subset(dirs[name], args.ct_files)
+            work = workload("tuned", f"{name}{args.ct_files}", directory, mode_env)
+            sources = uid_index(directory)
+            warm = warm_dir / f"{name}-compress.dcm"
+            make_warmup(corpus_mod.dicom_files(dirs[name])[-1], warm)
+            entries = [
                 (
-                    f"encoder-{syntax}",
-                    lambda rnd, syntax=syntax: encoder_run(env, work, syntax, rnd),
+                    "plain",
+                    lambda rnd, w=work, m=warm, u=sources: daemon_run(env, w, plain(), rnd, m, u),
                 )
-            )
-            entries.append((s.key, lambda rnd, s=s: daemon_run(env, work, s, rnd, warm, sources)))
-        rotate(env, work.corpus, entries, args.rounds, runs, True)
+            ]
+            for syntax in args.syntaxes:
+                s = compressing(syntax, args.workers)
+                entries.append(
+                    (
+                        f"encoder-{syntax}",
+                        lambda rnd, syntax=syntax, w=work: encoder_run(env, w, syntax, rnd),
+                    )
+                )
+                entries.append(
+                    (
+                        s.key,
+                        lambda rnd, s=s, w=work, m=warm, u=sources: daemon_run(
+                            env, w, s, rnd, m, u
+                        ),
+                    )
+                )
+            rotate(env, work.corpus, entries, args.rounds, runs, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,29 +677,36 @@ def run_inner_wan(args: argparse.Namespace) -> int:
     runs: list[XRun] = []
     try:
         receiver.start()
-        full = corpus_mod.generate(corpus_mod.SPECS["ct"], args.corpus_dir)
-        directory = corpus_mod.subset(full, args.ct_files)
-        work = workload("wan", f"ct{args.ct_files}", directory, mode_env)
-        ctx = bd.Ctx(
-            plan,
-            bd.forwarder_exe(args.forwarder_venv),
-            work_root,
-            bd._same_fs(directory, work_root),
-            0.0,
-            0.0,
-            0.0,
-            monitor,
-        )
-        env = Env(ctx, receiver, args.forwarder_venv / "bin" / "python", work_root)
-        sources = uid_index(directory)
-        warm = work_root / "warmup.dcm"
-        make_warmup(corpus_mod.dicom_files(full)[-1], warm)
-        setups = [plain(), *(compressing(s, args.workers) for s in args.wan_syntaxes)]
-        entries: list[Entry] = [
-            (s.key, lambda rnd, s=s: daemon_run(env, work, s, rnd, warm, sources)) for s in setups
-        ]
-        rotate(env, f"wan {work.corpus}", entries, args.wan_rounds, runs, False)
-        out["disturbed"] = ctx.disturbed
+        for name in args.ct_corpora:
+            full = ct_corpus(name, args.corpus_dir)
+            directory = corpus_mod.subset(full, args.ct_files)
+            work = workload("wan", f"{name}{args.ct_files}", directory, mode_env)
+            ctx = bd.Ctx(
+                plan,
+                bd.forwarder_exe(args.forwarder_venv),
+                work_root,
+                bd._same_fs(directory, work_root),
+                0.0,
+                0.0,
+                0.0,
+                monitor,
+            )
+            env = Env(ctx, receiver, args.forwarder_venv / "bin" / "python", work_root)
+            sources = uid_index(directory)
+            warm = work_root / f"warmup-{name}.dcm"
+            make_warmup(corpus_mod.dicom_files(full)[-1], warm)
+            setups = [plain(), *(compressing(s, args.workers) for s in args.wan_syntaxes)]
+            entries: list[Entry] = [
+                (
+                    s.key,
+                    lambda rnd, s=s, e=env, w=work, m=warm, u=sources: daemon_run(
+                        e, w, s, rnd, m, u
+                    ),
+                )
+                for s in setups
+            ]
+            rotate(env, f"wan {work.corpus}", entries, args.wan_rounds, runs, False)
+            out["disturbed"] += ctx.disturbed
     finally:
         monitor.halt.set()
         receiver.stop()
@@ -945,13 +968,14 @@ def markdown(
                 bool(enc.failures or dae.failures),
                 f"({workers} x the single-process encoder rate)",
             )
-    wan = [c for c in cells if c.corpus.startswith("wan-")]
-    if wan:
-        w = meta.get("wan", {})
-        net, bw_ = w.get("net") or {}, w.get("bandwidth") or {}
+    w = meta.get("wan", {})
+    net, bw_ = w.get("net") or {}, w.get("bandwidth") or {}
+    for corpus in dict.fromkeys(c.corpus for c in cells if c.corpus.startswith("wan-")):
+        wan = [c for c in cells if c.corpus == corpus]
         base = next((c for c in wan if c.setup == "plain"), None)
         table(
-            f"WAN: {w.get('cap')}, RTT {w.get('rtt_ms')} ms, {wan[0].files} CT files",
+            f"WAN: {w.get('cap')}, RTT {w.get('rtt_ms')} ms, {wan[0].files} files of "
+            f"{corpus.removeprefix('wan-')}",
             wan,
             base,
             f"Measured: RTT {net.get('rtt_ms_median')} ms (TCP echo, min {net.get('rtt_ms_min')}),"
@@ -961,7 +985,7 @@ def markdown(
         for c in wan:
             if c.setup.startswith("daemon-") and base:
                 judge(
-                    f"WAN {c.setup.removeprefix('daemon-')} vs keep",
+                    f"WAN {corpus.removeprefix('wan-')} {c.setup.removeprefix('daemon-')} vs keep",
                     c.inst_per_s / base.inst_per_s if c.inst_per_s and base.inst_per_s else None,
                     WAN_RATIO,
                     bool(c.failures or base.failures),
@@ -993,6 +1017,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wan-rounds", type=int, default=3, help="rounds of the WAN phase (3)")
     p.add_argument("--ct-files", type=int, default=300, help="CT files for compress and wan")
+    p.add_argument(
+        "--ct-corpora",
+        type=bs.parse_list(["ct", "ctphantom"]),
+        default=["ct", "ctphantom"],
+        help="CT corpora of compress and wan: ct (corpus.py), ctphantom (phantom.py)",
+    )
     p.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="[transform] workers (CPUs)"
     )
@@ -1046,7 +1076,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except bs.BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dirs = {n: corpus_mod.generate(corpus_mod.SPECS[n], args.corpus_dir) for n in ("ct", "small")}
+    dirs = {n: ct_corpus(n, args.corpus_dir) for n in ("ct", "small", *args.ct_corpora)}
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.results.mkdir(parents=True, exist_ok=True)
     logs = args.results / f"transform-{stamp}-logs"
