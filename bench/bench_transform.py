@@ -149,6 +149,19 @@ class Daemon(bd.DaemonProc):
         super().__init__(*args, **kwargs)
         self.setup = setup
 
+    def start(self, timeout: float = 600.0) -> float:
+        """Spawn it from its own folder: the transform pool's forkserver is a ``python -c``,
+        whose ``sys.path[0]`` is the working directory (Python 3.11's forkserver does not apply
+        the parent's ``sys_path``), so started from a source checkout it would import that
+        checkout's ``forwarder`` instead of the venv's."""
+        previous = os.getcwd()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chdir(self.root)
+        try:
+            return super().start(timeout)
+        finally:
+            os.chdir(previous)
+
     def write_config(self) -> None:
         super().write_config()  # ends with the [[destinations]] table: sub-tables may follow
         extra = list(self.setup.dest_lines)
@@ -329,11 +342,14 @@ def daemon_run(
         t_w = time.perf_counter()
         shutil.copyfile(warm_src, staging / "warmup.dcm")
         os.rename(staging / "warmup.dcm", moves[0][1].parent / "WARMUP.dcm")
-        ok, t_got = bd.wait_for(lambda: receiver.count() >= 1 or not daemon.alive(), 120.0)
-        if not ok or not daemon.alive():
-            raise bs.BenchError("the warm-up instance did not arrive within 120 s")
+        ok, t_got = bd.wait_for(
+            lambda: bd.count_files(daemon.inbox) == 0 or not daemon.alive(), 120.0, 0.005
+        )
+        if not ok or not daemon.alive() or receiver.settled_count(1, 5.0) < 1:
+            raise bs.BenchError(
+                f"the warm-up instance did not arrive (quarantined or stuck); see {log}"
+            )
         warm_s = t_got - t_w
-        bd.wait_for(lambda: bd.count_files(daemon.inbox) == 0, 30.0, 0.02)
         receiver.clean()
         daemon.wait_idle()
         busy = bs.background_busy()
@@ -343,11 +359,17 @@ def daemon_run(
         for src, dst in moves:
             os.rename(src, dst)
         first: list[float] = []
+        polls = [0]
+        quarantine = root / "quarantine"
 
         def arrived() -> bool:
             got = bd.count_entries(out_dir)
             if got and not first:
                 first.append(time.perf_counter())
+            polls[0] += 1
+            if polls[0] % 50 == 0 and quarantine.exists() and bd.count_files(quarantine):
+                reasons.append(f"{bd.count_files(quarantine)} files quarantined; see {log}")
+                return True
             return got >= n or not daemon.alive()
 
         ok, t_all = bd.wait_for(arrived, ctx.plan.timeout)
@@ -357,6 +379,8 @@ def daemon_run(
             reasons.append("daemon exited")
         elif not ok:
             reasons.append(f"timed out after {ctx.plan.timeout:.0f} s")
+        if reasons:
+            raise bs.BenchError("; ".join(reasons))
         ok_e, t_e = bd.wait_for(lambda: bd.count_files(daemon.inbox) == 0, 30.0, 0.02)
         empty_s = t_e - t0 if ok_e else None
         if not ok_e:
@@ -368,7 +392,7 @@ def daemon_run(
             reasons.append(f"receiver got {check.count} of {n} files")
         reasons += check.problems[:5]
     except bs.BenchError as exc:
-        reasons.append(str(exc))
+        reasons = [str(exc)]
     finally:
         rc = daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -1058,6 +1082,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(raw_argv)
+    signal.signal(signal.SIGTERM, bw._raise_interrupt)  # stop receivers and daemons first
     if args.inner_encode:
         return inner_encode(args.inner_encode, args.inner_src, args.inner_dst, args.inner_out)
     if args.inner_wan:
