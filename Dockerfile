@@ -12,9 +12,10 @@ LABEL org.opencontainers.image.title="dicom-forwarder" \
       org.opencontainers.image.licenses="MIT"
 
 # Optional dependency groups from pyproject.toml to install: the decompression fallback for peers
-# that refuse a compressed file's transfer syntax, and the Prometheus endpoint (metrics.listen).
+# that refuse a compressed file's transfer syntax, the Prometheus endpoint (metrics.listen), and
+# the per-destination transforms (de-identification, lossless compression).
 # systemd is left out: a container has no journald or systemd to notify.
-ARG EXTRAS="codecs,metrics"
+ARG EXTRAS="codecs,metrics,transform"
 
 # No .pyc writes at run time (the venv is compiled at install and read-only to the user), logs
 # unbuffered, the venv's `forwarder` first on PATH, and pip quiet about its version.

@@ -208,9 +208,13 @@ class Transforms:
             return Sender(Peer.from_destination(dest), stop=stop)
         if self.pool is None:
             self.pool = TransformPool(self._workers, self._spool, self._secret)
-            removed = self.pool.clear_spool()
-            if removed:
-                LOGGER.info(f"transform: removed {removed} copies left in {self._spool}")
+            try:
+                removed = self.pool.clear_spool()
+            except OSError as exc:  # each copy then fails to be written: retried
+                LOGGER.error(f"transform: cannot prepare {self._spool}: {exc}")
+            else:
+                if removed:
+                    LOGGER.info(f"transform: removed {removed} copies left in {self._spool}")
         return TransformingSender(Peer.from_destination(dest), spec, self.pool, stop=stop)
 
     def shutdown(self, *, wait: bool) -> None:

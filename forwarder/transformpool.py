@@ -11,14 +11,16 @@ the instances it held (retried, then quarantined) and the pool is started again.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ SPOOL_DIR = "transform"
 """The folder beside the outbox that holds transformed copies while they are sent."""
 SECRET_FILE = "deidentify.key"
 """The per-installation de-identification key, beside the outbox."""
-_PR_SET_PDEATHSIG = 1
+_PARENT_POLL_SECONDS = 5.0
 _SECRET_BYTES = 32
 
 
@@ -51,73 +53,110 @@ def spool_dir(outbox_path: Path) -> Path:
 
 
 def load_secret(state_dir: Path, *, create: bool = True) -> bytes | None:
-    """The per-installation de-identification key (`SECRET_FILE` in `state_dir`).
+    """The installation's de-identification secret: 32 bytes kept as hex in
+    ``state_dir / "deidentify.key"``, created (mode 0600) when absent and `create` (None
+    when absent and not `create`).
 
     It keys the new UIDs: the same original UID gives the same new one for every instance,
-    across restarts and reloads, and another installation's are unrelated. Created (32
-    random bytes, hex, mode 0600, atomically) when absent and `create`; None when absent
-    and not `create`. Losing it means new UIDs for the same studies from then on.
+    across restarts and reloads, and another installation's are unrelated. Losing it means new
+    UIDs for the same studies from then on.
 
-    Raises
-    ------
-    ValueError
-        The file is damaged (not 64 hex digits), naming it.
-    OSError
-        It cannot be read or created.
+    Creation is atomic and race-free: the key is written to an O_EXCL temporary file, flushed,
+    then hard-linked to its name; when another process got there first, its key is read.
+
+    Raises ValueError naming the file when it is damaged (not 64 hex digits), OSError when it
+    cannot be read or created.
     """
-    path = state_dir / SECRET_FILE
+    path = Path(state_dir) / SECRET_FILE
     try:
-        text = path.read_text(encoding="ascii").strip()
+        return _read_secret(path)
     except FileNotFoundError:
         if not create:
             return None
-        key = os.urandom(_SECRET_BYTES)
-        part = state_dir / f".{SECRET_FILE}.{os.getpid()}"
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key.hex().encode("ascii") + b"\n")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(part, path)  # never replaces a key another process made meanwhile
-        except FileExistsError:
-            return load_secret(state_dir, create=False)
-        finally:
-            os.unlink(part)
-        LOGGER.info(f"transform: created the de-identification key {path}")
-        return key
-    except UnicodeDecodeError:
-        text = ""
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        key = bytes.fromhex(text)
+        with os.fdopen(fd, "w", encoding="ascii") as fp:
+            fp.write(os.urandom(_SECRET_BYTES).hex() + "\n")
+            fp.flush()
+            os.fsync(fp.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: both use its key
+        else:
+            _fsync_dir(path.parent)  # losing the key would change every de-identified UID
+            LOGGER.info(f"created the de-identification secret {path}")
+    finally:
+        tmp.unlink()
+    return _read_secret(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_secret(path: Path) -> bytes:
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        secret = bytes.fromhex(text)
     except ValueError:
-        key = b""
-    if len(key) != _SECRET_BYTES:
+        secret = b""
+    if len(secret) != _SECRET_BYTES:
         raise ValueError(
-            f"{path}: damaged de-identification key (expected {2 * _SECRET_BYTES} hex digits); "
-            "restore it from a backup (a new key gives new UIDs to studies sent before)"
+            f"{path}: damaged de-identification secret (want {2 * _SECRET_BYTES} hex digits); "
+            "restore it from a backup (deleting it changes every de-identified UID from now on)"
         )
-    return key
+    return secret
 
 
-def _child_init() -> None:
-    """Each pool process: dies with its parent (no orphan encoders after a kill -9), and
-    leaves SIGINT/SIGTERM to the daemon, which stops the pool itself."""
+def _child_init(daemon: int) -> None:
+    """Each pool process: leaves SIGINT/SIGTERM to the daemon (which stops the pool), and
+    exits when the daemon is gone, however it went (kill -9 included).
+
+    The pool's processes are the forkserver's children, and each holds the pool's queues
+    open: neither the parent-death signal nor an end-of-file would tell them. A thread
+    blocked on a pidfd of the daemon wakes only when it exits (no polling: ~0 CPU idle).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the pool's own pipes end it instead
-        pass
+        fd = os.pidfd_open(daemon)
+    except ProcessLookupError:  # gone already
+        os._exit(0)
+    except (OSError, AttributeError):  # no pidfd (old kernel): look every few seconds
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while os.getppid() != 1 and _alive(daemon):
+                time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="daemon-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _prepare(src: Path, dst: Path, spec: TransformSpec, secret: bytes) -> Prepared:
     """In a pool process: transform `src` into `dst`, and inspect the copy."""
     from forwarder.transform import transform_file
 
-    done = transform_file(src, dst, spec, secret)
+    done = transform_file(src, dst, spec, secret, durable=False)  # lost: made again
     return Prepared(inspect(done.path), len(done.changes))
 
 
@@ -152,7 +191,10 @@ class TransformPool:
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload(["forwarder.transform", "forwarder.dicomfile"])
                 self._executor = ProcessPoolExecutor(
-                    self.workers, mp_context=context, initializer=_child_init
+                    self.workers,
+                    mp_context=context,
+                    initializer=_child_init,
+                    initargs=(os.getpid(),),
                 )
                 LOGGER.info(f"transform: started {self.workers} process(es)")
             return self._executor
@@ -160,7 +202,11 @@ class TransformPool:
     def submit(self, src: Path, spec: TransformSpec) -> tuple[Path, Future[Prepared]]:
         """Start transforming `src`; returns the copy's path and the future result."""
         dst = self.spool / f"{next(self._names)}.dcm"
-        return dst, self._pool().submit(_prepare, src, dst, spec, self.secret)
+        try:
+            return dst, self._pool().submit(_prepare, src, dst, spec, self.secret)
+        except BrokenProcessPool:  # a process died while the pool was idle: start anew
+            self.broken()
+            return dst, self._pool().submit(_prepare, src, dst, spec, self.secret)
 
     def broken(self) -> None:
         """A process of the pool died: start a new pool for what comes next (once, however

@@ -1,4 +1,5 @@
-"""Shared fixtures: real SCPs on loopback (pynetdicom in-process, DCMTK storescp), test data."""
+"""Shared fixtures: real SCPs on loopback (pynetdicom in-process, DCMTK storescp, Orthanc),
+test data."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from orthanc import Orthanc, OrthancUnavailable
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -271,6 +273,36 @@ def require_tool(name: str) -> str:
             pytest.fail(f"{name} is required (REQUIRE_TEST_TOOLS is set) but not installed")
         pytest.skip(f"{name} not installed (apt-get install dcmtk)")
     return path
+
+
+@pytest.fixture
+def make_orthanc(tmp_path: Path) -> Iterator[Callable[..., Orthanc]]:
+    """Start private Orthanc processes: `make_orthanc(aet=..., modalities=..., plugins=...,
+    tcp_nodelay=..., config=...)` (see tests/orthanc.py); each is stopped at teardown.
+    Skips when Orthanc (or a plugin asked for) is not installed; fails under REQUIRE_TEST_TOOLS."""
+    started: list[Orthanc] = []
+
+    def start(**options: Any) -> Orthanc:
+        try:
+            peer = Orthanc(tmp_path / f"orthanc-{len(started)}", **options)
+        except OrthancUnavailable as exc:
+            if os.environ.get("REQUIRE_TEST_TOOLS"):
+                pytest.fail(f"{exc} (REQUIRE_TEST_TOOLS is set)")
+            pytest.skip(str(exc))
+        started.append(peer)
+        return peer.start()
+
+    try:
+        yield start
+    finally:
+        for peer in started:
+            peer.stop()
+
+
+@pytest.fixture
+def orthanc(make_orthanc: Callable[..., Orthanc]) -> Orthanc:
+    """An Orthanc accepting every storage class in every transfer syntax (AE title ORTHANC)."""
+    return make_orthanc()
 
 
 @pytest.fixture

@@ -853,6 +853,63 @@ def test_route_test_json_and_status_when_a_file_goes_nowhere(tmp_path: Path) -> 
     assert f"{junk}:\n  not valid DICOM: " in res.out
 
 
+def test_route_test_shows_what_each_transform_would_change(tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    config = _route_config(tmp_path)
+    config.write_text(
+        config.read_text()
+        + f"""
+[outbox]
+path = "{tmp_path / "state" / "outbox.sqlite3"}"
+[[destinations]]
+name = "research"
+host = "127.0.0.1"
+port = 106
+[destinations.transform]
+set = {{ PatientID = "R-{{PatientID}}" }}
+remove = ["SeriesDescription"]
+transfer_syntax = "jpeg-ls-lossless"
+[[destinations]]
+name = "anon"
+host = "127.0.0.1"
+port = 107
+[destinations.transform]
+deidentify = "basic"
+""",
+        encoding="utf-8",
+    )
+    ct = _instance(tmp_path / "in" / "siteA" / "ct.dcm", "CT")
+    ds = dcmread(ct)
+    patient, uid = str(ds.PatientID), str(ds.SOPInstanceUID)
+    res = cli("route", "test", "--config", str(config), str(ct))
+    assert res.status == 0, res.err
+    lines = res.out.splitlines()
+    at = lines.index("  research: yes, transformed:")
+    assert lines[at + 1 : at + 4] == [  # in tag order
+        "    SeriesDescription: 'AX 5mm' -> (removed)",
+        f"    PatientID: {patient!r} -> 'R-{patient}'",
+        "    sent as JPEG-LS Lossless Image Compression",
+    ]
+    assert "  anon: yes, transformed:" in lines
+    assert any(line.startswith("    SOPInstanceUID: ") for line in lines)
+    # no key yet (the daemon makes it at its first start): the UIDs shown are not the ones
+    assert "no de-identification key yet" in res.err
+    assert not (tmp_path / "state").exists()  # route test writes nothing
+    report = cli("route", "test", "--config", str(config), str(ct), "--json").json()
+    (one,) = report["files"]
+    anon = {c["attribute"]: c for c in one["transforms"]["anon"]["changes"]}
+    assert anon["SOPInstanceUID"]["old"] == uid and anon["SOPInstanceUID"]["new"] != uid
+    assert anon["PatientID"]["old"] == patient and anon["PatientID"]["new"] != patient
+    assert one["transforms"]["research"]["transfer_syntax"] == "1.2.840.10008.1.2.4.80"
+    assert "ct-archive" not in one["transforms"]  # no transform: sent as is
+    # a burned-in instance: the de-identifying destination would refuse it
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(ct, enforce_file_format=True)
+    res = cli("route", "test", "--config", str(config), str(ct))
+    assert "  anon: yes, but its transform refuses it: burned-in annotation" in res.out
+
+
 def test_route_test_with_a_bad_rule_exits_78_naming_it(tmp_path: Path) -> None:
     config = _route_config(tmp_path)
     config.write_text(config.read_text().replace('Modality = "MR"', 'Modalty = "MR"'))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +227,79 @@ def test_every_bad_rule_gets_its_own_line(tmp_path: Path) -> None:
     errors = _errors(cfg)
     assert len(errors) == 4, errors
     assert errors[-1].startswith("routing.unmatched:")
+
+
+# -- [destinations.transform] in the config --------------------------------------------------
+
+
+def test_the_issues_transform_example_loads(tmp_path: Path) -> None:
+    cfg = _config(
+        tmp_path,
+        """
+[destinations.transform]
+set = { InstitutionName = "Gateway A", PatientID = "SITE1-{PatientID}" }
+remove = ["OtherPatientIDs", "0009,1001"]
+deidentify = "basic"
+transfer_syntax = "jpeg-ls-lossless"
+""",
+        top="[transform]\nworkers = 3\n",
+    )
+    settings = load_settings(cfg, env={})
+    spec = settings.destinations[0].transform_spec
+    assert spec is not None
+    assert spec.set == (("InstitutionName", "Gateway A"), ("PatientID", "SITE1-{PatientID}"))
+    assert spec.remove == ("OtherPatientIDs", "0009,1001")
+    assert (spec.deidentify, spec.transfer_syntax, spec.allow_burned_in) == (
+        "basic",
+        "jpeg-ls-lossless",
+        False,
+    )
+    assert settings.transform.pool_size == 3
+
+
+def test_a_transform_that_changes_nothing_keeps_the_streaming_path(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, '[destinations.transform]\ntransfer_syntax = "keep"\n')
+    settings = load_settings(cfg, env={})
+    assert settings.destinations[0].transform is not None
+    assert settings.destinations[0].transform_spec is None
+    assert settings.transform.pool_size == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("table", "named", "says"),
+    [
+        ('set = { PatientNme = "x" }', "destinations.0.transform.set.PatientNme", "keyword"),
+        ('set = { Rows = "1" }', "destinations.0.transform.set.Rows", "VR US"),
+        ('set = { SOPInstanceUID = "1.2" }', "destinations.0.transform.set.SOPInstance", "what"),
+        ('set = { PatientID = "X-{PatientNme}" }', "destinations.0.transform.set.PatientID", "{"),
+        ('set = { PatientID = "X-{PatientID" }', "destinations.0.transform.set.PatientID", ""),
+        ('remove = ["SOPClassUID"]', "destinations.0.transform.remove.0", "cannot be removed"),
+        ('remove = ["0002,0010"]', "destinations.0.transform.remove.0", "file meta"),
+        ('deidentify = "full"', "destinations.0.transform.deidentify", "'none' or 'basic'"),
+        ('transfer_syntax = "jpeg"', "destinations.0.transform.transfer_syntax", "jpeg-ls"),
+        ("allow_burned_in = 2", "destinations.0.transform.allow_burned_in", ""),
+        ('sett = { PatientID = "x" }', "destinations.0.transform.sett", "not permitted"),
+    ],
+)
+def test_bad_transforms_are_refused_by_name(
+    tmp_path: Path, table: str, named: str, says: str
+) -> None:
+    errors = _errors(_config(tmp_path, f"[destinations.transform]\n{table}\n"))
+    assert any(e.startswith(named) and says in e for e in errors), errors
+
+
+def test_transform_workers_must_be_a_positive_number(tmp_path: Path) -> None:
+    errors = _errors(_config(tmp_path, "", top="[transform]\nworkers = 0\n"))
+    assert any(e.startswith("transform.workers") for e in errors), errors
+
+
+def test_config_check_names_a_bad_transform_and_exits_78(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, '[destinations.transform]\nremove = ["Modalty"]\n')
+    res = subprocess.run(
+        [sys.executable, "-m", "forwarder", "config", "check", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 78
+    assert "destinations.0.transform.remove.0" in res.stderr and "Modalty" in res.stderr

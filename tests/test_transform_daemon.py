@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import SCP
+from conftest import SCP, wait_for
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from test_daemon import (  # the daemon fixtures and helpers
@@ -118,3 +119,84 @@ def test_a_refused_transform_quarantines_for_that_destination_only(
     with Outbox(fwd.outbox_path, readonly=True) as ob:
         (row,) = [d for d in ob.find(good) if d.destination == "research"]
     assert row.state is State.SENT and row.sent_uid == research.uids()[0]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (children, grandchildren ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def test_transform_processes_die_with_the_daemon_and_a_killed_one_is_replaced(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    peer = make_scp()
+    fwd.configure(
+        [dest("regional", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})],
+        transform={"workers": 2},
+    ).start()
+    first = routed_file(fwd.inbox / "first.dcm", "CT")
+    fwd.wait(has_all(peer, [first]), what="the first copy")
+    pool = fwd.wait(lambda: descendants(fwd.pid) or None, what="the transform processes")
+    # a transform process dies (OOM killer, a codec crash): the next files still go out
+    (server,) = [p for p in pool if descendants(p)]  # the forkserver: the pool's parent
+    os.kill(min(descendants(server)), signal.SIGKILL)
+    more = [routed_file(fwd.inbox / f"more{i}.dcm", "CT") for i in range(3)]
+    fwd.wait(has_all(peer, more), what="the files after the kill")
+    assert received(peer) == once([first, *more])
+    # kill -9 of the daemon leaves no transform process behind
+    pool = descendants(fwd.pid)
+    assert pool
+    fwd.kill()
+    assert wait_for(lambda: not alive(pool), timeout=10), f"left behind: {alive(pool)}"
+
+
+def test_without_transforms_no_pool_no_spool_and_leftover_copies_go_at_start(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    peer = make_scp()
+    spool = fwd.outbox_path.parent / SPOOL_DIR
+    fwd.configure([dest("plain", peer.port)]).start()
+    uid = routed_file(fwd.inbox / "a.dcm", "CT")
+    fwd.wait(has_all(peer, [uid]), what="the file")
+    assert not descendants(fwd.pid)  # the streaming path: no process started
+    assert not spool.exists()
+    assert fwd.stop() == 0
+    # a copy left by a daemon killed while sending: removed when the pool starts
+    spool.mkdir()
+    (spool / "17.dcm").write_bytes(b"left over")
+    (spool / "18.dcm.part").write_bytes(b"left over")
+    fwd.configure([dest("plain", peer.port, transform={"set": {"StationName": "GW"}})]).start()
+    uid = routed_file(fwd.inbox / "b.dcm", "CT")
+    fwd.wait(has_all(peer, [uid]), what="the copy")
+    assert fwd.stop() == 0
+    assert not any(spool.iterdir())
+    assert "transform: removed 2 copies left in" in fwd.text()
