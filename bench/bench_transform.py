@@ -42,6 +42,7 @@ import argparse
 import atexit
 import contextlib
 import datetime as dt
+import inspect
 import json
 import os
 import shutil
@@ -180,6 +181,62 @@ class Receiver(bs.Receiver):
         return [argv[0], "+xa", *argv[1:]]
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_ticks(pgid: int) -> dict[int, int]:
+    """pid -> utime + stime + cutime + cstime (clock ticks) of every process in group ``pgid``
+    (a process's reaped children are in its cutime/cstime: storescp's forks, for one)."""
+    out: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        f = text[text.rindex(")") + 2 :].split()
+        if int(f[2]) == pgid:
+            out[int(entry.name)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return out
+
+
+def machine_ticks() -> int:
+    """Busy clock ticks of all CPUs together, from /proc/stat."""
+    return bs._cpu_times()[0]
+
+
+@dataclass
+class CpuSnap:
+    daemon: dict[int, int]
+    receiver: dict[int, int]
+    machine: int
+
+    @classmethod
+    def take(cls, daemon_pid: int, receiver_pid: int) -> CpuSnap:
+        return cls(group_ticks(daemon_pid), group_ticks(receiver_pid), machine_ticks())
+
+
+def cpu_between(a: CpuSnap, b: CpuSnap, daemon_pid: int) -> dict[str, float]:
+    """CPU seconds between two snapshots: the daemon's main process, the rest of its process
+    group (the transform pool: forkserver and workers), the receiver, and everything else."""
+
+    def delta(x: dict[int, int], y: dict[int, int], pids: Callable[[int], bool]) -> float:
+        return sum(t - x.get(pid, 0) for pid, t in y.items() if pids(pid)) / CLK_TCK
+
+    main = delta(a.daemon, b.daemon, lambda pid: pid == daemon_pid)
+    pool = delta(a.daemon, b.daemon, lambda pid: pid != daemon_pid)
+    rx = delta(a.receiver, b.receiver, lambda pid: True)
+    total = (b.machine - a.machine) / CLK_TCK
+    return {
+        "daemon": round(main, 2),
+        "pool": round(pool, 2),
+        "receiver": round(rx, 2),
+        "other": round(max(0.0, total - main - pool - rx), 2),
+        "machine": round(total, 2),
+    }
+
+
 def received_files(out_dir: Path) -> list[Path]:
     return sorted(Path(e.path) for e in os.scandir(out_dir) if e.is_file())
 
@@ -292,6 +349,7 @@ class XRun(bs.Run):
     syntaxes: dict[str, int] = field(default_factory=dict)
     pixels_compared: int = 0
     loadavg: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # see cpu_between; encoder: "encoder"
     log_lines: list[str] = field(default_factory=list)
 
 
@@ -333,6 +391,7 @@ def daemon_run(
     busy = float("nan")
     load = os.getloadavg()[0]
     check = Check()
+    cpu: dict[str, float] = {}
     try:
         bd._stage(list(zip(files, (s for s, _ in moves), strict=True)), ctx.link)
         for _, dst in moves:
@@ -355,6 +414,9 @@ def daemon_run(
         busy = bs.background_busy()
         n = work.files
         out_dir = receiver.out_dir
+        assert receiver.proc is not None
+        rx_pid = receiver.proc.pid
+        snap0 = CpuSnap.take(daemon.pid, rx_pid)
         t0 = time.perf_counter()
         for src, dst in moves:
             os.rename(src, dst)
@@ -374,6 +436,8 @@ def daemon_run(
 
         ok, t_all = bd.wait_for(arrived, ctx.plan.timeout)
         wall = t_all - t0
+        if daemon.alive():
+            cpu = cpu_between(snap0, CpuSnap.take(daemon.pid, rx_pid), daemon.pid)
         first_s = first[0] - t0 if first else None
         if not daemon.alive():
             reasons.append("daemon exited")
@@ -424,100 +488,168 @@ def daemon_run(
         syntaxes=check.syntaxes,
         pixels_compared=check.pixels_compared,
         loadavg=round(load, 2),
+        cpu_s=cpu,
         log_lines=lines[:100],
     )
 
 
-def encoder_run(env: Env, work: bs.Workload, syntax: str, rnd: int) -> XRun:
-    """``transform_file`` over the workload's files in one process of the forwarder's venv."""
+def encoder_run(env: Env, work: bs.Workload, syntax: str, rnd: int, parallel: int = 1) -> XRun:
+    """``transform_file`` over the workload's files in ``parallel`` processes of the forwarder's
+    venv (each on its share of the files, started together); timed inside the processes: the
+    sum of the calls' times for one process, first start -> last end for several."""
     ctx = env.ctx
     load = os.getloadavg()[0]
     busy = bs.background_busy()
     out_dir = Path(tempfile.mkdtemp(prefix=f"encode-{syntax}-", dir=env.work_root))
-    result = out_dir / "result.json"
-    log = ctx.plan.logs / f"{work.mode}-{work.corpus}-r{rnd}-encoder-{syntax}.log"
-    argv = [
-        str(env.fwd_python),
-        str(Path(__file__).resolve()),
-        "--inner-encode",
-        syntax,
-        "--inner-src",
-        str(work.directory),
-        "--inner-dst",
-        str(out_dir),
-        "--inner-out",
-        str(result),
-    ]
+    go = out_dir / "go"
+    tag = f"encoder-{syntax}" + (f"-x{parallel}" if parallel > 1 else "")
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
     reasons: list[str] = []
-    data: dict[str, Any] = {}
-    rc: int | None = None
-    rss: float | None = None
+    results: list[dict[str, Any]] = []
+    rc: int | None = 0
     try:
-        _, rc, rss, timed_out = bs.run_process(argv, work.env, ctx.plan.timeout, log)
-        if timed_out:
-            reasons.append(f"timed out after {ctx.plan.timeout:.0f} s")
-        elif rc != 0:
-            reasons.append(f"exit status {rc}; see {log}")
-        else:
-            data = json.loads(result.read_text())
-            if data["files"] != work.files:
-                reasons.append(f"encoded {data['files']} of {work.files}")
-            wrong = {k: v for k, v in data["syntaxes"].items() if k != SYNTAX_UIDS[syntax]}
-            if wrong:
-                reasons.append(f"wrote {wrong}, expected {SYNTAX_UIDS[syntax]}")
+        for i in range(parallel):
+            result = out_dir / f"result{i}.json"
+            log = ctx.plan.logs / f"{work.mode}-{work.corpus}-r{rnd}-{tag}-{i}.log"
+            argv = [
+                str(env.fwd_python), str(Path(__file__).resolve()), "--inner-encode", syntax,
+                "--inner-src", str(work.directory), "--inner-dst", str(out_dir),
+                "--inner-out", str(result), "--inner-shard", f"{i}/{parallel}",
+                *(["--inner-go", str(go)] if parallel > 1 else []),
+            ]  # fmt: skip
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    argv,
+                    env=work.env,
+                    cwd=out_dir,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            procs.append((proc, result))
+        if parallel > 1:
+            ready = [Path(f"{r}.ready") for _, r in procs]
+            bd.wait_for(
+                lambda: (
+                    all(p.exists() for p in ready) or any(p.poll() is not None for p, _ in procs)
+                ),
+                120.0,
+                0.005,
+            )
+            go.touch()
+        for proc, result in procs:
+            try:
+                code = proc.wait(timeout=ctx.plan.timeout)
+            except subprocess.TimeoutExpired:
+                bs.kill_group(proc.pid)
+                proc.wait(10)
+                reasons.append(f"timed out after {ctx.plan.timeout:.0f} s")
+                continue
+            if code != 0:
+                rc = code
+                reasons.append(f"exit status {code}; see {ctx.plan.logs}/*{tag}*")
+                continue
+            results.append(json.loads(result.read_text()))
     finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                bs.kill_group(proc.pid)
+                proc.wait(10)
         shutil.rmtree(out_dir, ignore_errors=True)
+    files = sum(int(r["files"]) for r in results)
+    syntaxes: dict[str, int] = {}
+    for r in results:
+        for k, v in r["syntaxes"].items():
+            syntaxes[k] = syntaxes.get(k, 0) + v
+    if not reasons:
+        if files != work.files:
+            reasons.append(f"encoded {files} of {work.files}")
+        wrong = {k: v for k, v in syntaxes.items() if k != SYNTAX_UIDS[syntax]}
+        if wrong:
+            reasons.append(f"wrote {wrong}, expected {SYNTAX_UIDS[syntax]}")
+    if parallel == 1:
+        wall = float(results[0]["transform_s"]) if results else 0.0
+    else:
+        wall = (
+            max(r["ended"] for r in results) - min(r["started"] for r in results) if results else 0
+        )
+    what = "one process" if parallel == 1 else f"{parallel} processes side by side"
     return XRun(
         mode=work.mode,
         corpus=work.corpus,
         round=rnd,
-        sender=f"encoder {syntax}, one process",
+        sender=f"encoder {syntax}, {what}",
         files=work.files,
         bytes=work.bytes,
         ok=not reasons,
-        wall_s=float(data.get("transform_s", 0.0)),
+        wall_s=wall,
         rc=rc,
-        peak_rss_mb=rss,
-        received=int(data.get("files", 0)),
+        peak_rss_mb=None,
+        received=files,
         background_busy=round(busy, 3),
         reason="; ".join(reasons),
-        setup=f"encoder-{syntax}",
+        setup=tag,
         kind="encoder",
-        out_bytes=int(data.get("out_bytes", 0)),
-        syntaxes=data.get("syntaxes", {}),
+        out_bytes=sum(int(r["out_bytes"]) for r in results),
+        syntaxes=syntaxes,
         loadavg=round(load, 2),
+        cpu_s={"encoder": round(sum(float(r.get("cpu_s", 0.0)) for r in results), 2)},
     )
 
 
-def inner_encode(syntax: str, src_dir: Path, dst_dir: Path, out: Path) -> int:
-    """In the forwarder's venv: time ``transform_file`` on every file (after one warm-up)."""
+def inner_encode(
+    syntax: str, src_dir: Path, dst_dir: Path, out: Path, shard: str = "0/1", go: Path | None = None
+) -> int:
+    """In the forwarder's venv: time ``transform_file`` on every file (after one warm-up); with
+    ``shard`` ``i/n`` on files i, i+n, ...; with ``go``, the loop starts when that file exists
+    (after writing ``out`` + ".ready"), so that n shards run at the same time."""
     from forwarder.transform import transform_file
     from forwarder.transformspec import TransformSpec
 
     spec = TransformSpec(transfer_syntax=syntax)
     secret = bytes(32)
     files = corpus_mod.dicom_files(src_dir)
-    transform_file(files[-1], dst_dir / "warmup.dcm", spec, secret)  # imports, codec plug-ins
-    (dst_dir / "warmup.dcm").unlink()
+    # as the pool calls it (transformpool._prepare: no fsync, a lost copy is made again)
+    kwargs = {"durable": False} if "durable" in inspect.signature(transform_file).parameters else {}
+    index, count = (int(v) for v in shard.split("/"))
+    warm = dst_dir / f"warmup{index}.dcm"
+    transform_file(files[-1], warm, spec, secret, **kwargs)  # imports, codecs
+    warm.unlink()
+    files = files[index::count]
+    if go is not None:
+        Path(f"{out}.ready").touch()
+        deadline = time.monotonic() + 120
+        while not go.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("no go signal within 120 s")
+            time.sleep(0.001)
+    started = time.time()
     syntaxes: dict[str, int] = {}
     out_bytes = 0
     spent = 0.0
+    cpu0 = time.process_time()
     wall0 = time.perf_counter()
     for i, src in enumerate(files):
-        dst = dst_dir / f"{i}.dcm"
+        dst = dst_dir / f"{index}-{i}.dcm"
         t = time.perf_counter()
-        done = transform_file(src, dst, spec, secret)
+        done = transform_file(src, dst, spec, secret, **kwargs)
         spent += time.perf_counter() - t
         syntaxes[str(done.transfer_syntax)] = syntaxes.get(str(done.transfer_syntax), 0) + 1
         out_bytes += dst.stat().st_size
         dst.unlink()
     wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
     out.write_text(
         json.dumps(
             {
                 "files": len(files),
                 "transform_s": spent,
                 "loop_s": wall,
+                "started": started,
+                "ended": time.time(),
+                "cpu_s": cpu,
+                "kwargs": kwargs,
                 "out_bytes": out_bytes,
                 "syntaxes": syntaxes,
             }
@@ -563,6 +695,8 @@ def rotate(
             env.ctx.note_overlap(f"{label} round {rnd} {name}", t_run)
             status = "ok" if r.ok else f"FAILED ({r.reason})"
             ratio = f" {r.bytes / r.out_bytes:5.2f}:1" if r.out_bytes and r.syntaxes else ""
+            if r.cpu_s and r.files:
+                ratio += " cpu ms/file " + _cpu({k: 1000 * v / r.files for k, v in r.cpu_s.items()})
             print(
                 f"  [{label} round {rnd}] {r.sender:<52} {r.wall_s:7.2f} s "
                 f"{r.inst_per_s:8.1f} inst/s{ratio} load {r.loadavg:.2f}  {status}",
@@ -619,6 +753,15 @@ def loopback_phases(
                         lambda rnd, syntax=syntax, w=work: encoder_run(env, w, syntax, rnd),
                     )
                 )
+                if args.workers > 1:
+                    entries.append(
+                        (
+                            f"encoder-{syntax}-x{args.workers}",
+                            lambda rnd, syntax=syntax, w=work: encoder_run(
+                                env, w, syntax, rnd, args.workers
+                            ),
+                        )
+                    )
                 entries.append(
                     (
                         s.key,
@@ -826,6 +969,7 @@ class Cell:
     peak_rss_mb: float | None
     failures: list[str]
     walls: list[float]
+    cpu_ms: dict[str, float]  # median CPU ms per file, by part (see cpu_between)
 
 
 def cells_of(runs: list[dict[str, Any]]) -> list[Cell]:
@@ -843,6 +987,11 @@ def cells_of(runs: list[dict[str, Any]]) -> list[Cell]:
             for k, v in r["syntaxes"].items():
                 seen[k] = seen.get(k, 0) + v
         rss = [r["peak_rss_mb"] for r in good if r["peak_rss_mb"] is not None]
+        parts = list(dict.fromkeys(k for r in good for k in r.get("cpu_s", {})))
+        cpu_ms = {
+            k: statistics.median(1000 * r["cpu_s"][k] / files for r in good if k in r["cpu_s"])
+            for k in parts
+        }
         out.append(
             Cell(
                 corpus,
@@ -860,6 +1009,7 @@ def cells_of(runs: list[dict[str, Any]]) -> list[Cell]:
                 max(rss) if rss else None,
                 [f"round {r['round']}: {r['reason']}" for r in group if not r["ok"]],
                 [round(r["wall_s"], 3) for r in good],
+                cpu_ms,
             )
         )
     return out
@@ -878,6 +1028,12 @@ def paired_ratio(runs: list[dict[str, Any]], corpus: str, setup: str, base: str)
 
 def _f(v: float | None, digits: int = 1) -> str:
     return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def _cpu(ms: dict[str, float]) -> str:
+    """``daemon 1.2 + pool 20.1 + receiver 0.4 (rest 3.0)`` or ``encoder 20.0``."""
+    own = [f"{k} {v:.1f}" for k, v in ms.items() if k not in ("other", "machine")]
+    return " + ".join(own) + (f" (rest {ms['other']:.1f})" if "other" in ms else "")
 
 
 def _syntax_names(seen: dict[str, int]) -> str:
@@ -912,8 +1068,9 @@ def markdown(
             lines.extend([note, ""])
         lines.extend([
             "| run | inst/s | median s | ÷ baseline (medians) | ÷ baseline (paired rounds) | "
-            "stored bytes ratio | received syntax | first file s | peak RSS MB | ok runs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "stored bytes ratio | received syntax | CPU ms per file | first file s | "
+            "peak RSS MB | ok runs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ])  # fmt: skip
         for c in group:
             ratio = paired = ""
@@ -924,7 +1081,8 @@ def markdown(
             lines.append(
                 f"| {c.name} | {_f(c.inst_per_s)} | {_f(c.median_s, 2)} | {ratio} | {paired} | "
                 f"{_f(c.ratio, 2) + ':1' if c.ratio else ''} | {_syntax_names(c.syntaxes)} | "
-                f"{_f(c.first_file_s, 2)} | {_f(c.peak_rss_mb)} | {c.ok_runs}/{c.runs} |"
+                f"{_cpu(c.cpu_ms)} | {_f(c.first_file_s, 2)} | {_f(c.peak_rss_mb)} | "
+                f"{c.ok_runs}/{c.runs} |"
             )
         lines.extend(f"- {c.name} FAILED {f}" for c in group for f in c.failures)
 
@@ -965,11 +1123,14 @@ def markdown(
         corpus = c0.corpus
         group = [c for c in cells if c.corpus == corpus]
         table(
-            f"Compression, {group[0].files} CT files, [transform] workers = {workers}",
+            f"Compression, {group[0].files} files of {corpus}, [transform] workers = {workers}",
             group,
             c0,
             "Encoder rows: `transform_file` in a loop in one process (time inside the calls; "
-            "output on the daemon's filesystem). Daemon rows: first rename -> receiver holds all.",
+            "output on the daemon's filesystem). Daemon rows: first rename -> receiver holds all. "
+            "CPU ms per file: the daemon's main process, its transform pool (forkserver and "
+            "workers), storescp with its forks, and the rest of the machine (other people's "
+            "load, this benchmark's polling) during the timed burst.",
         )
         for syntax in SYNTAX_UIDS:
             enc, dae = cell(corpus, f"encoder-{syntax}"), cell(corpus, f"daemon-{syntax}")
@@ -983,6 +1144,26 @@ def markdown(
                     f"daemon {dae.inst_per_s:.1f} inst/s = {dae.inst_per_s / ideal:.2f}x; "
                     f"compression {_f(enc.ratio, 2)}:1 (bytes in / bytes out)"
                 )
+                par = cell(corpus, f"encoder-{syntax}-x{workers}")
+                if par and par.inst_per_s:
+                    lines.append(
+                        f"  - {workers} encoder processes side by side (no daemon): "
+                        f"{par.inst_per_s:.1f} inst/s = {par.inst_per_s / ideal:.2f}x {workers} x "
+                        f"the single rate: what this machine gives {workers} CPU-bound processes; "
+                        f"the daemon makes {dae.inst_per_s / par.inst_per_s:.2f}x that"
+                    )
+                own = sum(v for k, v in dae.cpu_ms.items() if k in ("daemon", "pool", "receiver"))
+                if own and "pool" in dae.cpu_ms and "encoder" in enc.cpu_ms:
+                    cores = meta["cpus"] or 1
+                    lines.append(
+                        f"  - CPU per file: pool {dae.cpu_ms['pool']:.1f} ms against "
+                        f"{enc.cpu_ms['encoder']:.1f} ms in one process "
+                        f"({dae.cpu_ms['pool'] / enc.cpu_ms['encoder']:.2f}x); daemon + pool + "
+                        f"receiver {own:.1f} ms, so {cores} idle CPUs could do at most "
+                        f"{cores * 1000 / own:.0f} inst/s ({cores * 1000 / own / ideal:.2f}x the "
+                        f"target's {ideal:.0f}); the rest of the machine took "
+                        f"{dae.cpu_ms.get('other', 0):.1f} ms per file meanwhile"
+                    )
             judge(
                 f"compression {syntax} pool, {corpus}",
                 dae.inst_per_s / (workers * enc.inst_per_s)
@@ -1075,6 +1256,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-src", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inner-dst", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inner-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--inner-shard", default="0/1", help=argparse.SUPPRESS)
+    p.add_argument("--inner-go", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--inner-logs", type=Path, help=argparse.SUPPRESS)
     return p
 
@@ -1084,7 +1267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(raw_argv)
     signal.signal(signal.SIGTERM, bw._raise_interrupt)  # stop receivers and daemons first
     if args.inner_encode:
-        return inner_encode(args.inner_encode, args.inner_src, args.inner_dst, args.inner_out)
+        return inner_encode(
+            args.inner_encode,
+            args.inner_src,
+            args.inner_dst,
+            args.inner_out,
+            args.inner_shard,
+            args.inner_go,
+        )
     if args.inner_wan:
         try:
             return run_inner_wan(args)
