@@ -81,6 +81,13 @@ SETREMOVE_RATIO = 0.5
 POOL_RATIO = 0.8
 WAN_RATIO = 1.8
 
+RULE_MATCH: dict[str, str | list[str]] = {
+    "Modality": ["CT", "MR"],
+    "Manufacturer": "BENCH*",
+    "0008,0080": "*Hospital",  # InstitutionName, by tag
+    "path": "series*/*.dcm",
+}
+RULE_EXCLUDE: dict[str, str | list[str]] = {"SeriesDescription": ["*SCOUT*", "*LOCALIZER*"]}
 RULE_LINES = [
     # every corpus file matches each of these; the exclusion matches none
     "[destinations.match]",
@@ -361,6 +368,7 @@ class Env:
     receiver: Receiver
     fwd_python: Path
     work_root: Path
+    micro: dict[str, dict[str, float]] = field(default_factory=dict)  # rules in-process
 
 
 def daemon_run(
@@ -598,6 +606,55 @@ def encoder_run(env: Env, work: bs.Workload, syntax: str, rnd: int, parallel: in
     )
 
 
+def inner_rules(src_dir: Path, out: Path, reps: int = 5) -> int:
+    """In the forwarder's venv: what the rules add per file where the enqueuer pays it: the
+    header walk reading the rules' attributes, and ``Router.route``; best of ``reps``."""
+    from forwarder.dicomfile import inspect as read_header
+    from forwarder.routing import Router
+
+    router = Router.build([("bench", RULE_MATCH, RULE_EXCLUDE)])
+    files = corpus_mod.dicom_files(src_dir)
+    rels = [f.relative_to(src_dir).as_posix() for f in files]
+    plain_s, rules_s = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for f in files:
+            read_header(f)
+        plain_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for f, rel in zip(files, rels, strict=True):
+            info = read_header(f, attributes=router.tags)
+            if not router.route(info.attributes, rel).destinations:
+                raise SystemExit(f"{f}: the rules do not match it")
+        rules_s.append(time.perf_counter() - t)
+    n = len(files)
+    out.write_text(
+        json.dumps(
+            {
+                "files": n,
+                "inspect_us": 1e6 * min(plain_s) / n,
+                "inspect_and_route_us": 1e6 * min(rules_s) / n,
+            }
+        )
+    )
+    return 0
+
+
+def rules_micro(env: Env, directory: Path) -> dict[str, float]:
+    """``inner_rules`` in the forwarder's venv on ``directory`` (page-cached)."""
+    out = env.work_root / "rules-micro.json"
+    proc = subprocess.run(
+        [str(env.fwd_python), str(Path(__file__).resolve()), "--inner-rules",
+         "--inner-src", str(directory), "--inner-out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=env.work_root,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-300:]}  # type: ignore[dict-item]
+    data: dict[str, float] = json.loads(out.read_text())
+    data["added_us"] = data["inspect_and_route_us"] - data["inspect_us"]
+    return data
+
+
 def inner_encode(
     syntax: str, src_dir: Path, dst_dir: Path, out: Path, shard: str = "0/1", go: Path | None = None
 ) -> int:
@@ -732,6 +789,10 @@ def loopback_phases(
                 for s in setups
             ]
             rotate(env, f"{corpus}", entries, args.rules_rounds, runs, True)
+            if "rules" in args.phases:
+                micro = rules_micro(env, dirs[corpus])
+                env.micro[corpus] = micro
+                print(f"  [{corpus}] rules in-process: {micro}", file=sys.stderr)
     if "compress" in args.phases:
         for name in args.ct_corpora:
             directory = corpus_mod.subset(dirs[name], args.ct_files)
@@ -1102,6 +1163,17 @@ def markdown(
             continue
         base = cell(corpus, "plain")
         table(f"Rules and set/remove, {corpus} corpus ({group[0].files} files)", group, base)
+        micro = meta.get("rules_micro", {}).get(corpus)
+        if micro and "added_us" in micro:
+            own = base.cpu_ms.get("daemon") if base else None
+            share = f" = {micro['added_us'] / 10 / own:.1f}% of" if own else ", against"
+            lines.append(
+                f"- Rules in-process (the enqueuer's part, forwarder venv, best of 5 over the "
+                f"{micro['files']:.0f} files): header walk {micro['inspect_us']:.1f} us per file, "
+                f"with the rules' attributes and `Router.route` {micro['inspect_and_route_us']:.1f}"
+                f" us: +{micro['added_us']:.1f} us per file{share} the streaming daemon's "
+                f"{_f(own, 2)} ms of CPU per file in this run."
+            )
         for setup, target, label in (
             ("rules", RULES_RATIO, "rules cost"),
             ("setremove", SETREMOVE_RATIO, "set/remove"),
@@ -1253,6 +1325,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()))
     p.add_argument("--inner-wan", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inner-encode", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--inner-rules", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--inner-src", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inner-dst", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--inner-out", type=Path, help=argparse.SUPPRESS)
@@ -1266,6 +1339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(raw_argv)
     signal.signal(signal.SIGTERM, bw._raise_interrupt)  # stop receivers and daemons first
+    if args.inner_rules:
+        return inner_rules(args.inner_src, args.inner_out)
     if args.inner_encode:
         return inner_encode(
             args.inner_encode,
@@ -1342,6 +1417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shutil.rmtree(out_dir, ignore_errors=True)
                     disturbed += ctx.disturbed
                     meta["quiet_checks"] = ctx.quiet
+                    meta["rules_micro"] = env.micro
         runs += [asdict(r) | {"inst_per_s": r.inst_per_s} for r in xruns]
         xruns = []
         if "wan" in args.phases:
