@@ -8,9 +8,10 @@ Every figure is a ratio against a baseline measured in the same run, in rotating
 2. **setremove** (small corpus, in the same rotation as 1.): ``[destinations.transform]`` with
    ``set`` and ``remove`` only, against the streaming path (no rules, no transform).
    Target >= 0.5x.
-3. **compress** (the first ``--ct-files`` CT files): the encoder's single-process rate
-   (``forwarder.transform.transform_file`` in a loop in one process, the forwarder venv's
-   python, output on the daemon's filesystem) and the daemon with ``[transform] workers = W``
+3. **compress** (the first ``--ct-files`` files of ``corpus.py``'s ct and ``phantom.py``'s
+   ctphantom): the encoder's single-process rate (``forwarder.transform.transform_file`` in a
+   loop in one process, the forwarder venv's python, output on the daemon's filesystem,
+   ``durable=False`` as the pool calls it) and the daemon with ``[transform] workers = W``
    sending ``transfer_syntax`` copies, for jpeg-ls-lossless and jpeg2000-lossless; the daemon
    sending the files as they are is shown beside them. Target: daemon >= 0.8 x (W x single).
 4. **wan** (as root): a network namespace whose loopback is capped by HTB (``--wan-rate``,
@@ -28,6 +29,12 @@ renamed into the inbox in one loop (files written earlier: ready at once). Timed
 (all must be the target one), the stored bytes are summed (compression ratio), the ``set``
 values are checked in every received file of a set/remove run, and three received images per
 compressed run are decoded and compared with their sources pixel for pixel.
+
+Also measured: the CPU each part used per file during a daemon burst (the daemon's main
+process, its transform pool, storescp, the rest of the machine; from ``/proc``); ``W`` encoder
+processes side by side (no daemon) as the machine's own ceiling for W CPU-bound processes; and
+what the rules add per file in one process (header walk with the rules' attributes and
+``Router.route``), since wall-clock ratios near 1 drift by more than that on a shared VM.
 
 Receiver: DCMTK ``storescp --fork +xa -pdu 131072 +B`` into tmpfs with TCP_NODELAY=1 (``+xa``:
 every transfer syntax it knows, JPEG-LS and JPEG 2000 included).
