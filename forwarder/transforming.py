@@ -252,6 +252,11 @@ class Transforms:
     the first destination that transforms), and each destination's sender."""
 
     def __init__(self) -> None:
+        # The pool's forkserver runs `python -c`, which puts the working directory first on
+        # its import path (multiprocessing ignores the sys_path it is given): a `forwarder/`,
+        # `pydicom/` or `numpy/` in the daemon's folder (the image's WORKDIR is its state
+        # folder) would be imported there. Safe path: set once, before any thread runs.
+        os.environ.setdefault("PYTHONSAFEPATH", "1")
         self.pool: TransformPool | None = None
         self._workers = 1
         self._spool = Path()
