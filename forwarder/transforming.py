@@ -29,6 +29,7 @@ from pathlib import Path
 
 from forwarder.config import ConfigError, Destination, Settings
 from forwarder.contexts import ContextSpec, split_by_contexts
+from forwarder.deliver import dicom_sender
 from forwarder.dicomfile import DicomInfo
 from forwarder.logs import one_line
 from forwarder.sender import Peer, Sender, StoreResult
@@ -291,16 +292,13 @@ class Transforms:
         """The sender of `dest`: its transform's, or the plain C-STORE sender."""
         spec = dest.transform_spec
         if spec is None:
-            return Sender(Peer.from_destination(dest), stop=stop)
+            return dicom_sender(dest, stop)
         if self.pool is None:
             self.pool = TransformPool(self._workers, self._spool, self._secret)
             try:
-                removed = self.pool.clear_spool()
+                self.pool.make_spool()
             except OSError as exc:  # each copy then fails to be written: retried
                 LOGGER.error(f"transform: cannot prepare {self._spool}: {exc}")
-            else:
-                if removed:
-                    LOGGER.info(f"transform: removed {removed} copies left in {self._spool}")
         return TransformingSender(Peer.from_destination(dest), spec, self.pool, stop=stop)
 
     def shutdown(self, *, wait: bool) -> None:

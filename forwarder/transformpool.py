@@ -195,11 +195,10 @@ class TransformPool:
         self._names = itertools.count()
         self._closed = False
 
-    def clear_spool(self) -> int:
-        """Remove copies left by an earlier run (they are made again when needed); create
-        the folder. Returns how many were removed."""
+    def make_spool(self) -> None:
+        """Create the folder of the copies (what an earlier run left there is removed at
+        start: `Transforms.configure`)."""
         self.spool.mkdir(mode=0o750, exist_ok=True)
-        return remove_copies(self.spool)
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
