@@ -44,6 +44,7 @@ __all__ = [
     "EX_CONFIG",
     "ConfigError",
     "Destination",
+    "ReceiveSettings",
     "Settings",
     "TLSSettings",
     "add_config_argument",
@@ -311,6 +312,40 @@ class LogSettings(_Model):
     summary_seconds: Seconds = 60
 
 
+class ReceiveTLSSettings(_Model):
+    """TLS for the receiver (``[receive.tls]``): our certificate, and whose we trust."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None  # the CA bundle client certificates are checked against
+    require_client_cert: bool = False  # true: a modality without a certificate from `ca` fails
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> ReceiveTLSSettings:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CA the clients' certificates have)")
+        return self
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+MAX_RECEIVE_ASSOCIATIONS = 256
+
+
+class ReceiveSettings(_Model):
+    """The DICOM receiver (C-STORE SCP); off unless `listen` is set."""
+
+    listen: str | None = None  # "0.0.0.0:11112", "[::]:11112"; a bare port binds 127.0.0.1
+    ae_title: AETitle = "FORWARDER"  # the called AE title we answer to; others are rejected
+    allowed_calling_aets: list[AETitle] = []  # empty: any (a warning at start-up)
+    max_associations: int = Field(default=16, ge=1, le=MAX_RECEIVE_ASSOCIATIONS)
+    dir: Path = Path("/var/spool/forwarder/received")  # received instances until disposed of
+    tls: ReceiveTLSSettings | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+
 class MetricsSettings(_Model):
     listen: str | None = None  # "127.0.0.1:9108"; absent = off
 
@@ -348,6 +383,7 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     transform: TransformSettings = TransformSettings()
+    receive: ReceiveSettings = ReceiveSettings()
     shutdown_timeout: Seconds = 30
     # file mode creation mask of the daemon (outbox, sidecars, copies, folders it creates)
     umask: str = "0027"

@@ -28,6 +28,7 @@ from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.preflight import load_for_daemon
+from forwarder.receiver import Receiver
 from forwarder.transforming import Transforms
 from forwarder.trouble import OutboxTrouble, damaged
 from forwarder.upkeep import Upkeep
@@ -88,9 +89,10 @@ class Daemon:
             self.outbox,
             settings.outbox.lease_seconds,
             settings.outbox.keep_sent_seconds,
-            settings.watch.paths,
+            _kept_in(settings),
             requeued=self.wake_workers,
         )
+        self.receiver: Receiver | None = None
         self.transforms = Transforms()
         self.watcher: Watcher | None = None
         self.crews: dict[str, Crew] = {}
@@ -164,6 +166,40 @@ class Daemon:
             sender=self.transforms.sender,
         )
 
+    def _start_receiver(self) -> None:
+        """Start the receiver when ``[receive]`` has `listen`; a failure to start it (address
+        in use, folder not writable, outbox unreadable for its sweep) is logged and the
+        daemon goes on without it (the watched folders still work); a reload tries again."""
+        if not self.settings.receive.enabled:
+            return
+        receiver = Receiver(
+            self.settings.receive,
+            self.outbox,
+            self.disposer,
+            self.enqueuer.intake,
+            queued=self.wake_workers,
+            damaged=self.damaged,
+            metrics=self.metrics,
+        )
+        try:
+            receiver.start()
+        except OutboxCorruptError as exc:
+            self.damaged("receiver", exc)
+            return
+        except (OSError, OutboxError) as exc:
+            receiver.stop()
+            LOGGER.error(
+                f"receive: cannot start the receiver on {self.settings.receive.listen}: "
+                f"{exc}; not receiving (a reload tries again)"
+            )
+            return
+        self.receiver = receiver
+
+    def _stop_receiver(self) -> None:
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
+
     def _keepalive(self) -> None:
         self._heartbeat()
         if self.notifier.watchdog_interval() is not None and self.stuck() is None:
@@ -217,6 +253,8 @@ class Daemon:
             "destinations": [d.name for d in self.settings.destinations],
             "stats": self.events.counts(),
         }
+        if self.receiver is not None:
+            info["receiver"] = self.receiver.snapshot(time.time())
         self.outbox.heartbeat(time.time(), info)
 
     # -- reload -----------------------------------------------------------------------
@@ -251,9 +289,9 @@ class Daemon:
         self.settings = new
         self.enqueuer.intake = Intake.of(new)
         self.disposer.layout = Layout.of(new)
-        if (new.outbox, new.watch.paths) != (old.outbox, old.watch.paths):
+        if (new.outbox, _kept_in(new)) != (old.outbox, _kept_in(old)):
             out = new.outbox
-            self.upkeep.configure(out.lease_seconds, out.keep_sent_seconds, new.watch.paths)
+            self.upkeep.configure(out.lease_seconds, out.keep_sent_seconds, _kept_in(new))
         rules = Rules.of(new)
         for crew in self.crews.values():
             crew.rules = rules
@@ -274,6 +312,11 @@ class Daemon:
             self.watcher.stop()
             self.watcher = self._make_watcher()
             self.watcher.start()
+        if self.receiver is not None:
+            self.receiver.intake = self.enqueuer.intake
+        if new.receive != old.receive:
+            self._stop_receiver()
+            self._start_receiver()
         touched = sorted({*changed, *(d.name for d in started)})
         LOGGER.info(
             f"reloaded {self.config_path}: destinations {', '.join(new_dests) or 'none'}"
@@ -310,6 +353,7 @@ class Daemon:
         self._start_crews(self.settings.destinations)
         self.watcher = self._make_watcher()
         self.watcher.start()
+        self._start_receiver()
         roots = ", ".join(str(p) for p in self.settings.watch.paths)
         dests = ", ".join(
             f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
@@ -399,6 +443,7 @@ class Daemon:
         self.notifier.stopping()
         LOGGER.info("stopping: finishing in-flight stores")
         deadline = time.monotonic() + self.settings.shutdown_timeout
+        self._stop_receiver()
         if self.watcher is not None:
             self.watcher.stop()
         self.enqueuer.halt()  # the sentinel wakes it at once
@@ -418,6 +463,14 @@ class Daemon:
                 self.outbox.close()
         LOGGER.info("stopped" if clean else "stopped (forced)")
         return clean
+
+
+def _kept_in(settings: Settings) -> list[Path]:
+    """The folders whose files keep their outbox rows past retention while still there."""
+    folders = list(settings.watch.paths)
+    if settings.receive.enabled:
+        folders.append(settings.receive.dir)
+    return folders
 
 
 def _sending(dest: Destination | None) -> Destination | None:
