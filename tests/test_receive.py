@@ -13,19 +13,18 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCP, StoreSCP, free_port, require_tool, wait_for
+from conftest import SCP, StoreSCP, free_port, require_tool
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from test_daemon import ROOT, Corpus, Forwarder, _clean_env, dest, to_toml
 
 from forwarder.outbox import Outbox, State
@@ -584,4 +583,92 @@ def test_tls_receive(rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpu
     assert rcv.stop() == 0
 
 
-del build_context, signal, time, wait_for
+def test_a_100_mb_instance_is_received_with_flat_memory(rcv: Receiving, corpus: Corpus) -> None:
+    from test_daemon import proc_status_kb
+
+    nobody = free_port()  # the destination is down: nothing is sent while we measure
+    rcv.configure_receiving([dest("a", nobody)]).start()
+    small = instances(corpus, 2)
+    Modality(rcv.port).push(small[:1])  # the receive path warmed up
+    before = proc_status_kb(rcv.pid, "VmHWM")
+    ds = ct()
+    ds.Rows, ds.Columns = 5120, 10240  # 16-bit: 100 MiB of pixel data
+    ds.PixelData = bytes(5120 * 10240 * 2)
+    modality = Modality(rcv.port)
+    modality.push([ds])
+    assert modality.acked() == {str(ds.SOPInstanceUID)}
+    grown_mb = (proc_status_kb(rcv.pid, "VmHWM") - before) / 1024
+    (path,) = [p for p in rcv.received_files() if p.name.startswith(str(ds.SOPInstanceUID))]
+    assert path.stat().st_size > 100 * 2**20
+    assert grown_mb < 25, f"the daemon's peak memory grew by {grown_mb:.0f} MB"
+    assert rcv.stop() == 0
+
+
+def test_status_find_and_reload_with_a_receiver(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    import json
+
+    held = make_scp()
+    held.statuses = [0xA700] * 1000
+    rcv.configure_receiving(
+        [dest("a", held.port)], retry={"initial_seconds": 60, "max_seconds": 60}
+    ).start()
+    batch = instances(corpus, 3)
+    Modality(rcv.port).push(batch)
+    uid = str(batch[0].SOPInstanceUID)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "forwarder", *args, "--config", str(rcv.cfg)],
+            cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+
+    def status() -> dict[str, Any]:
+        done = cli("status", "--json")
+        assert done.returncode in (0, 1), done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    rcv.wait(
+        lambda: (status()["daemon"]["receiver"] or {}).get("received_last_hour") == 3, 10,
+        "the heartbeat counts 3 received",
+    )  # fmt: skip
+    info = status()["daemon"]["receiver"]
+    assert info["listen"] == f"127.0.0.1:{rcv.port}"
+    assert info["received_last_day"] == 3
+    text = cli("status").stdout
+    assert f"receiver: FORWARDER listening on 127.0.0.1:{rcv.port}" in text
+    found = cli("find", uid)
+    assert found.returncode == 0, found.stderr
+    assert str(rcv.received_dir / "CT01") in found.stdout
+    # a reload that leaves [receive] alone keeps the receiver (and its counts)
+    rcv.signal(signal.SIGHUP)
+    rcv.wait_log("reloaded")
+    assert rcv.text(since_start=True).count("receiving as") == 1
+    # one that changes it restarts it: now MR02 only
+    cfg = rcv.config
+    cfg["receive"]["allowed_calling_aets"] = ["MR02"]
+    rcv.cfg.write_text(to_toml(cfg))
+    rcv.signal(signal.SIGHUP)
+    rcv.wait_log("reloaded", count=2)
+    rcv.wait_log("receiving as", count=2)
+    assert Modality(rcv.port, aet="CT01").associate([SC]).is_rejected
+    assert rcv.stop() == 0
+
+
+def test_more_associations_than_max_are_rejected_busy(
+    rcv: Receiving, make_scp: Callable[..., SCP]
+) -> None:
+    rcv.configure_receiving([dest("a", make_scp().port)], receive={"max_associations": 2}).start()
+    held = [Modality(rcv.port).associate([SC]) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = Modality(rcv.port).associate([SC])
+        assert third.is_rejected
+        rq = third.acceptor.primitive
+        assert (rq.result, rq.result_source, rq.diagnostic) == (0x02, 0x03, 0x02)
+    finally:
+        for a in held:
+            a.release()
+    rcv.wait_log("rejected: too many associations")
+    assert rcv.stop() == 0
