@@ -7,11 +7,11 @@ behind a file meta made from the negotiated transfer syntax, into a spool file i
 ``<dir>/.incoming`` (a `SpoolFile`: the same file system as `dir`, written in 1 MiB pieces, so
 memory stays flat whatever the instance's size). Then, in the association's thread:
 
-1. the spool file is fsynced; its header is inspected (`forwarder.dicomfile.inspect`, with the
+1. the spool file's header is inspected (`forwarder.dicomfile.inspect`, with the
    attributes the routing rules name) and routed (`forwarder.routing.Router.route`, with the
    reserved keys ``calling_aet``, ``called_aet`` and ``peer``);
 2. it is linked under its final name ``<dir>/<calling AE>/<SOP Instance UID>.dcm`` (never over
-   another file) and its spool name removed;
+   another file), its spool name removed, and its data fsynced;
 3. its folder is fsynced and its outbox rows committed, both by a `GroupCommit` shared by the
    associations (one fsync and one transaction for every instance that arrived meanwhile);
 4. only then is 0x0000 answered, and the workers woken.
@@ -156,16 +156,16 @@ class SpoolFile:
             self.size += len(self._buf)
             self._buf.clear()
 
-    def finish(self) -> None:
-        """Write what is buffered and fsync; raises the first write error (OSError)."""
+    def complete(self) -> None:
+        """Write what is buffered; raises the first write error (OSError)."""
         self._drain()
-        if self.error is None and self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                self.error = exc
         if self.error is not None:
             raise self.error
+
+    def sync(self) -> None:
+        """fsync the data written (after `complete`); raises OSError."""
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -530,7 +530,7 @@ class Receiver:
 
     def _take(self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts) -> int:
         try:
-            spool.finish()
+            spool.complete()
         except OSError as exc:
             LOGGER.error(
                 f"{uid} from {facts.calling_aet}: cannot write it to {self.incoming}: "
@@ -569,6 +569,9 @@ class Receiver:
         final = self._place(spool, folder, uid)
         info = replace(info, path=final)
         try:
+            # the data after the link: on ext4 and XFS the journal commit this fsync forces
+            # carries the new name too, and the group's folder fsync then finds little to do
+            spool.sync()
             self.commits.commit([(info, names)], [final.parent])
         except (OutboxError, OSError) as exc:
             with contextlib.suppress(OSError):
@@ -646,6 +649,7 @@ class Receiver:
             return 0x0000
         final = self._place(spool, folder, uid)
         try:
+            spool.sync()
             fsync_dir(final.parent)
             if how == "dispose":
                 if layout.on_success == "move":
