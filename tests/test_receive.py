@@ -696,3 +696,27 @@ def test_more_associations_than_max_are_rejected_busy(
             a.release()
     rcv.wait_log("rejected: too many associations")
     assert rcv.stop() == 0
+
+
+def test_received_files_are_archived_or_quarantined_like_inbox_files(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    pacs = make_scp()
+    pacs.statuses = [0xA900]  # the first instance is refused for good, the second stored
+    rcv.configure_receiving(
+        [dest("a", pacs.port)], disposition={"on_success": "move", "archive_dir": str(rcv.archive)}
+    ).start()
+    refused, stored = instances(corpus, 2)
+    Modality(rcv.port).push([refused])
+    rcv.wait(lambda: rcv.quarantined(), 15, "the refused one quarantined")
+    Modality(rcv.port).push([stored])
+    archived = rcv.archive / "CT01" / f"{stored.SOPInstanceUID}.dcm"
+    rcv.wait(archived.exists, 15, "the stored one archived")
+    (q,) = rcv.quarantined()
+    assert q == rcv.quarantine / "CT01" / f"{refused.SOPInstanceUID}.dcm"
+    assert "0xA900" in Path(f"{q}.json").read_text()
+    assert not rcv.received_files()
+    with Outbox(rcv.outbox_path, readonly=True) as ob:
+        (row,) = ob.find(str(stored.SOPInstanceUID))
+    assert row.path == str(archived) and row.state is State.SENT
+    assert rcv.stop() == 0
