@@ -330,7 +330,11 @@ class Receiver:
         host, port = parse_listen(rcv.listen or "")
         self._tls = server_context(rcv.tls) if rcv.tls is not None else None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        # "[::]" takes IPv4 too where the system can (modalities are mostly IPv4)
+        dual = host == "::" and socket.has_dualstack_ipv6()
+        sock = socket.create_server(
+            (host, port), family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dual
+        )
         sock.settimeout(ACCEPT_POLL_SECONDS)
         self._sock = sock
         bound = sock.getsockname()
@@ -439,7 +443,8 @@ class Receiver:
                 self._established += 1
             established = True
             link.settimeout(NETWORK_TIMEOUT)
-            facts = _Facts(proposal.calling_aet, proposal.called_aet, str(addr[0]))
+            host = str(addr[0]).removeprefix("::ffff:")  # an IPv4 modality on a dual socket
+            facts = _Facts(proposal.calling_aet, proposal.called_aet, host)
             serve(link, accepted, _AssociationStore(self, facts), proposal.max_pdu)
         except WireError as exc:
             if not self._stop.is_set():

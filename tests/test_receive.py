@@ -635,8 +635,11 @@ def test_status_find_and_reload_with_a_receiver(
 
     held = make_scp()
     held.statuses = [0xA700] * 1000
+    metrics_port = free_port()
     rcv.configure_receiving(
-        [dest("a", held.port)], retry={"initial_seconds": 60, "max_seconds": 60}
+        [dest("a", held.port)],
+        retry={"initial_seconds": 60, "max_seconds": 60},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
     ).start()
     batch = instances(corpus, 3)
     Modality(rcv.port).push(batch)
@@ -662,6 +665,11 @@ def test_status_find_and_reload_with_a_receiver(
     assert info["received_last_day"] == 3
     text = cli("status").stdout
     assert f"receiver: FORWARDER listening on 127.0.0.1:{rcv.port}" in text
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        scraped = r.read().decode()
+    assert 'forwarder_instances_received_total{status="0x0000"} 3.0' in scraped
     found = cli("find", uid)
     assert found.returncode == 0, found.stderr
     assert str(rcv.received_dir / "CT01") in found.stdout
@@ -719,4 +727,21 @@ def test_received_files_are_archived_or_quarantined_like_inbox_files(
     with Outbox(rcv.outbox_path, readonly=True) as ob:
         (row,) = ob.find(str(stored.SOPInstanceUID))
     assert row.path == str(archived) and row.state is State.SENT
+    assert rcv.stop() == 0
+
+
+def test_ipv6_listen_takes_ipv4_modalities_too(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    pacs = make_scp()
+    rcv.configure_receiving(
+        [dest("a", pacs.port, match={"peer": "127.0.0.1"})], receive={"listen": f"[::]:{rcv.port}"}
+    ).start()
+    (ds,) = instances(corpus, 1)
+    Modality(rcv.port).push([ds])  # to 127.0.0.1: the routing rule sees the IPv4 address
+    rcv.wait(lambda: str(ds.SOPInstanceUID) in pacs.uids(), 15, "sent on")
     assert rcv.stop() == 0
