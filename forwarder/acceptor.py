@@ -145,6 +145,8 @@ def is_storage(abstract_syntax: str) -> bool:
 
     if abstract_syntax in _storage_classes():
         return True
+    if abstract_syntax == VERIFICATION:
+        return False
     uid = UID(abstract_syntax)
     return uid.is_private or not hasattr(sop_class, uid.keyword or "-")
 

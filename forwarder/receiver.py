@@ -57,6 +57,7 @@ from forwarder.acceptor import (
     encode_associate_ac,
     encode_associate_rj,
     file_meta,
+    is_storage,
     serve,
 )
 from forwarder.config import ReceiveSettings, ReceiveTLSSettings
@@ -68,7 +69,15 @@ from forwarder.logs import fields
 from forwarder.metrics import NO_METRICS, Metrics, parse_listen
 from forwarder.outbox import FINAL_STATES, Outbox, OutboxCorruptError, OutboxError
 from forwarder.sidecar import Sidecar
-from forwarder.wire import ABORT, ASSOCIATE_AC, ASSOCIATE_RJ, ASSOCIATE_RQ, Link, WireError
+from forwarder.wire import (
+    ABORT,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    ASSOCIATE_RQ,
+    VERIFICATION,
+    Link,
+    WireError,
+)
 
 __all__ = [
     "INCOMING",
@@ -328,6 +337,7 @@ class Receiver:
         self.incoming.mkdir(parents=True, exist_ok=True)
         sweep(self.dir, self.outbox, self.disposer)
         host, port = parse_listen(rcv.listen or "")
+        is_storage(VERIFICATION)  # loads pynetdicom's SOP class list now, not in the first store
         self._tls = server_context(rcv.tls) if rcv.tls is not None else None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # "[::]" takes IPv4 too where the system can (modalities are mostly IPv4)
