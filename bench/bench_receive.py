@@ -421,6 +421,7 @@ def markdown(runs: list[Run], lat: Latency | None, meta: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global QUIET_WAIT_S
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--corpus", default="ct,small")
@@ -438,7 +439,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="seconds a run waits for other pytest runs to end before it goes on (flagged)",
     )
     args = p.parse_args(argv)
-    global QUIET_WAIT_S
     QUIET_WAIT_S = args.quiet_wait
     exe = args.forwarder_venv / "bin" / "forwarder"
     if not exe.exists():
