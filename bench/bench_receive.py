@@ -391,9 +391,10 @@ def markdown(runs: list[Run], lat: Latency | None, meta: dict[str, Any]) -> str:
             ratios.append(ratio)
             ok &= f.rc == 0 and s.rc == 0 and f.stored == f.files and s.stored == s.files
             busy = max(s.busy_before, f.busy_before)
+            shown = "n/a" if busy != busy else f"{busy:.0%}"  # NaN: pytest ran, not measured
             out.append(
                 f"| {name} | {rnd} | {s.rate:.1f} | {f.rate:.1f} | {ratio:.2f}x | "
-                f"{s.receiver_cpu_s} | {f.receiver_cpu_s} | {busy:.0%} "
+                f"{s.receiver_cpu_s} | {f.receiver_cpu_s} | {shown} "
                 f"| {'yes' if s.pytest_seen or f.pytest_seen else 'no'} |"
             )
         if ratios:
