@@ -224,7 +224,14 @@ class Daemon:
 
     def unhealthy(self) -> str | None:
         """Why the daemon is not healthy (for `forwarder health`), or None."""
-        return self.trouble.problem() or self.stuck()
+        return self.trouble.problem() or self.stuck() or self._not_receiving()
+
+    def _not_receiving(self) -> str | None:
+        """Why `[receive]` is set but nothing listens (a failed start), or None."""
+        rcv = self.settings.receive
+        if rcv.enabled and self.receiver is None:
+            return f"the receiver is not listening on {rcv.listen} (see the log; SIGHUP retries)"
+        return None
 
     def stuck(self) -> str | None:
         """Why the daemon is hung or broken (for the watchdog), or None.

@@ -745,3 +745,17 @@ def test_ipv6_listen_takes_ipv4_modalities_too(
     Modality(rcv.port).push([ds])  # to 127.0.0.1: the routing rule sees the IPv4 address
     rcv.wait(lambda: str(ds.SOPInstanceUID) in pacs.uids(), 15, "sent on")
     assert rcv.stop() == 0
+
+
+def test_a_receiver_that_cannot_listen_makes_the_daemon_unhealthy(
+    rcv: Receiving, make_scp: Callable[..., SCP]
+) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", rcv.port)):  # someone else has the port
+        rcv.configure_receiving([dest("a", make_scp().port)])
+        Forwarder.start(rcv)
+        rcv.wait_log("cannot start the receiver")
+        rcv.wait(lambda: rcv.health().returncode != 0, 15, "health fails")
+        assert "receiver is not listening" in rcv.health().stdout + rcv.health().stderr
+    assert rcv.stop() == 0
