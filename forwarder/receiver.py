@@ -140,6 +140,7 @@ class SpoolFile:
         fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
         self.name = name
         self.error: OSError | None = None
+        self.invalid: str | None = None  # the C-STORE itself is unusable (answered 0xC000)
         self.size = 0
         self._fd: int | None = fd
         self._buf = bytearray()
@@ -518,7 +519,7 @@ class Receiver:
         try:
             spool.write(file_meta(sop_class, sop_instance, transfer_syntax))
         except (UnicodeEncodeError, struct.error) as exc:
-            spool.error = OSError(errno.EINVAL, f"unusable UIDs in the C-STORE: {exc}")
+            spool.invalid = f"unusable UIDs in the C-STORE: {exc}"
         return spool
 
     def store(
@@ -544,6 +545,9 @@ class Receiver:
     # -- one instance ------------------------------------------------------------------------
 
     def _take(self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts) -> int:
+        if spool.invalid is not None:
+            LOGGER.error(f"a C-STORE from {facts.calling_aet}: {spool.invalid}; answered 0xC000")
+            raise _Refused(CANNOT_UNDERSTAND, spool.invalid)
         try:
             spool.complete()
         except OSError as exc:
@@ -711,6 +715,7 @@ class _FailedSpool(SpoolFile):
     def __init__(self, error: OSError) -> None:  # no super().__init__: there is no file
         self.name = os.devnull
         self.error = error
+        self.invalid = None
         self.size = 0
         self._fd = None
         self._buf = bytearray()
