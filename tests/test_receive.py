@@ -759,3 +759,24 @@ def test_a_receiver_that_cannot_listen_makes_the_daemon_unhealthy(
         rcv.wait(lambda: rcv.health().returncode != 0, 15, "health fails")
         assert "receiver is not listening" in rcv.health().stdout + rcv.health().stderr
     assert rcv.stop() == 0
+
+
+def test_four_modalities_at_once_all_arrive(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)]).start()
+    batches = [instances(corpus, 40) for _ in range(4)]
+    modalities = [Modality(rcv.port, aet=aet) for aet in ("CT01", "MR02", "DCMSEND", "CT01")]
+    threads = [
+        threading.Thread(target=m.push, args=(b,)) for m, b in zip(modalities, batches, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    uids = {str(ds.SOPInstanceUID) for b in batches for ds in b}
+    assert set().union(*(m.acked() for m in modalities)) == uids
+    rcv.wait(lambda: uids <= set(pacs.uids()), 30, "every instance of the four")
+    rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
+    assert rcv.stop() == 0
