@@ -8,7 +8,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.association import (
@@ -29,7 +28,7 @@ from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
 from forwarder.logs import one_line
 from forwarder.lossy import mark_lossy
 from forwarder.status import Action, Classification, classify_status
-from forwarder.wire import SourceUnreadable, WireError, encode_store_command
+from forwarder.wire import FileData, SourceUnreadable, WireError, encode_store_command
 
 if TYPE_CHECKING:  # pydicom loads only when a file has to be converted
     from pydicom.dataset import Dataset
@@ -301,10 +300,10 @@ class Sender:
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
         return StoreResult(info, Classification(Action.PERMANENT, last_error))
 
-    def _payload(self, info: DicomInfo, ts: str, how: str) -> tuple[Path, int] | bytes:
+    def _payload(self, info: DicomInfo, ts: str, how: str) -> FileData | bytes:
         """What to send: the file itself from its data set offset, or re-encoded bytes."""
         if how == "as is":
-            return (info.path, info.dataset_offset)
+            return FileData(info.path, info.dataset_offset)
         from pydicom import dcmread
         from pydicom.uid import UID
 
@@ -345,7 +344,7 @@ class Sender:
         current: Association,
         info: DicomInfo,
         cx_id: int,
-        payload: tuple[Path, int] | bytes,
+        payload: FileData | bytes,
         may_resend: bool = False,
     ) -> Classification:
         """One C-STORE on the association's socket; classified by its response status.
