@@ -149,6 +149,9 @@ class Transformed:
     sop_instance_uid: str  # in the written file (new after de-identification)
     transfer_syntax: str  # the written file's transfer syntax UID
     changes: tuple[Change, ...]  # top-level attribute changes, UIDs included
+    sop_class_uid: str = ""
+    size: int = 0  # of the file written
+    dataset_offset: int = 0  # where its data set starts (after preamble and file meta)
 
 
 def transform_file(
@@ -184,7 +187,25 @@ def transform_file(
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return Transformed(dst, out.sop_instance_uid, out.transfer_syntax, out.changes)
+    return Transformed(
+        dst,
+        out.sop_instance_uid,
+        out.transfer_syntax,
+        out.changes,
+        out.sop_class_uid,
+        len(out.data),
+        _dataset_offset(out.data),
+    )
+
+
+def _dataset_offset(data: bytes) -> int:
+    """Where the data set of a Part 10 file written here starts: after the file meta, whose
+    group length (0002,0000) both writers put first."""
+    import struct
+
+    if data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise ValueError("no file meta group length")  # cannot happen: both writers put it
+    return 144 + int(struct.unpack_from("<L", data, 140)[0])
 
 
 def preview(src: Path, spec: TransformSpec, secret: bytes) -> tuple[tuple[Change, ...], str]:
@@ -206,6 +227,7 @@ class _Result:
     changes: tuple[Change, ...]
     transfer_syntax: str
     sop_instance_uid: str
+    sop_class_uid: str
 
 
 def _transformed(src: Path, spec: TransformSpec, secret: bytes) -> _Result:
@@ -226,7 +248,11 @@ def _transformed(src: Path, spec: TransformSpec, secret: bytes) -> _Result:
             raise TransformFailed(f"cannot transform: {one_line(exc)}") from exc
         if spliced is not None:
             return _Result(
-                out.getvalue(), spliced.changes, spliced.transfer_syntax, spliced.sop_instance_uid
+                out.getvalue(),
+                spliced.changes,
+                spliced.transfer_syntax,
+                spliced.sop_instance_uid,
+                spliced.sop_class_uid,
             )
     return _with_pydicom(src, spec, secret)
 
@@ -275,7 +301,7 @@ def _apply(ds: Dataset, spec: TransformSpec, secret: bytes) -> _Result:
     syntax = _transcode(ds, source, spec.transfer_syntax)
     changes = before.changes(ds)  # before the encoder's own tweaks (ambiguous VRs)
     data = _encode(ds, syntax)
-    return _Result(data, changes, syntax, str(ds.SOPInstanceUID))
+    return _Result(data, changes, syntax, str(ds.SOPInstanceUID), str(ds.SOPClassUID))
 
 
 def _source_syntax(ds: Dataset) -> str:

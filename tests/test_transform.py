@@ -746,6 +746,36 @@ def test_the_spliced_head_and_the_rest_of_the_source_are_what_transform_file_wri
         assert spliced.tail_at < src.stat().st_size - len(dcmread(src).PixelData)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TransformSpec(set=(("StationName", "GW"),)),  # spliced
+        TransformSpec(transfer_syntax="rle"),  # pydicom
+        TransformSpec(deidentify="basic"),  # a new SOP Instance UID
+    ],
+)
+def test_what_transform_file_says_of_its_copy_is_what_inspect_reads(
+    tmp_path: Path, secret: bytes, spec: TransformSpec
+) -> None:
+    """The pool hands the sender what the engine wrote instead of reading the copy back."""
+    from forwarder.dicomfile import inspect
+    from forwarder.transformpool import _prepare
+
+    prepared = _prepare(data_file("CT_small.dcm"), tmp_path / "copy.dcm", spec, secret)
+    read = inspect(tmp_path / "copy.dcm")
+    said = prepared.info
+    assert (said.path, said.size, said.dataset_offset) == (
+        read.path,
+        read.size,
+        read.dataset_offset,
+    )
+    assert (said.sop_class_uid, said.sop_instance_uid, said.transfer_syntax) == (
+        read.sop_class_uid,
+        read.sop_instance_uid,
+        read.transfer_syntax,
+    )
+
+
 def test_a_change_after_a_large_pixel_data_is_not_spliced_in_memory(
     tmp_path: Path, secret: bytes
 ) -> None:
