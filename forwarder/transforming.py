@@ -127,7 +127,7 @@ class TransformingSender(Sender):
         future: Future[Prepared] = Future()
         dst = self.pool.copy_path()  # never created unless the peer needs a conversion
         try:
-            spliced = splice_head(info.path, self.spec)
+            spliced = splice_head(info.path, self.spec, changes=False)
         except Exception as exc:  # this instance's outcome: `_outcome` classifies it
             future.set_exception(exc)
             return dst, future
