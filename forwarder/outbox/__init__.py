@@ -81,6 +81,7 @@ from forwarder.outbox.db import BUSY_TIMEOUT_SECONDS, MIN_SQLITE
 from forwarder.outbox.pruning import PRUNE_LIMIT, VACUUM_STEP_PAGES
 from forwarder.outbox.records import (
     FINAL_STATES,
+    Commitment,
     Delivery,
     DestinationInfo,
     Heartbeat,
@@ -105,6 +106,7 @@ __all__ = [
     "PRUNE_LIMIT",
     "SCHEMA_VERSION",
     "VACUUM_STEP_PAGES",
+    "Commitment",
     "Delivery",
     "DestinationInfo",
     "Heartbeat",
