@@ -31,6 +31,7 @@ __all__ = [
     "encode_request",
     "failure_reason",
     "new_transaction_uid",
+    "report_of",
 ]
 
 STORAGE_COMMITMENT: Final = "1.2.840.10008.1.20.1"
@@ -134,18 +135,32 @@ def decode_report(event_type: int, data: bytes, transfer_syntax: str) -> Report:
     """
     from pydicom.filereader import read_dataset
 
-    if event_type not in (EVENT_ALL_COMMITTED, EVENT_SOME_FAILED):
-        raise ValueError(f"event type {event_type} is not a Storage Commitment result")
     try:
         ds = read_dataset(
             BytesIO(data),
             is_implicit_VR=transfer_syntax == IMPLICIT_LE,
             is_little_endian=True,
         )
+    except Exception as exc:  # pydicom raises many kinds on a damaged data set
+        raise ValueError(f"cannot read the report's data set: {exc}") from exc
+    return report_of(event_type, ds)
+
+
+def report_of(event_type: int, ds: Dataset) -> Report:
+    """A decoded N-EVENT-REPORT data set (what pynetdicom hands an SCP) as a `Report`.
+
+    Raises
+    ------
+    ValueError
+        No Transaction UID, a reference without its UIDs, or an event type other than 1, 2.
+    """
+    if event_type not in (EVENT_ALL_COMMITTED, EVENT_SOME_FAILED):
+        raise ValueError(f"event type {event_type} is not a Storage Commitment result")
+    try:
         uid = str(ds.get("TransactionUID", "") or "")
         committed = tuple(
             (str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID))
-            for i in ds.get("ReferencedSOPSequence", [])
+            for i in ds.get("ReferencedSOPSequence", None) or []
         )
         failed = tuple(
             (
@@ -153,10 +168,10 @@ def decode_report(event_type: int, data: bytes, transfer_syntax: str) -> Report:
                 str(i.ReferencedSOPInstanceUID),
                 int(i.FailureReason) if "FailureReason" in i else None,
             )
-            for i in ds.get("FailedSOPSequence", [])
+            for i in ds.get("FailedSOPSequence", None) or []
         )
-    except Exception as exc:  # pydicom raises many kinds on a damaged data set
-        raise ValueError(f"cannot read the report's data set: {exc}") from exc
+    except Exception as exc:  # a missing attribute, a value that is not a number
+        raise ValueError(f"cannot read the report: {exc}") from exc
     if not uid:
         raise ValueError("the report has no Transaction UID")
     return Report(uid, event_type, committed, failed)
