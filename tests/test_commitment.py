@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -667,3 +668,34 @@ def test_config_check_says_reports_on_a_new_association_need_the_receiver() -> N
     assert line.startswith("destinations.0.commitment (pacs): warning: [receive] is not listening")
     assert settings.destinations[0].commitment.timeout_seconds == 3600
     assert not settings.destinations[1].commitment.enabled
+
+
+def test_status_find_and_queue_show_stored_awaiting_commitment(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    from test_commands import cli
+
+    box_path = tmp_path / "cli.sqlite3"
+    now = time.time()
+    with Outbox(box_path) as box:
+        queue_files(box, files, ["pacs"])
+        _stored(box, "2.25.42", now - 120)
+    config = tmp_path / "f.toml"
+    config.write_text(
+        f'[outbox]\npath = "{box_path}"\n\n[[destinations]]\nname = "pacs"\nhost = "h"\n'
+        "port = 104\n[destinations.commitment]\nenabled = true\n",
+        encoding="utf-8",
+    )
+    status = cli("status", "--config", str(config))
+    assert status.status == 0, status.err
+    assert "pacs: 3 stored, awaiting commitment since " in status.out and "2m" in status.out
+    (pacs,) = cli("status", "--config", str(config), "--json").json()["destinations"]
+    assert pacs["awaiting_commitment"] == 3 and pacs["awaiting_commitment_since"]
+    found = cli("find", UIDS[0], "--config", str(config))
+    assert found.status == 0, found.err
+    assert "stored, awaiting commitment" in found.out and "transaction 2.25.42" in found.out
+    listed = cli("queue", "list", "--state", "committing", "--config", str(config), "--json")
+    rows = listed.json()["deliveries"]
+    assert {(d["state"], d["commit_uid"]) for d in rows} == {("committing", "2.25.42")}
+    text = cli("queue", "list", "--state", "committing", "--config", str(config)).out
+    assert "stored, awaiting commitment since" in text
