@@ -699,3 +699,41 @@ def test_status_find_and_queue_show_stored_awaiting_commitment(
     assert {(d["state"], d["commit_uid"]) for d in rows} == {("committing", "2.25.42")}
     text = cli("queue", "list", "--state", "committing", "--config", str(config)).out
     assert "stored, awaiting commitment since" in text
+
+
+def test_daemon_keeps_the_sources_until_the_peer_commits(
+    tmp_path: Path, commit_scp: CommitSCP
+) -> None:
+    """`forwarder run` with a commitment destination: the files stay in the inbox while the
+    peer holds its report back, and go once it reports on the same association."""
+    from test_daemon import Forwarder, dest
+
+    fwd = Forwarder(tmp_path)
+    fwd.inbox.mkdir()
+    commit_scp.gate.clear()
+    try:
+        fwd.configure(
+            [dest("archive", commit_scp.port, called_aet="ARCHIVE",
+                  commitment={"enabled": True, "timeout_seconds": 60})]
+        ).start()  # fmt: skip
+        for i, uid in enumerate(UIDS):
+            staged = tmp_path / "staging" / f"{i}.dcm"
+            make_instance(staged, uid)
+            staged.rename(fwd.inbox / f"{i}.dcm")
+
+        def asked() -> list[str]:
+            return sorted(u for _tx, uids in list(commit_scp.requests) for u in uids)
+
+        fwd.wait(lambda: asked() == sorted(UIDS), what="every instance asked (N-ACTION)")
+        assert len(fwd.inbox_files()) == 3  # stored, but not committed yet: kept
+        assert {d.state for d in fwd.deliveries()} == {State.COMMITTING}
+        commit_scp.gate.set()
+        fwd.wait(lambda: not fwd.inbox_files(), what="the inbox emptied")
+        assert {d.state for d in fwd.deliveries()} == {State.SENT}
+        assert sorted(commit_scp.stored) == sorted(UIDS)
+        log = fwd.text()
+        assert "commitment report from archive on our association" in log
+        assert log.count("committed: ") == 3
+        assert fwd.stop() == 0
+    finally:
+        fwd.cleanup()
