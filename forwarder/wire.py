@@ -545,30 +545,35 @@ class Link:
             raise WireError("the peer asked to release the association mid-transfer")
         if pdu_type != PDATA:
             raise WireError(f"unexpected PDU type 0x{pdu_type:02X} from the peer")
-        pos = 0
-        items = []
-        while pos + 6 <= len(body):
-            item_len, cx, mch = _PDV_HEADER.unpack_from(body, pos)
-            if item_len < 2 or pos + 4 + item_len > len(body):
-                raise WireError(f"malformed PDV item (length {item_len}) from the peer")
-            items.append((cx, mch, body[pos + 6 : pos + 4 + item_len]))
-            pos += 4 + item_len
-        if not items:
+        size = len(body)
+        if size < 6:
             raise WireError("P-DATA-TF without a PDV item from the peer")
-        first = items[0]
-        self._pdv_queue.extend(items[1:])
-        return first
+        item_len, cx, mch = _PDV_HEADER.unpack_from(body, 0)
+        end = 4 + item_len
+        if item_len < 2 or end > size:
+            raise WireError(f"malformed PDV item (length {item_len}) from the peer")
+        pos = end
+        while pos + 6 <= size:  # more items in this PDU (rare): queued
+            n, c, m = _PDV_HEADER.unpack_from(body, pos)
+            if n < 2 or pos + 4 + n > size:
+                raise WireError(f"malformed PDV item (length {n}) from the peer")
+            self._pdv_queue.append((c, m, body[pos + 6 : pos + 4 + n]))
+            pos += 4 + n
+        return cx, mch, body[6:end]
 
     def _read_command(self) -> tuple[int, bytes]:
         """The next whole command set: (context ID, bytes)."""
+        cx, mch, fragment = self._next_pdv()
+        if mch == 0x03:  # the whole command in one fragment: the usual case
+            return cx, fragment
         command = bytearray()
         while True:
-            cx, mch, fragment = self._next_pdv()
             if not mch & 0x01:
                 raise WireError("the peer sent a data set where a command was due")
             command += fragment
             if mch & 0x02:
                 return cx, bytes(command)
+            cx, mch, fragment = self._next_pdv()
 
     def _read_data_set(self) -> bytes:
         """The data set that follows a command (P-DATA PDVs up to the last fragment)."""

@@ -68,9 +68,13 @@ class CommitSCP:
     reported: list[int] = field(default_factory=list)  # statuses of our N-EVENT-REPORT-RSPs
     fail: dict[str, int] = field(default_factory=dict)
     report: bool = True
+    early: bool = False  # report before answering the N-ACTION (inside its handler)
     gate: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # one report at a time: pynetdicom's threads sending on one association would race for
+    # each other's responses
+    sending: threading.Lock = field(default_factory=threading.Lock)
     server: Any = None
 
 
@@ -110,15 +114,22 @@ def commit_scp() -> Iterator[CommitSCP]:
                     ds.ReferencedSOPSequence = [_item(c, i) for c, i in ok]
                 if bad:
                     ds.FailedSOPSequence = [_item(c, i, peer.fail[i]) for c, i in bad]
-                rsp, _ = assoc.send_n_event_report(
-                    ds, 2 if bad else 1, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE
-                )
+                with peer.sending:
+                    rsp, _ = assoc.send_n_event_report(
+                        ds,
+                        2 if bad else 1,
+                        StorageCommitmentPushModel,
+                        STORAGE_COMMITMENT_INSTANCE,
+                    )
                 with peer.lock:
                     peer.reported.append(int(rsp.Status) if "Status" in rsp else -1)
 
-            thread = threading.Thread(target=send, name="commit-scp-report")
-            peer.threads.append(thread)
-            thread.start()
+            if peer.early:
+                send()
+            else:
+                thread = threading.Thread(target=send, name="commit-scp-report")
+                peer.threads.append(thread)
+                thread.start()
         return 0x0000, None
 
     peer.server = ae.start_server(
@@ -256,6 +267,18 @@ def test_sources_are_deleted_only_after_the_success_report(
     wait_for(lambda: commit_scp.reported == [0x0000])  # the peer got our answer
     assert sorted(commit_scp.stored) == sorted(UIDS)  # nothing was sent twice
     assert len(commit_scp.requests) == 1
+
+
+def test_a_report_that_comes_before_the_n_action_response_is_taken(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path]
+) -> None:
+    """A peer may report while we wait for its N-ACTION-RSP: it is answered on the spot."""
+    queue_files(rig.outbox, files, ["pacs"])
+    commit_scp.early = True
+    w = rig.worker()
+    rig.until(w, lambda: not any(p.exists() for p in files))
+    assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
+    assert commit_scp.reported == [0x0000] and len(commit_scp.requests) == 1
 
 
 def test_failed_references_are_stored_again_then_quarantined_with_the_reason(
