@@ -306,7 +306,12 @@ class Sender:
         elif self.on_report is None or request.data_set is None:
             LOGGER.warning(f"{self.peer.label}: commitment report without a data set or taker")
         else:
-            status = self.on_report(event, request.data_set, ts)
+            try:
+                status = self.on_report(event, request.data_set, ts)
+            except Exception as exc:  # the association must not die of one report
+                LOGGER.exception(
+                    f"{self.peer.label}: commitment report answered 0x0110: {one_line(exc)}"
+                )
         return encode_event_report_response(request, status)
 
     # -- sending --------------------------------------------------------------------

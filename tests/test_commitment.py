@@ -760,3 +760,22 @@ def test_daemon_keeps_the_sources_until_the_peer_commits(
         assert fwd.stop() == 0
     finally:
         fwd.cleanup()
+
+
+def test_a_peer_without_storage_commitment_keeps_the_files_and_says_why(
+    make_rig: Callable[..., Rig], scp: Any, files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Storage SCP that does not accept the Storage Commitment context: the stores go on,
+    the request is a configuration error (not counted), the files stay."""
+    rig = make_rig(scp.port, "ANY-SCP")
+    queue_files(rig.outbox, files, ["pacs"])
+    w = rig.worker()
+    w.loop(rig.clock[0])
+    assert sorted(scp.uids()) == sorted(UIDS)
+    (tx,) = rig.outbox.commitments()
+    assert tx.asked_at is None and tx.attempts == 0
+    assert tx.next_ask_at == rig.clock[0] + rig.retry.max_seconds
+    assert "did not accept the Storage Commitment Push Model" in (tx.last_error or "")
+    assert "did not accept the Storage Commitment Push Model" in caplog.text
+    assert all(p.exists() for p in files)
+    assert {d.state for d in rig.outbox.list()} == {State.COMMITTING}
