@@ -198,7 +198,7 @@ class Worker(threading.Thread):
                 self._sender.release()
             self._idle(IDLE_SECONDS)
             return
-        if self._commitment.enabled and not self._ask_due(now):
+        if self._asks_commitment() and not self._ask_due(now):
             return
         if not self._sender.is_open:
             due = self._next_work(now)
@@ -264,13 +264,30 @@ class Worker(threading.Thread):
     def _next_work(self, now: float) -> float | None:
         """When there is next something to send or to ask (None: nothing queued)."""
         due = self.outbox.next_due(self.dest.name, now)
-        if not self._commitment.enabled:
+        if not self._sender.commitment:
             return due
         ask = self.outbox.next_ask(self.dest.name)
         if ask is not None:
             paused = self.crew.breaker.remaining(now)
             ask = max(ask, now + paused) if paused else ask
         return min((t for t in (due, ask) if t is not None), default=None)
+
+    def _asks_commitment(self) -> bool:
+        """True when this worker asks for Storage Commitment: its destination wants it, or
+        it did before (a reload or restart turned it off) and transactions are still open:
+        those are asked for and settled as promised, new stores are not."""
+        if self._sender.commitment:
+            return True
+        if self.outbox.next_ask(self.dest.name) is None:
+            return False
+        LOGGER.warning(
+            f"destination {self.dest.name}: commitment is off, but transactions asked for "
+            "before are open: they are asked for until the peer reports",
+            extra=fields(destination=self.dest.name, outcome="commitment-leftover"),
+        )
+        self._sender.commitment = True
+        self._sender.on_report = self._on_report
+        return True
 
     def _reports_awaited(self) -> bool:
         """True while transactions asked on the open association have not been reported."""

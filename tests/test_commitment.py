@@ -779,3 +779,45 @@ def test_a_peer_without_storage_commitment_keeps_the_files_and_says_why(
     assert "did not accept the Storage Commitment Push Model" in caplog.text
     assert all(p.exists() for p in files)
     assert {d.state for d in rig.outbox.list()} == {State.COMMITTING}
+
+
+def test_transactions_open_when_commitment_is_turned_off_are_still_settled(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    queue_files(rig.outbox, files[:2], ["pacs"])
+    commit_scp.report = False
+    first = rig.worker()
+    first.loop(rig.clock[0])
+    first.close()
+    rig.dest = destination(commit_scp.port, called_aet="ARCHIVE")  # a reload turned it off
+    commit_scp.report = True
+    queue_files(rig.outbox, files[2:], ["pacs"])
+    w = rig.worker()
+    rig.clock[0] += 61  # the open transaction is due again
+    rig.until(w, lambda: not any(p.exists() for p in files))
+    assert "commitment is off, but transactions asked for before are open" in caplog.text
+    assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
+    assert [sorted(uids) for _tx, uids in commit_scp.requests] == [UIDS[:2], UIDS[:2]]
+    assert rig.outbox.commitments() == []
+
+
+def test_a_file_goes_only_when_the_commitment_destination_committed_and_the_others_acked(
+    rig: Rig, commit_scp: CommitSCP, scp: Any, files: list[Path]
+) -> None:
+    queue_files(rig.outbox, files, ["pacs", "plain"])
+    commit_scp.gate.clear()
+    committing = rig.worker()
+    committing.loop(rig.clock[0])
+    plain_rig = Rig(rig.outbox, destination(scp.port, name="plain"), rig.disposer, rig.retry)
+    plain = plain_rig.worker()
+    try:
+        plain.loop(rig.clock[0])
+        assert sorted(scp.uids()) == sorted(UIDS)
+        states = {(d.destination, d.state) for d in rig.outbox.list()}
+        assert states == {("pacs", State.COMMITTING), ("plain", State.SENT)}
+        assert all(p.exists() for p in files)  # acked by one, not committed by the other
+        commit_scp.gate.set()
+        rig.until(committing, lambda: not any(p.exists() for p in files))
+        assert {d.state for d in rig.outbox.list()} == {State.SENT}
+    finally:
+        plain.close()
