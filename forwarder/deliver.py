@@ -198,8 +198,13 @@ class Worker(threading.Thread):
                 self._sender.release()
             self._idle(IDLE_SECONDS)
             return
-        if self._asks_commitment() and not self._ask_due(now):
-            return
+        if self._asks_commitment() and not self._sender.is_open:
+            # with stores due, the requests wait for the association the batch opens (with
+            # the storage contexts): one opened for them alone would be released for the
+            # batch at once, before a peer could report on it
+            due = self.outbox.next_due(self.dest.name, now)
+            if (due is None or due > now) and not self._ask_due(now):
+                return
         if not self._sender.is_open:
             due = self._next_work(now)
             if due is None or due > now:  # nothing to send: no association knocks on the peer
@@ -215,6 +220,8 @@ class Worker(threading.Thread):
             share=2 * scale.allowed if scale.allowed > 1 else 1,
         )
         if not batch:
+            if self._sender.commitment and not self._ask_due(now):  # on the open association
+                return
             self._ran_out(now, self._next_work(now))
             return
         if self._ran_dry:
@@ -229,9 +236,9 @@ class Worker(threading.Thread):
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
-        if self._tx_uid is not None and self._sender.is_open:
-            self._ask_due(self.clock())  # the batch's transaction, on the same association
         self._tx_uid = None
+        if self._sender.commitment and self._sender.is_open:
+            self._ask_due(self.clock())  # the batch's transaction, and any due, on its association
         if self._fresh:
             self._sender.release()
             self._fresh = False
