@@ -10,7 +10,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.association import (
@@ -41,6 +40,7 @@ from forwarder.lossy import mark_lossy
 from forwarder.status import Action, Classification, classify_status
 from forwarder.wire import (
     N_ACTION_RSP,
+    FileData,
     Request,
     SourceUnreadable,
     WireError,
@@ -425,10 +425,10 @@ class Sender:
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
         return StoreResult(info, Classification(Action.PERMANENT, last_error))
 
-    def _payload(self, info: DicomInfo, ts: str, how: str) -> tuple[Path, int] | bytes:
+    def _payload(self, info: DicomInfo, ts: str, how: str) -> FileData | bytes:
         """What to send: the file itself from its data set offset, or re-encoded bytes."""
         if how == "as is":
-            return (info.path, info.dataset_offset)
+            return FileData(info.path, info.dataset_offset)
         from pydicom import dcmread
         from pydicom.uid import UID
 
@@ -469,7 +469,7 @@ class Sender:
         current: Association,
         info: DicomInfo,
         cx_id: int,
-        payload: tuple[Path, int] | bytes,
+        payload: FileData | bytes,
         may_resend: bool = False,
     ) -> Classification:
         """One C-STORE on the association's socket; classified by its response status.

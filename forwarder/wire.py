@@ -42,6 +42,7 @@ __all__ = [
     "RELEASE_RP",
     "RELEASE_RQ",
     "VERIFICATION",
+    "FileData",
     "Link",
     "Request",
     "RequestHandler",
@@ -91,6 +92,20 @@ else:  # pragma: no cover - macOS before 11: no preadv
     def _read_at(fd: int, buf: memoryview, pos: int) -> int:
         os.lseek(fd, pos, os.SEEK_SET)
         return os.readv(fd, [buf])
+
+
+@dataclass(frozen=True)
+class FileData:
+    """A data set streamed from disk: `head` (in memory, sent first; usually empty) and then
+    the file at `path` from `offset` to its end.
+
+    A head is how a transform that changes only the header (``set``/``remove``) sends its
+    result: the changed elements from memory, the rest (the pixel data) from the source.
+    """
+
+    path: Path
+    offset: int
+    head: bytes = b""
 
 
 class SourceUnreadable(Exception):
@@ -377,7 +392,7 @@ class Link:
         self,
         cx_id: int,
         command: bytes,
-        payload: tuple[Path, int] | bytes | None,
+        payload: FileData | tuple[Path, int] | bytes | None,
         max_pdu: int,
     ) -> None:
         """Write one DIMSE request: the command PDU, then the data set in fragments.
@@ -411,8 +426,10 @@ class Link:
             self.send(bytes(head) + next(chunks))
             for chunk in chunks:
                 self.send(chunk)
-        else:
+        elif isinstance(payload, FileData):
             self._send_file(cx_id, head, payload, frag)
+        else:
+            self._send_file(cx_id, head, FileData(*payload), frag)
 
     def _fragments(self, cx_id: int, data: bytes, frag: int) -> Iterator[bytes]:
         if len(data) % 2:
@@ -430,30 +447,36 @@ class Link:
             if last:
                 return
 
-    def _send_file(self, cx_id: int, head: bytearray, payload: tuple[Path, int], frag: int) -> None:
-        path, offset = payload
+    def _send_file(self, cx_id: int, head: bytearray, payload: FileData, frag: int) -> None:
         if len(self._buf) != _HEADERS + frag:
             self._buf = bytearray(_HEADERS + frag)
         buf = self._buf
         view = memoryview(buf)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(payload.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:  # nothing is on the wire yet: the association is fine
             raise SourceUnreadable(exc) from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):  # replaced by a folder (open() would have failed)
-                raise SourceUnreadable(IsADirectoryError(21, "not a regular file", str(path)))
+                raise SourceUnreadable(
+                    IsADirectoryError(21, "not a regular file", str(payload.path))
+                )
             # positional reads: no seeks (every system call lets another thread take the GIL)
-            pos = offset
-            remaining = st.st_size - offset
+            pos = payload.offset
+            first = memoryview(payload.head)  # sent before the file's bytes
+            remaining = len(first) + st.st_size - payload.offset
             pending: bytes | None = bytes(head)  # the command rides with the first fragment
             while True:
                 n = min(frag, remaining)
-                got = _read_at(fd, view[_HEADERS : _HEADERS + n], pos) if n else 0
-                if got != n:
+                k = min(n, len(first))
+                if k:
+                    view[_HEADERS : _HEADERS + k] = first[:k]
+                    first = first[k:]
+                got = _read_at(fd, view[_HEADERS + k : _HEADERS + n], pos) if n > k else 0
+                if got != n - k:
                     raise OSError(5, "file shrank while it was being sent")
-                pos += n
+                pos += got
                 remaining -= n
                 if n % 2:  # only ever the last fragment: `frag` is even
                     # An odd-length data set: a deflated one whose stream was not padded

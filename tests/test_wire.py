@@ -18,6 +18,7 @@ from forwarder.dicomfile import inspect
 from forwarder.wire import (
     C_ECHO_RSP,
     VERIFICATION,
+    FileData,
     WireError,
     decode_command,
     encode_echo_command,
@@ -130,6 +131,29 @@ def test_link_streams_a_file_and_reads_the_response(assoc: tuple[Association, SC
     assert all(r.transfer_syntax == EXPLICIT_LE for r in got)
     association.release()
     assert association.closed
+
+
+@pytest.mark.parametrize("head_size", [0, 1, 4083, 4084, 4085, 9000])
+def test_link_sends_a_head_from_memory_then_the_file(
+    assoc: tuple[Association, SCP], head_size: int
+) -> None:
+    """A spliced `set`/`remove`: the changed head, then the source from an offset; the
+    fragments are cut across the seam (4084 bytes of data per PDU here)."""
+    association, scp = assoc
+    info = inspect(data_file("CT_small.dcm"))
+    data = info.path.read_bytes()[info.dataset_offset :]
+    head = bytes(range(256)) * (head_size // 256) + bytes(head_size % 256)
+    tail_at = info.dataset_offset + 2000  # any offset: the bytes are not looked at
+    association.link.send_message(
+        _cx(association),
+        encode_store_command(CT, info.sop_instance_uid, 1),
+        FileData(info.path, tail_at, head),
+        association.send_pdu,
+    )
+    rsp = association.link.read_response()
+    assert rsp.message_id == 1
+    (got,) = scp.received
+    assert got.encoded == head + data[2000:] + b"\x00" * ((len(head) + len(data) - 2000) % 2)
 
 
 def test_link_sends_bytes_and_reports_the_status(assoc: tuple[Association, SCP]) -> None:
