@@ -602,10 +602,17 @@ def test_the_outbox_keeps_transactions_and_leases_their_requests(
         (tx,) = box.claim_asks("pacs", 10, T0, 300)
         assert tx.uid == "1.2.3" and tx.asked_at is None and tx.attempts == 0
         assert box.claim_asks("pacs", 10, T0, 300) == []  # leased: nobody else asks it
+        box.asked("1.2.3", T0, T0 + 5, accepted=False, status=0xA700, error="0xA700 busy")
+        box.asked("1.2.3", T0, T0 + 5, accepted=False, counted=False)  # no association
+        tx = box.commitment("1.2.3")
+        assert tx is not None and (tx.attempts, tx.last_status, tx.last_error) == (
+            1, 0xA700, "0xA700 busy"
+        )  # fmt: skip
         box.asked("1.2.3", T0, T0 + 60, accepted=True, status=0)
     with Outbox(path) as box:  # a restart
         (tx,) = box.commitments()
-        assert (tx.asked_at, tx.attempts, tx.next_ask_at) == (T0, 1, T0 + 60)
+        assert (tx.asked_at, tx.attempts, tx.next_ask_at) == (T0, 2, T0 + 60)
+        assert (tx.last_status, tx.last_error) == (0, None)
         assert box.counts()["pacs"][State.COMMITTING] == 3
         # a file with a row awaiting commitment is not "delivered": its rows are kept
         pruned = box.prune_delivered(T0 + 10**9)

@@ -415,10 +415,16 @@ SQL_CLAIM_ASKS: Final = (
     + COMMITMENT_COLUMNS
 )
 
+# an accepted request clears the last error; one that failed without a word (no association)
+# keeps the one before
 SQL_ASKED: Final = """
     UPDATE commitments
        SET asked_at = coalesce(:asked_at, asked_at), attempts = attempts + :counted,
-           next_ask_at = :next_ask_at, last_status = :status, last_error = :error
+           next_ask_at = :next_ask_at,
+           last_status = CASE WHEN :asked_at IS NOT NULL THEN :status
+                              ELSE coalesce(:status, last_status) END,
+           last_error = CASE WHEN :asked_at IS NOT NULL THEN NULL
+                             ELSE coalesce(:error, last_error) END
      WHERE uid = :uid
 """
 
