@@ -2,9 +2,10 @@
 
 A delivery to a destination with ``[destinations.commitment] enabled`` is COMMITTING once
 stored, waiting on a transaction (`forwarder.outbox.Commitment`). This module decides what a
-report does to those rows (`record_report`, and `handle_report` for a report that comes on an
-association the peer opens to our receiver) and what asking (again) does (`ask`); the worker
-(`forwarder.deliver`) sends the requests and takes the reports on its own association.
+report does to those rows (`record_report`; for a report that comes on an association the peer
+opens to our receiver: `answer_report` with the request as read off the wire, `handle_report`
+with a decoded data set) and what asking (again) does (`ask`); the worker (`forwarder.deliver`)
+sends the requests and takes the reports on its own association.
 
 * A success reference: the row is SENT (committed); its file may leave the inbox once every
   destination has it.
@@ -26,12 +27,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from forwarder.commitmsg import Report, failure_reason, report_of
+from forwarder.commitmsg import (
+    STORAGE_COMMITMENT,
+    Report,
+    decode_report,
+    failure_reason,
+    report_of,
+)
 from forwarder.events import Events
 from forwarder.logs import fields
 from forwarder.outbox import Commitment, Delivery, Mark, Outbox, OutboxError, State
 from forwarder.policy import Next, RetryLimits, backoff, decide
 from forwarder.status import Action, Classification
+from forwarder.wire import N_EVENT_REPORT_RQ, Request, encode_event_report_response
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -41,6 +49,7 @@ __all__ = [
     "SUCCESS",
     "Asked",
     "Settled",
+    "answer_report",
     "ask",
     "handle_report",
     "record_report",
@@ -54,7 +63,7 @@ PROCESSING_FAILURE: Final = 0x0110
 be written, the data set could not be read): the peer may report again."""
 _RESOURCE_LIMITATION: Final = 0x0213
 
-Request = Callable[[str, Sequence[tuple[str, str]]], Classification]
+Ask = Callable[[str, Sequence[tuple[str, str]]], Classification]
 """Sends one N-ACTION-RQ: (transaction UID, references) -> its response classified
 (`forwarder.sender.Sender.request_commitment`)."""
 
@@ -110,6 +119,44 @@ def handle_report(
     return record_report(
         outbox, report, retry=retry, events=events, now=now, source=f"from {calling_aet}"
     )
+
+
+def answer_report(
+    outbox: Outbox,
+    calling_aet: str,
+    request: Request,
+    transfer_syntax: str,
+    *,
+    retry: RetryLimits,
+    events: Events | None = None,
+    now: float | None = None,
+) -> tuple[bytes, Settled]:
+    """Record an N-EVENT-REPORT-RQ as it came over the wire on an association a peer opened
+    to our receiver (`forwarder.wire.Request`: its command and data set, the data set in the
+    context's `transfer_syntax`); returns the command set of the N-EVENT-REPORT-RSP to send
+    on the same presentation context, and the `Settled` (hand its ``finished`` to the
+    disposer). Never raises.
+    """
+    settled = Settled(PROCESSING_FAILURE)
+    if request.field != N_EVENT_REPORT_RQ or request.uid(0x00000002) != STORAGE_COMMITMENT:
+        LOGGER.warning(
+            f"request 0x{request.field:04X} for {request.uid(0x00000002)!r} from {calling_aet} "
+            "answered 0x0110: not a Storage Commitment report"
+        )
+    elif request.data_set is None:
+        LOGGER.warning(f"commitment report from {calling_aet} answered 0x0110: no data set")
+    else:
+        raw = request.command.get(0x00001002, b"")
+        event_type = int.from_bytes(raw[:2], "little") if len(raw) >= 2 else 0
+        try:
+            report = decode_report(event_type, request.data_set, transfer_syntax)
+        except ValueError as exc:
+            LOGGER.warning(f"commitment report from {calling_aet} answered 0x0110: {exc}")
+        else:
+            settled = record_report(
+                outbox, report, retry=retry, events=events, now=now, source=f"from {calling_aet}"
+            )
+    return encode_event_report_response(request, settled.status), settled
 
 
 def record_report(
@@ -229,7 +276,7 @@ def _refused(d: Delivery, reason: int | None, retry: RetryLimits, now: float, ra
 
 def ask(
     outbox: Outbox,
-    request: Request,
+    request: Ask,
     tx: Commitment,
     *,
     timeout: float,

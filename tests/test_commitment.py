@@ -828,3 +828,46 @@ def test_a_file_goes_only_when_the_commitment_destination_committed_and_the_othe
         assert {d.state for d in rig.outbox.list()} == {State.SENT}
     finally:
         plain.close()
+
+
+def test_answer_report_takes_a_request_as_read_off_the_wire(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path]
+) -> None:
+    """What the receiver's acceptor (on forwarder.wire) hands over: the N-EVENT-REPORT-RQ's
+    command and data set; it gets the N-EVENT-REPORT-RSP to send back."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    from forwarder.wire import Request, _element, _group, _us, decode_command
+
+    queue_files(rig.outbox, files[:2], ["pacs"])
+    commit_scp.report = False
+    w = rig.worker()
+    w.loop(rig.clock[0])
+    (tx,) = rig.outbox.commitments()
+    command = _group(
+        _element(0x00000002, b"1.2.840.10008.1.20.1"),
+        _us(0x00000100, 0x0100),  # N-EVENT-REPORT-RQ
+        _us(0x00000110, 9),
+        _us(0x00000800, 0x0000),
+        _element(0x00001000, STORAGE_COMMITMENT_INSTANCE.encode()),
+        _us(0x00001002, 1),
+    )
+    data = encode_report(Report(tx.uid, 1, ((CT, UIDS[0]), (CT, UIDS[1])), ()), EXPLICIT_LE)
+    request = Request(3, decode_command(command), data)
+    answer, settled = commitment.answer_report(
+        rig.outbox, "ARCHIVE", request, EXPLICIT_LE, retry=rig.retry, now=rig.clock[0]
+    )
+    rsp = read_dataset(BytesIO(answer), is_implicit_VR=True, is_little_endian=True)
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8100, 9, 0)
+    assert rsp.EventTypeID == 1
+    assert settled.committed == 2 and len(settled.finished) == 2
+    rig.disposer.done(settled.finished)
+    assert not files[0].exists() and not files[1].exists()
+    # a damaged data set: 0x0110, nothing changes
+    bad = Request(3, decode_command(command), b"\x08\x00\x95")
+    answer, settled = commitment.answer_report(
+        rig.outbox, "ARCHIVE", bad, EXPLICIT_LE, retry=rig.retry, now=rig.clock[0]
+    )
+    assert read_dataset(BytesIO(answer), True, True).Status == 0x0110
