@@ -543,8 +543,9 @@ def test_daemon_with_receiver_deletes_sources_only_after_orthancs_report(
     if "receive" not in Settings.model_fields:
         pytest.skip(
             "needs the C-STORE receiver ([receive], forwarder/receiver.py, issue 13 part 1) "
-            "to take Orthanc's report on a new association: enable once it lands and calls "
-            "commitment.handle_report from its EVT_N_EVENT_REPORT"
+            "to take Orthanc's report on a new association: enable once it lands, accepts "
+            "the Storage Commitment context and hands N-EVENT-REPORT-RQs to "
+            "commitment.answer_report"
         )
     from test_daemon import Forwarder, dest
 
