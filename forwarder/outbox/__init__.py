@@ -56,8 +56,8 @@ Delivered rows (SENT, GONE) are deleted once older than the retention (`Outbox.p
 batches of short transactions, driven by `forwarder.retention`); PENDING, INFLIGHT, COMMITTING and
 QUARANTINED rows never are. The file uses incremental auto_vacuum, so `Outbox.vacuum_step` gives the
 freed pages back in bounded steps; a file created before schema 5 is converted by one VACUUM when a
-writer first opens it. `Outbox.retention_horizon` says up to when rows were pruned, for ``forwarder
-find``.
+writer first opens it. `Outbox.retention_horizon` says up to when rows were pruned, for
+``forwarder find``.
 
 Storage Commitment
 ------------------
