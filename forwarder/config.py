@@ -42,6 +42,7 @@ from forwarder.transformspec import (
 
 __all__ = [
     "EX_CONFIG",
+    "CommitmentSettings",
     "ConfigError",
     "Destination",
     "Settings",
@@ -216,6 +217,16 @@ class RoutingSettings(_Model):
     unmatched: Literal["quarantine", "dispose"] = "quarantine"
 
 
+class CommitmentSettings(_Model):
+    """Storage Commitment before disposal (``[destinations.commitment]``)."""
+
+    # true: after storing, ask the peer to commit (N-ACTION); the source is disposed of only
+    # once it reports every instance committed
+    enabled: bool = False
+    # no report by then: ask again (not a resend), counted under [retry]
+    timeout_seconds: Seconds = 3600
+
+
 class Destination(_Model):
     """One DICOM peer, and which instances it gets (every one, unless rules say otherwise)."""
 
@@ -237,6 +248,7 @@ class Destination(_Model):
     match: dict[RuleKey, Globs] = {}
     exclude: dict[RuleKey, Globs] = {}
     transform: DestinationTransform | None = None
+    commitment: CommitmentSettings = CommitmentSettings()
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
     _host = field_validator("host")(_check_host)
