@@ -90,6 +90,7 @@ class Daemon:
             settings.outbox.keep_sent_seconds,
             settings.watch.paths,
             requeued=self.wake_workers,
+            held=self._held,
         )
         self.transforms = Transforms()
         self.watcher: Watcher | None = None
@@ -100,6 +101,10 @@ class Daemon:
     @property
     def workers(self) -> list[Worker]:
         return [w for crew in self.crews.values() for w in crew.workers]
+
+    def _held(self) -> list[int]:
+        """The rows the live workers (retiring ones too) are sending now."""
+        return [i for w in [*self.workers, *self._retired] if w.is_alive() for i in w.held]
 
     def die(self, reason: str, status: int) -> None:
         """A stage cannot go on: stop the daemon with a non-zero exit `status`, so that the

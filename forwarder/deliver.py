@@ -104,6 +104,7 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.last_beat = time.monotonic()
         self.busy_since: float | None = None  # monotonic start of the current batch
+        self.held: tuple[int, ...] = ()  # the rows of the batch being sent (leases renewed)
         self.opening = False  # requesting its association before claiming (`_open_first`)
         self._last_activity = time.monotonic()
         self._sender = (sender or dicom_sender)(crew.dest, self.stop)
@@ -230,9 +231,11 @@ class Worker(threading.Thread):
         self.trouble.clear()  # a claim that took rows wrote to the outbox
         self.busy_since = time.monotonic()
         self._tx_uid = new_transaction_uid() if self._commitment.enabled else None
+        self.held = tuple(d.id for d in batch)
         try:
             self._send_batch(batch, now)
         finally:
+            self.held = ()
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
