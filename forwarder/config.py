@@ -348,6 +348,13 @@ class Destination(_Model):
         return value
 
     @property
+    def address(self) -> str:
+        """Where it sends, for people: ``called_aet@host:port``, or a dicomweb destination's url."""
+        if self.type == "dicomweb" and self.url is not None:
+            return self.url
+        return f"{self.called_aet}@{self.host}:{self.port}"
+
+    @property
     def transform_spec(self) -> TransformSpec | None:
         """The destination's transform; None when it sends the files' own bytes (no
         ``[destinations.transform]``, or one that changes nothing)."""

@@ -39,6 +39,7 @@ from forwarder.deliver import dicom_sender
 from forwarder.dicomfile import DicomInfo
 from forwarder.logs import one_line
 from forwarder.sender import Peer, Sender, StoreResult
+from forwarder.senderapi import DeliverySender
 from forwarder.status import Action, Classification
 from forwarder.transformpool import (
     Prepared,
@@ -354,10 +355,10 @@ class Transforms:
             if self.pool is not None:
                 self.pool.secret = self._secret
 
-    def sender(self, dest: Destination, stop: threading.Event) -> Sender:
-        """The sender of `dest`: its transform's, or the plain C-STORE sender."""
+    def sender(self, dest: Destination, stop: threading.Event) -> DeliverySender:
+        """The sender of `dest`: its transform's, or the plain C-STORE (or STOW-RS) sender."""
         spec = dest.transform_spec
-        if spec is None:
+        if spec is None or dest.type == "dicomweb":  # (the config refuses dicomweb transforms)
             return dicom_sender(dest, stop)
         if self.pool is None:
             self.pool = TransformPool(self._workers, self._spool, self._secret)
