@@ -332,8 +332,6 @@ class Destination(_Model):
                 raise ValueError("url: required for a dicomweb destination")
             if self.tls is not None and self.tls.server_name is not None:
                 raise ValueError("tls.server_name: not used by a dicomweb destination")
-            if self.transform_spec is not None:  # never send untransformed by mistake
-                raise ValueError("transform: not supported yet for a dicomweb destination")
         else:
             extra = [k for k in ("url", "auth") if getattr(self, k) is not None]
             if extra:

@@ -38,7 +38,7 @@ from forwarder.httpauth import Credentials, CredentialsError
 from forwarder.sender import StoreResult
 from forwarder.status import Action, Classification
 
-__all__ = ["StowSender", "stow_sender"]
+__all__ = ["Entry", "StowSender", "file_meta", "stow_sender"]
 
 LOGGER = logging.getLogger("forwarder.stow")
 
@@ -70,7 +70,7 @@ class _SourceFailed(Exception):
 
 
 @dataclass
-class _Entry:
+class Entry:
     """One instance of a request: its file, open, and the bytes that go out."""
 
     info: DicomInfo
@@ -260,10 +260,10 @@ class StowSender:
         for span in plan:
             if self.stop.is_set():
                 return
-            entries: list[_Entry] = []
+            entries: list[Entry] = []
             try:
                 for info in (todo[k] for k in span):
-                    entry = _open_entry(info)
+                    entry = self._entry(info)
                     if isinstance(entry, StoreResult):
                         yield entry
                     else:
@@ -274,7 +274,11 @@ class StowSender:
                 for e in entries:
                     e.fp.close()
 
-    def _request(self, entries: Sequence[_Entry]) -> Iterator[StoreResult]:
+    def _entry(self, info: DicomInfo) -> Entry | StoreResult:
+        """`info`'s file opened for its request, or the result that says why it cannot be."""
+        return _open_entry(info)
+
+    def _request(self, entries: Sequence[Entry]) -> Iterator[StoreResult]:
         """One request for `entries` (tried again, split, or paused as its answer says)."""
         tries = 0
         auth_retried = False
@@ -350,7 +354,7 @@ class StowSender:
             )
             return
 
-    def _post(self, entries: Sequence[_Entry]) -> _Attempt:
+    def _post(self, entries: Sequence[Entry]) -> _Attempt:
         """Send one request; its response (read whole) or what went wrong."""
         client = self._http()
         try:
@@ -432,7 +436,7 @@ class StowSender:
 
     def _per_instance(
         self,
-        entries: Sequence[_Entry],
+        entries: Sequence[Entry],
         status: int,
         outcomes: dict[str, dicomweb.InstanceOutcome],
         rsp: httpx.Response,
@@ -449,14 +453,14 @@ class StowSender:
             yield StoreResult(e.info, cls, e.info.transfer_syntax, "as is", each)
 
     def _all(
-        self, entries: Sequence[_Entry], cls: Classification, seconds: float
+        self, entries: Sequence[Entry], cls: Classification, seconds: float
     ) -> Iterator[StoreResult]:
         each = seconds / max(len(entries), 1)
         for e in entries:
             yield StoreResult(e.info, cls, e.info.transfer_syntax, "as is", each)
 
     def _source_failed(
-        self, entries: Sequence[_Entry], failed: _SourceFailed, seconds: float
+        self, entries: Sequence[Entry], failed: _SourceFailed, seconds: float
     ) -> Iterator[StoreResult]:
         """A file could not be read mid-request: the request was cut, nothing is known."""
         for e in entries:
@@ -477,7 +481,7 @@ def _what(exc: httpx.HTTPError) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _open_entry(info: DicomInfo) -> _Entry | StoreResult:
+def _open_entry(info: DicomInfo) -> Entry | StoreResult:
     """`info`'s file, open, with what goes out of it; or the result that says why not."""
     try:
         fp = open(info.path, "rb")  # noqa: SIM115 (closed by `send`)
@@ -492,16 +496,16 @@ def _open_entry(info: DicomInfo) -> _Entry | StoreResult:
         if len(head) == 132 and head[128:] == b"DICM":
             part = dicomweb.BodyPart(b"", 0, size)
         else:  # no preamble: a Part 10 header made from what the file says of itself
-            meta = _file_meta(info)
+            meta = file_meta(info)
             part = dicomweb.BodyPart(meta, info.dataset_offset, size - info.dataset_offset)
     except (OSError, ValueError) as exc:
         fp.close()
         what = exc.strerror if isinstance(exc, OSError) else str(exc)
         return StoreResult(info, Classification(Action.UNREADABLE, f"cannot read the file: {what}"))
-    return _Entry(info, fp, part)
+    return Entry(info, fp, part)
 
 
-def _file_meta(info: DicomInfo) -> bytes:
+def file_meta(info: DicomInfo) -> bytes:
     """Preamble, ``DICM`` and a file meta group for a file that has none."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.filebase import DicomBytesIO
@@ -518,7 +522,7 @@ def _file_meta(info: DicomInfo) -> bytes:
     return bytes(fp.getvalue())
 
 
-def _body(bound: str, entries: Sequence[_Entry]) -> Iterator[bytes]:
+def _body(bound: str, entries: Sequence[Entry]) -> Iterator[bytes]:
     """The multipart body, read from the files as it goes (one chunk in memory at a time)."""
     for e in entries:
         yield dicomweb.part_head(bound) + e.part.head

@@ -358,7 +358,7 @@ class Transforms:
     def sender(self, dest: Destination, stop: threading.Event) -> DeliverySender:
         """The sender of `dest`: its transform's, or the plain C-STORE (or STOW-RS) sender."""
         spec = dest.transform_spec
-        if spec is None or dest.type == "dicomweb":  # (the config refuses dicomweb transforms)
+        if spec is None:
             return dicom_sender(dest, stop)
         if self.pool is None:
             self.pool = TransformPool(self._workers, self._spool, self._secret)
@@ -366,6 +366,10 @@ class Transforms:
                 self.pool.make_spool()
             except OSError as exc:  # each copy then fails to be written: retried
                 LOGGER.error(f"transform: cannot prepare {self._spool}: {exc}")
+        if dest.type == "dicomweb":
+            from forwarder.stowtransform import TransformingStowSender
+
+            return TransformingStowSender(dest, spec, self.pool, stop=stop)
         return TransformingSender(Peer.from_destination(dest), spec, self.pool, stop=stop)
 
     def shutdown(self, *, wait: bool) -> None:

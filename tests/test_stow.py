@@ -48,6 +48,9 @@ class Received:
     uids: list[str]
     client_port: int
     body_bytes: int
+    path: str = ""
+    patient_ids: list[str] = field(default_factory=list)
+    syntaxes: list[str] = field(default_factory=list)
 
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -98,9 +101,9 @@ def ok_answer(r: Received) -> Answer:
     return 200, {"Content-Type": "application/dicom+json"}, referenced(r.uids)
 
 
-def _parse_multipart(content_type: str, body: bytes) -> list[str]:
+def _parse_multipart(content_type: str, body: bytes) -> list[Any]:
     bound = content_type.split("boundary=", 1)[1].split(";")[0].strip('"')
-    uids = []
+    datasets = []
     for chunk in body.split(b"--" + bound.encode())[1:]:
         if chunk.startswith(b"--"):
             break
@@ -108,8 +111,8 @@ def _parse_multipart(content_type: str, body: bytes) -> list[str]:
         assert b"application/dicom" in head
         ds = dcmread(BytesIO(data.removesuffix(b"\r\n")))  # a Part 10 file, with its meta
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-        uids.append(str(ds.SOPInstanceUID))
-    return uids
+        datasets.append(ds)
+    return datasets
 
 
 @pytest.fixture
@@ -133,11 +136,15 @@ def stow_server() -> Iterator[StowServer]:
                 self.close_connection = True
                 return
             body = self.rfile.read(length)
+            datasets = _parse_multipart(self.headers["Content-Type"], body)
             r = Received(
                 {k.lower(): v for k, v in self.headers.items()},
-                _parse_multipart(self.headers["Content-Type"], body),
+                [str(ds.SOPInstanceUID) for ds in datasets],
                 self.client_address[1],
                 len(body),
+                self.path,
+                [str(ds.PatientID) for ds in datasets],
+                [str(ds.file_meta.TransferSyntaxUID) for ds in datasets],
             )
             state.requests.append(r)
             answer = state.respond(r) or ok_answer(r)
@@ -275,8 +282,6 @@ def test_dicomweb_destination_takes_host_and_port_from_its_url(tmp_path: Path) -
         ('type = "dicomweb"\nurl = "http://x"\nauth = { type = "basic", user = "u" }',
          "password_file"),
         ('host = "x"\nport = 104\nurl = "http://x"', "only for a dicomweb"),
-        ('type = "dicomweb"\nurl = "http://x"\ntransform = { set = { PatientID = "X" } }',
-         "transform"),
     ],
 )  # fmt: skip
 def test_config_check_names_the_bad_dicomweb_setting(tmp_path: Path, entry: str, says: str) -> None:
@@ -541,6 +546,34 @@ def test_daemon_delivers_to_a_stow_server_and_quarantines_refusals(
     assert sorted(set(stow_server.uids())) == sorted(uids)
     assert [p.name for p in fwd.quarantined()] == [f"{refused}.dcm"]
     assert {r.headers["authorization"] for r in stow_server.requests} == {"Bearer t0k3n"}
+    assert fwd.stop() == 0
+
+
+def test_daemon_sends_transformed_copies_over_stow_rs(
+    fwd: Forwarder, stow_server: StowServer
+) -> None:
+    spliced = {"set": {"PatientID": "SPLICED"}}  # kept in its syntax: the head changed only
+    copied = {"set": {"PatientID": "COPIED"}, "transfer_syntax": "implicit-le"}  # the pool
+    fwd.configure(
+        [
+            web_dest("splice", stow_server.url + "/a", transform=spliced),
+            web_dest("copy", stow_server.url + "/b", transform=copied),
+        ],
+        transform={"workers": 1},
+    ).start({"NO_PROXY": "127.0.0.1"})
+    uids = [f"{CT_UID}.{i}" for i in range(1, 4)]
+    for uid in uids:
+        make_instance(fwd.inbox / f"{uid}.dcm", uid)
+    fwd.wait(lambda: not fwd.inbox_files(), what="the inbox emptied")
+    by_path: dict[str, set[tuple[str, str, str]]] = {}
+    for r in stow_server.requests:
+        got = zip(r.uids, r.patient_ids, r.syntaxes, strict=True)
+        by_path.setdefault(r.path, set()).update(got)
+    explicit, implicit = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    assert by_path["/dicom-web/a/studies"] == {(u, "SPLICED", explicit) for u in uids}
+    assert by_path["/dicom-web/b/studies"] == {(u, "COPIED", implicit) for u in uids}
+    assert fwd.quarantined() == []
+    assert not list((fwd.outbox_path.parent / "transform-spool").glob("*"))
     assert fwd.stop() == 0
 
 
