@@ -135,6 +135,8 @@ class StowSender:
         self._client: httpx.Client | None = None
         self._answered = False  # the current client got an answer
         self._ever_answered = False
+        self._span_ok = False  # the server stored something of the current span
+        self._server_errors: list[tuple[Entry, Classification, float]] = []
 
     @classmethod
     def from_destination(
@@ -269,10 +271,27 @@ class StowSender:
                     else:
                         entries.append(entry)
                 if entries:
+                    self._span_ok, self._server_errors = False, []
                     yield from self._request(entries)
+                    yield from self._after_server_errors()
             finally:
                 for e in entries:
                     e.fp.close()
+
+    def _after_server_errors(self) -> Iterator[StoreResult]:
+        """The instances that alone got a server error (500): refused, when the server took
+        others of the request (a poison instance); when it took none, it is the server that
+        fails: the destination is paused, nothing counted against the instances."""
+        errors, self._server_errors = self._server_errors, []
+        if not errors:
+            return
+        if not self._span_ok:
+            meaning = errors[0][1].meaning
+            raise AssociationFailed(
+                Classification(Action.RETRY, f"STOW-RS {self.url}: {meaning} for every instance")
+            )
+        for entry, cls, seconds in errors:
+            yield StoreResult(entry.info, cls, entry.info.transfer_syntax, "as is", seconds)
 
     def _entry(self, info: DicomInfo) -> Entry | StoreResult:
         """`info`'s file opened for its request, or the result that says why it cannot be."""
@@ -303,16 +322,11 @@ class StowSender:
             status = rsp.status_code
             parsed = self._outcomes(rsp)
             if status in dicomweb.PER_INSTANCE_STATUSES or (status == 400 and parsed):
+                self._span_ok = self._span_ok or any(o.stored for o in parsed.values())
                 yield from self._per_instance(entries, status, parsed, rsp, attempt.seconds)
                 return
             if status in dicomweb.SPLIT_STATUSES and len(entries) > 1:
-                half = len(entries) // 2
-                LOGGER.info(
-                    f"destination {self.name}: HTTP {status} for {len(entries)} instances: "
-                    f"sending them as {half} and {len(entries) - half}"
-                )
-                yield from self._request(entries[:half])
-                yield from self._request(entries[half:])
+                yield from self._split(entries, status)
                 return
             if status in dicomweb.AUTH_STATUSES:
                 self.credentials.refused()
@@ -335,24 +349,39 @@ class StowSender:
                         "STOW-RS service taking application/dicom there (check url)",
                     )
                 )
-            if status in dicomweb.BUSY_STATUSES or status >= 500:
+            if status >= 500 and status not in dicomweb.BUSY_STATUSES:
+                # a poison instance, or a broken server: smaller requests tell which
+                if len(entries) > 1:
+                    yield from self._split(entries, status)
+                    return
+                cls = dicomweb.classify_http(status, rsp.reason_phrase)
+                cls = Classification(Action.RETRY_FEW, f"{cls.meaning} (this instance alone)")
+                self._server_errors.append((entries[0], cls, attempt.seconds))
+                return
+            if status in dicomweb.BUSY_STATUSES:
                 wait = dicomweb.retry_after(rsp.headers.get("Retry-After"))
                 if tries < TRIES and self._pause(tries, wait):
                     continue
                 if self.stop.is_set():
                     return
                 cls = dicomweb.classify_http(status, rsp.reason_phrase)
-                if status in dicomweb.BUSY_STATUSES:  # up, but takes nothing: pause it
-                    raise AssociationFailed(
-                        Classification(Action.RETRY, f"STOW-RS {self.url}: {cls.meaning}"),
-                        busy=status in (429, 503),
-                    )
-                yield from self._all(entries, cls, attempt.seconds)
-                return
+                raise AssociationFailed(  # up, but takes nothing: pause it
+                    Classification(Action.RETRY, f"STOW-RS {self.url}: {cls.meaning}"),
+                    busy=status in (429, 503),
+                )
             yield from self._all(
                 entries, dicomweb.classify_http(status, rsp.reason_phrase), attempt.seconds
             )
             return
+
+    def _split(self, entries: Sequence[Entry], status: int) -> Iterator[StoreResult]:
+        half = len(entries) // 2
+        LOGGER.info(
+            f"destination {self.name}: HTTP {status} for {len(entries)} instances: "
+            f"sending them as {half} and {len(entries) - half}"
+        )
+        yield from self._request(entries[:half])
+        yield from self._request(entries[half:])
 
     def _post(self, entries: Sequence[Entry]) -> _Attempt:
         """Send one request; its response (read whole) or what went wrong."""

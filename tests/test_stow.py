@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import pytest
 from conftest import data_file, make_instance
@@ -65,6 +66,7 @@ class StowServer:
     respond: Callable[[Received], Answer | None] = field(default=lambda r: None)
     requests: list[Received] = field(default_factory=list)
     drop_after: int | None = None  # read this many body bytes, then close the connection
+    tokens: list[dict[str, list[str]]] = field(default_factory=list)  # POST /token forms
     port: int = 0
 
     @property
@@ -130,6 +132,12 @@ def stow_server() -> Iterator[StowServer]:
 
         def do_POST(self) -> None:
             length = int(self.headers["Content-Length"])
+            if self.path == "/token":  # an OAuth2 token endpoint: tok1, tok2, ...
+                form = parse_qs(self.rfile.read(length).decode())
+                state.tokens.append(form)
+                answer = {"access_token": f"tok{len(state.tokens)}", "expires_in": 3600}
+                self._reply(200, {"Content-Type": "application/json"}, json.dumps(answer).encode())
+                return
             if state.drop_after is not None:
                 self.rfile.read(min(length, state.drop_after))
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -401,6 +409,24 @@ def test_busy_beyond_the_tries_pauses_the_destination(
     assert len(stow_server.requests) == 4
 
 
+def test_500_isolates_a_poison_instance_or_pauses_a_broken_server(
+    stow_server: StowServer, tmp_path: Path
+) -> None:
+    infos = instances(tmp_path, 4)
+    poison = infos[0].sop_instance_uid
+    stow_server.respond = lambda r: (500, {}, b"") if poison in r.uids else None
+    with sender(stow_server) as s:
+        got = {r.info.sop_instance_uid: r.classification for r in s.send(infos)}
+    assert [len(r.uids) for r in stow_server.requests] == [4, 2, 1, 1, 2]
+    assert got[poison].action is Action.RETRY_FEW and "500" in got[poison].meaning
+    assert all(got[i.sop_instance_uid].delivered for i in infos[1:])
+    stow_server.respond = lambda r: (500, {}, b"")
+    with sender(stow_server) as s, pytest.raises(AssociationFailed) as err:
+        list(s.send(infos))
+    assert err.value.classification.action is Action.RETRY
+    assert "every instance" in err.value.classification.meaning
+
+
 def test_401_pauses_then_a_rotated_token_is_used(stow_server: StowServer, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("old\n")
@@ -419,6 +445,48 @@ def test_401_pauses_then_a_rotated_token_is_used(stow_server: StowServer, tmp_pa
     assert [r.headers["authorization"] for r in stow_server.requests] == [
         "Bearer old", "Bearer new"
     ]  # fmt: skip
+
+
+def test_oauth2_token_is_fetched_kept_and_replaced_when_refused(
+    stow_server: StowServer, tmp_path: Path
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("shh\n")
+    auth = AuthSettings(
+        type="oauth2-client-credentials",
+        token_url=f"http://127.0.0.1:{stow_server.port}/token",
+        client_id="fwd",
+        client_secret_file=secret,
+        scope="dicom",
+    )
+    refused = {"Bearer tok1"}
+    stow_server.respond = lambda r: (
+        (401, {}, b"") if r.headers["authorization"] in refused else None
+    )
+    with sender(stow_server, credentials=Credentials(auth)) as s:
+        assert all(r.delivered for r in s.send(instances(tmp_path, 1)))  # tok1 refused: tok2
+        assert all(r.delivered for r in s.send(instances(tmp_path, 1, "b")))  # tok2 kept
+    assert [r.headers["authorization"] for r in stow_server.requests] == [
+        "Bearer tok1", "Bearer tok2", "Bearer tok2"
+    ]  # fmt: skip
+    assert stow_server.tokens[0] == {
+        "grant_type": ["client_credentials"], "client_id": ["fwd"],
+        "client_secret": ["shh"], "scope": ["dicom"],
+    }  # fmt: skip
+    assert len(stow_server.tokens) == 2
+
+
+def test_config_check_names_a_missing_secret_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "f.toml"
+    cfg.write_text(
+        '[[destinations]]\nname = "web"\ntype = "dicomweb"\nurl = "https://x/dw"\n'
+        f'auth = {{ type = "bearer", token_file = "{tmp_path}/nope" }}\n'
+    )
+    proc = forwarder("config", "check", "--config", str(cfg))
+    assert proc.returncode == 78
+    assert f"destinations.0.auth.token_file: file not found: {tmp_path}/nope" in (
+        proc.stdout + proc.stderr
+    )
 
 
 def test_basic_auth_reads_the_password_file(stow_server: StowServer, tmp_path: Path) -> None:
