@@ -162,6 +162,19 @@ class StowSender:
             name=dest.name,
         )
 
+    def twin(self) -> StowSender:
+        """Another sender with the same settings and credentials (for another thread)."""
+        return StowSender(
+            self.url,
+            batch_size=self.batch_size,
+            max_request_bytes=self.max_request_bytes,
+            timeout=self.timeout,
+            credentials=self.credentials,
+            verify=self.verify,
+            stop=self.stop,
+            name=self.name,
+        )
+
     # -- the connection ------------------------------------------------------------------
 
     @property

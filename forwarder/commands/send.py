@@ -25,7 +25,7 @@ from forwarder.errors import EX_CONFIG, ConfigError
 from forwarder.logs import EscapingFormatter
 from forwarder.pool import Outcome, send_all
 from forwarder.sender import AssociationFailed, Peer, StoreResult, client_tls_context
-from forwarder.status import Action, status_hex
+from forwarder.status import Action, Classification, status_hex
 
 __all__ = ["add_arguments", "collect_files", "main", "run"]
 
@@ -50,6 +50,11 @@ HELP_WITHOUT_ARGUMENTS = True  # `forwarder send` alone prints the help and exit
 if TYPE_CHECKING:
     from forwarder.config import Destination
     from forwarder.stow import StowSender
+
+WEB_AUTO = 2
+"""Parallel STOW-RS connections of ``--url`` with ``--associations auto`` (the default): the
+server parses and stores one request's instances in turn, and a second connection keeps it
+busy while the first one's answer travels (measured: bench/bench_stow.py)."""
 
 INTERMIXED_ARGS = True  # options may follow ADDR PORT PATH, as with DCMTK's storescu
 
@@ -278,20 +283,49 @@ def _send_all(
 
 
 def _send_web(
-    sender: StowSender, infos: Sequence[DicomInfo], progress: _Progress
+    sender: StowSender, infos: Sequence[DicomInfo], progress: _Progress, connections: int
 ) -> dict[Path, Outcome]:
-    """Send with STOW-RS, one request at a time; one outcome per file's path."""
+    """Send with STOW-RS over `connections` parallel connections, each taking the next
+    request's worth of files; one outcome per file's path."""
     results: dict[Path, Outcome] = {}
-    with sender:
-        try:
-            for result in sender.send(infos):
-                _log_result(result)
-                results[result.info.path] = result
-                progress.update(result.info.size)
-        except AssociationFailed as exc:  # the rest never went out
-            LOGGER.error(f"{sender.url}: {exc.classification.meaning}")
-            for info in infos:
-                results.setdefault(info.path, exc)
+    lock = threading.Lock()
+    step = sender.batch_size
+    chunks = [infos[i : i + step] for i in range(0, len(infos), step)]
+    failed: list[AssociationFailed] = []
+
+    def work(one: StowSender) -> None:
+        with one:
+            while not failed:
+                with lock:
+                    if not chunks:
+                        return
+                    chunk = chunks.pop(0)
+                try:
+                    for result in one.send(chunk):
+                        _log_result(result)
+                        with lock:
+                            results[result.info.path] = result
+                        progress.update(result.info.size)
+                except AssociationFailed as exc:  # the rest never went out
+                    with lock:
+                        if not failed:
+                            LOGGER.error(f"{one.url}: {exc.classification.meaning}")
+                        failed.append(exc)
+
+    n = max(1, min(connections, len(chunks)))
+    threads = [
+        threading.Thread(target=work, args=(sender if i == 0 else sender.twin(),), daemon=True)
+        for i in range(n)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for info in infos:
+        if info.path not in results:
+            results[info.path] = (
+                failed[0] if failed else AssociationFailed(Classification(Action.RETRY, "not sent"))
+            )
     return results
 
 
@@ -379,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         scale = Autoscale(min(args.associations, max(len(infos), 1)), auto=False)
     if stow is not None:
-        results = _send_web(stow, infos, progress) if infos else {}
+        connections = args.associations if isinstance(args.associations, int) else WEB_AUTO
+        results = _send_web(stow, infos, progress, connections) if infos else {}
     else:
         results = _send_all(peer, infos, args.restrict, scale, progress) if infos else {}
     progress.finish()
