@@ -354,6 +354,15 @@ class StowSender:
                         "[destinations.auth] and its files)",
                     )
                 )
+            if 300 <= status < 400:  # a redirected POST would lose its body: not followed
+                where = rsp.headers.get("Location", "?")
+                raise AssociationFailed(
+                    Classification(
+                        Action.DESTINATION,
+                        f"HTTP {status} from {self.url}/studies: redirected to {where} "
+                        "(set url to the DICOMweb base there)",
+                    )
+                )
             if status in dicomweb.MISCONFIGURED_STATUSES:
                 raise AssociationFailed(
                     Classification(
@@ -425,7 +434,7 @@ class StowSender:
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             self.release()
             return _Attempt(error=_what(exc), unsent=True, auth=auth)
-        except httpx.TransportError as exc:  # sent (some or all), no answer: outcome unknown
+        except httpx.RequestError as exc:  # sent (some or all), no answer: outcome unknown
             self.release()
             return _Attempt(error=_what(exc), seconds=time.monotonic() - start, auth=auth)
         finally:

@@ -510,6 +510,22 @@ def test_a_connection_dropped_mid_body_is_an_unknown_outcome(
     assert "outcome unknown" in results[0].classification.meaning
 
 
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [((404, {}, b""), "check url"), ((307, {"Location": "https://x/dw/studies"}, b""),
+      "redirected to https://x/dw/studies")],
+)  # fmt: skip
+def test_a_wrong_url_pauses_the_destination(
+    stow_server: StowServer, tmp_path: Path, answer: Answer, says: str
+) -> None:
+    stow_server.respond = lambda r: answer
+    with sender(stow_server) as s, pytest.raises(AssociationFailed) as err:
+        list(s.send(instances(tmp_path, 1)))
+    assert err.value.classification.action is Action.DESTINATION
+    assert says in err.value.classification.meaning
+    assert len(stow_server.requests) == 1
+
+
 def test_nobody_listening_pauses_the_destination(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -614,6 +630,30 @@ def test_daemon_delivers_to_a_stow_server_and_quarantines_refusals(
     assert sorted(set(stow_server.uids())) == sorted(uids)
     assert [p.name for p in fwd.quarantined()] == [f"{refused}.dcm"]
     assert {r.headers["authorization"] for r in stow_server.requests} == {"Bearer t0k3n"}
+    assert fwd.stop() == 0
+
+
+def test_daemon_pauses_on_401_and_resumes_with_the_rotated_token(
+    fwd: Forwarder, stow_server: StowServer
+) -> None:
+    token = fwd.tmp / "token"
+    token.write_text("old")
+    stow_server.respond = lambda r: (
+        None if r.headers["authorization"] == "Bearer new" else (401, {}, b"")
+    )
+    auth = {"type": "bearer", "token_file": str(token)}
+    fwd.configure([web_dest("web", stow_server.url, auth=auth)]).start({"NO_PROXY": "127.0.0.1"})
+    uids = [f"{CT_UID}.{i}" for i in range(1, 3)]
+    for uid in uids:
+        make_instance(fwd.inbox / f"{uid}.dcm", uid)
+    log = fwd.wait_log("destination web paused")
+    assert "refuses our credentials" in log
+    assert all(d.attempts == 0 for d in fwd.deliveries())  # no attempt used
+    token.write_text("new")
+    fwd.wait(lambda: not fwd.inbox_files(), what="the inbox emptied")
+    taken = [r for r in stow_server.requests if r.headers["authorization"] == "Bearer new"]
+    assert sorted(u for r in taken for u in r.uids) == uids
+    assert fwd.quarantined() == []
     assert fwd.stop() == 0
 
 
