@@ -387,9 +387,11 @@ class StowSender:
                 if self.stop.is_set():
                     return
                 cls = dicomweb.classify_http(status, rsp.reason_phrase)
-                raise AssociationFailed(  # up, but takes nothing: pause it
-                    Classification(Action.RETRY, f"STOW-RS {self.url}: {cls.meaning}"),
-                    busy=status in (429, 503),
+                # up, but takes nothing: paused with the breaker's back-off (not `busy`,
+                # which would have a lone worker knock again within a second); with other
+                # workers connected the worker treats it as the server's limit instead
+                raise AssociationFailed(
+                    Classification(Action.RETRY, f"STOW-RS {self.url}: {cls.meaning}")
                 )
             yield from self._all(
                 entries, dicomweb.classify_http(status, rsp.reason_phrase), attempt.seconds

@@ -401,7 +401,7 @@ def test_busy_beyond_the_tries_pauses_the_destination(
     stow_server.respond = lambda r: (503, {"Retry-After": "0"}, b"")
     with sender(stow_server) as s, pytest.raises(AssociationFailed) as err:
         list(s.send(instances(tmp_path, 1)))
-    assert err.value.classification.action is Action.RETRY and err.value.busy
+    assert err.value.classification.action is Action.RETRY and not err.value.busy
     assert len(stow_server.requests) == 3
     stow_server.respond = lambda r: (503, {"Retry-After": "3600"}, b"")  # longer than a request
     with sender(stow_server) as s, pytest.raises(AssociationFailed):
