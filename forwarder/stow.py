@@ -269,9 +269,9 @@ class StowSender:
             is not a STOW-RS service at that URL; items before it were yielded.
         """
         todo = list(items)
-        plan = dicomweb.plan_requests(
-            [i.size for i in todo], self.batch_size, self.max_request_bytes
-        )
+        # as many requests as batch_size needs, evenly filled (64 claimed: 32 + 32, not 50 + 14)
+        per = -(-len(todo) // max(1, -(-len(todo) // self.batch_size))) if todo else 1
+        plan = dicomweb.plan_requests([i.size for i in todo], per, self.max_request_bytes)
         for span in plan:
             if self.stop.is_set():
                 return
