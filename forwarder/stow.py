@@ -310,7 +310,7 @@ class StowSender:
         """`info`'s file opened for its request, or the result that says why it cannot be."""
         return _open_entry(info)
 
-    def _request(self, entries: Sequence[Entry]) -> Iterator[StoreResult]:
+    def _request(self, entries: Sequence[Entry], most: int = TRIES) -> Iterator[StoreResult]:
         """One request for `entries` (tried again, split, or paused as its answer says)."""
         tries = 0
         auth_retried = False
@@ -322,10 +322,15 @@ class StowSender:
                 yield from self._source_failed(entries, attempt.failed_source, attempt.seconds)
                 return
             if rsp is None:
-                if tries < TRIES and self._pause(tries, None):
+                if tries < most and self._pause(tries, None):
                     continue
                 if self.stop.is_set():
                     return  # not attempted as far as the outbox knows: given back
+                if not attempt.unsent and len(entries) > 1:
+                    # cut every time: a proxy may reset a body over its size limit (nginx
+                    # closes on client_max_body_size before we read its 413): smaller ones
+                    yield from self._split(entries, attempt.error, most=1)
+                    return
                 if attempt.unsent:
                     raise AssociationFailed(
                         Classification(Action.RETRY, f"STOW-RS {self.url}: {attempt.error}")
@@ -382,7 +387,7 @@ class StowSender:
                 return
             if status in dicomweb.BUSY_STATUSES:
                 wait = dicomweb.retry_after(rsp.headers.get("Retry-After"))
-                if tries < TRIES and self._pause(tries, wait):
+                if tries < most and self._pause(tries, wait):
                     continue
                 if self.stop.is_set():
                     return
@@ -398,14 +403,18 @@ class StowSender:
             )
             return
 
-    def _split(self, entries: Sequence[Entry], status: int) -> Iterator[StoreResult]:
+    def _split(
+        self, entries: Sequence[Entry], why: int | str, most: int = TRIES
+    ) -> Iterator[StoreResult]:
+        """`entries` in two requests (each tried at most `most` times)."""
         half = len(entries) // 2
+        what = f"HTTP {why}" if isinstance(why, int) else why
         LOGGER.info(
-            f"destination {self.name}: HTTP {status} for {len(entries)} instances: "
+            f"destination {self.name}: {what} for {len(entries)} instances: "
             f"sending them as {half} and {len(entries) - half}"
         )
-        yield from self._request(entries[:half])
-        yield from self._request(entries[half:])
+        yield from self._request(entries[:half], most)
+        yield from self._request(entries[half:], most)
 
     def _post(self, entries: Sequence[Entry]) -> _Attempt:
         """Send one request; its response (read whole) or what went wrong."""

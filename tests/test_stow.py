@@ -65,7 +65,7 @@ class StowServer:
 
     respond: Callable[[Received], Answer | None] = field(default=lambda r: None)
     requests: list[Received] = field(default_factory=list)
-    drop_after: int | None = None  # read this many body bytes, then close the connection
+    drop_after: int | None = None  # a longer body: read this much, then close the connection
     tokens: list[dict[str, list[str]]] = field(default_factory=list)  # POST /token forms
     port: int = 0
 
@@ -138,8 +138,8 @@ def stow_server() -> Iterator[StowServer]:
                 answer = {"access_token": f"tok{len(state.tokens)}", "expires_in": 3600}
                 self._reply(200, {"Content-Type": "application/json"}, json.dumps(answer).encode())
                 return
-            if state.drop_after is not None:
-                self.rfile.read(min(length, state.drop_after))
+            if state.drop_after is not None and length > state.drop_after:
+                self.rfile.read(state.drop_after)
                 self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
                 return
@@ -508,6 +508,17 @@ def test_a_connection_dropped_mid_body_is_an_unknown_outcome(
     assert [r.classification.action for r in results] == [Action.RETRY, Action.RETRY]
     assert all(r.classification.status is None for r in results)
     assert "outcome unknown" in results[0].classification.meaning
+
+
+def test_a_body_cut_at_a_size_limit_is_sent_in_smaller_requests(
+    stow_server: StowServer, tmp_path: Path
+) -> None:
+    infos = instances(tmp_path, 4)
+    stow_server.drop_after = int(infos[0].size * 1.5)  # a proxy's body limit: 1 file passes
+    with sender(stow_server) as s:
+        results = list(s.send(infos))
+    assert all(r.delivered for r in results)
+    assert sorted(stow_server.uids()) == sorted(i.sop_instance_uid for i in infos)
 
 
 @pytest.mark.parametrize(
