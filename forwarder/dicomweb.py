@@ -244,6 +244,9 @@ def _parse_xml(body: bytes) -> StowResponse:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
         raise UnreadableResponse(f"malformed XML: {exc}") from None
+    for element in root.iter():  # PS3.19's namespace (dcm4chee sends it) or none
+        if element.tag.startswith("{"):
+            element.tag = element.tag.split("}", 1)[1]
     if root.tag != "NativeDicomModel":
         raise UnreadableResponse(f"XML root <{root.tag}>, not <NativeDicomModel>")
     outcomes: dict[str, InstanceOutcome] = {}

@@ -226,11 +226,11 @@ def test_json_and_xml_responses_give_the_same_outcomes() -> None:
   </DicomAttribute></Item>
  </DicomAttribute>
 </NativeDicomModel>"""
-    # ElementTree keeps the namespace in tags: the parser must match without it
-    xml = xml.replace(b' xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM"', b"")
+    bare = xml.replace(b' xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM"', b"")
     for parsed in (
         dicomweb.parse_response(body, "application/dicom+json"),
-        dicomweb.parse_response(xml, "application/dicom+xml; charset=utf-8"),
+        dicomweb.parse_response(xml, "application/dicom+xml; charset=utf-8"),  # PS3.19 ns
+        dicomweb.parse_response(bare, "application/dicom+xml"),
     ):
         got = {u: o.classification(202) for u, o in parsed.outcomes.items()}
         assert {u: c.action for u, c in got.items()} == {
@@ -355,6 +355,26 @@ def test_202_gives_each_instance_its_own_outcome(stow_server: StowServer, tmp_pa
     ]  # fmt: skip
     assert [got[x].status for x in u] == [0, 0xB000, 0xA700, 0xA900, None]
     assert "did not confirm" in got[u[4]].meaning
+
+
+def test_an_xml_answer_is_read_as_the_json_one(stow_server: StowServer, tmp_path: Path) -> None:
+    infos = instances(tmp_path, 2)
+    u = [i.sop_instance_uid for i in infos]
+    xml = (
+        '<?xml version="1.0"?><NativeDicomModel '
+        'xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+        '<DicomAttribute tag="00081199" vr="SQ"><Item number="1">'
+        f'<DicomAttribute tag="00081155" vr="UI"><Value number="1">{u[0]}</Value>'
+        "</DicomAttribute></Item></DicomAttribute>"
+        '<DicomAttribute tag="00081198" vr="SQ"><Item number="1">'
+        f'<DicomAttribute tag="00081155" vr="UI"><Value number="1">{u[1]}</Value>'
+        '</DicomAttribute><DicomAttribute tag="00081197" vr="US"><Value number="1">43264'
+        "</Value></DicomAttribute></Item></DicomAttribute></NativeDicomModel>"
+    )
+    stow_server.respond = lambda r: (202, {"Content-Type": "application/dicom+xml"}, xml.encode())
+    with sender(stow_server) as s:
+        got = [(r.classification.action, r.classification.status) for r in s.send(infos)]
+    assert got == [(Action.SENT, 0), (Action.PERMANENT, 0xA900)]
 
 
 def test_409_fails_by_reason_and_200_without_a_body_confirms_nothing(
