@@ -169,6 +169,12 @@ def parse_response(body: bytes, media_type: str) -> StowResponse:
     raise UnreadableResponse(f"response in {kind or 'no media type'}, not DICOM JSON or XML")
 
 
+_SEQUENCES = (
+    (_REFERENCED_SOP_SEQUENCE, _WARNING_REASON, True),
+    (_FAILED_SOP_SEQUENCE, _FAILURE_REASON, False),  # last: listed in both is failed
+)
+
+
 def _json_items(ds: Mapping[str, Any], tag: str) -> list[Mapping[str, Any]]:
     element = ds.get(tag)
     if not isinstance(element, Mapping):
@@ -195,10 +201,7 @@ def _parse_json(body: bytes) -> StowResponse:
     if not isinstance(data, Mapping):
         raise UnreadableResponse("the JSON is not a data set")
     outcomes: dict[str, InstanceOutcome] = {}
-    for tag, reason_tag, stored in (
-        (_FAILED_SOP_SEQUENCE, _FAILURE_REASON, False),
-        (_REFERENCED_SOP_SEQUENCE, _WARNING_REASON, True),
-    ):
+    for tag, reason_tag, stored in _SEQUENCES:
         for item in _json_items(data, tag):
             uid = _json_first(item, _REFERENCED_SOP_INSTANCE_UID)
             if not isinstance(uid, str) or not uid:
@@ -250,10 +253,7 @@ def _parse_xml(body: bytes) -> StowResponse:
     if root.tag != "NativeDicomModel":
         raise UnreadableResponse(f"XML root <{root.tag}>, not <NativeDicomModel>")
     outcomes: dict[str, InstanceOutcome] = {}
-    for tag, reason_tag, stored in (
-        (_FAILED_SOP_SEQUENCE, _FAILURE_REASON, False),
-        (_REFERENCED_SOP_SEQUENCE, _WARNING_REASON, True),
-    ):
+    for tag, reason_tag, stored in _SEQUENCES:
         seq = _xml_attribute(root, tag)
         if seq is None:
             continue
