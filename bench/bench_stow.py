@@ -9,6 +9,10 @@ Senders:
 * ``stow``: ``forwarder send --url ... -r`` (STOW-RS, batch 50, 64 MB per request, 2 parallel
   connections); ``stow-N``: N connections (``--associations N``); ``stow-big``: batch 10000,
   so that the 64 MB limit alone bounds a request (the peak RSS target).
+* ``daemon-cstore``, ``daemon-stow``: ``forwarder run`` with one destination (DIMSE port, or
+  the DICOMweb url with max_request_mb 64, batch 50, associations "auto"), the corpus
+  hard-linked into its inbox at once: from the links to the last instance in Orthanc; peak RSS
+  is the daemon's VmHWM.
 * ``dwc``: dicomweb-client 0.61's ``store_instances`` in a loop, one file per call (its plain
   use), and ``dwc-50``: 50 data sets per call. Skipped when dicomweb-client is not installed.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +42,7 @@ sys.path[:0] = [str(HERE), str(ROOT / "tests")]
 import corpus  # noqa: E402  (bench/corpus.py)
 from orthanc import Orthanc  # noqa: E402  (tests/orthanc.py)
 
-SENDERS = ("cstore", "stow", "stow-1", "stow-big", "dwc", "dwc-50")
+SENDERS = ("cstore", "stow", "stow-1", "stow-big", "dwc", "dwc-50", "daemon-cstore", "daemon-stow")
 
 DWC_SCRIPT = """
 import sys
@@ -98,6 +103,74 @@ def argv_for(sender: str, orthanc: Orthanc, folder: Path, python: str) -> list[s
     return [python, "-c", DWC_SCRIPT, orthanc.dicomweb_url, str(folder), per]
 
 
+DAEMON_CONFIG = """
+[watch]
+paths = ["{inbox}"]
+settle_seconds = 0.2
+[outbox]
+path = "{state}/outbox.sqlite3"
+[disposition]
+on_success = "delete"
+[quarantine]
+dir = "{state}/quarantine"
+[log]
+target = "stderr"
+[[destinations]]
+name = "orthanc"
+{destination}
+"""
+
+
+def run_daemon(
+    sender: str, orthanc: Orthanc, files: Sequence[Path], python: str, env: dict[str, str]
+) -> tuple[float, int, float]:
+    """The daemon drains `files` (hard-linked into its inbox) into `orthanc`: (seconds from
+    the links to the last instance stored, exit status, VmHWM in MB)."""
+    work = Path(tempfile.mkdtemp(dir=HERE / "corpus", prefix="daemon-"))
+    inbox, state = work / "inbox", work / "state"
+    inbox.mkdir()
+    state.mkdir()
+    if sender == "daemon-stow":
+        dest = f'type = "dicomweb"\nurl = "{orthanc.dicomweb_url}"\nmax_request_mb = 64'
+    else:
+        dest = f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\ncalled_aet = "{orthanc.aet}"'
+    cfg = work / "forwarder.toml"
+    cfg.write_text(DAEMON_CONFIG.format(inbox=inbox, state=state, destination=dest))
+    log = (work / "daemon.log").open("wb")
+    proc = subprocess.Popen(
+        [python, "-m", "forwarder", "run", "--config", str(cfg)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while b"watching" not in (work / "daemon.log").read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not start: {(work / 'daemon.log').read_text()}")
+            time.sleep(0.05)
+        start = time.perf_counter()
+        for i, f in enumerate(files):
+            os.link(f, inbox / f"{i:05d}.dcm")
+        deadline = time.monotonic() + 900
+        while orthanc.get("/statistics")["CountInstances"] < len(files):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        hwm = 0.0
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+        proc.terminate()
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return seconds, rc, hwm
+
+
 def has_dicomweb_client(python: str) -> bool:
     probe = subprocess.run([python, "-c", "import dicomweb_client"], capture_output=True)
     return probe.returncode == 0
@@ -131,9 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for rnd in range(args.rounds):
                     for sender in senders:
                         orthanc.clear()
-                        seconds, rc, rss = run_sender(
-                            argv_for(sender, orthanc, folder, args.python), env
-                        )
+                        if sender.startswith("daemon"):
+                            seconds, rc, rss = run_daemon(sender, orthanc, files, args.python, env)
+                        else:
+                            seconds, rc, rss = run_sender(
+                                argv_for(sender, orthanc, folder, args.python), env
+                            )
                         stored = len(orthanc.get("/instances"))
                         run = Run(sender, name, seconds, len(files), stored, megabytes, rss, rc)
                         runs.append(run)
@@ -164,11 +240,12 @@ def report(runs: Sequence[Run]) -> str:
 
     for (name, sender), group in by.items():
         rate = median((name, sender))
-        cstore, stow = median((name, "cstore")), median((name, "stow"))
+        kind = "daemon-" if sender.startswith("daemon") else ""  # daemon against daemon
+        cstore, stow = median((name, f"{kind}cstore")), median((name, f"{kind}stow"))
         mbs = rate * group[0].megabytes / group[0].count
         rss = max(r.peak_rss_mb for r in group)
         vs = f"{rate / cstore:.2f}x" if cstore else "-"
-        stow_vs = f"{stow / rate:.2f}x" if rate and stow and sender != "stow" else "-"
+        stow_vs = f"{stow / rate:.2f}x" if rate and stow and not sender.endswith("stow") else "-"
         lines.append(
             f"| {name} | {sender} | {rate:.1f} | {mbs:.1f} | {rss:.0f} | {vs} | {stow_vs} |"
         )
