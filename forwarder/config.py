@@ -43,6 +43,7 @@ from forwarder.transformspec import (
 __all__ = [
     "EX_CONFIG",
     "AuthSettings",
+    "CommitmentSettings",
     "ConfigError",
     "Destination",
     "Settings",
@@ -287,6 +288,16 @@ def _dicomweb_address(data: Any) -> Any:
     return {**data, "host": parts.hostname, "port": port or default}
 
 
+class CommitmentSettings(_Model):
+    """Storage Commitment before disposal (``[destinations.commitment]``)."""
+
+    # true: after storing, ask the peer to commit (N-ACTION); the source is disposed of only
+    # once it reports every instance committed
+    enabled: bool = False
+    # no report by then: ask again (not a resend), counted under [retry]
+    timeout_seconds: Seconds = 3600
+
+
 class Destination(_Model):
     """One DICOM peer, and which instances it gets (every one, unless rules say otherwise)."""
 
@@ -315,6 +326,7 @@ class Destination(_Model):
     match: dict[RuleKey, Globs] = {}
     exclude: dict[RuleKey, Globs] = {}
     transform: DestinationTransform | None = None
+    commitment: CommitmentSettings = CommitmentSettings()
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
     _host = field_validator("host")(_check_host)
@@ -332,6 +344,11 @@ class Destination(_Model):
                 raise ValueError("url: required for a dicomweb destination")
             if self.tls is not None and self.tls.server_name is not None:
                 raise ValueError("tls.server_name: not used by a dicomweb destination")
+            if self.commitment.enabled:
+                raise ValueError(
+                    "commitment: Storage Commitment is DICOM's (N-ACTION): not for a dicomweb "
+                    "destination, whose 200/202 answer already lists what was stored"
+                )
         else:
             extra = [k for k in ("url", "auth") if getattr(self, k) is not None]
             if extra:

@@ -7,7 +7,8 @@ from typing import Protocol
 
 from forwarder.contexts import ContextSpec
 from forwarder.dicomfile import DicomInfo
-from forwarder.sender import StoreResult
+from forwarder.sender import ReportHandler, StoreResult
+from forwarder.status import Classification
 
 __all__ = ["DeliverySender"]
 
@@ -23,6 +24,8 @@ class DeliverySender(Protocol):
 
     associations: int
     waiting: tuple[float, float] | None
+    commitment: bool  # Storage Commitment on its associations (DIMSE only)
+    on_report: ReportHandler | None
 
     @property
     def is_open(self) -> bool: ...
@@ -35,6 +38,12 @@ class DeliverySender(Protocol):
     def open(self, specs: Sequence[ContextSpec]) -> float: ...
 
     def recent_contexts(self) -> list[ContextSpec]: ...
+
+    def request_commitment(
+        self, transaction_uid: str, references: Sequence[tuple[str, str]]
+    ) -> Classification: ...
+
+    def serve(self, seconds: float) -> None: ...
 
     def release(self) -> None: ...
 

@@ -35,7 +35,7 @@ from forwarder.config import AuthSettings, Destination
 from forwarder.contexts import ContextSpec
 from forwarder.dicomfile import DicomInfo
 from forwarder.httpauth import Credentials, CredentialsError
-from forwarder.sender import StoreResult
+from forwarder.sender import ReportHandler, StoreResult
 from forwarder.status import Action, Classification
 
 __all__ = ["Entry", "StowSender", "file_meta", "stow_sender"]
@@ -132,6 +132,8 @@ class StowSender:
         self.associations = 0  # clients that got a first answer (the worker's "associations")
         self.waiting: tuple[float, float] | None = None
         self.requests = 0  # requests sent (for tests and logs)
+        self.commitment = False  # Storage Commitment is DIMSE's: never asked over STOW-RS
+        self.on_report: ReportHandler | None = None
         self._client: httpx.Client | None = None
         self._answered = False  # the current client got an answer
         self._ever_answered = False
@@ -206,6 +208,23 @@ class StowSender:
     def recent_contexts(self) -> list[ContextSpec]:
         """A placeholder context once the server answered (extra workers wait for it)."""
         return [STOW_CONTEXT] if self._ever_answered else []
+
+    def request_commitment(
+        self, transaction_uid: str, references: Sequence[tuple[str, str]]
+    ) -> Classification:
+        """Storage Commitment is not part of STOW-RS: a destination configuration error
+        (the config refuses it; transactions left from when it was a DIMSE destination)."""
+        raise AssociationFailed(
+            Classification(
+                Action.DESTINATION,
+                f"Storage Commitment cannot be asked over STOW-RS ({self.url}): transaction "
+                f"{transaction_uid} stays open",
+            )
+        )
+
+    def serve(self, seconds: float) -> None:
+        """Nothing comes unasked over HTTP: wait `seconds` (or until stopped)."""
+        self.stop.wait(seconds)
 
     def release(self) -> None:
         """Close the client and its keep-alive connection."""

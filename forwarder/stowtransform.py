@@ -110,6 +110,14 @@ class TransformingStowSender(TransformingSender):
     def recent_contexts(self) -> list[ContextSpec]:
         return self._stow.recent_contexts()
 
+    def request_commitment(
+        self, transaction_uid: str, references: Sequence[tuple[str, str]]
+    ) -> Classification:
+        return self._stow.request_commitment(transaction_uid, references)
+
+    def serve(self, seconds: float) -> None:
+        self._stow.serve(seconds)
+
     def release(self) -> None:
         self._stow.release()
 

@@ -290,6 +290,8 @@ def test_dicomweb_destination_takes_host_and_port_from_its_url(tmp_path: Path) -
         ('type = "dicomweb"\nurl = "http://x"\nauth = { type = "basic", user = "u" }',
          "password_file"),
         ('host = "x"\nport = 104\nurl = "http://x"', "only for a dicomweb"),
+        ('type = "dicomweb"\nurl = "http://x"\ncommitment = { enabled = true }',
+         "commitment: Storage Commitment is DICOM's"),
     ],
 )  # fmt: skip
 def test_config_check_names_the_bad_dicomweb_setting(tmp_path: Path, entry: str, says: str) -> None:
