@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "args",
         nargs="+",
         metavar="ADDR PORT PATH",
-        help="peer address and port (unless --destination), then files/folders",
+        help="peer address and port (unless --destination or --url), then files/folders",
     )
     gen = parser.add_argument_group("General Options")
     gen.add_argument(
