@@ -316,9 +316,7 @@ class Daemon:
         self.watcher = self._make_watcher()
         self.watcher.start()
         roots = ", ".join(str(p) for p in self.settings.watch.paths)
-        dests = ", ".join(
-            f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
-        )
+        dests = ", ".join(f"{d.name} ({d.address})" for d in self.settings.destinations)
         LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")
         self._tend(self._heartbeat)
         self.notifier.ready(self.status_line())

@@ -176,7 +176,7 @@ def collect(
         result.append(
             DestinationStatus(
                 name=name,
-                address=f"{dest.called_aet}@{dest.host}:{dest.port}" if dest else None,
+                address=dest.address if dest else None,
                 counts=counts.get(name, dict.fromkeys(State, 0)),
                 sent_last_hour=last_hour.get(name, 0),
                 sent_last_day=last_day.get(name, 0),
