@@ -31,6 +31,7 @@ from forwarder.wire import (
     ASSOCIATE_AC,
     ASSOCIATE_RJ,
     ASSOCIATE_RQ,
+    PDATA,
     RELEASE_RP,
     RELEASE_RQ,
     Link,
@@ -281,15 +282,24 @@ class Association:
     def alive(self) -> bool:
         """True when nothing from the peer is waiting: no abort, close or release request.
 
-        Never blocks. A peer's A-RELEASE-RQ (idle timeout) is answered, and the association
-        is then over; so is one the peer aborted or closed.
+        Never blocks, but to answer a request the peer sent (`Link.on_request`: a commitment
+        report). A peer's A-RELEASE-RQ (idle timeout) is answered, and the association is then
+        over; so is one the peer aborted or closed.
         """
         if self.closed:
             return False
-        if not self.link.pending():
+        while self.link.pending():
+            try:
+                self.link.settimeout(self.peer.acse_timeout)
+                if self.link.on_request is None or self.link.peek_pdu_type() != PDATA:
+                    break
+                self.link.serve_pending()  # a request of the peer (a commitment report)
+            except WireError:  # closed, reset, or not a request we answer
+                self.abort()
+                return False
+        else:
             return True
         try:
-            self.link.settimeout(self.peer.acse_timeout)
             pdu_type, _ = self.link.read_pdu("A-RELEASE")
         except WireError:  # closed or reset: nothing to answer
             self.close()

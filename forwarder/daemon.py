@@ -91,6 +91,7 @@ class Daemon:
             settings.outbox.keep_sent_seconds,
             _kept_in(settings),
             requeued=self.wake_workers,
+            held=self._held,
         )
         self.receiver: Receiver | None = None
         self.transforms = Transforms()
@@ -102,6 +103,10 @@ class Daemon:
     @property
     def workers(self) -> list[Worker]:
         return [w for crew in self.crews.values() for w in crew.workers]
+
+    def _held(self) -> list[int]:
+        """The rows the live workers (retiring ones too) are sending now."""
+        return [i for w in [*self.workers, *self._retired] if w.is_alive() for i in w.held]
 
     def die(self, reason: str, status: int) -> None:
         """A stage cannot go on: stop the daemon with a non-zero exit `status`, so that the
@@ -362,9 +367,7 @@ class Daemon:
         self.watcher.start()
         self._start_receiver()
         roots = ", ".join(str(p) for p in self.settings.watch.paths)
-        dests = ", ".join(
-            f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
-        )
+        dests = ", ".join(f"{d.name} ({d.address})" for d in self.settings.destinations)
         LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")
         self._tend(self._heartbeat)
         self.notifier.ready(self.status_line())

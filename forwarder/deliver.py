@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from forwarder import verdict
+from forwarder import commitment, verdict
+from forwarder.commitmsg import decode_report, new_transaction_uid
 from forwarder.config import Destination
 from forwarder.crew import Crew, Rules
 from forwarder.dicomfile import DicomInfo
@@ -22,6 +23,7 @@ from forwarder.metrics import Metrics
 from forwarder.outbox import Delivery, Outbox, OutboxCorruptError, OutboxError
 from forwarder.policy import IDLE_SECONDS, Next, decide
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
+from forwarder.senderapi import DeliverySender
 from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
 from forwarder.verdict import Pending, Verdict
@@ -44,15 +46,28 @@ QUIET_SECONDS = 60.0
 """A worker that has not looked for work for this long (outside a batch) is hung."""
 DUE_MARGIN_SECONDS = 0.01
 """A worker wakes this long after the next retry is due, so that the claim finds it."""
+REPORT_WAIT_SECONDS = 10.0
+"""An association with Storage Commitment requests unanswered is held this much longer than
+the linger time, for a peer that reports on it (one that reports on a new association
+reports whenever it likes: to the receiver)."""
+REPORT_POLL_SECONDS = 0.25
+"""How long a worker waits on its association for a report before looking for work again."""
+ASKS_PER_LOOP = 8
+"""Storage Commitment transactions a worker asks (again) for at most per iteration."""
 
 Fatal = Callable[[str, int], None]
 """Stops the daemon: (reason, exit status)."""
-SenderFactory = Callable[[Destination, threading.Event], Sender]
+SenderFactory = Callable[[Destination, threading.Event], DeliverySender]
 """Makes a worker's sender for its destination; the event cancels what it waits for."""
 
 
-def dicom_sender(dest: Destination, stop: threading.Event) -> Sender:
-    """The C-STORE sender (storescu's logic) of a DICOM destination."""
+def dicom_sender(dest: Destination, stop: threading.Event) -> DeliverySender:
+    """The C-STORE sender (storescu's logic) of a DICOM destination; STOW-RS for a
+    ``type = "dicomweb"`` one."""
+    if dest.type == "dicomweb":
+        from forwarder.stow import stow_sender  # httpx: only for DICOMweb destinations
+
+        return stow_sender(dest, stop)
     return Sender(Peer.from_destination(dest), stop=stop)
 
 
@@ -95,9 +110,17 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.last_beat = time.monotonic()
         self.busy_since: float | None = None  # monotonic start of the current batch
+        self.held: tuple[int, ...] = ()  # the rows of the batch being sent (leases renewed)
         self.opening = False  # requesting its association before claiming (`_open_first`)
         self._last_activity = time.monotonic()
         self._sender = (sender or dicom_sender)(crew.dest, self.stop)
+        self._commitment = crew.dest.commitment
+        if self._commitment.enabled:  # propose it, take the reports on the association
+            self._sender.commitment = True
+            self._sender.on_report = self._on_report
+        self._tx_uid: str | None = None  # the transaction the batch being sent opens
+        self._awaiting: set[str] = set()  # transactions asked on the open association
+        self._awaiting_on = 0  # ... whose number (`Sender.associations`) is this
         self._fresh = False
         self._associations_counted = 0
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
@@ -182,8 +205,15 @@ class Worker(threading.Thread):
                 self._sender.release()
             self._idle(IDLE_SECONDS)
             return
-        if not self._sender.is_open:
+        if self._asks_commitment() and not self._sender.is_open:
+            # with stores due, the requests wait for the association the batch opens (with
+            # the storage contexts): one opened for them alone would be released for the
+            # batch at once, before a peer could report on it
             due = self.outbox.next_due(self.dest.name, now)
+            if (due is None or due > now) and not self._ask_due(now):
+                return
+        if not self._sender.is_open:
+            due = self._next_work(now)
             if due is None or due > now:  # nothing to send: no association knocks on the peer
                 self._ran_out(now, due)
                 return
@@ -197,19 +227,27 @@ class Worker(threading.Thread):
             share=2 * scale.allowed if scale.allowed > 1 else 1,
         )
         if not batch:
-            self._ran_out(now, self.outbox.next_due(self.dest.name, now))
+            if self._sender.commitment and not self._ask_due(now):  # on the open association
+                return
+            self._ran_out(now, self._next_work(now))
             return
         if self._ran_dry:
             self._ran_dry = False
             scale.resumed(time.monotonic())
         self.trouble.clear()  # a claim that took rows wrote to the outbox
         self.busy_since = time.monotonic()
+        self._tx_uid = new_transaction_uid() if self._commitment.enabled else None
+        self.held = tuple(d.id for d in batch)
         try:
             self._send_batch(batch, now)
         finally:
+            self.held = ()
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
+        self._tx_uid = None
+        if self._sender.commitment and self._sender.is_open:
+            self._ask_due(self.clock())  # the batch's transaction, and any due, on its association
         if self._fresh:
             self._sender.release()
             self._fresh = False
@@ -221,15 +259,127 @@ class Worker(threading.Thread):
             self._ran_dry = True
             self.scale.interrupted()
         waits = [IDLE_SECONDS]
+        awaiting = self._reports_awaited()
         if self._sender.is_open:
             idle = time.monotonic() - self._last_activity
-            if idle >= self.rules.linger_seconds:
+            linger = self.rules.linger_seconds + (REPORT_WAIT_SECONDS if awaiting else 0.0)
+            if idle >= linger:
                 self._sender.release()
+                awaiting = False
             else:
-                waits.append(self.rules.linger_seconds - idle)
+                waits.append(linger - idle)
         if due is not None:
             waits.append(due - now + DUE_MARGIN_SECONDS)
-        self._idle(min(waits))
+        if awaiting:  # the peer may report on this association: answer it as it comes
+            self._sender.serve(min([*waits, REPORT_POLL_SECONDS]))
+        else:
+            self._idle(min(waits))
+
+    # -- storage commitment ---------------------------------------------------------
+
+    def _next_work(self, now: float) -> float | None:
+        """When there is next something to send or to ask (None: nothing queued)."""
+        due = self.outbox.next_due(self.dest.name, now)
+        if not self._sender.commitment:
+            return due
+        ask = self.outbox.next_ask(self.dest.name)
+        if ask is not None:
+            paused = self.crew.breaker.remaining(now)
+            ask = max(ask, now + paused) if paused else ask
+        return min((t for t in (due, ask) if t is not None), default=None)
+
+    def _asks_commitment(self) -> bool:
+        """True when this worker asks for Storage Commitment: its destination wants it, or
+        it did before (a reload or restart turned it off) and transactions are still open:
+        those are asked for and settled as promised, new stores are not."""
+        if self._sender.commitment:
+            return True
+        if self.outbox.next_ask(self.dest.name) is None:
+            return False
+        LOGGER.warning(
+            f"destination {self.dest.name}: commitment is off, but transactions asked for "
+            "before are open: they are asked for until the peer reports",
+            extra=fields(destination=self.dest.name, outcome="commitment-leftover"),
+        )
+        self._sender.commitment = True
+        self._sender.on_report = self._on_report
+        return True
+
+    def _reports_awaited(self) -> bool:
+        """True while transactions asked on the open association have not been reported."""
+        if not self._sender.is_open or self._sender.associations != self._awaiting_on:
+            self._awaiting.clear()
+        return bool(self._awaiting)
+
+    def _ask_due(self, now: float) -> bool:
+        """Ask the peer to commit to the transactions of the destination that are due (new
+        ones, and those with no report in time); False when the association failed (the
+        destination is paused, as a failed batch would pause it)."""
+        due = self.outbox.next_ask(self.dest.name)
+        if due is None or due > now:
+            return True
+        asks = self.outbox.claim_asks(self.dest.name, ASKS_PER_LOOP, now, self.rules.lease_seconds)
+        self.busy_since = time.monotonic()  # a request waits for its response: work
+        try:
+            for tx in asks:
+                if self.stop.is_set():
+                    break  # the lease brings it back
+                try:
+                    asked = commitment.ask(
+                        self.outbox,
+                        self._sender.request_commitment,
+                        tx,
+                        timeout=self._commitment.timeout_seconds,
+                        retry=self.rules.retry,
+                        now=self.clock(),
+                        rand=random.random(),
+                        events=self.events,
+                    )
+                except AssociationFailed as exc:
+                    # asked again once the destination's pause is over
+                    for t in asks[asks.index(tx) :]:
+                        self.outbox.asked(t.uid, now, now, accepted=False, counted=False)
+                    if not self.stop.is_set() and not self._at_capacity(exc):
+                        self._trip(exc, self.clock())
+                    return False
+                finally:
+                    self._count_associations()
+                if asked.classification is not None and asked.classification.delivered:
+                    if self._sender.associations != self._awaiting_on:
+                        self._awaiting = set()
+                        self._awaiting_on = self._sender.associations
+                    self._awaiting.add(tx.uid)
+                if asked.finished:
+                    self.done(list(asked.finished))
+        finally:
+            self.busy_since = None
+            self._last_activity = time.monotonic()
+        return True
+
+    def _on_report(self, event_type: int, data: bytes, transfer_syntax: str) -> int:
+        """A Storage Commitment report on our association: record it; the status to answer."""
+        try:
+            report = decode_report(event_type, data, transfer_syntax)
+        except ValueError as exc:
+            LOGGER.warning(
+                f"destination {self.dest.name}: commitment report answered 0x0110: {exc}",
+                extra=fields(destination=self.dest.name, outcome="commitment-report"),
+            )
+            return commitment.PROCESSING_FAILURE
+        settled = commitment.record_report(
+            self.outbox,
+            report,
+            retry=self.rules.retry,
+            events=self.events,
+            now=self.clock(),
+            source=f"from {self.dest.name} on our association",
+        )
+        self._awaiting.discard(report.transaction_uid)
+        if settled.finished:
+            self.done(list(settled.finished))
+        if settled.resent:
+            self.crew.wake()  # the instances to store again are due (after their backoff)
+        return settled.status
 
     def _open_first(self, now: float) -> bool:
         """Open the association before taking any work; True when the worker may claim.
@@ -432,7 +582,10 @@ class Worker(threading.Thread):
             return
         if decision.next is Next.SENT:
             self.crew.breaker.succeeded()  # "is back" before the line of the store that shows it
-        self._keep(d, verdict.judged(d, result, decision, now), pending)
+        judged = verdict.judged(d, result, decision, now)
+        if decision.next is Next.SENT and self._tx_uid is not None:
+            judged = verdict.awaiting_commitment(judged, self._tx_uid)
+        self._keep(d, judged, pending)
         self._fresh = self._fresh or decision.fresh_association
 
     def _pause(self, reason: str, *, hold: bool, now: float) -> float:
@@ -443,6 +596,6 @@ class Worker(threading.Thread):
     def _trip(self, exc: AssociationFailed, now: float) -> None:
         hold = exc.classification.action is Action.DESTINATION
         reason = exc.classification.meaning
-        if hold:
+        if hold and self.dest.type == "dimse":  # (a dicomweb refusal names its settings)
             reason += " (check called_aet/calling_aet and the peer's configuration)"
         self._pause(reason, hold=hold, now=now)

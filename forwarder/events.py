@@ -14,7 +14,8 @@ __all__ = ["Events"]
 LOGGER = logging.getLogger("forwarder.daemon")
 
 COUNTED = ("sent", "quarantined", "retry")
-"""The outcomes counted for the heartbeat (`forwarder status`); "warning" counts as sent."""
+"""The outcomes counted for the heartbeat (`forwarder status`); "warning" and "committed"
+count as sent, "stored" (awaiting commitment) not yet."""
 
 
 class Events:
@@ -25,7 +26,9 @@ class Events:
         self._counts = dict.fromkeys(COUNTED, 0)
 
     def count(self, outcome: str) -> None:
-        key = "sent" if outcome == "warning" else outcome
+        # a warning is sent; so is an instance the peer committed to (Storage Commitment),
+        # and one stored and awaiting that is not yet
+        key = "sent" if outcome in ("warning", "committed") else outcome
         if key in self._counts:
             with self._lock:
                 self._counts[key] += 1

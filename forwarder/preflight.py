@@ -7,13 +7,18 @@ from pathlib import Path
 
 from forwarder.config import ConfigError, Settings, load_settings
 
-__all__ = ["check_layout", "check_receive", "check_tls", "load_for_daemon"]
+__all__ = ["check_auth", "check_layout", "check_receive", "check_tls", "load_for_daemon"]
 
 
 def load_for_daemon(path: Path | None) -> Settings:
     """Settings for the daemon: schema, layout and TLS files; raises ConfigError listing all."""
     settings = load_settings(path, require_destinations=True)
-    errors = check_layout(settings) + check_tls(settings) + check_receive(settings)
+    errors = (
+        check_layout(settings)
+        + check_tls(settings)
+        + check_auth(settings)
+        + check_receive(settings)
+    )
     if errors:
         raise ConfigError(str(path) if path else "environment", errors)
     return settings
@@ -126,6 +131,26 @@ def check_tls(settings: Settings) -> list[str]:
                     f"destinations.{i}.tls.cert: cannot load the certificate {tls.cert} "
                     f"with the key {tls.key} ({exc})"
                 )
+    return errors
+
+
+def check_auth(settings: Settings) -> list[str]:
+    """The secret files of every DICOMweb destination's ``[destinations.auth]``, one line per
+    file that cannot be read (``destinations.0.auth.token_file: file not found: ...``)."""
+    errors: list[str] = []
+    for i, dest in enumerate(settings.destinations):
+        auth = dest.auth
+        if auth is None:
+            continue
+        files = {
+            "password_file": auth.password_file,
+            "token_file": auth.token_file,
+            "client_secret_file": auth.client_secret_file,
+        }
+        for name, path in files.items():
+            problem = None if path is None else _file_problem(path)
+            if problem is not None:
+                errors.append(f"destinations.{i}.auth.{name}: {problem}: {path}")
     return errors
 
 

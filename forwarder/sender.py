@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.association import (
@@ -19,6 +20,14 @@ from forwarder.association import (
     open_association,
 )
 from forwarder.byteorder import swap_other_words
+from forwarder.commitmsg import (
+    ACTION_REQUEST_COMMIT,
+    COMMIT_SYNTAXES,
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    classify_action,
+    encode_request,
+)
 from forwarder.contexts import (
     MAX_CONTEXTS,
     ContextSpec,
@@ -29,7 +38,16 @@ from forwarder.dicomfile import DEFLATED_LE, EXPLICIT_BE, DicomInfo
 from forwarder.logs import one_line
 from forwarder.lossy import mark_lossy
 from forwarder.status import Action, Classification, classify_status
-from forwarder.wire import SourceUnreadable, WireError, encode_store_command
+from forwarder.wire import (
+    N_ACTION_RSP,
+    FileData,
+    Request,
+    SourceUnreadable,
+    WireError,
+    encode_action_command,
+    encode_event_report_response,
+    encode_store_command,
+)
 
 if TYPE_CHECKING:  # pydicom loads only when a file has to be converted
     from pydicom.dataset import Dataset
@@ -51,6 +69,12 @@ _NO_CONTEXTS_MEMORY = 5.0
 # How many fresh associations in a row the peer may drop before a store went out on them
 # (then the next file is sent anyway and fails with the reason).
 _MAX_DROPPED = 3
+_COMMITMENT = ContextSpec(STORAGE_COMMITMENT, COMMIT_SYNTAXES)
+_PROCESSING_FAILURE = 0x0110
+
+ReportHandler = Callable[[int, bytes, str], int]
+"""Takes a Storage Commitment report that came on the association: (event type, data set,
+its transfer syntax); returns the N-EVENT-REPORT-RSP status."""
 
 
 @dataclass(frozen=True)
@@ -107,11 +131,15 @@ class Sender:
         restrict: str | None = None,
         stop: threading.Event | None = None,
         on_event: Callable[[str, str], None] | None = None,
+        commitment: bool = False,
     ) -> None:
         self.peer = peer
         self.restrict = restrict
         self.stop = stop or threading.Event()
         self._on_event = on_event
+        # propose Storage Commitment in every association, and answer its reports with this
+        self.commitment = commitment
+        self.on_report: ReportHandler | None = None
         self._current: Association | None = None
         self._seen: dict[ContextSpec, None] = {}  # proposed before, most recent last
         self.associations = 0  # how many were established (for stats and tests)
@@ -141,6 +169,8 @@ class Sender:
             return assoc
         self.associations += 1
         self._log(logging.INFO, "Association Accepted")
+        if self.commitment:
+            assoc.link.on_request = functools.partial(self._report, assoc)
         return assoc
 
     def release(self) -> None:
@@ -166,7 +196,10 @@ class Sender:
         self.close()
 
     def _ensure(self, specs: Sequence[ContextSpec]) -> Association:
-        """An established association that proposed every context in `specs`."""
+        """An established association that proposed every context in `specs` (and
+        Storage Commitment, with `commitment`)."""
+        if self.commitment and _COMMITMENT not in specs:
+            specs = [*specs, _COMMITMENT]
         current = self._current
         wanted_set = {(s.sop_class, tuple(s.transfer_syntaxes)) for s in specs}
         if current is not None and wanted_set <= current.proposed:
@@ -177,18 +210,109 @@ class Sender:
 
         self.release()
         for spec in specs:
+            if spec == _COMMITMENT:
+                continue
             self._seen.pop(spec, None)
             self._seen[spec] = None
         # Propose what earlier batches needed too (room permitting), so that a daemon
         # sending a mix of classes keeps one association instead of renegotiating.
         wanted = list(specs)
+        room = MAX_CONTEXTS - (self.commitment and _COMMITMENT not in wanted)
         for spec in reversed(self._seen):
-            if len(wanted) >= MAX_CONTEXTS:
+            if len(wanted) >= room:
                 break
             if spec not in wanted:
                 wanted.append(spec)
+        if self.commitment and _COMMITMENT not in wanted:
+            wanted.append(_COMMITMENT)
         self._current = self._associate(wanted)
         return self._current
+
+    # -- storage commitment -----------------------------------------------------------
+
+    def request_commitment(
+        self, transaction_uid: str, references: Sequence[tuple[str, str]]
+    ) -> Classification:
+        """Ask the peer to commit to `references` ((SOP Class UID, SOP Instance UID) pairs)
+        with one N-ACTION-RQ under `transaction_uid`; its response classified.
+
+        On the open association when there is one (it proposes Storage Commitment when the
+        sender was made with `commitment`), else on a new one. A report that arrives
+        meanwhile goes to `on_report`. An empty status: no valid response (the association
+        is then aborted).
+
+        Raises
+        ------
+        AssociationFailed
+            No association could be established.
+        """
+        current = self._ensure(self.recent_contexts())
+        accepted = current.accepted.get(STORAGE_COMMITMENT, [])
+        if not accepted:
+            return Classification(
+                Action.DESTINATION, "the peer did not accept the Storage Commitment Push Model"
+            )
+        cx_id, ts = accepted[0]
+        msg_id = current.next_message_id()
+        command = encode_action_command(
+            STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, msg_id, ACTION_REQUEST_COMMIT
+        )
+        data = encode_request(transaction_uid, references, ts)
+        link = current.link
+        try:
+            link.settimeout(self.peer.network_timeout)
+            link.send_message(cx_id, command, data, current.send_pdu)
+            link.settimeout(self.peer.dimse_timeout)
+            rsp = link.read_response(N_ACTION_RSP)
+        except WireError as exc:
+            self.abort()
+            return _no_response(str(exc))
+        if rsp.message_id != msg_id:
+            self.abort()
+            return _no_response(f"response to message {rsp.message_id}, expected {msg_id}")
+        cls = classify_action(rsp.status)
+        if rsp.error_comment:
+            cls = Classification(cls.action, f"{cls.meaning} ({rsp.error_comment})", cls.status)
+        return cls
+
+    def serve(self, seconds: float) -> None:
+        """Wait up to `seconds` for the peer to send something on the open association, and
+        answer it (a commitment report; an abort or release closes the association).
+
+        Returns at once when no association is open; early when `stop` is set.
+        """
+        current = self._current
+        if current is None or current.closed:
+            return
+        with contextlib.suppress(WireError):
+            if current.link.wait_readable(max(seconds, 0.0), self.stop):
+                current.alive()  # answers a request; notices an abort or a release
+        if current.closed and self._current is current:
+            self._current = None
+
+    def _report(self, assoc: Association, request: Request) -> bytes:
+        """Answer an N-EVENT-REPORT-RQ that came on `assoc` (see `on_report`)."""
+        ts = next(
+            (t for cx, t in assoc.accepted.get(STORAGE_COMMITMENT, []) if cx == request.context_id),
+            None,
+        )
+        event = int.from_bytes(request.command.get(0x00001002, b"\x00\x00")[:2], "little")
+        status = _PROCESSING_FAILURE
+        if request.uid(0x00000002) != STORAGE_COMMITMENT or ts is None:
+            LOGGER.warning(
+                f"{self.peer.label}: N-EVENT-REPORT for {request.uid(0x00000002)!r} on context "
+                f"{request.context_id} answered 0x0110: not a Storage Commitment report"
+            )
+        elif self.on_report is None or request.data_set is None:
+            LOGGER.warning(f"{self.peer.label}: commitment report without a data set or taker")
+        else:
+            try:
+                status = self.on_report(event, request.data_set, ts)
+            except Exception as exc:  # the association must not die of one report
+                LOGGER.exception(
+                    f"{self.peer.label}: commitment report answered 0x0110: {one_line(exc)}"
+                )
+        return encode_event_report_response(request, status)
 
     # -- sending --------------------------------------------------------------------
 
@@ -301,10 +425,10 @@ class Sender:
             return StoreResult(info, cls, ts, how, time.monotonic() - start)
         return StoreResult(info, Classification(Action.PERMANENT, last_error))
 
-    def _payload(self, info: DicomInfo, ts: str, how: str) -> tuple[Path, int] | bytes:
+    def _payload(self, info: DicomInfo, ts: str, how: str) -> FileData | bytes:
         """What to send: the file itself from its data set offset, or re-encoded bytes."""
         if how == "as is":
-            return (info.path, info.dataset_offset)
+            return FileData(info.path, info.dataset_offset)
         from pydicom import dcmread
         from pydicom.uid import UID
 
@@ -345,7 +469,7 @@ class Sender:
         current: Association,
         info: DicomInfo,
         cx_id: int,
-        payload: tuple[Path, int] | bytes,
+        payload: FileData | bytes,
         may_resend: bool = False,
     ) -> Classification:
         """One C-STORE on the association's socket; classified by its response status.

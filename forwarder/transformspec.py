@@ -7,6 +7,7 @@ spec is ``forwarder.transform``.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class TransformSpec:
         )
 
 
+@functools.lru_cache(maxsize=1024)  # the sender looks up a spec's keys for every instance
 def key_tag(key: str) -> int:
     """The tag `key` names: a DICOM keyword or ``"GGGG,EEEE"`` (brackets allowed).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from forwarder.dicomfile import DicomInfo, InvalidDicom, escape_bytes, locate, uid_problem
 from forwarder.outbox import Delivery, Mark, State
@@ -13,7 +13,7 @@ from forwarder.policy import Decision, Next
 from forwarder.sender import StoreResult
 from forwarder.status import Action, Classification
 
-__all__ = ["Pending", "Verdict", "checked", "disappeared", "held", "judged"]
+__all__ = ["Pending", "Verdict", "awaiting_commitment", "checked", "disappeared", "held", "judged"]
 
 DISAPPEARED = "the file disappeared before it was sent"
 CHANGED = "the file changed after it was queued; the new version is queued on its own"
@@ -130,6 +130,14 @@ def judged(d: Delivery, result: StoreResult, decision: Decision, now: float) -> 
         mark = Mark(d.id, State.QUARANTINED, cls.status, decision.reason, refusal=decision.refusal)
         return Verdict(mark, logging.ERROR, "quarantined", decision.reason, cls.status, True)
     raise ValueError(f"a {decision.next.name} needs the end of the pause: see held()")
+
+
+def awaiting_commitment(v: Verdict, commit_uid: str) -> Verdict:
+    """A SENT verdict for a destination that asks for Storage Commitment: the row waits on
+    transaction `commit_uid` (COMMITTING) and its file stays until the peer commits."""
+    mark = replace(v.mark, state=State.COMMITTING, commit_uid=commit_uid)
+    detail = f"{v.detail}; awaiting commitment"
+    return replace(v, mark=mark, outcome="stored", detail=detail, finished=False)
 
 
 def held(d: Delivery, cls: Classification, reason: str, until: float) -> Verdict:

@@ -7,11 +7,15 @@ Each store goes out with one ``sendall`` per PDU, read from disk with positional
 its response is read with one ``recv`` in the usual case; a socket timeout is the DIMSE
 timeout.
 
-The wire formats are PS3.8 9.3 (PDUs) and PS3.7 9.3 (C-STORE-RQ/RSP, C-ECHO-RQ/RSP).
+The wire formats are PS3.8 9.3 (PDUs) and PS3.7 9.3 (C-STORE-RQ/RSP, C-ECHO-RQ/RSP) and
+10.3 (N-ACTION-RQ/RSP, N-EVENT-REPORT-RQ/RSP, for Storage Commitment). A request the peer sends
+us on the association (an N-EVENT-REPORT-RQ) is handed to `Link.on_request` and answered on the
+spot, also while a response of ours is awaited.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import select
@@ -21,7 +25,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,16 +36,23 @@ __all__ = [
     "ASSOCIATE_RQ",
     "C_ECHO_RSP",
     "C_STORE_RSP",
+    "N_ACTION_RSP",
+    "N_EVENT_REPORT_RQ",
     "PDATA",
     "RELEASE_RP",
     "RELEASE_RQ",
     "VERIFICATION",
+    "FileData",
     "Link",
+    "Request",
+    "RequestHandler",
     "Response",
     "SourceUnreadable",
     "WireError",
     "decode_command",
+    "encode_action_command",
     "encode_echo_command",
+    "encode_event_report_response",
     "encode_store_command",
 ]
 
@@ -55,6 +66,11 @@ ABORT = 0x07
 
 C_STORE_RSP = 0x8001
 C_ECHO_RSP = 0x8030
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
+N_ACTION_RQ = 0x0130
+N_ACTION_RSP = 0x8130
+_NO_DATA_SET = 0x0101
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")  # item length, context ID, message control header
@@ -76,6 +92,20 @@ else:  # pragma: no cover - macOS before 11: no preadv
     def _read_at(fd: int, buf: memoryview, pos: int) -> int:
         os.lseek(fd, pos, os.SEEK_SET)
         return os.readv(fd, [buf])
+
+
+@dataclass(frozen=True)
+class FileData:
+    """A data set streamed from disk: `head` (in memory, sent first; usually empty) and then
+    the file at `path` from `offset` to its end.
+
+    A head is how a transform that changes only the header (``set``/``remove``) sends its
+    result: the changed elements from memory, the rest (the pixel data) from the source.
+    """
+
+    path: Path
+    offset: int
+    head: bytes = b""
 
 
 class SourceUnreadable(Exception):
@@ -106,6 +136,36 @@ class Response:
     status: int
     message_id: int
     error_comment: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """A DIMSE request the peer sent us: its command elements and data set (None: none)."""
+
+    context_id: int
+    command: dict[int, bytes]
+    data_set: bytes | None
+
+    @property
+    def field(self) -> int:
+        return _ushort(self.command, 0x00000100) or 0
+
+    @property
+    def message_id(self) -> int:
+        return _ushort(self.command, 0x00000110) or 0
+
+    def uid(self, tag: int) -> str:
+        """A UID element of the command, "" when absent."""
+        return self.command.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+RequestHandler = Callable[[Request], bytes]
+"""Answers a request of the peer: returns the command set of the response."""
+
+
+def _ushort(elems: dict[int, bytes], tag: int) -> int | None:
+    value = elems.get(tag)
+    return struct.unpack("<H", value[:2])[0] if value is not None and len(value) >= 2 else None
 
 
 def _element(tag: int, value: bytes) -> bytes:
@@ -156,6 +216,36 @@ def encode_echo_command(message_id: int) -> bytes:
     )
 
 
+def encode_action_command(
+    sop_class: str, sop_instance: str, message_id: int, action_type: int
+) -> bytes:
+    """The command set of an N-ACTION-RQ with a data set (PS3.7 10.3.4.1)."""
+    return _group(
+        _element(0x00000003, sop_class.encode("ascii")),  # Requested SOP Class UID
+        _us(0x00000100, N_ACTION_RQ),
+        _us(0x00000110, message_id),
+        _us(0x00000800, 0x0000),  # Command Data Set Type: present
+        _element(0x00001001, sop_instance.encode("ascii")),  # Requested SOP Instance UID
+        _us(0x00001008, action_type),
+    )
+
+
+def encode_event_report_response(request: Request, status: int) -> bytes:
+    """The command set of the N-EVENT-REPORT-RSP answering `request` (PS3.7 10.3.1.2)."""
+    elements = [
+        _element(0x00000002, request.command.get(0x00000002, b"")),  # Affected SOP Class UID
+        _us(0x00000100, N_EVENT_REPORT_RSP),
+        _us(0x00000120, request.message_id),
+        _us(0x00000800, _NO_DATA_SET),
+        _us(0x00000900, status),
+    ]
+    if 0x00001000 in request.command:  # Affected SOP Instance UID
+        elements.append(_element(0x00001000, request.command[0x00001000]))
+    if 0x00001002 in request.command:  # Event Type ID
+        elements.append(_element(0x00001002, request.command[0x00001002]))
+    return _group(*elements)
+
+
 def decode_command(data: bytes) -> dict[int, bytes]:
     """The elements of an implicit VR little endian command set, by tag."""
     out: dict[int, bytes] = {}
@@ -182,6 +272,9 @@ class Link:
         self._inbuf = bytearray()  # received and not yet parsed (normally empty)
         self._buf = bytearray()  # one fragment of a file, reused
         self._sent_any = False  # has any byte of the current message gone out?
+        self._pdv_queue: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        # answers the peer's requests (N-EVENT-REPORT-RQ); None: a request is a protocol error
+        self.on_request: RequestHandler | None = None
         self._timeout: float | None = sock.gettimeout()
 
     # -- plumbing ---------------------------------------------------------------------
@@ -215,7 +308,7 @@ class Link:
 
     def pending(self) -> bool:
         """Has the peer sent something not yet read? Never blocks."""
-        if self._inbuf:
+        if self._inbuf or self._pdv_queue:
             return True
         sock = self.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -299,7 +392,7 @@ class Link:
         self,
         cx_id: int,
         command: bytes,
-        payload: tuple[Path, int] | bytes | None,
+        payload: FileData | tuple[Path, int] | bytes | None,
         max_pdu: int,
     ) -> None:
         """Write one DIMSE request: the command PDU, then the data set in fragments.
@@ -333,8 +426,10 @@ class Link:
             self.send(bytes(head) + next(chunks))
             for chunk in chunks:
                 self.send(chunk)
-        else:
+        elif isinstance(payload, FileData):
             self._send_file(cx_id, head, payload, frag)
+        else:
+            self._send_file(cx_id, head, FileData(*payload), frag)
 
     def _fragments(self, cx_id: int, data: bytes, frag: int) -> Iterator[bytes]:
         if len(data) % 2:
@@ -352,30 +447,36 @@ class Link:
             if last:
                 return
 
-    def _send_file(self, cx_id: int, head: bytearray, payload: tuple[Path, int], frag: int) -> None:
-        path, offset = payload
+    def _send_file(self, cx_id: int, head: bytearray, payload: FileData, frag: int) -> None:
         if len(self._buf) != _HEADERS + frag:
             self._buf = bytearray(_HEADERS + frag)
         buf = self._buf
         view = memoryview(buf)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(payload.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:  # nothing is on the wire yet: the association is fine
             raise SourceUnreadable(exc) from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):  # replaced by a folder (open() would have failed)
-                raise SourceUnreadable(IsADirectoryError(21, "not a regular file", str(path)))
+                raise SourceUnreadable(
+                    IsADirectoryError(21, "not a regular file", str(payload.path))
+                )
             # positional reads: no seeks (every system call lets another thread take the GIL)
-            pos = offset
-            remaining = st.st_size - offset
+            pos = payload.offset
+            first = memoryview(payload.head)  # sent before the file's bytes
+            remaining = len(first) + st.st_size - payload.offset
             pending: bytes | None = bytes(head)  # the command rides with the first fragment
             while True:
                 n = min(frag, remaining)
-                got = _read_at(fd, view[_HEADERS : _HEADERS + n], pos) if n else 0
-                if got != n:
+                k = min(n, len(first))
+                if k:
+                    view[_HEADERS : _HEADERS + k] = first[:k]
+                    first = first[k:]
+                got = _read_at(fd, view[_HEADERS + k : _HEADERS + n], pos) if n > k else 0
+                if got != n - k:
                     raise OSError(5, "file shrank while it was being sent")
-                pos += n
+                pos += got
                 remaining -= n
                 if n % 2:  # only ever the last fragment: `frag` is even
                     # An odd-length data set: a deflated one whose stream was not padded
@@ -395,38 +496,123 @@ class Link:
             os.close(fd)
 
     def read_response(self, field: int = C_STORE_RSP) -> Response:
-        """Read PDUs until a complete command message arrives; decode it as `field`.
+        """Read PDUs until a complete response arrives; decode it as `field`.
+
+        Requests of the peer met on the way (an N-EVENT-REPORT-RQ) are answered through
+        `on_request` and the wait goes on. A data set after the response (an N-ACTION reply)
+        is read and dropped.
 
         Raises
         ------
         WireError
             Timeout, abort, release request or anything but the expected response.
         """
+        while True:
+            cx_id, command = self._read_command()
+            elems = decode_command(command)
+            kind = _ushort(elems, 0x00000100)
+            if kind is not None and not kind & 0x8000:  # a request of the peer
+                self._serve(cx_id, elems)
+                continue
+            if _ushort(elems, 0x00000800) not in (None, _NO_DATA_SET):
+                self._read_data_set()
+            return _response(elems, field)
+
+    def serve_pending(self) -> None:
+        """Answer the request whose first PDU is waiting (see `peek_pdu_type`).
+
+        Raises
+        ------
+        WireError
+            What came is not a request we answer, or the connection failed.
+        """
+        cx_id, command = self._read_command()
+        elems = decode_command(command)
+        kind = _ushort(elems, 0x00000100)
+        if kind is None or kind & 0x8000:
+            raise WireError("the peer sent a response nobody asked for")
+        self._serve(cx_id, elems)
+
+    def peek_pdu_type(self) -> int:
+        """The type of the next PDU, without taking it (blocks until a byte comes)."""
+        if self._pdv_queue:
+            return PDATA
+        self._recv_at_least(1, "waiting for the peer")
+        return self._inbuf[0]
+
+    def _serve(self, cx_id: int, elems: dict[int, bytes]) -> None:
+        data = None
+        if _ushort(elems, 0x00000800) not in (None, _NO_DATA_SET):
+            data = self._read_data_set()
+        request = Request(cx_id, elems, data)
+        if self.on_request is None or request.field != N_EVENT_REPORT_RQ:
+            raise WireError(f"unexpected request 0x{request.field:04X} from the peer")
+        answer = self.on_request(request)
+        head = bytearray(_HEADERS + len(answer))
+        self._pdu_header(head, 0, cx_id, 0x03, len(answer))
+        head[_HEADERS:] = answer
+        self.send(head)
+
+    def _next_pdv(self) -> tuple[int, int, bytes]:
+        """The next PDV item from the peer: (context ID, control header, fragment).
+
+        A P-DATA-TF may carry several items (the end of a command and the start of its data
+        set): the ones not yet asked for wait in ``_pdv_queue``.
+        """
+        if self._pdv_queue:
+            return self._pdv_queue.popleft()
+        pdu_type, body = self.read_pdu()
+        if pdu_type == ABORT:
+            raise WireError("the peer aborted the association (A-ABORT)")
+        if pdu_type == RELEASE_RQ:
+            raise WireError("the peer asked to release the association mid-transfer")
+        if pdu_type != PDATA:
+            raise WireError(f"unexpected PDU type 0x{pdu_type:02X} from the peer")
+        size = len(body)
+        if size < 6:
+            raise WireError("P-DATA-TF without a PDV item from the peer")
+        item_len, cx, mch = _PDV_HEADER.unpack_from(body, 0)
+        end = 4 + item_len
+        if item_len < 2 or end > size:
+            raise WireError(f"malformed PDV item (length {item_len}) from the peer")
+        pos = end
+        while pos + 6 <= size:  # more items in this PDU (rare): queued
+            n, c, m = _PDV_HEADER.unpack_from(body, pos)
+            if n < 2 or pos + 4 + n > size:
+                raise WireError(f"malformed PDV item (length {n}) from the peer")
+            self._pdv_queue.append((c, m, body[pos + 6 : pos + 4 + n]))
+            pos += 4 + n
+        return cx, mch, body[6:end]
+
+    def _read_command(self) -> tuple[int, bytes]:
+        """The next whole command set: (context ID, bytes)."""
+        cx, mch, fragment = self._next_pdv()
+        if mch == 0x03:  # the whole command in one fragment: the usual case
+            return cx, fragment
         command = bytearray()
         while True:
-            pdu_type, body = self.read_pdu()
-            if pdu_type == ABORT:
-                raise WireError("the peer aborted the association (A-ABORT)")
-            if pdu_type == RELEASE_RQ:
-                raise WireError("the peer asked to release the association mid-transfer")
-            if pdu_type != PDATA:
-                raise WireError(f"unexpected PDU type 0x{pdu_type:02X} from the peer")
-            pos = 0
-            while pos + 6 <= len(body):
-                item_len, _cx, mch = _PDV_HEADER.unpack_from(body, pos)
-                if item_len < 2 or pos + 4 + item_len > len(body):
-                    raise WireError(f"malformed PDV item (length {item_len}) from the peer")
-                fragment = body[pos + 6 : pos + 4 + item_len]
-                pos += 4 + item_len
-                if not mch & 0x01:
-                    raise WireError("the peer sent a data set where a response was due")
-                command += fragment
-                if mch & 0x02:
-                    return _response(bytes(command), field)
+            if not mch & 0x01:
+                raise WireError("the peer sent a data set where a command was due")
+            command += fragment
+            if mch & 0x02:
+                return cx, bytes(command)
+            cx, mch, fragment = self._next_pdv()
+
+    def _read_data_set(self) -> bytes:
+        """The data set that follows a command (P-DATA PDVs up to the last fragment)."""
+        data = bytearray()
+        while True:
+            _cx, mch, fragment = self._next_pdv()
+            if mch & 0x01:
+                raise WireError("the peer sent a command where a data set was due")
+            data += fragment
+            if len(data) > MAX_PDU_IN:
+                raise WireError("data set from the peer larger than 16 MiB")
+            if mch & 0x02:
+                return bytes(data)
 
 
-def _response(command: bytes, expected: int) -> Response:
-    elems = decode_command(command)
+def _response(elems: dict[int, bytes], expected: int) -> Response:
     field = elems.get(0x00000100)
     if field is None or struct.unpack("<H", field[:2])[0] != expected:
         raise WireError(f"the peer answered with something other than 0x{expected:04X}")

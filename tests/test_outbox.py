@@ -309,20 +309,26 @@ def test_state_check_constraint_mirrors_the_enum(outbox: Outbox, db_path: Path) 
         insert = (
             "INSERT INTO deliveries (path, size, mtime_ns, sop_class_uid, sop_instance_uid, "
             "transfer_syntax, destination, state, next_attempt_at, created_at, updated_at, "
-            "lease_until, done_at) VALUES (?, 1, 1, 'c', 's', 't', 'a', ?, 0, 0, 0, ?, ?)"
+            "lease_until, done_at, commit_uid) "
+            "VALUES (?, 1, 1, 'c', 's', 't', 'a', ?, 0, 0, 0, ?, ?, ?)"
         )
         for state in State:
             lease = 1.0 if state is State.INFLIGHT else None
             done = 1.0 if state in outbox_module.FINAL_STATES else None
-            conn.execute(insert, (f"/ok/{state.name}".encode(), int(state), lease, done))
+            tx = "1.2.3" if state is State.COMMITTING else None
+            conn.execute(insert, (f"/ok/{state.name}".encode(), int(state), lease, done, tx))
         for bad in (-1, len(State)):
             with pytest.raises(sqlite3.IntegrityError):
-                conn.execute(insert, (f"/bad/{bad}".encode(), bad, None, None))
-        # the lease and done_at invariants are enforced too
+                conn.execute(insert, (f"/bad/{bad}".encode(), bad, None, None, None))
+        # the lease, done_at and transaction invariants are enforced too
         with pytest.raises(sqlite3.IntegrityError):
-            conn.execute(insert, (b"/bad/lease", int(State.INFLIGHT), None, None))
+            conn.execute(insert, (b"/bad/lease", int(State.INFLIGHT), None, None, None))
         with pytest.raises(sqlite3.IntegrityError):
-            conn.execute(insert, (b"/bad/done", int(State.SENT), None, None))
+            conn.execute(insert, (b"/bad/done", int(State.SENT), None, None, None))
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(insert, (b"/bad/tx", int(State.COMMITTING), None, None, None))
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(insert, (b"/bad/tx2", int(State.PENDING), None, None, "1.2.3"))
 
 
 def test_refuses_a_file_that_is_not_a_database(db_path: Path) -> None:

@@ -177,7 +177,7 @@ def _version_4_db(db_path: Path) -> dict[str, State]:
                 conn.execute(statement)
         rows = {}
         for i in range(1, 3001):
-            r, state = rec(i), State(i % len(State))
+            r, state = rec(i), State(i % 5)  # the states of version 4
             conn.execute(
                 "INSERT INTO deliveries (path, size, mtime_ns, sop_class_uid, sop_instance_uid,"
                 " transfer_syntax, study_uid, destination, next_attempt_at, created_at,"
@@ -223,7 +223,8 @@ def test_migrating_version_4_keeps_every_row_and_lets_the_file_shrink(
         # every row as it was; the columns of later versions added empty
         rows = sorted(conn.execute("SELECT * FROM deliveries"))
         assert [row[: len(dump[0])] for row in rows] == dump
-        assert {row[len(dump[0]) :] for row in rows} == {(None,)}  # sent_uid (version 6)
+        # sent_uid (version 6), commit_uid (version 7)
+        assert {row[len(dump[0]) :] for row in rows} == {(None, None)}
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="forwarder.outbox"), Outbox(db_path):
         pass  # converted once: no VACUUM at the next start

@@ -707,6 +707,102 @@ def test_splice_writes_what_pydicom_writes(
     assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
 
 
+@pytest.mark.parametrize("spec", SPLICE_SPECS)
+@pytest.mark.parametrize(
+    "source",
+    [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "test-SR.dcm",
+        "rtplan.dcm",
+        "examples_overlay.dcm",
+    ],
+)
+def test_the_spliced_head_and_the_rest_of_the_source_are_what_transform_file_writes(
+    tmp_path: Path, secret: bytes, source: str, spec: TransformSpec
+) -> None:
+    """What the sender sends for a `set`/`remove` (the head from memory, the rest from the
+    source) is byte for byte the data set of the copy the pool would write."""
+    from forwarder.dicomfile import inspect
+    from forwarder.transform import splice_head
+
+    src = data_file(source)
+    done = transform_file(src, tmp_path / "copy.dcm", spec, secret, durable=False)
+    spliced = splice_head(src, spec)
+    assert spliced is not None
+    whole = done.path.read_bytes()
+    copy = inspect(done.path)
+    assert spliced.head + src.read_bytes()[spliced.tail_at :] == whole[copy.dataset_offset :]
+    assert spliced.size == len(whole) - copy.dataset_offset
+    assert (spliced.sop_instance_uid, spliced.transfer_syntax) == (
+        done.sop_instance_uid,
+        done.transfer_syntax,
+    )
+    assert spliced.changes == done.changes
+    if "PixelData" in dcmread(src, stop_before_pixels=False):
+        # only the header is read and held: the pixels go from the source
+        assert spliced.tail_at < src.stat().st_size - len(dcmread(src).PixelData)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TransformSpec(set=(("StationName", "GW"),)),  # spliced
+        TransformSpec(transfer_syntax="rle"),  # pydicom
+        TransformSpec(deidentify="basic"),  # a new SOP Instance UID
+    ],
+)
+def test_what_transform_file_says_of_its_copy_is_what_inspect_reads(
+    tmp_path: Path, secret: bytes, spec: TransformSpec
+) -> None:
+    """The pool hands the sender what the engine wrote instead of reading the copy back."""
+    from forwarder.dicomfile import inspect
+    from forwarder.transformpool import _prepare
+
+    prepared = _prepare(data_file("CT_small.dcm"), tmp_path / "copy.dcm", spec, secret)
+    read = inspect(tmp_path / "copy.dcm")
+    said = prepared.info
+    assert (said.path, said.size, said.dataset_offset) == (
+        read.path,
+        read.size,
+        read.dataset_offset,
+    )
+    assert (said.sop_class_uid, said.sop_instance_uid, said.transfer_syntax) == (
+        read.sop_class_uid,
+        read.sop_instance_uid,
+        read.transfer_syntax,
+    )
+
+
+def test_a_change_after_a_large_pixel_data_is_not_spliced_in_memory(
+    tmp_path: Path, secret: bytes
+) -> None:
+    from forwarder.transform import SPLICE_HEAD_LIMIT, splice_head
+
+    ds = dcmread(data_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = 1024, 1024  # 2 MB of pixels
+    ds.PixelData = bytes(2 * 1024 * 1024)
+    ds.add_new(0x7FE10010, "LO", "ACME 1.0")  # a private block after the pixel data
+    ds.add_new(0x7FE11001, "LO", "after the pixels")
+    src = tmp_path / "big.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    spec = TransformSpec(remove=("7FE1,1001",))
+    assert len(ds.PixelData) > SPLICE_HEAD_LIMIT
+    assert splice_head(src, spec) is None  # the pool writes a copy instead
+    done = transform_file(src, tmp_path / "copy.dcm", spec, secret, durable=False)
+    out = dcmread(done.path)
+    assert 0x7FE11001 not in out and out.PixelData == ds.PixelData
+    # the same change on a small file is spliced, pixels included in the head
+    ds.Rows, ds.Columns = 16, 16
+    ds.PixelData = bytes(512)
+    ds.save_as(src, enforce_file_format=True)
+    spliced = splice_head(src, spec)
+    assert spliced is not None
+    assert spliced.tail_at >= src.read_bytes().index(b"after the pixels") + 16
+
+
 def test_deidentification_removes_private_attributes_in_items(
     tmp_path: Path, secret: bytes
 ) -> None:

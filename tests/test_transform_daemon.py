@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import SCP, wait_for
+from conftest import SCP, data_file, make_instance, wait_for
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from test_daemon import (  # the daemon fixtures and helpers
@@ -33,6 +33,9 @@ from forwarder.outbox import Outbox, State
 from forwarder.transformpool import SPOOL_DIR
 
 __all__ = ["fwd"]  # fixtures, imported for pytest
+
+POOLED = {"set": {"InstitutionName": "Gateway A"}, "transfer_syntax": "rle"}
+"""A transform done in the pool's processes (a `set` alone is spliced by the sender)."""
 
 
 def stored(scp: SCP, uid: str) -> object:
@@ -67,7 +70,11 @@ def test_set_and_remove_reach_one_destination_the_other_gets_the_file_as_is(
     fwd.wait(has_all(plain, uids), what="the files at plain")
     fwd.wait(has_all(regional, uids), what="the copies at regional")
     fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    # spliced by the sender itself: no transform process, no copy written
+    assert not descendants(fwd.pid)
+    assert not any((fwd.outbox_path.parent / SPOOL_DIR).iterdir())
     assert fwd.stop() == 0
+    assert "transform: started" not in fwd.text()
     assert received(plain) == received(regional) == once(uids)
     for uid in uids:
         mine, theirs = stored(plain, uid), stored(regional, uid)
@@ -91,6 +98,32 @@ def burned_in_file(path: Path) -> str:
     ds.save_as(path.with_suffix(".tmp"), enforce_file_format=True)
     os.replace(path.with_suffix(".tmp"), path)
     return uid
+
+
+def test_a_spliced_copy_is_converted_for_a_peer_that_refuses_its_syntax(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """A `set` on an explicit VR file, to a peer that takes implicit VR only: the spliced
+    copy is written out and converted, with the change and the pixels."""
+    from pydicom import dcmread
+
+    peer = make_scp(transfer_syntaxes=["1.2.840.10008.1.2"])
+    fwd.configure(
+        [dest("implicit", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})]
+    ).start()
+    uid = "1.2.826.0.1.3680043.10.1175.77"
+    make_instance(fwd.inbox / "ct.dcm", uid)
+    fwd.wait(has_all(peer, [uid]), what="the converted copy")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert not any((fwd.outbox_path.parent / SPOOL_DIR).iterdir())  # removed once answered
+    assert fwd.stop() == 0
+    (got,) = peer.received
+    assert got.transfer_syntax == "1.2.840.10008.1.2"
+    theirs = stored(peer, uid)
+    assert theirs.InstitutionName == "Gateway A"  # type: ignore[attr-defined]
+    assert theirs.PixelData == dcmread(data_file("CT_small.dcm")).PixelData  # type: ignore[attr-defined]
+    (row,) = fwd.deliveries()
+    assert row.state == State.SENT and "Implicit VR Little Endian" in (row.sent_as or "")
 
 
 def test_a_refused_transform_quarantines_for_that_destination_only(
@@ -163,7 +196,7 @@ def test_transform_processes_die_with_the_daemon_and_a_killed_one_is_replaced(
 ) -> None:
     peer = make_scp()
     fwd.configure(
-        [dest("regional", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})],
+        [dest("regional", peer.port, transform=POOLED)],
         transform={"workers": 2},
     ).start()
     first = routed_file(fwd.inbox / "first.dcm", "CT")
@@ -212,7 +245,7 @@ def test_sigterm_to_every_process_at_once_stops_cleanly(
     # process it started at the same moment: the pool must not die under the daemon's feet
     peer = make_scp()
     fwd.configure(
-        [dest("regional", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})],
+        [dest("regional", peer.port, transform=POOLED)],
         transform={"workers": 2},
     ).start()
     uids = [routed_file(fwd.inbox / f"a{i}.dcm", "CT") for i in range(3)]
@@ -342,7 +375,7 @@ def test_a_transform_that_never_ends_makes_the_daemon_unhealthy(
     a stuck worker once the stall limit and the file's allowance have passed."""
     peer = make_scp()
     fwd.configure(
-        [dest("remote", peer.port, transform={"set": {"InstitutionName": "Gateway A"}})],
+        [dest("remote", peer.port, transform=POOLED)],
         transform={"workers": 1},
         health={"heartbeat_seconds": 0.5, "stall_seconds": 2},
     ).start()

@@ -18,6 +18,7 @@ from forwarder.dicomfile import inspect
 from forwarder.wire import (
     C_ECHO_RSP,
     VERIFICATION,
+    FileData,
     WireError,
     decode_command,
     encode_echo_command,
@@ -132,6 +133,29 @@ def test_link_streams_a_file_and_reads_the_response(assoc: tuple[Association, SC
     assert association.closed
 
 
+@pytest.mark.parametrize("head_size", [0, 1, 4083, 4084, 4085, 9000])
+def test_link_sends_a_head_from_memory_then_the_file(
+    assoc: tuple[Association, SCP], head_size: int
+) -> None:
+    """A spliced `set`/`remove`: the changed head, then the source from an offset; the
+    fragments are cut across the seam (4084 bytes of data per PDU here)."""
+    association, scp = assoc
+    info = inspect(data_file("CT_small.dcm"))
+    data = info.path.read_bytes()[info.dataset_offset :]
+    head = bytes(range(256)) * (head_size // 256) + bytes(head_size % 256)
+    tail_at = info.dataset_offset + 2000  # any offset: the bytes are not looked at
+    association.link.send_message(
+        _cx(association),
+        encode_store_command(CT, info.sop_instance_uid, 1),
+        FileData(info.path, tail_at, head),
+        association.send_pdu,
+    )
+    rsp = association.link.read_response()
+    assert rsp.message_id == 1
+    (got,) = scp.received
+    assert got.encoded == head + data[2000:] + b"\x00" * ((len(head) + len(data) - 2000) % 2)
+
+
 def test_link_sends_bytes_and_reports_the_status(assoc: tuple[Association, SCP]) -> None:
     association, scp = assoc
     scp.statuses = [0xA700]
@@ -176,3 +200,81 @@ def test_echo_command_answered_by_pynetdicom(make_scp: Callable[..., SCP]) -> No
         assert (rsp.status, rsp.message_id) == (0x0000, 3)
     finally:
         association.release()
+
+
+# ------------------------------------------------------------------ requests of the peer
+
+
+def _pdv(cx: int, mch: int, data: bytes) -> bytes:
+    return struct.pack(">LBB", len(data) + 2, cx, mch) + data
+
+
+def _pdu(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BxL", 0x04, len(body)) + body
+
+
+def _command(**elements: int | bytes) -> bytes:
+    from forwarder.wire import _element, _group, _us
+
+    tags = {
+        "cls": 0x00000002,
+        "field": 0x00000100,
+        "rq_id": 0x00000110,
+        "rsp_id": 0x00000120,
+        "dstype": 0x00000800,
+        "status": 0x00000900,
+        "inst": 0x00001000,
+        "event": 0x00001002,
+    }
+    parts = [
+        _element(tags[k], v) if isinstance(v, bytes) else _us(tags[k], v)
+        for k, v in sorted(elements.items(), key=lambda kv: tags[kv[0]])
+    ]
+    return _group(*parts)
+
+
+def test_a_request_of_the_peer_is_answered_while_a_response_is_awaited() -> None:
+    """An N-EVENT-REPORT-RQ (its command and data set in one P-DATA-TF) arriving before the
+    response we wait for is handed to `on_request`, answered, and the wait goes on."""
+    import socket
+
+    from forwarder.wire import N_EVENT_REPORT_RQ, Link, Request, encode_event_report_response
+
+    report = _command(cls=b"1.2.840.10008.1.20.1", field=N_EVENT_REPORT_RQ, rq_id=7, dstype=0,
+                      inst=b"1.2.840.10008.1.20.1.1", event=1)  # fmt: skip
+    data_set = b"\x08\x00\x95\x11\x04\x00\x31\x2e\x32\x00"  # (0008,1195) "1.2" implicit
+    store_rsp = _command(cls=CT.encode(), field=0x8001, rsp_id=3, dstype=0x0101, status=0,
+                         inst=b"1.2.3")  # fmt: skip
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(
+            _pdu(_pdv(5, 0x03, report), _pdv(5, 0x02, data_set)) + _pdu(_pdv(1, 0x03, store_rsp))
+        )
+        link = Link(ours)
+        seen: list[Request] = []
+
+        def answer(request: Request) -> bytes:
+            seen.append(request)
+            return encode_event_report_response(request, 0x0000)
+
+        link.on_request = answer
+        rsp = link.read_response()
+        assert (rsp.status, rsp.message_id) == (0, 3)
+        (req,) = seen
+        assert (req.context_id, req.field, req.message_id) == (5, N_EVENT_REPORT_RQ, 7)
+        assert req.data_set == data_set
+        theirs.settimeout(2)
+        answered = theirs.recv(1000)
+        assert answered[0] == 0x04 and answered[10] == 5  # a P-DATA on the report's context
+        sent = _read_command(answered[12:])
+        assert (sent.CommandField, sent.MessageIDBeingRespondedTo, sent.Status) == (0x8100, 7, 0)
+        assert sent.EventTypeID == 1 and sent.AffectedSOPInstanceUID == "1.2.840.10008.1.20.1.1"
+        # without a taker, a request is a protocol error: the association is unusable
+        theirs.sendall(_pdu(_pdv(5, 0x03, report), _pdv(5, 0x02, data_set)))
+        link.on_request = None
+        with pytest.raises(WireError, match="unexpected request 0x0100"):
+            link.read_response()
+    finally:
+        ours.close()
+        theirs.close()

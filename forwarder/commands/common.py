@@ -235,6 +235,8 @@ def delivery_json(d: Delivery, now: float) -> dict[str, Any]:
         "last_error": d.last_error,
         "sent_as": d.sent_as,
         "sent_uid": d.sent_uid,
+        # stored, awaiting the peer's Storage Commitment under this transaction
+        "commit_uid": d.commit_uid,
         "created_at": iso(d.created_at),
         "done_at": iso(d.done_at),
         "age_seconds": round(now - d.created_at, 3),

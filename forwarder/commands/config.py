@@ -18,9 +18,9 @@ from forwarder.config import (
     load_settings,
 )
 from forwarder.errors import EX_CONFIG, ConfigError
-from forwarder.preflight import check_layout, check_receive, check_tls
+from forwarder.preflight import check_auth, check_layout, check_receive, check_tls
 
-__all__ = ["MASK", "add_arguments", "check", "effective", "masked", "run"]
+__all__ = ["MASK", "add_arguments", "check", "effective", "masked", "notes", "run"]
 
 MASK = "********"
 _SECRET = re.compile(r"password|passphrase|secret|token", re.IGNORECASE)
@@ -44,9 +44,43 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
             parse_listen(settings.metrics.listen)
         except ValueError as exc:
             errors.append(f"metrics.listen: {exc}")
-    errors += check_tls(settings)
+    errors += check_tls(settings) + check_auth(settings)
     errors += check_receive(settings)
     return settings, errors
+
+
+def notes(settings: Settings) -> list[str]:
+    """What is worth knowing about valid settings, one line each naming the setting.
+
+    A destination asking for Storage Commitment gets its report on the association that
+    stored the instances, or on a new one it opens to us: that one needs ``[receive]``
+    listening (with ``allowed_calling_aets`` letting the peer in).
+    """
+    lines = []
+    receive = getattr(settings, "receive", None)
+    listen = getattr(receive, "listen", None) if receive is not None else None
+    for i, dest in enumerate(settings.destinations):
+        if not dest.commitment.enabled:
+            continue
+        key = f"destinations.{i}.commitment ({dest.name})"
+        if listen:
+            allowed = getattr(receive, "allowed_calling_aets", None) or []
+            lines.append(
+                f"{key}: reports on a new association come to [receive] at {listen}"
+                + (
+                    f"; receive.allowed_calling_aets must include {dest.called_aet}"
+                    if allowed and dest.called_aet not in allowed
+                    else ""
+                )
+            )
+        else:
+            lines.append(
+                f"{key}: warning: [receive] is not listening: only reports sent on the "
+                "association that stored the instances are taken; a peer that reports on a "
+                "new association (Orthanc, most PACS) needs receive.listen, and until then "
+                f"is asked again every {dest.commitment.timeout_seconds:g} s"
+            )
+    return lines
 
 
 def masked(key: str, value: Any) -> Any:
@@ -133,6 +167,8 @@ def _check(args: argparse.Namespace) -> int:
         return EX_CONFIG
     names = ", ".join(d.name for d in settings.destinations)
     print(f"ok: {source}: {len(settings.destinations)} destination(s): {names}")
+    for line in notes(settings):
+        print(f"{source}: {line}")
     return 0
 
 

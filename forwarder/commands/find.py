@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
             when = f"next {due}"
         elif d.state is State.INFLIGHT:
             when = "sending now"
+        elif d.state is State.COMMITTING:
+            state = "stored, awaiting commitment"
+            when = f"since {common.local_time(d.last_attempt_at, now)}"
+            detail = f"transaction {d.commit_uid}" + (f"; {detail}" if detail else "")
         else:
             when = common.local_time(d.done_at, now)
         file = files[d.path]

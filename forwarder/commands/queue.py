@@ -13,8 +13,9 @@ from forwarder.status import status_hex
 
 __all__ = ["BACKLOG", "add_arguments", "parse_states", "run"]
 
-BACKLOG = (State.PENDING, State.INFLIGHT)
-"""What ``queue list`` shows without ``--state``."""
+BACKLOG = (State.PENDING, State.INFLIGHT, State.COMMITTING)
+"""What ``queue list`` shows without ``--state``: what is not done yet, including what is
+stored and awaits the peer's Storage Commitment."""
 
 _STATE_NAMES = {s.name.lower(): s for s in State} | {"in-flight": State.INFLIGHT}
 
@@ -48,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="list deliveries (default: pending and in flight), oldest first",
         description=(
             "List deliveries, one per file and destination, oldest first. Without --state "
-            "only the backlog (pending, in flight) is shown."
+            "only the backlog (pending, in flight, stored and awaiting commitment) is shown."
         ),
     )
     common.add_config(ls)
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--state",
         metavar="S",
         action="append",
-        help="pending, inflight, sent, quarantined, gone or all (repeatable, or a,b)",
+        help="pending, inflight, committing, sent, quarantined, gone or all (repeatable, or a,b)",
     )
     ls.add_argument("--study", metavar="UID", help="only this Study Instance UID")
     ls.add_argument("--limit", metavar="N", type=int, default=100, help="at most N (default 100)")
@@ -114,6 +115,8 @@ def _list(args: argparse.Namespace) -> int:
             when = "due now" if d.next_attempt_at <= now else common.ago(d.next_attempt_at, now)
         elif d.state is State.INFLIGHT:
             when = "sending"
+        elif d.state is State.COMMITTING:
+            when = f"stored, awaiting commitment since {common.local_time(d.last_attempt_at, now)}"
         else:
             when = common.local_time(d.done_at, now)
         table.append(

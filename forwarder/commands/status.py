@@ -20,7 +20,8 @@ __all__ = ["DaemonStatus", "DestinationStatus", "add_arguments", "collect", "run
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Per destination: pending, in flight, sent in the last hour and day, quarantined, "
-        "age of the oldest pending delivery, last success, last error and pause; and whether "
+        "age of the oldest pending delivery, last success, last error and pause, and what "
+        "is stored and awaiting Storage Commitment since when; and whether "
         "the daemon is alive (its heartbeat in the outbox). Reads the outbox without ever "
         "blocking the daemon."
     )
@@ -82,6 +83,8 @@ class DestinationStatus:
     """Set only while paused."""
     paused_at: float | None
     pause_reason: str | None
+    awaiting_since: float | None = None
+    """When the oldest delivery stored and awaiting Storage Commitment was stored."""
 
     def to_json(self, now: float) -> dict[str, Any]:
         oldest = self.oldest_pending_at
@@ -95,6 +98,8 @@ class DestinationStatus:
             "sent": self.counts[State.SENT],
             "quarantined": self.counts[State.QUARANTINED],
             "gone": self.counts[State.GONE],
+            "awaiting_commitment": self.counts[State.COMMITTING],
+            "awaiting_commitment_since": iso(self.awaiting_since),
             "sent_last_hour": self.sent_last_hour,
             "sent_last_day": self.sent_last_day,
             "oldest_pending_at": iso(oldest),
@@ -161,6 +166,7 @@ def collect(
     oldest = outbox.oldest_pending()
     infos = outbox.destination_info()
     refusals = outbox.last_failures()
+    awaiting = outbox.awaiting_commitment()
     configured = {d.name: d for d in settings.destinations}
     others = sorted((set(counts) | set(infos)) - set(configured))
     result = []
@@ -171,7 +177,7 @@ def collect(
         result.append(
             DestinationStatus(
                 name=name,
-                address=f"{dest.called_aet}@{dest.host}:{dest.port}" if dest else None,
+                address=dest.address if dest else None,
                 counts=counts.get(name, dict.fromkeys(State, 0)),
                 sent_last_hour=last_hour.get(name, 0),
                 sent_last_day=last_day.get(name, 0),
@@ -184,6 +190,7 @@ def collect(
                 paused_until=info.paused_until if info and paused else None,
                 paused_at=info.paused_at if info and paused else None,
                 pause_reason=info.pause_reason if info and paused else None,
+                awaiting_since=awaiting[name][1] if name in awaiting else None,
             )
         )
     return _daemon(outbox.read_heartbeat(), settings, now), result
@@ -262,6 +269,14 @@ def render(
             ]
         )
     body = common.table(headers, rows, right=(1, 2, 3, 4, 5, 6)) if rows else "no destinations"
+    for d in dests:  # Storage Commitment: stored, not yet "sent" (their files are kept)
+        n = d.counts[State.COMMITTING]
+        if n:
+            since = d.awaiting_since
+            body += (
+                f"\n{d.name}: {n} stored, awaiting commitment since "
+                f"{common.local_time(since, now)} ({common.ago(since, now)})"
+            )
     receiver = _receiver(daemon, settings)
     head = _head(daemon, now) if receiver is None else f"{_head(daemon, now)}\n{receiver}"
     return f"{head}\n{body}"

@@ -52,12 +52,19 @@ writes, never migrates and reads a WAL snapshot without blocking the daemon or b
 
 Retention
 ---------
-Delivered rows (SENT, GONE) are deleted once older than the retention (`Outbox.prune_delivered`,
-in batches of short transactions, driven by `forwarder.retention`); PENDING, INFLIGHT and
-QUARANTINED rows never are. The file uses incremental auto_vacuum, so `Outbox.vacuum_step`
-gives the freed pages back in bounded steps; a file created before schema 5 is converted by
-one VACUUM when a writer first opens it. `Outbox.retention_horizon` says up to when rows were
-pruned, for ``forwarder find``.
+Delivered rows (SENT, GONE) are deleted once older than the retention (`Outbox.prune_delivered`, in
+batches of short transactions, driven by `forwarder.retention`); PENDING, INFLIGHT, COMMITTING and
+QUARANTINED rows never are. The file uses incremental auto_vacuum, so `Outbox.vacuum_step` gives the
+freed pages back in bounded steps; a file created before schema 5 is converted by one VACUUM when a
+writer first opens it. `Outbox.retention_horizon` says up to when rows were pruned, for
+``forwarder find``.
+
+Storage Commitment
+------------------
+A delivery to a destination that asks for commitment goes INFLIGHT -> COMMITTING (stored,
+awaiting the peer's report) under a transaction (``commit_uid``; a ``commitments`` row holds
+when to ask the peer, and how often it was asked), and becomes SENT only on the peer's success
+reference (`Outbox.settle_commitment`); COMMITTING is not final, so its file stays.
 
 Schema
 ------
@@ -81,6 +88,7 @@ from forwarder.outbox.db import BUSY_TIMEOUT_SECONDS, MIN_SQLITE
 from forwarder.outbox.pruning import PRUNE_LIMIT, VACUUM_STEP_PAGES
 from forwarder.outbox.records import (
     FINAL_STATES,
+    Commitment,
     Delivery,
     DestinationInfo,
     Heartbeat,
@@ -105,6 +113,7 @@ __all__ = [
     "PRUNE_LIMIT",
     "SCHEMA_VERSION",
     "VACUUM_STEP_PAGES",
+    "Commitment",
     "Delivery",
     "DestinationInfo",
     "Heartbeat",

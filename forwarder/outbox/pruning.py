@@ -44,12 +44,12 @@ class Pruning(Queries):
         pass is then over, and `before` is recorded as the retention horizon
         (`retention_horizon`) in the transaction of that last batch.
 
-        Never deleted: PENDING, INFLIGHT and QUARANTINED rows; a row whose file version still
-        has a row in one of those states (re-enqueueing the file could send it again to the
-        destinations that have it); and a row for whose path `keep` returns True. `keep` is
-        for files still in the inbox (disposition ``keep`` leaves them there): without their
-        rows a restart would send them again. It is called outside the transaction, once per
-        row per pass, and may touch the file system.
+        Never deleted: PENDING, INFLIGHT, COMMITTING and QUARANTINED rows; a row whose file version
+        still has a row in one of those states (re-enqueueing the file could send it again to the
+        destinations that have it); and a row for whose path `keep` returns True. `keep` is for
+        files still in the inbox (disposition ``keep`` leaves them there): without their rows a
+        restart would send them again. It is called outside the transaction, once per row per pass,
+        and may touch the file system.
 
         Raises
         ------

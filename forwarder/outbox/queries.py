@@ -8,12 +8,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from forwarder.outbox.db import Database
-from forwarder.outbox.records import Delivery, DestinationInfo, Heartbeat, State
+from forwarder.outbox.records import Commitment, Delivery, DestinationInfo, Heartbeat, State
 from forwarder.outbox.schema import (
     LIST_FILTERS,
     LIST_ORDER,
     MANY,
     SELECT,
+    SQL_AWAITING,
+    SQL_COMMITMENT,
+    SQL_COMMITMENT_ROWS,
+    SQL_COMMITMENTS,
     SQL_COUNTS,
     SQL_DEST_INFO,
     SQL_FILE_ROWS,
@@ -23,11 +27,13 @@ from forwarder.outbox.schema import (
     SQL_HORIZON,
     SQL_IS_KNOWN,
     SQL_LAST_FAILURES,
+    SQL_NEXT_ASK,
     SQL_NEXT_DUE,
     SQL_OLDEST_PENDING,
     SQL_PAUSED_UNTIL,
     SQL_READ_HEARTBEAT,
     SQL_SENT_SINCE,
+    commitment,
     compose,
     delivery,
     path_bytes,
@@ -105,6 +111,31 @@ class Queries(Database):
             return None
         paused = self._query("next_due", SQL_PAUSED_UNTIL, (destination, now))
         return max(float(due), float(paused[0][0])) if paused else float(due)
+
+    # ---------------------------------------------------------------------------- commitment
+
+    def next_ask(self, destination: str) -> float | None:
+        """When the next Storage Commitment request of `destination` is due (None: none)."""
+        due = self._query("next_ask", SQL_NEXT_ASK, (destination,))[0][0]
+        return None if due is None else float(due)
+
+    def commitment(self, uid: str) -> Commitment | None:
+        """The open transaction `uid`, or None (unknown, or settled and closed)."""
+        rows = self._query("commitment", SQL_COMMITMENT, (uid,))
+        return commitment(rows[0]) if rows else None
+
+    def commitments(self) -> builtins.list[Commitment]:
+        """Every open transaction, by destination and age."""
+        return [commitment(r) for r in self._query("commitments", SQL_COMMITMENTS)]
+
+    def commitment_rows(self, uid: str) -> builtins.list[Delivery]:
+        """The rows still waiting on transaction `uid` (`State.COMMITTING`), by id."""
+        return [delivery(r) for r in self._query("commitment_rows", SQL_COMMITMENT_ROWS, (uid,))]
+
+    def awaiting_commitment(self) -> dict[str, tuple[int, float]]:
+        """Destination -> (rows stored and awaiting commitment, since when the oldest was)."""
+        rows = self._query("awaiting_commitment", SQL_AWAITING)
+        return {dest: (count, float(since or 0)) for dest, count, since in rows}
 
     # ---------------------------------------------------------------------------- breaker
 

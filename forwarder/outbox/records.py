@@ -10,6 +10,7 @@ from forwarder.dicomfile import DicomInfo
 
 __all__ = [
     "FINAL_STATES",
+    "Commitment",
     "Delivery",
     "DestinationInfo",
     "Heartbeat",
@@ -38,10 +39,13 @@ class State(IntEnum):
     """Permanent failure, or retries exhausted, for this destination."""
     GONE = 4
     """The source file disappeared before it could be sent."""
+    COMMITTING = 5
+    """Stored, awaiting the peer's Storage Commitment (``commit_uid`` is the transaction);
+    not final: the file stays until the peer commits, and a failed reference sends it again."""
 
 
 FINAL_STATES: Final = frozenset({State.SENT, State.QUARANTINED, State.GONE})
-"""States that carry a ``done_at``."""
+"""States that carry a ``done_at``. `State.COMMITTING` is not one: its file is kept."""
 
 
 class OutboxError(Exception):
@@ -80,7 +84,8 @@ class Mark:
 
     delivery_id: int
     state: State
-    """SENT, PENDING (a retry, due at `next_attempt_at`), QUARANTINED or GONE."""
+    """SENT, PENDING (a retry, due at `next_attempt_at`), QUARANTINED, GONE, or COMMITTING
+    (stored; awaiting the commitment of transaction `commit_uid`)."""
     status: int | None = None
     error: str | None = None
     """The reason; for SENT, the warning (or None)."""
@@ -93,6 +98,27 @@ class Mark:
     """For SENT: how it went out ("as is", "converted to ...", "decompressed to ...")."""
     sent_uid: str | None = None
     """For SENT: the SOP Instance UID that went out, when a transform changed it."""
+    commit_uid: str | None = None
+    """For COMMITTING: the Transaction UID the row waits on (opened if new)."""
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """One open Storage Commitment transaction (a row of ``commitments``)."""
+
+    uid: str
+    """The Transaction UID."""
+    destination: str
+    created_at: float
+    asked_at: float | None
+    """When the peer last accepted the request (None: never yet)."""
+    attempts: int
+    """Requests (N-ACTION-RQ) sent for it."""
+    next_ask_at: float
+    """When it is asked (again): at once when opened, ``timeout_seconds`` after a request
+    the peer accepted, later after one it did not."""
+    last_status: int | None
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -127,6 +153,13 @@ class Delivery:
     sent_uid: str | None = None
     """Once SENT by a destination whose transform gave the instance a new SOP Instance UID
     (de-identification): that UID; None otherwise."""
+    commit_uid: str | None = None
+    """While COMMITTING: the Storage Commitment transaction it waits on."""
+
+    @property
+    def stored_uid(self) -> str:
+        """The SOP Instance UID the peer holds: `sent_uid` or the instance's own."""
+        return self.sent_uid or self.file.sop_instance_uid
 
     @property
     def path(self) -> str:
@@ -166,7 +199,8 @@ class Delivery:
     @property
     def transient_failures(self) -> int:
         """Attempts that failed for a passing reason (out of resources, no response)."""
-        return max(0, self.attempts - self.refusals - (self.state is State.SENT))
+        stored = self.state in (State.SENT, State.COMMITTING)
+        return max(0, self.attempts - self.refusals - stored)
 
 
 @dataclass(frozen=True)

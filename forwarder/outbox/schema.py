@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from forwarder.dicomfile import DicomInfo
-from forwarder.outbox.records import Delivery, State
+from forwarder.outbox.records import Commitment, Delivery, State
 
 # --------------------------------------------------------------------------------------------
 # Schema. Each migration takes the database from the version before it to its own version in
@@ -200,6 +200,101 @@ _SCHEMA_V6_SENT_UID: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 6",
 )
 
+
+# Version 7: Storage Commitment. A delivery to a destination that asks for commitment goes
+# from INFLIGHT to 5 COMMITTING ("stored, awaiting commitment") with the Transaction UID it
+# waits on (``commit_uid``), and becomes SENT only when the peer reports it committed. The
+# state CHECK cannot be altered, so the table is rebuilt as in version 3 (ids, the
+# AUTOINCREMENT counter and every column carried over). ``commitments`` holds the open
+# transactions, so that they survive restarts: when to ask (again), how often it was asked.
+# The rebuild copies every row once: 300,000 rows (118 MB) in 4.4 s on the development VM.
+# No comments inside the statements: SQLite keeps their text in sqlite_master, which must stay
+# within its first page. The states are those of `State`; the CHECKs say: leased iff INFLIGHT,
+# done iff final, a transaction iff COMMITTING. ``commitments``: ``asked_at`` is when the peer
+# last accepted the request (NULL: never), ``attempts`` the requests sent, ``next_ask_at`` when
+# to ask (again), pushed on while a worker asks (a lease).
+def _compact(sql: str) -> str:
+    """`sql` with its runs of blanks as one space: the text sqlite_master keeps."""
+    return " ".join(sql.split())
+
+
+_SCHEMA_V7_COMMITMENT: Final[tuple[str, ...]] = (
+    _compact("""
+    CREATE TABLE deliveries_v7 (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        path             BLOB    NOT NULL CHECK (length(path) > 0),
+        size             INTEGER NOT NULL CHECK (size >= 0),
+        mtime_ns         INTEGER NOT NULL,
+        sop_class_uid    TEXT    NOT NULL,
+        sop_instance_uid TEXT    NOT NULL,
+        transfer_syntax  TEXT    NOT NULL,
+        study_uid        TEXT,
+        destination      TEXT    NOT NULL CHECK (destination <> ''),
+        state            INTEGER NOT NULL DEFAULT 0 CHECK (state IN (0, 1, 2, 3, 4, 5)),
+        attempts         INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        next_attempt_at  REAL    NOT NULL,
+        lease_until      REAL,
+        first_attempt_at REAL,
+        last_attempt_at  REAL,
+        last_status      INTEGER,
+        last_error       TEXT,
+        created_at       REAL    NOT NULL,
+        updated_at       REAL    NOT NULL,
+        done_at          REAL,
+        dataset_offset   INTEGER CHECK (dataset_offset >= 0),
+        refusals         INTEGER NOT NULL DEFAULT 0 CHECK (refusals BETWEEN 0 AND attempts),
+        sent_as          TEXT,
+        sent_uid         TEXT,
+        commit_uid       TEXT,
+        CHECK ((state = 1) = (lease_until IS NOT NULL)),
+        CHECK ((state IN (2, 3, 4)) = (done_at IS NOT NULL)),
+        CHECK ((state = 5) = (commit_uid IS NOT NULL))
+    ) STRICT
+    """),
+    """
+    INSERT INTO deliveries_v7 (id, path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                               transfer_syntax, study_uid, destination, state, attempts,
+                               next_attempt_at, lease_until, first_attempt_at,
+                               last_attempt_at, last_status, last_error, created_at,
+                               updated_at, done_at, dataset_offset, refusals, sent_as, sent_uid)
+    SELECT id, path, size, mtime_ns, sop_class_uid, sop_instance_uid, transfer_syntax,
+           study_uid, destination, state, attempts, next_attempt_at, lease_until,
+           first_attempt_at, last_attempt_at, last_status, last_error, created_at,
+           updated_at, done_at, dataset_offset, refusals, sent_as, sent_uid
+      FROM deliveries
+    """,
+    "DELETE FROM sqlite_sequence WHERE name = 'deliveries_v7'",
+    """
+    INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'deliveries_v7', max(coalesce((SELECT seq FROM sqlite_sequence
+                                           WHERE name = 'deliveries'), 0),
+                                coalesce((SELECT max(id) FROM deliveries_v7), 0))
+    """,
+    "DROP TABLE deliveries",
+    "ALTER TABLE deliveries_v7 RENAME TO deliveries",
+    *(sql for sql in _SCHEMA_V1 if "INDEX" in sql and "ON deliveries " in sql),
+    *(sql for sql in _SCHEMA_V5_RETENTION if "INDEX" in sql),
+    *(sql for sql in _SCHEMA_V6_SENT_UID if "INDEX" in sql),
+    """
+    CREATE INDEX IF NOT EXISTS deliveries_commit
+        ON deliveries (commit_uid) WHERE commit_uid IS NOT NULL
+    """,
+    _compact("""
+    CREATE TABLE IF NOT EXISTS commitments (
+        uid         TEXT    PRIMARY KEY,
+        destination TEXT    NOT NULL CHECK (destination <> ''),
+        created_at  REAL    NOT NULL,
+        asked_at    REAL,
+        attempts    INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+        next_ask_at REAL    NOT NULL,
+        last_status INTEGER,
+        last_error  TEXT
+    ) STRICT
+    """),
+    "CREATE INDEX IF NOT EXISTS commitments_due ON commitments (destination, next_ask_at)",
+    "PRAGMA user_version = 7",
+)
+
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (1, _SCHEMA_V1),
     (2, _SCHEMA_V2),
@@ -207,6 +302,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (4, _SCHEMA_V4_SENT_AS),
     (5, _SCHEMA_V5_RETENTION),
     (6, _SCHEMA_V6_SENT_UID),
+    (7, _SCHEMA_V7_COMMITMENT),
 )
 """(version reached, statements) in order; version 0 is an empty database."""
 
@@ -232,7 +328,7 @@ COLUMNS: Final = (
     "id, path, destination, state, size, mtime_ns, sop_class_uid, sop_instance_uid, "
     "transfer_syntax, study_uid, attempts, next_attempt_at, first_attempt_at, "
     "last_attempt_at, last_status, last_error, created_at, done_at, dataset_offset, refusals, "
-    "sent_as, sent_uid"
+    "sent_as, sent_uid, commit_uid"
 )
 SELECT: Final = "SELECT " + COLUMNS + " FROM deliveries"
 
@@ -282,9 +378,97 @@ SQL_MARK_SENT: Final = """
        SET state = 2, lease_until = NULL, done_at = :now, updated_at = :now,
            attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :now),
            last_attempt_at = :now, last_status = :status, last_error = :warning,
-           sent_as = :sent_as, sent_uid = :sent_uid
+           sent_as = :sent_as, sent_uid = :sent_uid, commit_uid = NULL
      WHERE id = :id AND state <> 2
     RETURNING destination
+"""
+
+# Storage Commitment. A store answered success to a destination that asks for commitment:
+# the row waits on its transaction (opened in the same write transaction).
+SQL_MARK_STORED: Final = """
+    UPDATE deliveries
+       SET state = 5, lease_until = NULL, updated_at = :now, commit_uid = :commit_uid,
+           attempts = attempts + 1, first_attempt_at = coalesce(first_attempt_at, :now),
+           last_attempt_at = :now, last_status = :status, last_error = :warning,
+           sent_as = :sent_as, sent_uid = :sent_uid
+     WHERE id = :id AND state = 1
+    RETURNING destination
+"""
+
+SQL_OPEN_COMMITMENT: Final = """
+    INSERT INTO commitments (uid, destination, created_at, next_ask_at)
+    VALUES (:uid, :destination, :now, :now)
+    ON CONFLICT (uid) DO NOTHING
+"""
+
+COMMITMENT_COLUMNS: Final = (
+    "uid, destination, created_at, asked_at, attempts, next_ask_at, last_status, last_error"
+)
+
+# due requests of a destination, leased by pushing next_ask_at on (no two askers at once)
+SQL_CLAIM_ASKS: Final = (
+    """
+    UPDATE commitments SET next_ask_at = :lease_until
+     WHERE uid IN (SELECT uid FROM commitments
+                    WHERE destination = :destination AND next_ask_at <= :now
+                    ORDER BY next_ask_at, uid LIMIT :limit)
+    RETURNING """
+    + COMMITMENT_COLUMNS
+)
+
+# an accepted request clears the last error; one that failed without a word (no association)
+# keeps the one before
+SQL_ASKED: Final = """
+    UPDATE commitments
+       SET asked_at = coalesce(:asked_at, asked_at), attempts = attempts + :counted,
+           next_ask_at = :next_ask_at,
+           last_status = CASE WHEN :asked_at IS NOT NULL THEN :status
+                              ELSE coalesce(:status, last_status) END,
+           last_error = CASE WHEN :asked_at IS NOT NULL THEN NULL
+                             ELSE coalesce(:error, last_error) END
+     WHERE uid = :uid
+"""
+
+SQL_NEXT_ASK: Final = "SELECT min(next_ask_at) FROM commitments WHERE destination = ?"
+
+SQL_COMMITMENT: Final = "SELECT " + COMMITMENT_COLUMNS + " FROM commitments WHERE uid = ?"
+
+SQL_COMMITMENTS: Final = (
+    "SELECT " + COMMITMENT_COLUMNS + " FROM commitments ORDER BY destination, created_at"
+)
+
+SQL_COMMITMENT_ROWS: Final = SELECT + " WHERE commit_uid = ? AND state = 5 ORDER BY id"
+
+# a report's outcome for one row still waiting on that transaction
+SQL_MARK_COMMITTED: Final = """
+    UPDATE deliveries
+       SET state = 2, done_at = :now, updated_at = :now, commit_uid = NULL
+     WHERE id = :id AND state = 5 AND commit_uid = :uid
+"""
+
+SQL_COMMIT_RETRY: Final = """
+    UPDATE deliveries
+       SET state = 0, commit_uid = NULL, next_attempt_at = :next_attempt_at, updated_at = :now,
+           last_status = :status, last_error = :error, refusals = refusals + :refusal
+     WHERE id = :id AND state = 5 AND commit_uid = :uid
+"""
+
+SQL_COMMIT_QUARANTINED: Final = """
+    UPDATE deliveries
+       SET state = 3, commit_uid = NULL, done_at = :now, updated_at = :now,
+           last_status = :status, last_error = :error, refusals = refusals + :refusal
+     WHERE id = :id AND state = 5 AND commit_uid = :uid
+"""
+
+SQL_CLOSE_COMMITMENT: Final = """
+    DELETE FROM commitments
+     WHERE uid = :uid
+       AND NOT EXISTS (SELECT 1 FROM deliveries WHERE commit_uid = :uid)
+"""
+
+SQL_AWAITING: Final = """
+    SELECT destination, count(*), min(last_attempt_at) FROM deliveries
+     WHERE state = 5 GROUP BY destination
 """
 
 SQL_DEST_SUCCESS: Final = """
@@ -329,6 +513,11 @@ SQL_RELEASE: Final = """
 SQL_RECOVER_EXPIRED: Final = """
     UPDATE deliveries SET state = 0, lease_until = NULL, updated_at = :now
      WHERE state = 1 AND lease_until <= :now
+"""
+
+SQL_RENEW_LEASE: Final = """
+    UPDATE deliveries SET lease_until = :until
+     WHERE id = :id AND state = 1 AND lease_until < :until
 """
 
 SQL_RECOVER_ALL: Final = """
@@ -467,7 +656,7 @@ SQL_DISCARD: Final = """
 _SIBLING_UNFINISHED: Final = """
     EXISTS (SELECT 1 FROM deliveries AS o
              WHERE o.path = deliveries.path AND o.size = deliveries.size
-               AND o.mtime_ns = deliveries.mtime_ns AND o.state IN (0, 1, 3))"""
+               AND o.mtime_ns = deliveries.mtime_ns AND o.state IN (0, 1, 3, 5))"""
 
 SQL_PRUNE_CANDIDATES: Final = (
     """
@@ -559,7 +748,13 @@ def delivery(row: Sequence[Any]) -> Delivery:
         refusals=row[19],
         sent_as=row[20],
         sent_uid=row[21],
+        commit_uid=row[22],
     )
+
+
+def commitment(row: Sequence[Any]) -> Commitment:
+    """A row selected with `COMMITMENT_COLUMNS` as a `Commitment`."""
+    return Commitment(*row)
 
 
 def path_bytes(path: str | os.PathLike[str]) -> bytes:

@@ -13,6 +13,7 @@ from forwarder.dicomfile import DicomInfo
 from forwarder.outbox.db import is_unique_violation
 from forwarder.outbox.pruning import Pruning
 from forwarder.outbox.records import (
+    Commitment,
     Delivery,
     Mark,
     OutboxError,
@@ -22,26 +23,36 @@ from forwarder.outbox.records import (
 from forwarder.outbox.schema import (
     RETRY_NOW_BASE,
     RETRY_NOW_FILTERS,
+    SQL_ASKED,
     SQL_CLAIM,
+    SQL_CLAIM_ASKS,
+    SQL_CLOSE_COMMITMENT,
+    SQL_COMMIT_QUARANTINED,
+    SQL_COMMIT_RETRY,
     SQL_COUNT_DUE,
     SQL_DEST_ERROR,
     SQL_DEST_SUCCESS,
     SQL_DISCARD,
     SQL_ENQUEUE,
     SQL_HEARTBEAT,
+    SQL_MARK_COMMITTED,
     SQL_MARK_GONE,
     SQL_MARK_QUARANTINED,
     SQL_MARK_RETRY,
     SQL_MARK_SENT,
+    SQL_MARK_STORED,
+    SQL_OPEN_COMMITMENT,
     SQL_PAUSE,
     SQL_PAUSED_UNTIL,
     SQL_RECOVER_ALL,
     SQL_RECOVER_EXPIRED,
     SQL_RELEASE,
+    SQL_RENEW_LEASE,
     SQL_REQUEUE,
     SQL_RESUME,
     SQL_SET_PATH,
     check_absolute,
+    commitment,
     compose,
     delivery,
     path_bytes,
@@ -202,16 +213,27 @@ class Outbox(Pruning):
         with self._write("mark_many") as conn:
             for m in marks:
                 params: dict[str, Any] = {"id": m.delivery_id, "now": now, "status": m.status}
-                if m.state is State.SENT:
+                if m.state in (State.SENT, State.COMMITTING):
                     sent = {
                         **params,
                         "warning": m.error,
                         "sent_as": m.sent_as,
                         "sent_uid": m.sent_uid,
                     }
-                    row = conn.execute(SQL_MARK_SENT, sent).fetchone()
+                    if m.state is State.SENT:
+                        row = conn.execute(SQL_MARK_SENT, sent).fetchone()
+                    else:
+                        if m.commit_uid is None:
+                            raise ValueError("a stored delivery needs its commit_uid")
+                        sent["commit_uid"] = m.commit_uid
+                        row = conn.execute(SQL_MARK_STORED, sent).fetchone()
+                        if row is not None:
+                            conn.execute(
+                                SQL_OPEN_COMMITMENT,
+                                {"uid": m.commit_uid, "destination": row[0], "now": now},
+                            )
                     if row is None:
-                        ignored.append((m, "unknown or already sent"))
+                        ignored.append((m, "unknown, not in flight or already sent"))
                     else:
                         conn.execute(SQL_DEST_SUCCESS, {"name": row[0], "now": now})
                     continue
@@ -239,6 +261,88 @@ class Outbox(Pruning):
             LOGGER.warning(
                 "outbox: marking delivery %d %s ignored: %s", m.delivery_id, m.state.name, why
             )
+
+    # ---------------------------------------------------------------------------- commitment
+
+    def claim_asks(
+        self, destination: str, limit: int, now: float, lease_seconds: float
+    ) -> builtins.list[Commitment]:
+        """Lease up to `limit` Storage Commitment transactions of `destination` due to be
+        asked (``next_ask_at <= now``): their ``next_ask_at`` becomes ``now + lease_seconds``,
+        so no other caller takes them meanwhile, and a crash has them asked again then.
+        Record each request's outcome with `asked`.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        params = {
+            "destination": destination,
+            "now": now,
+            "limit": limit,
+            "lease_until": now + lease_seconds,
+        }
+        with self._write("claim_asks") as conn:
+            rows = conn.execute(SQL_CLAIM_ASKS, params).fetchall()
+        return sorted((commitment(r) for r in rows), key=lambda c: (c.next_ask_at, c.uid))
+
+    def asked(
+        self,
+        uid: str,
+        now: float,
+        next_ask_at: float,
+        *,
+        accepted: bool,
+        status: int | None = None,
+        error: str | None = None,
+        counted: bool = True,
+    ) -> None:
+        """Record a request (N-ACTION-RQ) for transaction `uid`: the peer `accepted` it (its
+        ``asked_at`` becomes `now`) or not (`status`, `error`), one more attempt when
+        `counted`, and when to ask next. An unknown (settled) transaction is left alone."""
+        params = {
+            "uid": uid,
+            "asked_at": now if accepted else None,
+            "counted": 1 if counted else 0,
+            "next_ask_at": next_ask_at,
+            "status": status,
+            "error": error,
+        }
+        with self._write("asked") as conn:
+            conn.execute(SQL_ASKED, params)
+
+    def settle_commitment(self, uid: str, marks: Sequence[Mark], now: float) -> builtins.list[int]:
+        """Record what became of rows waiting on transaction `uid`, in one transaction.
+
+        Each `Mark` takes a `State.COMMITTING` row of `uid` to SENT (committed; ``done_at``
+        now), PENDING (stored again at ``next_attempt_at``) or QUARANTINED; with ``refusal``
+        one more refusal is counted (the store itself was counted as an attempt already).
+        Rows no longer waiting on `uid` are left alone. The transaction is closed once no row
+        waits on it. Returns the ids changed.
+        """
+        changed: builtins.list[int] = []
+        with self._write("settle_commitment") as conn:
+            for m in marks:
+                params: dict[str, Any] = {"id": m.delivery_id, "uid": uid, "now": now}
+                if m.state is State.SENT:
+                    sql = SQL_MARK_COMMITTED
+                else:
+                    params.update(
+                        status=m.status, error=m.error or "", refusal=1 if m.refusal else 0
+                    )
+                    if m.state is State.PENDING:
+                        if m.next_attempt_at is None:
+                            raise ValueError("a retry needs next_attempt_at")
+                        sql = SQL_COMMIT_RETRY
+                        params["next_attempt_at"] = m.next_attempt_at
+                    elif m.state is State.QUARANTINED:
+                        sql = SQL_COMMIT_QUARANTINED
+                    else:
+                        raise ValueError(f"cannot settle a commitment as {m.state.name}")
+                if conn.execute(sql, params).rowcount:
+                    changed.append(m.delivery_id)
+            conn.execute(SQL_CLOSE_COMMITMENT, {"uid": uid})
+        return changed
+
+    # ---------------------------------------------------------------------------- workers
 
     def mark_sent(
         self, delivery_id: int, status: int, now: float, warning: str | None = None
@@ -311,6 +415,18 @@ class Outbox(Pruning):
             return
         with self._write("release") as conn:
             conn.executemany(SQL_RELEASE, ({"id": i, "now": now} for i in delivery_ids))
+
+    def renew_leases(self, delivery_ids: Sequence[int], until: float) -> int:
+        """Extend to `until` the lease of those `delivery_ids` still in flight: a worker that
+        holds them is alive and still sending (a slow peer, a long transform). Returns the
+        rows renewed."""
+        if not delivery_ids:
+            return 0
+        with self._write("renew_leases") as conn:
+            cur = conn.executemany(
+                SQL_RENEW_LEASE, [{"id": i, "until": until} for i in delivery_ids]
+            )
+            return cur.rowcount
 
     def recover_leases(self, now: float, *, all_inflight: bool = False) -> int:
         """Return rows whose lease expired (``lease_until <= now``) to `State.PENDING`.
