@@ -25,6 +25,7 @@ from forwarder.association import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
 )
+from forwarder.commitmsg import STORAGE_COMMITMENT
 from forwarder.wire import (
     ABORT,
     ASSOCIATE_AC,
@@ -34,6 +35,7 @@ from forwarder.wire import (
     RELEASE_RQ,
     VERIFICATION,
     Link,
+    Request,
     WireError,
     decode_command,
 )
@@ -70,6 +72,7 @@ class Proposal:
     calling_aet: str
     contexts: tuple[tuple[int, str, tuple[str, ...]], ...]  # (id, abstract syntax, syntaxes)
     max_pdu: int  # the peer's receive limit; 0 = unlimited
+    roles: tuple[tuple[str, int, int], ...] = ()  # SCP/SCU role selection: (class, scu, scp)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ def decode_associate_rq(body: bytes) -> Proposal:
     calling = body[20:36].decode("ascii", "replace").strip()
     contexts = []
     max_pdu = 0
+    roles = []
     for item_type, value in _items(body, 68, len(body)):
         if item_type == 0x20 and len(value) >= 4:
             abstract = ""
@@ -128,7 +132,11 @@ def decode_associate_rq(body: bytes) -> Proposal:
             for sub_type, sub in _items(value, 0, len(value)):
                 if sub_type == 0x51 and len(sub) == 4:
                     max_pdu = struct.unpack(">L", sub)[0]
-    return Proposal(called, calling, tuple(contexts), max_pdu)
+                elif sub_type == 0x54 and len(sub) >= 4:
+                    n = struct.unpack(">H", sub[:2])[0]
+                    if len(sub) >= 2 + n + 2:
+                        roles.append((_uid(sub[2 : 2 + n]), sub[2 + n], sub[3 + n]))
+    return Proposal(called, calling, tuple(contexts), max_pdu, tuple(roles))
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -165,13 +173,14 @@ def _storage_classes() -> frozenset[str]:
 
 def accept(proposal: Proposal) -> dict[int, tuple[int, str]]:
     """The result of each proposed context: storage classes (standard, private, unknown) in
-    the first transfer syntax proposed, Verification likewise; anything else refused."""
+    the first transfer syntax proposed, Verification and Storage Commitment (a peer reporting
+    on a new association) likewise; anything else refused."""
     results: dict[int, tuple[int, str]] = {}
     for cx_id, abstract, syntaxes in proposal.contexts:
         first = syntaxes[0] if syntaxes else ""
         if not syntaxes:
             results[cx_id] = (TRANSFER_SYNTAXES_NOT_SUPPORTED, "")
-        elif abstract == VERIFICATION or (abstract and is_storage(abstract)):
+        elif abstract in (VERIFICATION, STORAGE_COMMITMENT) or (abstract and is_storage(abstract)):
             results[cx_id] = (ACCEPTANCE, first)
         else:
             results[cx_id] = (ABSTRACT_SYNTAX_NOT_SUPPORTED, first)
@@ -185,9 +194,16 @@ def encode_associate_ac(
     items = [_item(0x10, APPLICATION_CONTEXT.encode("ascii"))]
     for cx_id, (result, ts) in results.items():
         items.append(_item(0x21, bytes((cx_id, 0, result, 0)) + _item(0x40, ts.encode("ascii"))))
+    accepted = {a for cx, a, _ in proposal.contexts if results.get(cx, (1, ""))[0] == ACCEPTANCE}
+    roles = b"".join(  # the roles asked for, granted (a peer reporting as the SCP of a class)
+        _item(0x54, struct.pack(">H", len(uid)) + uid.encode("ascii") + bytes((scu, scp)))
+        for uid, scu, scp in proposal.roles
+        if uid in accepted
+    )
     user = (
         _item(0x51, struct.pack(">L", max_pdu))
         + _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii"))
+        + roles
         + _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii"))
     )
     items.append(_item(0x50, user))
@@ -277,12 +293,21 @@ class Store(Protocol):
 
     def store(self, sink: Sink, sop_class: str, sop_instance: str) -> tuple[int, str | None]: ...
 
+    def request(self, request: Request, transfer_syntax: str) -> bytes:
+        """Any other request (an N-EVENT-REPORT-RQ): the command set of its response."""
+        ...
+
+
+MAX_REQUEST_DATA_SET = 16 << 20
+"""The largest data set of a request other than a C-STORE (a commitment report) kept in memory."""
+
 
 @dataclass
 class _Message:
     cx_id: int
     command: dict[int, bytes]
     sink: Sink | None = None
+    data: bytearray | None = None  # the data set of a request other than a C-STORE
 
 
 def _text(raw: bytes | None) -> str:
@@ -343,16 +368,24 @@ def serve(
                         command.clear()
                         message = _Message(cx_id, elems)
                         if _number(elems.get(0x00000800)) == NO_DATA_SET:
-                            _answer(link, message, None, store)
+                            _answer(link, message, None, store, accepted[cx_id])
                             message = None
-                        else:
+                        elif _number(elems.get(0x00000100)) == C_STORE_RQ:
                             message.sink = _begin(message, accepted[cx_id], store)
+                        else:
+                            message.data = bytearray()
                 else:  # data set
-                    if message is None or message.sink is None:
+                    if message is None or (message.sink is None and message.data is None):
                         raise WireError("a data set fragment without its command")
-                    message.sink.write(fragment)
+                    if message.sink is not None:
+                        message.sink.write(fragment)
+                    else:
+                        assert message.data is not None
+                        message.data += fragment
+                        if len(message.data) > MAX_REQUEST_DATA_SET:
+                            raise WireError("a request's data set larger than 16 MiB")
                     if mch & 0x02:
-                        _answer(link, message, message.sink, store)
+                        _answer(link, message, message.sink, store, accepted[message.cx_id])
                         message = None
     finally:
         if message is not None and message.sink is not None:
@@ -366,12 +399,17 @@ def _begin(message: _Message, transfer_syntax: str, store: Store) -> Sink:
     return store.begin(_text(elems.get(0x00000002)), _text(elems.get(0x00001000)), transfer_syntax)
 
 
-def _answer(link: Link, message: _Message, sink: Sink | None, store: Store) -> None:
+def _answer(
+    link: Link, message: _Message, sink: Sink | None, store: Store, transfer_syntax: str
+) -> None:
     elems = message.command
     field = _number(elems.get(0x00000100))
     msg_id = _number(elems.get(0x00000110))
     sop_class = _text(elems.get(0x00000002))
-    if field == C_ECHO_RQ and sink is None:
+    if field not in (C_ECHO_RQ, C_STORE_RQ):
+        data = None if message.data is None else bytes(message.data)
+        rsp = store.request(Request(message.cx_id, elems, data), transfer_syntax)
+    elif field == C_ECHO_RQ and sink is None:
         rsp = encode_response(C_ECHO_RSP, sop_class, msg_id, 0x0000)
     elif field == C_STORE_RQ and sink is not None:
         sop_instance = _text(elems.get(0x00001000))

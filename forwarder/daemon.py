@@ -185,6 +185,7 @@ class Daemon:
             queued=self.wake_workers,
             damaged=self.damaged,
             metrics=self.metrics,
+            retry=self.settings.retry,
         )
         try:
             receiver.start()
@@ -326,6 +327,7 @@ class Daemon:
             self.watcher.start()
         if self.receiver is not None:
             self.receiver.intake = self.enqueuer.intake
+            self.receiver.retry = new.retry
         if new.receive != old.receive:
             self._stop_receiver()
             self._start_receiver()
@@ -362,10 +364,11 @@ class Daemon:
             stats=self.events.counts,
         )
         self.enqueuer.start()
+        # before the workers: a peer reporting on Storage Commitment finds it listening
+        self._start_receiver()
         self._start_crews(self.settings.destinations)
         self.watcher = self._make_watcher()
         self.watcher.start()
-        self._start_receiver()
         roots = ", ".join(str(p) for p in self.settings.watch.paths)
         dests = ", ".join(f"{d.name} ({d.address})" for d in self.settings.destinations)
         LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")

@@ -60,7 +60,7 @@ from forwarder.acceptor import (
     is_storage,
     serve,
 )
-from forwarder.config import ReceiveSettings, ReceiveTLSSettings
+from forwarder.config import ReceiveSettings, ReceiveTLSSettings, RetrySettings
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
 from forwarder.dispose import Disposer
 from forwarder.enqueue import Intake
@@ -68,6 +68,7 @@ from forwarder.groupcommit import GroupCommit, fsync_dir
 from forwarder.logs import fields
 from forwarder.metrics import NO_METRICS, Metrics, parse_listen
 from forwarder.outbox import FINAL_STATES, Outbox, OutboxCorruptError, OutboxError
+from forwarder.policy import RetryLimits
 from forwarder.sidecar import Sidecar
 from forwarder.wire import (
     ABORT,
@@ -76,6 +77,7 @@ from forwarder.wire import (
     ASSOCIATE_RQ,
     VERIFICATION,
     Link,
+    Request,
     WireError,
 )
 
@@ -297,9 +299,11 @@ class Receiver:
         queued: Callable[[], None],
         damaged: Callable[[str, OutboxCorruptError], None],
         metrics: Metrics = NO_METRICS,
+        retry: RetryLimits | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.retry: RetryLimits = retry or RetrySettings()  # commitment reports; reload sets it
         self.dir = Path(os.path.abspath(settings.dir))
         self.incoming = self.dir / INCOMING
         self.outbox = outbox
@@ -542,6 +546,24 @@ class Receiver:
         self.metrics.received("0x0000")
         return status, None
 
+    def report(self, request: Request, transfer_syntax: str, facts: _Facts) -> bytes:
+        """A Storage Commitment N-EVENT-REPORT-RQ from a peer that reports on an association
+        of its own: `forwarder.commitment.answer_report` records it; the rows it made final
+        go to the disposer, rows to store again wake the workers. Returns the response."""
+        from forwarder.commitment import answer_report
+
+        response, settled = answer_report(
+            self.outbox, facts.calling_aet, request, transfer_syntax, retry=self.retry
+        )
+        if settled.finished:
+            try:
+                self.disposer.done(settled.finished)
+            except OutboxError as exc:  # disposed of at the next start, or by the next report
+                LOGGER.error(f"commitment report from {facts.calling_aet}: disposing: {exc}")
+        if settled.resent:
+            self.queued()
+        return response
+
     # -- one instance ------------------------------------------------------------------------
 
     def _take(self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts) -> int:
@@ -707,6 +729,9 @@ class _AssociationStore:
 
     def store(self, sink: Any, sop_class: str, sop_instance: str) -> tuple[int, str | None]:
         return self.receiver.store(sink, sop_class, sop_instance, self.facts)
+
+    def request(self, request: Request, transfer_syntax: str) -> bytes:
+        return self.receiver.report(request, transfer_syntax, self.facts)
 
 
 class _FailedSpool(SpoolFile):

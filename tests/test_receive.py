@@ -383,7 +383,7 @@ def test_kill_9_during_a_push_loses_nothing_acknowledged(
     rcv.configure_receiving([dest("a", a.port), dest("b", b.port)]).start()
     modality = Modality(rcv.port)
     datasets = instances(corpus, 400)
-    pusher = threading.Thread(target=modality.push, args=(datasets, None, 0), daemon=True)
+    pusher = threading.Thread(target=modality.push, args=(datasets,), daemon=True)
     pusher.start()
     rcv.wait(lambda: len(modality.answers) >= 100, 30, "a hundred stores answered")
     rcv.kill()
