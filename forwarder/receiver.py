@@ -738,7 +738,9 @@ class _FailedSpool(SpoolFile):
     """A spool file that could not be created: it swallows the data set, keeps the error."""
 
     def __init__(self, error: OSError) -> None:  # no super().__init__: there is no file
-        self.name = os.devnull
+        # no path at all: a spool name is linked and unlinked, and /dev/null must never be
+        # (the daemon runs as root in a container); "" fails every file operation
+        self.name = ""
         self.error = error
         self.invalid = None
         self.size = 0
