@@ -112,6 +112,7 @@ class Worker(threading.Thread):
             self._sender.commitment = True
             self._sender.on_report = self._on_report
         self._tx_uid: str | None = None  # the transaction the batch being sent opens
+        self._tx_hold = 0.0  # ... not asked (by any worker) before then, unless the batch ends
         self._awaiting: set[str] = set()  # transactions asked on the open association
         self._awaiting_on = 0  # ... whose number (`Sender.associations`) is this
         self._fresh = False
@@ -229,14 +230,20 @@ class Worker(threading.Thread):
             scale.resumed(time.monotonic())
         self.trouble.clear()  # a claim that took rows wrote to the outbox
         self.busy_since = time.monotonic()
-        self._tx_uid = new_transaction_uid() if self._commitment.enabled else None
+        tx_uid = self._tx_uid = new_transaction_uid() if self._commitment.enabled else None
+        # held back while the batch goes on (its outcomes are committed as they come, which
+        # opens it): another worker of the destination asking meanwhile would name only the
+        # instances stored so far. A crash mid-batch: asked once the batch's lease is over.
+        self._tx_hold = now + self.rules.lease_seconds
         try:
             self._send_batch(batch, now)
         finally:
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
-        self._tx_uid = None
+            self._tx_uid = None
+        if tx_uid is not None:
+            self.outbox.commitment_due(tx_uid, self.clock())
         if self._sender.commitment and self._sender.is_open:
             self._ask_due(self.clock())  # the batch's transaction, and any due, on its association
         if self._fresh:
@@ -575,7 +582,7 @@ class Worker(threading.Thread):
             self.crew.breaker.succeeded()  # "is back" before the line of the store that shows it
         judged = verdict.judged(d, result, decision, now)
         if decision.next is Next.SENT and self._tx_uid is not None:
-            judged = verdict.awaiting_commitment(judged, self._tx_uid)
+            judged = verdict.awaiting_commitment(judged, self._tx_uid, self._tx_hold)
         self._keep(d, judged, pending)
         self._fresh = self._fresh or decision.fresh_association
 

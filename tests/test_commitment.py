@@ -69,6 +69,8 @@ class CommitSCP:
     fail: dict[str, int] = field(default_factory=dict)
     report: bool = True
     early: bool = False  # report before answering the N-ACTION (inside its handler)
+    # stores of these SOP Instance UIDs are answered only once their event is set (10 s at most)
+    hold: dict[str, threading.Event] = field(default_factory=dict)
     gate: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -89,6 +91,9 @@ def commit_scp() -> Iterator[CommitSCP]:
     ae.add_supported_context(StorageCommitmentPushModel)
 
     def on_store(event: Any) -> int:
+        held = peer.hold.get(str(event.request.AffectedSOPInstanceUID))
+        if held is not None:
+            held.wait(10)
         with peer.lock:
             peer.stored.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
@@ -140,6 +145,8 @@ def commit_scp() -> Iterator[CommitSCP]:
     peer.port = peer.server.server_address[1]
     yield peer
     peer.gate.set()
+    for held in peer.hold.values():
+        held.set()
     for t in peer.threads:
         t.join(15)
     peer.server.shutdown()
@@ -358,6 +365,52 @@ def test_no_report_after_the_retry_limit_quarantines(
     assert "no Storage Commitment report after 4 request(s)" in (row.last_error or "")
     assert commit_scp.stored == [UIDS[0]] and len(commit_scp.requests) == 4
     assert rig.outbox.commitments() == []
+
+
+def _loop_until(
+    workers: list[Worker], done: Callable[[], Any], now: float, timeout: float = 5.0
+) -> Any:
+    """Run each worker's `loop(now)` in turn (their idle waits cut short) until `done()`."""
+
+    def step() -> Any:
+        for w in workers:
+            w.wake.set()  # no real idle wait between iterations: the clock does not move
+            w.loop(now)
+        return done()
+
+    return wait_for(step, timeout=timeout, interval=0)
+
+
+def test_a_batch_transaction_is_not_asked_by_another_worker_before_the_batch_ends(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes are committed every 50 ms while a batch goes on, which opens its transaction
+    in the outbox mid-batch. A second association's worker of the destination ("auto") must
+    not ask for it then: its N-ACTION would name only the instances stored so far, be
+    accepted, and the rest of the batch would wait out timeout_seconds (an hour by default)
+    before anyone asks for them."""
+    from forwarder.verdict import Pending
+
+    monkeypatch.setattr(Pending, "MAX_AGE", 0.0)  # each outcome committed as it comes
+    queue_files(rig.outbox, files, ["pacs"])
+    commit_scp.hold = {UIDS[2]: threading.Event()}  # the batch's last store is slow
+    commit_scp.gate.clear()  # and the peer reports once the batch is over
+    first, second = rig.worker(), rig.worker()
+    batch = threading.Thread(target=first.loop, args=(rig.clock[0],), name="first-batch")
+    batch.start()
+    try:
+        tx = wait_for(lambda: rig.outbox.commitments())[0]
+        wait_for(lambda: len(rig.outbox.commitment_rows(tx.uid)) == 2)  # two stored so far
+        second.wake.set()
+        second.loop(rig.clock[0])  # nothing to send: only the transaction could be asked
+    finally:
+        commit_scp.hold[UIDS[2]].set()
+        batch.join(15)
+    assert not batch.is_alive()
+    commit_scp.gate.set()
+    _loop_until([first, second], lambda: not any(p.exists() for p in files), rig.clock[0])
+    assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
+    assert commit_scp.requests == [(tx.uid, UIDS)]  # one request, for the whole batch
 
 
 def test_a_destination_without_commitment_is_unchanged(

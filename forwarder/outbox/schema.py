@@ -397,8 +397,14 @@ SQL_MARK_STORED: Final = """
 
 SQL_OPEN_COMMITMENT: Final = """
     INSERT INTO commitments (uid, destination, created_at, next_ask_at)
-    VALUES (:uid, :destination, :now, :now)
+    VALUES (:uid, :destination, :now, :ask_at)
     ON CONFLICT (uid) DO NOTHING
+"""
+
+# the batch that opened a transaction is over: it may be asked now (unless asked already)
+SQL_COMMITMENT_DUE: Final = """
+    UPDATE commitments SET next_ask_at = :now
+     WHERE uid = :uid AND asked_at IS NULL AND attempts = 0 AND next_ask_at > :now
 """
 
 COMMITMENT_COLUMNS: Final = (

@@ -29,6 +29,7 @@ from forwarder.outbox.schema import (
     SQL_CLOSE_COMMITMENT,
     SQL_COMMIT_QUARANTINED,
     SQL_COMMIT_RETRY,
+    SQL_COMMITMENT_DUE,
     SQL_COUNT_DUE,
     SQL_DEST_ERROR,
     SQL_DEST_SUCCESS,
@@ -227,9 +228,15 @@ class Outbox(Pruning):
                         sent["commit_uid"] = m.commit_uid
                         row = conn.execute(SQL_MARK_STORED, sent).fetchone()
                         if row is not None:
+                            ask_at = now if m.next_attempt_at is None else m.next_attempt_at
                             conn.execute(
                                 SQL_OPEN_COMMITMENT,
-                                {"uid": m.commit_uid, "destination": row[0], "now": now},
+                                {
+                                    "uid": m.commit_uid,
+                                    "destination": row[0],
+                                    "now": now,
+                                    "ask_at": ask_at,
+                                },
                             )
                     if row is None:
                         ignored.append((m, "unknown, not in flight or already sent"))
@@ -282,6 +289,17 @@ class Outbox(Pruning):
         with self._write("claim_asks") as conn:
             rows = conn.execute(SQL_CLAIM_ASKS, params).fetchall()
         return sorted((commitment(r) for r in rows), key=lambda c: (c.next_ask_at, c.uid))
+
+    def commitment_due(self, uid: str, now: float) -> None:
+        """The batch that opened transaction `uid` is over: it is due to be asked at `now`.
+
+        A batch opens its transaction held back (its marks' ``next_attempt_at``, the end of
+        its lease) as soon as its first outcome is committed, so that no other worker of the
+        destination asks for a part of the batch meanwhile. A transaction asked already, or
+        unknown, is left alone.
+        """
+        with self._write("commitment_due") as conn:
+            conn.execute(SQL_COMMITMENT_DUE, {"uid": uid, "now": now})
 
     def asked(
         self,
