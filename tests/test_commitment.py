@@ -686,6 +686,29 @@ def test_the_outbox_keeps_transactions_and_leases_their_requests(
         assert all(d.commit_uid is None for d in box.list())
 
 
+def test_a_transaction_held_by_a_batch_cut_short_is_asked_at_start_up(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """kill -9 mid-batch: the stored rows' transaction was held back until the batch's lease
+    end; the next start-up makes it due at once, as it queues the in-flight rows again."""
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as box:
+        queue_files(box, files, ["pacs"])
+        (asked,) = box.claim("pacs", 1, T0, 300)  # a batch stored, asked and answered
+        box.mark_many([Mark(asked.id, State.COMMITTING, 0, commit_uid="1.3")], T0)
+        box.claim_asks("pacs", 10, T0, 300)
+        box.asked("1.3", T0, T0 + 3600, accepted=True, status=0)
+        first, _cut = box.claim("pacs", 2, T0, 300)  # a batch the stop cuts short
+        box.mark_many([Mark(first.id, State.COMMITTING, 0, None, T0 + 300, commit_uid="1.2")], T0)
+        assert box.next_ask("pacs") == T0 + 300  # held: the batch goes on
+    with Outbox(path) as box:  # the next start-up
+        assert box.recover_leases(T0 + 10, all_inflight=True) == 1  # `_cut` is queued again
+        assert box.next_ask("pacs") == T0 + 10
+        held, done = box.commitment("1.2"), box.commitment("1.3")
+        assert held is not None and held.next_ask_at == T0 + 10
+        assert done is not None and done.next_ask_at == T0 + 3600  # its timeout: not touched
+
+
 # ------------------------------------------------------------------ the messages (pure)
 
 

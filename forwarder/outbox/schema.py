@@ -526,6 +526,13 @@ SQL_RECOVER_ALL: Final = """
      WHERE state = 1
 """
 
+# start-up: transactions never asked yet, held back by a batch or leased by a request that the
+# last stop cut short, are due at once (as in-flight rows are queued again)
+SQL_RECOVER_ASKS: Final = """
+    UPDATE commitments SET next_ask_at = :now
+     WHERE next_ask_at > :now AND asked_at IS NULL AND attempts = 0 AND last_error IS NULL
+"""
+
 SQL_FILE_ROWS: Final = SELECT + " WHERE path = ? AND size = ? AND mtime_ns = ? ORDER BY id"
 
 SQL_FILE_STATES: Final = """

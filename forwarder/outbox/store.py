@@ -46,6 +46,7 @@ from forwarder.outbox.schema import (
     SQL_PAUSE,
     SQL_PAUSED_UNTIL,
     SQL_RECOVER_ALL,
+    SQL_RECOVER_ASKS,
     SQL_RECOVER_EXPIRED,
     SQL_RELEASE,
     SQL_REQUEUE,
@@ -437,10 +438,14 @@ class Outbox(Pruning):
         """Return rows whose lease expired (``lease_until <= now``) to `State.PENDING`.
 
         With `all_inflight` every in-flight row is returned, expired or not: for daemon
-        start-up, when no worker of ours can still hold one. Returns the rows recovered.
+        start-up, when no worker of ours can still hold one; so are Storage Commitment
+        transactions never asked yet (held back by a batch, or leased by a request the stop
+        cut short): due at `now`. Returns the rows recovered.
         """
         sql = SQL_RECOVER_ALL if all_inflight else SQL_RECOVER_EXPIRED
         with self._write("recover_leases") as conn:
+            if all_inflight:
+                conn.execute(SQL_RECOVER_ASKS, {"now": now})
             return conn.execute(sql, {"now": now}).rowcount
 
     def set_path(self, old_path: str, new_path: str, *, now: float | None = None) -> int:
