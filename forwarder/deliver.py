@@ -317,11 +317,12 @@ class Worker(threading.Thread):
         if due is None or due > now:
             return True
         asks = self.outbox.claim_asks(self.dest.name, ASKS_PER_LOOP, now, self.rules.lease_seconds)
-        self.busy_since = time.monotonic()  # a request waits for its response: work
         try:
             for tx in asks:
                 if self.stop.is_set():
                     break  # the lease brings it back
+                # a request waits for its response: work, its own stall limit as a store's
+                self.busy_since = time.monotonic()
                 try:
                     asked = commitment.ask(
                         self.outbox,

@@ -71,6 +71,8 @@ class CommitSCP:
     early: bool = False  # report before answering the N-ACTION (inside its handler)
     # stores of these SOP Instance UIDs are answered only once their event is set (10 s at most)
     hold: dict[str, threading.Event] = field(default_factory=dict)
+    # set: N-ACTIONs are answered; cleared: the peer sits on them (10 s at most)
+    answer: threading.Event = field(default_factory=threading.Event)
     gate: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -84,6 +86,7 @@ class CommitSCP:
 def commit_scp() -> Iterator[CommitSCP]:
     peer = CommitSCP()
     peer.gate.set()
+    peer.answer.set()
     ae = AE(ae_title="ARCHIVE")
     ae.supported_contexts = [
         build_context(cx.abstract_syntax) for cx in AllStoragePresentationContexts
@@ -105,6 +108,7 @@ def commit_scp() -> Iterator[CommitSCP]:
         uid = str(info.TransactionUID)
         with peer.lock:
             peer.requests.append((uid, [r[1] for r in refs]))
+        peer.answer.wait(10)
         if peer.report:
             assoc = event.assoc
 
@@ -145,6 +149,7 @@ def commit_scp() -> Iterator[CommitSCP]:
     peer.port = peer.server.server_address[1]
     yield peer
     peer.gate.set()
+    peer.answer.set()
     for held in peer.hold.values():
         held.set()
     for t in peer.threads:
@@ -411,6 +416,37 @@ def test_a_batch_transaction_is_not_asked_by_another_worker_before_the_batch_end
     _loop_until([first, second], lambda: not any(p.exists() for p in files), rig.clock[0])
     assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
     assert commit_scp.requests == [(tx.uid, UIDS)]  # one request, for the whole batch
+
+
+def test_a_peer_that_never_answers_the_n_action_is_not_a_hung_worker(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path]
+) -> None:
+    """Each request waits its own DIMSE timeout, as each store does: a peer sitting on its
+    N-ACTIONs while several transactions are due must not make the worker look hung to the
+    watchdog (the stall limit is about one request, not ASKS_PER_LOOP of them)."""
+    rig.dest = destination(
+        commit_scp.port, called_aet="ARCHIVE", dimse_timeout=1,
+        commitment={"enabled": True, "timeout_seconds": 60},
+    )  # fmt: skip
+    queue_files(rig.outbox, files[:2], ["pacs"])
+    for i in range(2):  # two batches stored earlier, each its own transaction
+        (d,) = rig.outbox.claim("pacs", 1, T0, 300)
+        rig.outbox.mark_many([Mark(d.id, State.COMMITTING, 0, commit_uid=f"1.2.{i}")], T0)
+    commit_scp.answer.clear()  # the peer takes the requests and never answers
+    w = rig.worker()
+    asking = threading.Thread(target=w.loop, args=(rig.clock[0],), name="asking")
+    asking.start()
+    busy = 0.0  # the longest the worker went without progress (the watchdog's measure)
+    while asking.is_alive():
+        since = w.busy_since
+        if since is not None:
+            busy = max(busy, time.monotonic() - since)
+        asking.join(0.05)
+    assert len(commit_scp.requests) == 2
+    assert 0.9 < busy < 1.6  # one request's DIMSE timeout (1 s), not two (2 s)
+    for tx in rig.outbox.commitments():  # each asked once, without an answer: counted
+        assert tx.attempts == 1 and tx.asked_at is None
+        assert "no response" in (tx.last_error or "")
 
 
 def test_a_destination_without_commitment_is_unchanged(
