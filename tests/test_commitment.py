@@ -449,6 +449,24 @@ def test_a_peer_that_never_answers_the_n_action_is_not_a_hung_worker(
         assert "no response" in (tx.last_error or "")
 
 
+def test_a_batch_needing_128_contexts_leaves_room_for_storage_commitment(
+    rig: Rig, commit_scp: CommitSCP, tmp_path: Path
+) -> None:
+    """64 SOP classes need 128 contexts (each its own syntax and the implicit VR fallback):
+    the most one association may propose, before Storage Commitment is added to it. The
+    batch must be split so that it fits, not fail with "129 presentation contexts"."""
+    from test_send import make_file
+
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts][:64]
+    paths = [make_file(tmp_path / "in" / f"{i}.dcm", sop_class=c) for i, c in enumerate(classes)]
+    queue_files(rig.outbox, paths, ["pacs"])
+    w = rig.worker()
+    rig.until(w, lambda: not any(p.exists() for p in paths))
+    assert len(commit_scp.stored) == 64
+    assert {d.state for d in rig.outbox.list(limit=100)} == {State.SENT}
+    assert len(w.crew.contexts) < 128  # what the next association proposes, with room for it
+
+
 def test_a_destination_without_commitment_is_unchanged(
     tmp_path: Path, commit_scp: CommitSCP, files: list[Path]
 ) -> None:
