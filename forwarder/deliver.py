@@ -335,8 +335,9 @@ class Worker(threading.Thread):
                         events=self.events,
                     )
                 except AssociationFailed as exc:
-                    # asked again once the destination's pause is over
-                    for t in asks[asks.index(tx) :]:
+                    # asked again once the destination's pause is over (`ask` recorded
+                    # this one, perhaps under a new Transaction UID)
+                    for t in asks[asks.index(tx) + 1 :]:
                         self.outbox.asked(t.uid, now, now, accepted=False, counted=False)
                     if not self.stop.is_set() and not self._at_capacity(exc):
                         self._trip(exc, self.clock())
@@ -347,7 +348,7 @@ class Worker(threading.Thread):
                     if self._sender.associations != self._awaiting_on:
                         self._awaiting = set()
                         self._awaiting_on = self._sender.associations
-                    self._awaiting.add(tx.uid)
+                    self._awaiting.add(asked.uid or tx.uid)
                 if asked.finished:
                     self.done(list(asked.finished))
         finally:

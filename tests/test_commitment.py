@@ -71,6 +71,8 @@ class CommitSCP:
     early: bool = False  # report before answering the N-ACTION (inside its handler)
     # stores of these SOP Instance UIDs are answered only once their event is set (10 s at most)
     hold: dict[str, threading.Event] = field(default_factory=dict)
+    # statuses to answer the next N-ACTIONs with, in turn (then success); no report on a failure
+    refuse: list[int] = field(default_factory=list)
     # set: N-ACTIONs are answered; cleared: the peer sits on them (10 s at most)
     answer: threading.Event = field(default_factory=threading.Event)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -109,6 +111,10 @@ def commit_scp() -> Iterator[CommitSCP]:
         with peer.lock:
             peer.requests.append((uid, [r[1] for r in refs]))
         peer.answer.wait(10)
+        with peer.lock:
+            status = peer.refuse.pop(0) if peer.refuse else 0x0000
+        if status != 0x0000:
+            return status, None
         if peer.report:
             assoc = event.assoc
 
@@ -465,6 +471,27 @@ def test_a_batch_needing_128_contexts_leaves_room_for_storage_commitment(
     assert len(commit_scp.stored) == 64
     assert {d.state for d in rig.outbox.list(limit=100)} == {State.SENT}
     assert len(w.crew.contexts) < 128  # what the next association proposes, with room for it
+
+
+def test_a_request_refused_is_asked_again_under_a_new_transaction_uid(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path]
+) -> None:
+    """PS3.4 J.3.2.1.2: once the N-ACTION is answered with a failure status, its Transaction
+    UID "is no longer active and shall not be reused": the next request names a new one (the
+    rows move to it), and the report on that one commits them."""
+    queue_files(rig.outbox, files, ["pacs"])
+    commit_scp.refuse = [0x0213]  # resource limitation: asked again after a backoff
+    w = rig.worker()
+    w.loop(rig.clock[0])
+    (first,) = rig.outbox.commitments()
+    assert first.attempts == 1 and first.last_status == 0x0213 and first.asked_at is None
+    rig.clock[0] += 10  # past the backoff
+    rig.until(w, lambda: not any(p.exists() for p in files))
+    (refused, uids), (asked, again) = commit_scp.requests
+    assert refused == first.uid and asked != first.uid and uids == again == UIDS
+    assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
+    assert rig.outbox.commitments() == []
+    assert sorted(commit_scp.stored) == sorted(UIDS)  # asked again, not stored again
 
 
 def test_a_destination_without_commitment_is_unchanged(

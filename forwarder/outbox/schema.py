@@ -435,6 +435,13 @@ SQL_ASKED: Final = """
      WHERE uid = :uid
 """
 
+# a request refused with a failure status: its UID must not be reused (PS3.4 J.3.2.1.2)
+SQL_RENAME_COMMITMENT: Final = "UPDATE commitments SET uid = :new WHERE uid = :old"
+SQL_RENAME_COMMITTING: Final = """
+    UPDATE deliveries SET commit_uid = :new, updated_at = :now
+     WHERE commit_uid = :old AND state = 5
+"""
+
 SQL_NEXT_ASK: Final = "SELECT min(next_ask_at) FROM commitments WHERE destination = ?"
 
 SQL_COMMITMENT: Final = "SELECT " + COMMITMENT_COLUMNS + " FROM commitments WHERE uid = ?"

@@ -49,6 +49,8 @@ from forwarder.outbox.schema import (
     SQL_RECOVER_ASKS,
     SQL_RECOVER_EXPIRED,
     SQL_RELEASE,
+    SQL_RENAME_COMMITMENT,
+    SQL_RENAME_COMMITTING,
     SQL_REQUEUE,
     SQL_RESUME,
     SQL_SET_PATH,
@@ -301,6 +303,15 @@ class Outbox(Pruning):
         """
         with self._write("commitment_due") as conn:
             conn.execute(SQL_COMMITMENT_DUE, {"uid": uid, "now": now})
+
+    def renew_commitment(self, uid: str, new_uid: str, now: float) -> None:
+        """Give transaction `uid` a new Transaction UID, with the rows waiting on it, in one
+        transaction (a request answered with a failure status ends a UID: PS3.4 J.3.2.1.2).
+        Its attempts and times are kept. An unknown `uid` is left alone."""
+        params = {"old": uid, "new": new_uid, "now": now}
+        with self._write("renew_commitment") as conn:
+            if conn.execute(SQL_RENAME_COMMITMENT, params).rowcount:
+                conn.execute(SQL_RENAME_COMMITTING, params)
 
     def asked(
         self,
