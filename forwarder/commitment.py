@@ -298,7 +298,8 @@ def ask(
     requests were sent or the transaction is older than ``max_age_seconds``. The response:
     accepted, next ask in `timeout`; refused for good (permanent), rows quarantined; a peer
     that knows no Storage Commitment, asked again after ``retry.max_seconds`` without
-    counting (logged as an error); otherwise asked again after a backoff, counted.
+    counting (logged as an error), and no age limit while it never took one; otherwise asked
+    again after a backoff, counted.
 
     Raises
     ------
@@ -311,7 +312,11 @@ def ask(
     if not rows:  # every row settled (or requeued by an operator): nothing to ask
         outbox.settle_commitment(tx.uid, [], now)
         return Asked(None)
-    late = now - tx.created_at >= retry.max_age_seconds
+    # the peer refuses the service itself (no Storage Commitment context, no such SOP class
+    # or action: not counted, see below): a configuration error holds the instances, as a
+    # store's HOLD does, rather than letting their age quarantine them
+    held = tx.attempts == 0 and tx.asked_at is None and tx.last_error is not None
+    late = now - tx.created_at >= retry.max_age_seconds and not held
     if tx.attempts >= retry.max_attempts or late:
         last = f"; last: {tx.last_error}" if tx.last_error else ""
         why = (

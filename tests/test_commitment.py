@@ -946,6 +946,29 @@ def test_a_peer_without_storage_commitment_keeps_the_files_and_says_why(
     assert {d.state for d in rig.outbox.list()} == {State.COMMITTING}
 
 
+def test_a_peer_without_storage_commitment_never_gets_the_files_quarantined_by_age(
+    make_rig: Callable[..., Rig], scp: Any, files: list[Path]
+) -> None:
+    """A configuration error, as a store's HOLD: the request is asked again every
+    retry.max_seconds and never counted, and retry.max_age_seconds does not quarantine the
+    instances meanwhile (they were stored; nothing says the peer refuses them)."""
+    rig = make_rig(scp.port, "ANY-SCP")
+    rig.retry = RetrySettings(initial_seconds=1, max_seconds=5, max_attempts=4,
+                              max_age_seconds=60)  # fmt: skip
+    queue_files(rig.outbox, files, ["pacs"])
+    w = rig.worker()
+    w.loop(rig.clock[0])
+    for _ in range(3):  # well past max_age_seconds, asked again at each max_seconds
+        rig.clock[0] += 61
+        w.wake.set()
+        w.loop(rig.clock[0])
+    assert all(p.exists() for p in files)
+    assert {d.state for d in rig.outbox.list()} == {State.COMMITTING}
+    (tx,) = rig.outbox.commitments()
+    assert tx.attempts == 0 and tx.next_ask_at == rig.clock[0] + 5
+    assert "did not accept the Storage Commitment Push Model" in (tx.last_error or "")
+
+
 def test_transactions_open_when_commitment_is_turned_off_are_still_settled(
     rig: Rig, commit_scp: CommitSCP, files: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:
