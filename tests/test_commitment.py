@@ -879,6 +879,13 @@ def test_status_find_and_queue_show_stored_awaiting_commitment(
     assert "pacs: 3 stored, awaiting commitment since " in status.out and "2m" in status.out
     (pacs,) = cli("status", "--config", str(config), "--json").json()["destinations"]
     assert pacs["awaiting_commitment"] == 3 and pacs["awaiting_commitment_since"]
+    with Outbox(box_path) as box:  # the peer does not take the request: status says why
+        box.asked("2.25.42", now, now + 600, accepted=False, counted=False,
+                  error="the peer did not accept the Storage Commitment Push Model")  # fmt: skip
+    status = cli("status", "--config", str(config))
+    assert "request not taken: the peer did not accept the Storage Commitment" in status.out
+    (pacs,) = cli("status", "--config", str(config), "--json").json()["destinations"]
+    assert pacs["commitment_error"] == "the peer did not accept the Storage Commitment Push Model"
     found = cli("find", UIDS[0], "--config", str(config))
     assert found.status == 0, found.err
     assert "stored, awaiting commitment" in found.out and "transaction 2.25.42" in found.out
