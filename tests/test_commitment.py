@@ -877,6 +877,10 @@ def test_status_find_and_queue_show_stored_awaiting_commitment(
     status = cli("status", "--config", str(config))
     assert status.status == 0, status.err
     assert "pacs: 3 stored, awaiting commitment since " in status.out and "2m" in status.out
+    from forwarder.health import status_line
+
+    with Outbox(box_path, readonly=True) as box:  # systemd's STATUS= line counts them too
+        assert status_line(box, []).startswith("0 queued, 0 in flight, 3 awaiting commitment, ")
     (pacs,) = cli("status", "--config", str(config), "--json").json()["destinations"]
     assert pacs["awaiting_commitment"] == 3 and pacs["awaiting_commitment_since"]
     with Outbox(box_path) as box:  # the peer does not take the request: status says why
