@@ -823,6 +823,7 @@ def test_the_request_data_set_names_the_transaction_and_the_instances() -> None:
         (0x0112, Action.RETRY_FEW),  # no such SOP instance: not "SOP class not supported"
         (0x0118, Action.DESTINATION),  # no such SOP class: Storage Commitment not supported
         (0x0123, Action.DESTINATION),  # no such action
+        (0x0122, Action.DESTINATION),  # SOP class not supported: the service, not the instances
         (0x0124, Action.DESTINATION),  # not authorised
         (0x0210, Action.RETRY_FRESH),
         (None, Action.RETRY),  # no response
