@@ -115,6 +115,7 @@ class Worker(threading.Thread):
         self._tx_hold = 0.0  # ... not asked (by any worker) before then, unless the batch ends
         self._awaiting: set[str] = set()  # transactions asked on the open association
         self._awaiting_on = 0  # ... whose number (`Sender.associations`) is this
+        self._reported: set[str] = set()  # reported while `_ask_due` asks (before the RSP)
         self._fresh = False
         self._associations_counted = 0
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
@@ -317,6 +318,7 @@ class Worker(threading.Thread):
         if due is None or due > now:
             return True
         asks = self.outbox.claim_asks(self.dest.name, ASKS_PER_LOOP, now, self.rules.lease_seconds)
+        self._reported.clear()
         try:
             for tx in asks:
                 if self.stop.is_set():
@@ -344,11 +346,13 @@ class Worker(threading.Thread):
                     return False
                 finally:
                     self._count_associations()
-                if asked.classification is not None and asked.classification.delivered:
+                uid = asked.uid or tx.uid
+                delivered = asked.classification is not None and asked.classification.delivered
+                if delivered and uid not in self._reported:  # a report may beat the response
                     if self._sender.associations != self._awaiting_on:
                         self._awaiting = set()
                         self._awaiting_on = self._sender.associations
-                    self._awaiting.add(asked.uid or tx.uid)
+                    self._awaiting.add(uid)
                 if asked.finished:
                     self.done(list(asked.finished))
         finally:
@@ -375,6 +379,7 @@ class Worker(threading.Thread):
             source=f"from {self.dest.name} on our association",
         )
         self._awaiting.discard(report.transaction_uid)
+        self._reported.add(report.transaction_uid)
         if settled.finished:
             self.done(list(settled.finished))
         if settled.resent:

@@ -209,9 +209,13 @@ class Rig:
         return w
 
     def until(self, w: Worker, done: Callable[[], Any], timeout: float = 15.0) -> Any:
-        """Run `w.loop` at the current clock until `done()` (a deadline, not a blind sleep)."""
+        """Run `w.loop` at the current clock until `done()` (a deadline, not a blind sleep).
+
+        Its idle waits are cut short (the clock the test moves says when work is due); a
+        wait on its association for a report is not."""
 
         def step() -> Any:
+            w.wake.set()
             w.loop(self.clock[0])
             return done()
 
@@ -297,6 +301,9 @@ def test_a_report_that_comes_before_the_n_action_response_is_taken(
     rig.until(w, lambda: not any(p.exists() for p in files))
     assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
     assert commit_scp.reported == [0x0000] and len(commit_scp.requests) == 1
+    w.wake.set()
+    w.loop(rig.clock[0])  # nothing awaited any more: released at once (linger 0), not held
+    assert not w.holds_association
 
 
 def test_failed_references_are_stored_again_then_quarantined_with_the_reason(
