@@ -908,6 +908,34 @@ def test_status_find_and_queue_show_stored_awaiting_commitment(
     assert "stored, awaiting commitment since" in text
 
 
+def test_metrics_show_how_long_deliveries_have_awaited_commitment(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """An alert on the backlog's age must see a pile-up awaiting commitment too (a peer
+    reporting to a receiver that is not listening): its own gauge, by destination."""
+    from conftest import free_port
+    from test_metrics import scrape, value
+
+    from forwarder.metrics import start_metrics
+
+    with Outbox(tmp_path / "m.sqlite3") as box:
+        queue_files(box, files, ["pacs"])
+        _stored(box, "2.25.7", time.time() - 600)
+        port = free_port()
+        m = start_metrics(
+            f"127.0.0.1:{port}", box, destinations=lambda: ["pacs", "plain"], stats=lambda: {}
+        )
+        try:
+            s = scrape(f"http://127.0.0.1:{port}/metrics")
+        finally:
+            m.close()
+    age = value(s, "forwarder_oldest_awaiting_commitment_age_seconds", destination="pacs")
+    assert 600 <= age < 700
+    assert value(s, "forwarder_oldest_awaiting_commitment_age_seconds", destination="plain") == 0
+    assert value(s, "forwarder_queue_depth", destination="pacs", state="committing") == 3
+    assert value(s, "forwarder_oldest_pending_age_seconds", destination="pacs") == 0
+
+
 def test_daemon_keeps_the_sources_until_the_peer_commits(
     tmp_path: Path, commit_scp: CommitSCP
 ) -> None:
