@@ -33,7 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "find": ("forwarder.commands.find", "where is this SOP Instance or Study UID"),
     "outbox": ("forwarder.commands.outbox", "check the outbox file for damage"),
-    "echo": ("forwarder.commands.echo", "C-ECHO the destinations with their AE titles and TLS"),
+    "echo": (
+        "forwarder.commands.echo",
+        "C-ECHO the destinations with their AE titles and TLS (DICOMweb: QIDO-RS)",
+    ),
     "config": ("forwarder.commands.config", "validate the config, or show the effective settings"),
     "route": (
         "forwarder.commands.route",

@@ -42,9 +42,11 @@ from forwarder.transformspec import (
 
 __all__ = [
     "EX_CONFIG",
+    "AuthSettings",
     "CommitmentSettings",
     "ConfigError",
     "Destination",
+    "ReceiveSettings",
     "Settings",
     "TLSSettings",
     "add_config_argument",
@@ -217,6 +219,76 @@ class RoutingSettings(_Model):
     unmatched: Literal["quarantine", "dispose"] = "quarantine"
 
 
+class AuthSettings(_Model):
+    """How a DICOMweb destination authenticates (``[destinations.auth]``); secrets live in
+    files, read again whenever they change (a rotated token needs no reload)."""
+
+    type: Literal["none", "basic", "bearer", "oauth2-client-credentials"] = "none"
+    user: str | None = None  # basic
+    password_file: Path | None = None  # basic
+    token_file: Path | None = None  # bearer
+    token_url: str | None = None  # oauth2-client-credentials
+    client_id: str | None = None
+    client_secret_file: Path | None = None
+    scope: str | None = None
+
+    @model_validator(mode="after")
+    def _required(self) -> AuthSettings:
+        needs: dict[str, tuple[str, ...]] = {
+            "none": (),
+            "basic": ("user", "password_file"),
+            "bearer": ("token_file",),
+            "oauth2-client-credentials": ("token_url", "client_id", "client_secret_file"),
+        }
+        missing = [k for k in needs[self.type] if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"auth type {self.type!r} needs {', '.join(missing)}")
+        if self.token_url is not None:
+            _check_url(self.token_url)
+        return self
+
+
+def _check_url(value: str) -> str:
+    """An http(s) URL with a host; returned without a trailing slash."""
+    from urllib.parse import urlsplit
+
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("an http:// or https:// URL with a host is required")
+    if parts.query or parts.fragment:
+        raise ValueError("the base URL takes no ?query or #fragment")
+    return value.rstrip("/")
+
+
+def _dicomweb_address(data: Any) -> Any:
+    """A DICOMweb destination's host and port, from its URL (its DIMSE settings are unused)."""
+    if not isinstance(data, dict) or data.get("type") != "dicomweb":
+        return data
+    from urllib.parse import urlsplit
+
+    for key in ("host", "port", "called_aet", "calling_aet"):
+        if key in data:
+            raise ValueError(f"{key}: not used by a dicomweb destination (url names the server)")
+    unknown = {**data, "host": "invalid", "port": 1}  # the url's own check says what is wrong
+    url = data.get("url")
+    if not isinstance(url, str):
+        return unknown
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return unknown
+    if not parts.hostname:
+        return unknown
+    default = 443 if parts.scheme == "https" else 80
+    return {**data, "host": parts.hostname, "port": port or default}
+
+
 class CommitmentSettings(_Model):
     """Storage Commitment before disposal (``[destinations.commitment]``)."""
 
@@ -231,6 +303,13 @@ class Destination(_Model):
     """One DICOM peer, and which instances it gets (every one, unless rules say otherwise)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    # "dimse": C-STORE to host:port; "dicomweb": STOW-RS to url (host and port come from it)
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    url: str | None = None  # the DICOMweb base: STOW-RS is POST {url}/studies
+    batch_size: int = Field(default=50, ge=1, le=10000)  # dicomweb: instances per request
+    max_request_mb: float = Field(default=64, gt=0, le=4096, allow_inf_nan=False)
+    timeout_seconds: NetworkSeconds = 120  # dicomweb: per request (connect, send, answer)
+    auth: AuthSettings | None = None  # dicomweb only
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
     called_aet: str = "ANY-SCP"
@@ -252,6 +331,30 @@ class Destination(_Model):
 
     _aet = field_validator("called_aet", "calling_aet")(_check_ae)
     _host = field_validator("host")(_check_host)
+    _address = model_validator(mode="before")(_dicomweb_address)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
+
+    @model_validator(mode="after")
+    def _dicomweb(self) -> Destination:
+        if self.type == "dicomweb":
+            if self.url is None:
+                raise ValueError("url: required for a dicomweb destination")
+            if self.tls is not None and self.tls.server_name is not None:
+                raise ValueError("tls.server_name: not used by a dicomweb destination")
+            if self.commitment.enabled:
+                raise ValueError(
+                    "commitment: Storage Commitment is DICOM's (N-ACTION): not for a dicomweb "
+                    "destination, whose 200/202 answer already lists what was stored"
+                )
+        else:
+            extra = [k for k in ("url", "auth") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only for a dicomweb destination")
+        return self
 
     @field_validator("associations")
     @classmethod
@@ -259,6 +362,13 @@ class Destination(_Model):
         if isinstance(value, int) and not 1 <= value <= MAX_ASSOCIATIONS:
             raise ValueError(f'a number from 1 to {MAX_ASSOCIATIONS}, or "auto"')
         return value
+
+    @property
+    def address(self) -> str:
+        """Where it sends, for people: ``called_aet@host:port``, or a dicomweb destination's url."""
+        if self.type == "dicomweb" and self.url is not None:
+            return self.url
+        return f"{self.called_aet}@{self.host}:{self.port}"
 
     @property
     def transform_spec(self) -> TransformSpec | None:
@@ -323,6 +433,40 @@ class LogSettings(_Model):
     summary_seconds: Seconds = 60
 
 
+class ReceiveTLSSettings(_Model):
+    """TLS for the receiver (``[receive.tls]``): our certificate, and whose we trust."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None  # the CA bundle client certificates are checked against
+    require_client_cert: bool = False  # true: a modality without a certificate from `ca` fails
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> ReceiveTLSSettings:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca (the CA the clients' certificates have)")
+        return self
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+MAX_RECEIVE_ASSOCIATIONS = 256
+
+
+class ReceiveSettings(_Model):
+    """The DICOM receiver (C-STORE SCP); off unless `listen` is set."""
+
+    listen: str | None = None  # "0.0.0.0:11112", "[::]:11112"; a bare port binds 127.0.0.1
+    ae_title: AETitle = "FORWARDER"  # the called AE title we answer to; others are rejected
+    allowed_calling_aets: list[AETitle] = []  # empty: any (a warning at start-up)
+    max_associations: int = Field(default=16, ge=1, le=MAX_RECEIVE_ASSOCIATIONS)
+    dir: Path = Path("/var/spool/forwarder/received")  # received instances until disposed of
+    tls: ReceiveTLSSettings | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+
 class MetricsSettings(_Model):
     listen: str | None = None  # "127.0.0.1:9108"; absent = off
 
@@ -360,6 +504,7 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     transform: TransformSettings = TransformSettings()
+    receive: ReceiveSettings = ReceiveSettings()
     shutdown_timeout: Seconds = 30
     # file mode creation mask of the daemon (outbox, sidecars, copies, folders it creates)
     umask: str = "0027"

@@ -28,6 +28,7 @@ from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
 from forwarder.preflight import load_for_daemon
+from forwarder.receiver import Receiver
 from forwarder.transforming import Transforms
 from forwarder.trouble import OutboxTrouble, damaged
 from forwarder.upkeep import Upkeep
@@ -88,9 +89,11 @@ class Daemon:
             self.outbox,
             settings.outbox.lease_seconds,
             settings.outbox.keep_sent_seconds,
-            settings.watch.paths,
+            _kept_in(settings),
             requeued=self.wake_workers,
+            held=self._held,
         )
+        self.receiver: Receiver | None = None
         self.transforms = Transforms()
         self.watcher: Watcher | None = None
         self.crews: dict[str, Crew] = {}
@@ -100,6 +103,10 @@ class Daemon:
     @property
     def workers(self) -> list[Worker]:
         return [w for crew in self.crews.values() for w in crew.workers]
+
+    def _held(self) -> list[int]:
+        """The rows the live workers (retiring ones too) are sending now."""
+        return [i for w in [*self.workers, *self._retired] if w.is_alive() for i in w.held]
 
     def die(self, reason: str, status: int) -> None:
         """A stage cannot go on: stop the daemon with a non-zero exit `status`, so that the
@@ -164,6 +171,41 @@ class Daemon:
             sender=self.transforms.sender,
         )
 
+    def _start_receiver(self) -> None:
+        """Start the receiver when ``[receive]`` has `listen`; a failure to start it (address
+        in use, folder not writable, outbox unreadable for its sweep) is logged and the
+        daemon goes on without it (the watched folders still work); a reload tries again."""
+        if not self.settings.receive.enabled:
+            return
+        receiver = Receiver(
+            self.settings.receive,
+            self.outbox,
+            self.disposer,
+            self.enqueuer.intake,
+            queued=self.wake_workers,
+            damaged=self.damaged,
+            metrics=self.metrics,
+            retry=self.settings.retry,
+        )
+        try:
+            receiver.start()
+        except OutboxCorruptError as exc:
+            self.damaged("receiver", exc)
+            return
+        except (OSError, OutboxError) as exc:
+            receiver.stop()
+            LOGGER.error(
+                f"receive: cannot start the receiver on {self.settings.receive.listen}: "
+                f"{exc}; not receiving (a reload tries again)"
+            )
+            return
+        self.receiver = receiver
+
+    def _stop_receiver(self) -> None:
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
+
     def _keepalive(self) -> None:
         self._heartbeat()
         if self.notifier.watchdog_interval() is not None and self.stuck() is None:
@@ -188,7 +230,14 @@ class Daemon:
 
     def unhealthy(self) -> str | None:
         """Why the daemon is not healthy (for `forwarder health`), or None."""
-        return self.trouble.problem() or self.stuck()
+        return self.trouble.problem() or self.stuck() or self._not_receiving()
+
+    def _not_receiving(self) -> str | None:
+        """Why `[receive]` is set but nothing listens (a failed start), or None."""
+        rcv = self.settings.receive
+        if rcv.enabled and self.receiver is None:
+            return f"the receiver is not listening on {rcv.listen} (see the log; SIGHUP retries)"
+        return None
 
     def stuck(self) -> str | None:
         """Why the daemon is hung or broken (for the watchdog), or None.
@@ -217,6 +266,8 @@ class Daemon:
             "destinations": [d.name for d in self.settings.destinations],
             "stats": self.events.counts(),
         }
+        if self.receiver is not None:
+            info["receiver"] = self.receiver.snapshot(time.time())
         self.outbox.heartbeat(time.time(), info)
 
     # -- reload -----------------------------------------------------------------------
@@ -251,9 +302,9 @@ class Daemon:
         self.settings = new
         self.enqueuer.intake = Intake.of(new)
         self.disposer.layout = Layout.of(new)
-        if (new.outbox, new.watch.paths) != (old.outbox, old.watch.paths):
+        if (new.outbox, _kept_in(new)) != (old.outbox, _kept_in(old)):
             out = new.outbox
-            self.upkeep.configure(out.lease_seconds, out.keep_sent_seconds, new.watch.paths)
+            self.upkeep.configure(out.lease_seconds, out.keep_sent_seconds, _kept_in(new))
         rules = Rules.of(new)
         for crew in self.crews.values():
             crew.rules = rules
@@ -274,6 +325,12 @@ class Daemon:
             self.watcher.stop()
             self.watcher = self._make_watcher()
             self.watcher.start()
+        if self.receiver is not None:
+            self.receiver.intake = self.enqueuer.intake
+            self.receiver.retry = new.retry
+        if new.receive != old.receive:
+            self._stop_receiver()
+            self._start_receiver()
         touched = sorted({*changed, *(d.name for d in started)})
         LOGGER.info(
             f"reloaded {self.config_path}: destinations {', '.join(new_dests) or 'none'}"
@@ -307,13 +364,13 @@ class Daemon:
             stats=self.events.counts,
         )
         self.enqueuer.start()
+        # before the workers: a peer reporting on Storage Commitment finds it listening
+        self._start_receiver()
         self._start_crews(self.settings.destinations)
         self.watcher = self._make_watcher()
         self.watcher.start()
         roots = ", ".join(str(p) for p in self.settings.watch.paths)
-        dests = ", ".join(
-            f"{d.name} ({d.called_aet}@{d.host}:{d.port})" for d in self.settings.destinations
-        )
+        dests = ", ".join(f"{d.name} ({d.address})" for d in self.settings.destinations)
         LOGGER.info(f"forwarder {__version__} watching {roots}; sending to {dests}")
         self._tend(self._heartbeat)
         self.notifier.ready(self.status_line())
@@ -399,6 +456,7 @@ class Daemon:
         self.notifier.stopping()
         LOGGER.info("stopping: finishing in-flight stores")
         deadline = time.monotonic() + self.settings.shutdown_timeout
+        self._stop_receiver()
         if self.watcher is not None:
             self.watcher.stop()
         self.enqueuer.halt()  # the sentinel wakes it at once
@@ -418,6 +476,14 @@ class Daemon:
                 self.outbox.close()
         LOGGER.info("stopped" if clean else "stopped (forced)")
         return clean
+
+
+def _kept_in(settings: Settings) -> list[Path]:
+    """The folders whose files keep their outbox rows past retention while still there."""
+    folders = list(settings.watch.paths)
+    if settings.receive.enabled:
+        folders.append(settings.receive.dir)
+    return folders
 
 
 def _sending(dest: Destination | None) -> Destination | None:

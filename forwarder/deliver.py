@@ -23,6 +23,7 @@ from forwarder.metrics import Metrics
 from forwarder.outbox import Delivery, Outbox, OutboxCorruptError, OutboxError
 from forwarder.policy import IDLE_SECONDS, Next, decide
 from forwarder.sender import AssociationFailed, Peer, Sender, StoreResult
+from forwarder.senderapi import DeliverySender
 from forwarder.status import Action, Classification
 from forwarder.trouble import OutboxTrouble, damaged, pause_after
 from forwarder.verdict import Pending, Verdict
@@ -56,12 +57,17 @@ ASKS_PER_LOOP = 8
 
 Fatal = Callable[[str, int], None]
 """Stops the daemon: (reason, exit status)."""
-SenderFactory = Callable[[Destination, threading.Event], Sender]
+SenderFactory = Callable[[Destination, threading.Event], DeliverySender]
 """Makes a worker's sender for its destination; the event cancels what it waits for."""
 
 
-def dicom_sender(dest: Destination, stop: threading.Event) -> Sender:
-    """The C-STORE sender (storescu's logic) of a DICOM destination."""
+def dicom_sender(dest: Destination, stop: threading.Event) -> DeliverySender:
+    """The C-STORE sender (storescu's logic) of a DICOM destination; STOW-RS for a
+    ``type = "dicomweb"`` one."""
+    if dest.type == "dicomweb":
+        from forwarder.stow import stow_sender  # httpx: only for DICOMweb destinations
+
+        return stow_sender(dest, stop)
     return Sender(Peer.from_destination(dest), stop=stop)
 
 
@@ -104,6 +110,7 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.last_beat = time.monotonic()
         self.busy_since: float | None = None  # monotonic start of the current batch
+        self.held: tuple[int, ...] = ()  # the rows of the batch being sent (leases renewed)
         self.opening = False  # requesting its association before claiming (`_open_first`)
         self._last_activity = time.monotonic()
         self._sender = (sender or dicom_sender)(crew.dest, self.stop)
@@ -236,9 +243,11 @@ class Worker(threading.Thread):
         # opens it): another worker of the destination asking meanwhile would name only the
         # instances stored so far. A crash mid-batch: asked once the batch's lease is over.
         self._tx_hold = now + self.rules.lease_seconds
+        self.held = tuple(d.id for d in batch)
         try:
             self._send_batch(batch, now)
         finally:
+            self.held = ()
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
@@ -601,6 +610,6 @@ class Worker(threading.Thread):
     def _trip(self, exc: AssociationFailed, now: float) -> None:
         hold = exc.classification.action is Action.DESTINATION
         reason = exc.classification.meaning
-        if hold:
+        if hold and self.dest.type == "dimse":  # (a dicomweb refusal names its settings)
             reason += " (check called_aet/calling_aet and the peer's configuration)"
         self._pause(reason, hold=hold, now=now)

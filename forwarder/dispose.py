@@ -40,8 +40,11 @@ class Layout:
 
     @classmethod
     def of(cls, settings: Settings) -> Layout:
+        roots = list(settings.watch.paths)
+        if settings.receive.enabled:  # received instances are disposed of as inbox files are
+            roots.append(Path(os.path.abspath(settings.receive.dir)))
         return cls(
-            roots=tuple(settings.watch.paths),
+            roots=tuple(roots),
             on_success=settings.disposition.on_success,
             archive_dir=settings.disposition.archive_dir,
             quarantine_dir=settings.quarantine.dir,

@@ -20,6 +20,8 @@ nothing between scrapes. Exposed:
 ``forwarder_quarantined_total``            counter    deliveries and files quarantined
 ``forwarder_store_duration_seconds``       histogram  one C-STORE, request to response
 ``forwarder_associations_total``           counter    associations established
+``forwarder_instances_received_total``     counter    C-STORE requests received, by answer
+``forwarder_associations_rejected_total``  counter    associations the receiver rejected
 ``forwarder_outbox_up``                    gauge      0 when the outbox could not be read
 =========================================  =========================================
 
@@ -107,6 +109,12 @@ class Metrics:
 
     def association(self, destination: str, count: int = 1) -> None:
         """`count` associations with `destination` were established."""
+
+    def received(self, status: str) -> None:
+        """The receiver answered a C-STORE with `status` (``0x0000``, ``0xA700``, ...)."""
+
+    def rejected(self, reason: str) -> None:
+        """The receiver rejected an association (``calling-aet``, ``called-aet``, ``busy``)."""
 
     def close(self) -> None:
         """Stop serving (idempotent)."""
@@ -241,6 +249,19 @@ class PrometheusMetrics(Metrics):
             labels,
             registry=self.registry,
         )
+        self._received = Counter(
+            "forwarder_instances_received",
+            "C-STORE requests the receiver answered, by the status it answered (0x0000: "
+            "stored and queued).",
+            ["status"],
+            registry=self.registry,
+        )
+        self._rejected = Counter(
+            "forwarder_associations_rejected",
+            "Associations the receiver rejected, by reason (calling-aet, called-aet, busy).",
+            ["reason"],
+            registry=self.registry,
+        )
         for name in destinations():
             for counter in (self._sent, self._bytes, self._associations):
                 counter.labels(name)
@@ -268,6 +289,12 @@ class PrometheusMetrics(Metrics):
     def association(self, destination: str, count: int = 1) -> None:
         if count > 0:
             self._associations.labels(destination).inc(count)
+
+    def received(self, status: str) -> None:
+        self._received.labels(status).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected.labels(reason).inc()
 
     def close(self) -> None:
         if self._closed:

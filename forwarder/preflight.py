@@ -7,13 +7,18 @@ from pathlib import Path
 
 from forwarder.config import ConfigError, Settings, load_settings
 
-__all__ = ["check_layout", "check_tls", "load_for_daemon"]
+__all__ = ["check_auth", "check_layout", "check_receive", "check_tls", "load_for_daemon"]
 
 
 def load_for_daemon(path: Path | None) -> Settings:
     """Settings for the daemon: schema, layout and TLS files; raises ConfigError listing all."""
     settings = load_settings(path, require_destinations=True)
-    errors = check_layout(settings) + check_tls(settings)
+    errors = (
+        check_layout(settings)
+        + check_tls(settings)
+        + check_auth(settings)
+        + check_receive(settings)
+    )
     if errors:
         raise ConfigError(str(path) if path else "environment", errors)
     return settings
@@ -41,6 +46,50 @@ def check_layout(settings: Settings) -> list[str]:
             )
     if not settings.watch.paths:
         errors.append("watch.paths: at least one folder to watch is required")
+    if settings.receive.enabled:
+        received = settings.receive.dir
+        others = [(f"the watched folder {root}", root) for root in settings.watch.paths]
+        others.append((f"quarantine.dir {settings.quarantine.dir}", settings.quarantine.dir))
+        if settings.disposition.on_success == "move":
+            archive = settings.disposition.archive_dir
+            others.append((f"disposition.archive_dir {archive}", archive))
+        others.append((f"the outbox {settings.outbox.path}", settings.outbox.path))
+        for what, other in others:
+            if _overlaps(received, other):
+                errors.append(f"receive.dir: {received} overlaps {what}")
+    return errors
+
+
+def check_receive(settings: Settings) -> list[str]:
+    """The receiver's address and TLS files (when it is on); one line per problem."""
+    from forwarder.metrics import parse_listen
+
+    rcv = settings.receive
+    if rcv.listen is None:
+        return []
+    errors: list[str] = []
+    try:
+        parse_listen(rcv.listen)
+    except ValueError as exc:
+        errors.append(f"receive.listen: {exc}")
+    if rcv.tls is not None:
+        files = {"cert": rcv.tls.cert, "key": rcv.tls.key, "ca": rcv.tls.ca}
+        problems = [
+            f"receive.tls.{name}: {problem}: {path}"
+            for name, path in files.items()
+            if path is not None and (problem := _file_problem(path)) is not None
+        ]
+        errors += problems
+        if not problems:
+            from forwarder.receiver import server_context
+
+            try:
+                server_context(rcv.tls)
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(
+                    f"receive.tls: cannot load the certificate {rcv.tls.cert} with the key "
+                    f"{rcv.tls.key} or the CA {rcv.tls.ca} ({exc})"
+                )
     return errors
 
 
@@ -82,6 +131,26 @@ def check_tls(settings: Settings) -> list[str]:
                     f"destinations.{i}.tls.cert: cannot load the certificate {tls.cert} "
                     f"with the key {tls.key} ({exc})"
                 )
+    return errors
+
+
+def check_auth(settings: Settings) -> list[str]:
+    """The secret files of every DICOMweb destination's ``[destinations.auth]``, one line per
+    file that cannot be read (``destinations.0.auth.token_file: file not found: ...``)."""
+    errors: list[str] = []
+    for i, dest in enumerate(settings.destinations):
+        auth = dest.auth
+        if auth is None:
+            continue
+        files = {
+            "password_file": auth.password_file,
+            "token_file": auth.token_file,
+            "client_secret_file": auth.client_secret_file,
+        }
+        for name, path in files.items():
+            problem = None if path is None else _file_problem(path)
+            if problem is not None:
+                errors.append(f"destinations.{i}.auth.{name}: {problem}: {path}")
     return errors
 
 

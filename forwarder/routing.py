@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from forwarder.config import Settings
-from forwarder.rulekeys import rule_tag
+from forwarder.rulekeys import PATH_KEY, rule_tag
 
 __all__ = ["Decision", "Filter", "Router", "Rule", "path_pattern"]
 
 Unmatched = Literal["quarantine", "dispose"]
+_NO_FACTS: Mapping[str, str] = {}
 Globs = str | Sequence[str]
 
 
@@ -53,10 +54,11 @@ def _shown(globs: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class Rule:
-    """One rule key (a keyword, a tag or ``path``) and its globs, compiled."""
+    """One rule key (a keyword, a tag, ``path`` or a received instance's ``calling_aet``,
+    ``called_aet``, ``peer``) and its globs, compiled."""
 
     key: str
-    tag: int | None  # None: the path relative to the watched folder
+    tag: int | None  # None: a reserved key (the relative path, or a fact of the association)
     globs: tuple[str, ...]
     pattern: re.Pattern[str] = field(compare=False)
 
@@ -66,15 +68,24 @@ class Rule:
         items = (globs,) if isinstance(globs, str) else tuple(globs)
         tag = rule_tag(key)
         # case-sensitive, as DICOM values are (fnmatch.fnmatchcase)
-        translate = path_pattern if tag is None else fnmatch.translate
+        translate = path_pattern if key == PATH_KEY else fnmatch.translate
         pattern = re.compile("|".join(translate(g) for g in items))
         return cls(key, tag, items, pattern)
 
-    def values(self, attributes: Mapping[int, tuple[str, ...]], relpath: str) -> tuple[str, ...]:
-        """The values this rule looks at; empty when the file lacks the attribute."""
-        if self.tag is None:
+    def values(
+        self,
+        attributes: Mapping[int, tuple[str, ...]],
+        relpath: str,
+        facts: Mapping[str, str] = _NO_FACTS,
+    ) -> tuple[str, ...]:
+        """The values this rule looks at; empty when the file lacks the attribute (or, for
+        ``calling_aet``, ``called_aet`` and ``peer``, when it was not received over DICOM)."""
+        if self.tag is not None:
+            return attributes.get(self.tag, ())
+        if self.key == PATH_KEY:
             return (relpath,)
-        return attributes.get(self.tag, ())
+        fact = facts.get(self.key)
+        return () if fact is None else (fact,)
 
     def hit(self, values: tuple[str, ...]) -> str | None:
         """The first value a glob matches, or None."""
@@ -95,16 +106,21 @@ class Filter:
     match: tuple[Rule, ...] = ()
     exclude: tuple[Rule, ...] = ()
 
-    def why_not(self, attributes: Mapping[int, tuple[str, ...]], relpath: str) -> str | None:
+    def why_not(
+        self,
+        attributes: Mapping[int, tuple[str, ...]],
+        relpath: str,
+        facts: Mapping[str, str] = _NO_FACTS,
+    ) -> str | None:
         """None when the destination wants the instance, else the first rule that failed."""
         for rule in self.match:
-            values = rule.values(attributes, relpath)
+            values = rule.values(attributes, relpath, facts)
             if not values:
                 return f"{rule.key} is absent (match {_shown(rule.globs)})"
             if rule.hit(values) is None:
                 return f"{rule.key} {rule.shown(values)} does not match {_shown(rule.globs)}"
         for rule in self.exclude:
-            values = rule.values(attributes, relpath)
+            values = rule.values(attributes, relpath, facts)
             hit = rule.hit(values)
             if hit is not None:
                 return f"{rule.key} {rule.shown(values)} is excluded by {_shown(rule.globs)}"
@@ -164,15 +180,22 @@ class Router:
     def has_rules(self) -> bool:
         return self._everyone is None
 
-    def route(self, attributes: Mapping[int, tuple[str, ...]], relpath: str) -> Decision:
+    def route(
+        self,
+        attributes: Mapping[int, tuple[str, ...]],
+        relpath: str,
+        facts: Mapping[str, str] = _NO_FACTS,
+    ) -> Decision:
         """Which destinations want the instance with these header `attributes` (as
-        ``DicomInfo.attributes``) at `relpath` (relative to its watched folder, ``/``-separated)."""
+        ``DicomInfo.attributes``) at `relpath` (relative to its watched folder, ``/``-separated);
+        `facts`: ``calling_aet``, ``called_aet`` and ``peer`` of an instance received over
+        DICOM (none for a watched file)."""
         if self._everyone is not None:
             return self._everyone
         wanted: list[str] = []
         why_not: dict[str, str] = {}
         for f in self.filters:
-            reason = f.why_not(attributes, relpath)
+            reason = f.why_not(attributes, relpath, facts)
             if reason is None:
                 wanted.append(f.destination)
             else:

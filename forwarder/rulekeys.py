@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PATH_KEY", "check_glob", "rule_tag"]
+__all__ = ["PATH_KEY", "RECEIVED_KEYS", "RESERVED_KEYS", "check_glob", "rule_tag"]
 
 
 # Value representations whose value is text: a rule compares it with globs as is. Numbers
@@ -15,11 +15,18 @@ _TEXT_VRS = frozenset(
 )  # fmt: skip
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),([0-9A-Fa-f]{4})\)?$")
 PATH_KEY = "path"
-"""The reserved rule key: the file's path relative to its watched folder."""
+"""The reserved rule key: the file's path relative to its watched folder (or, for an instance
+received over DICOM, to ``receive.dir``)."""
+RECEIVED_KEYS = ("calling_aet", "called_aet", "peer")
+"""Reserved rule keys of instances received over DICOM: the modality's AE title, the AE title
+it called, and its host (IP address). A file dropped into a watched folder has none of them:
+a match rule on one of them fails for it, an exclude rule never hits it."""
+RESERVED_KEYS = frozenset({PATH_KEY, *RECEIVED_KEYS})
 
 
 def rule_tag(key: str) -> int | None:
-    """The tag a rule key names (a DICOM keyword or ``"GGGG,EEEE"``); None for `PATH_KEY`.
+    """The tag a rule key names (a DICOM keyword or ``"GGGG,EEEE"``); None for the
+    `RESERVED_KEYS` (``path``, ``calling_aet``, ``called_aet``, ``peer``).
 
     pydicom's data dictionary is read here, when the settings are validated, and never on
     the send path.
@@ -30,7 +37,7 @@ def rule_tag(key: str) -> int | None:
         Naming the key: not a keyword or tag, or an attribute whose value is not text
         (binary numbers, sequences, bulk data) or that lives in the file meta.
     """
-    if key == PATH_KEY:
+    if key in RESERVED_KEYS:
         return None
     from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 

@@ -39,6 +39,7 @@ from forwarder.deliver import dicom_sender
 from forwarder.dicomfile import DicomInfo
 from forwarder.logs import one_line
 from forwarder.sender import Peer, Sender, StoreResult
+from forwarder.senderapi import DeliverySender
 from forwarder.status import Action, Classification
 from forwarder.transformpool import (
     Prepared,
@@ -354,8 +355,8 @@ class Transforms:
             if self.pool is not None:
                 self.pool.secret = self._secret
 
-    def sender(self, dest: Destination, stop: threading.Event) -> Sender:
-        """The sender of `dest`: its transform's, or the plain C-STORE sender."""
+    def sender(self, dest: Destination, stop: threading.Event) -> DeliverySender:
+        """The sender of `dest`: its transform's, or the plain C-STORE (or STOW-RS) sender."""
         spec = dest.transform_spec
         if spec is None:
             return dicom_sender(dest, stop)
@@ -365,6 +366,10 @@ class Transforms:
                 self.pool.make_spool()
             except OSError as exc:  # each copy then fails to be written: retried
                 LOGGER.error(f"transform: cannot prepare {self._spool}: {exc}")
+        if dest.type == "dicomweb":
+            from forwarder.stowtransform import TransformingStowSender
+
+            return TransformingStowSender(dest, spec, self.pool, stop=stop)
         return TransformingSender(Peer.from_destination(dest), spec, self.pool, stop=stop)
 
     def shutdown(self, *, wait: bool) -> None:

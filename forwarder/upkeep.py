@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from forwarder.outbox import Outbox
@@ -35,9 +35,11 @@ class Upkeep:
         folders: list[Path],
         *,
         requeued: Callable[[], None],
+        held: Callable[[], Sequence[int]] = tuple,
     ) -> None:
         self.outbox = outbox
         self.requeued = requeued  # rows are due again: wake the workers
+        self.held = held  # the rows live workers are sending now
         self.recovered_at_start = False
         self._lease_at = 0.0  # monotonic
         self._prune_at = 0.0  # monotonic
@@ -46,6 +48,7 @@ class Upkeep:
     def configure(self, lease_seconds: float, keep_seconds: float, folders: list[Path]) -> None:
         """Take new settings (a reload); a retention turned on or shortened applies now."""
         self._lease_every = max(lease_seconds / 4, MIN_LEASE_CHECK_SECONDS)
+        self._lease_seconds = lease_seconds
         # a file still in a watched folder keeps its rows: pruned, a restart would send it again
         self.retention = Retention(self.outbox, keep_seconds, still_in(folders))
         self._prune_at = 0.0
@@ -73,6 +76,9 @@ class Upkeep:
                 self.recover_at_start(wall)
             else:
                 self._lease_at = now + self._lease_every
+                # a batch may take longer than a lease (a slow peer, long transforms): what
+                # a live worker holds is renewed, or another association would send it too
+                self.outbox.renew_leases(self.held(), wall + self._lease_seconds)
                 n = self.outbox.recover_leases(wall)
                 if n:
                     LOGGER.warning(f"{n} deliveries outlived their lease; queued again")

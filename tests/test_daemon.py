@@ -1855,3 +1855,23 @@ def test_unmatched_dispose_moves_the_file_like_a_delivered_one(
     assert {d.sop_instance_uid for d in fwd.deliveries()} == {ct}
     assert fwd.text().count("no destination wants it") == 1
     assert mr not in a.uids()
+
+
+def test_a_batch_that_outlasts_its_lease_is_not_sent_twice(
+    fwd: Forwarder, make_scp: Callable[..., SCP]
+) -> None:
+    """A slow peer (or slow transforms) make a batch take longer than outbox.lease_seconds:
+    the rows a live worker still holds keep their lease, so the other association does not
+    claim and send them a second time."""
+    peer = make_scp()
+    peer.on_store = lambda event: time.sleep(1.0) and None  # type: ignore[func-returns-value]
+    uids = [routed_file(fwd.inbox / f"ct{i}.dcm", "CT") for i in range(12)]  # queued at start
+    fwd.configure(
+        [dest("slow", peer.port, associations=2)],
+        outbox={"path": str(fwd.outbox_path), "lease_seconds": 2},
+    ).start()
+    fwd.wait(has_all(peer, uids), timeout=60, what="every file")
+    fwd.wait(lambda: not fwd.inbox_files(), what="an empty inbox")
+    assert fwd.stop() == 0
+    assert received(peer) == once(uids)
+    assert "outlived their lease" not in fwd.text()

@@ -29,7 +29,8 @@ def _dependencies() -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "upper"), [("pynetdicom", "<3.1"), ("watchdog", "<8"), ("pydicom", "<3.1")]
+    ("name", "upper"),
+    [("pynetdicom", "<3.1"), ("watchdog", "<8"), ("pydicom", "<3.1"), ("httpx", "<0.29")],
 )
 def test_dependencies_have_an_upper_bound(name: str, upper: str) -> None:
     deps = _dependencies()
@@ -42,7 +43,8 @@ def _major_minor(text: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize(
-    ("name", "tested"), [("pynetdicom", (3, 0)), ("watchdog", (7, 1)), ("pydicom", (3, 0))]
+    ("name", "tested"),
+    [("pynetdicom", (3, 0)), ("watchdog", (7, 1)), ("pydicom", (3, 0)), ("httpx", (0, 28))],
 )
 def test_installed_versions_are_the_tested_ones(name: str, tested: tuple[int, int]) -> None:
     got = _major_minor(version(name))

@@ -18,7 +18,7 @@ from forwarder.config import (
     load_settings,
 )
 from forwarder.errors import EX_CONFIG, ConfigError
-from forwarder.preflight import check_layout, check_tls
+from forwarder.preflight import check_auth, check_layout, check_receive, check_tls
 
 __all__ = ["MASK", "add_arguments", "check", "effective", "masked", "notes", "run"]
 
@@ -44,7 +44,8 @@ def check(path: Path | None) -> tuple[Settings | None, list[str]]:
             parse_listen(settings.metrics.listen)
         except ValueError as exc:
             errors.append(f"metrics.listen: {exc}")
-    errors += check_tls(settings)
+    errors += check_tls(settings) + check_auth(settings)
+    errors += check_receive(settings)
     return settings, errors
 
 

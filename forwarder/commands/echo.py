@@ -43,8 +43,11 @@ class EchoResult:
 
 
 def echo(dest: Destination) -> EchoResult:
-    """Associate with `dest` as the daemon would (AE titles, timeouts, TLS) and send a C-ECHO."""
-    address = f"{dest.called_aet}@{dest.host}:{dest.port}"
+    """Associate with `dest` as the daemon would (AE titles, timeouts, TLS) and send a C-ECHO;
+    for a dicomweb destination, a QIDO-RS request with its credentials (`web_echo`)."""
+    if dest.type == "dicomweb":
+        return web_echo(dest)
+    address = dest.address
     result = EchoResult(dest.name, address, dest.tls is not None, ok=False)
     try:
         peer = Peer.from_destination(dest)
@@ -79,6 +82,26 @@ def echo(dest: Destination) -> EchoResult:
     )
 
 
+def web_echo(dest: Destination) -> EchoResult:
+    """``GET {url}/studies?limit=1`` with the destination's credentials and TLS (``ECHO``
+    is its round trip; there is no association)."""
+    from forwarder.stow import StowSender
+
+    result = EchoResult(dest.name, dest.address, dest.address.startswith("https:"), ok=False)
+    try:
+        sender = StowSender.from_destination(dest)
+    except (OSError, ssl.SSLError) as exc:
+        return _failed(result, f"cannot load the TLS files: {exc}")
+    with sender:
+        try:
+            seconds = sender.probe()
+        except AssociationFailed as exc:
+            return _failed(result, exc.classification.meaning)
+    return EchoResult(
+        dest.name, dest.address, result.tls, ok=True, echo_ms=round(seconds * 1000, 1)
+    )
+
+
 def _failed(result: EchoResult, error: str) -> EchoResult:
     return EchoResult(result.destination, result.address, result.tls, ok=False, error=error)
 
@@ -86,7 +109,8 @@ def _failed(result: EchoResult, error: str) -> EchoResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "C-ECHO each destination with its configured AE titles, timeouts and TLS, as the "
-        "daemon associates. Prints the association set-up and C-ECHO round-trip times. "
+        "daemon associates (a dicomweb destination: QIDO-RS GET {url}/studies?limit=1 with its "
+        "credentials). Prints the association set-up and C-ECHO round-trip times. "
         "Exit 1 when any destination fails."
     )
     common.add_config(parser)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from forwarder.association import ae_title_problem
 from forwarder.commands.send_options import add_arguments
@@ -25,7 +25,7 @@ from forwarder.errors import EX_CONFIG, ConfigError
 from forwarder.logs import EscapingFormatter
 from forwarder.pool import Outcome, send_all
 from forwarder.sender import AssociationFailed, Peer, StoreResult, client_tls_context
-from forwarder.status import Action, status_hex
+from forwarder.status import Action, Classification, status_hex
 
 __all__ = ["add_arguments", "collect_files", "main", "run"]
 
@@ -46,6 +46,15 @@ EXIT_STORE_FAILED = 62  # EXITCODE_CANNOT_SEND_REQUEST; also a refused store (dc
 EXIT_CONFIG = EX_CONFIG
 USAGE_ERROR_STATUS = EXIT_COMMANDLINE  # read by forwarder.cli for argparse's usage errors
 HELP_WITHOUT_ARGUMENTS = True  # `forwarder send` alone prints the help and exits 0, as dcmsend
+
+if TYPE_CHECKING:
+    from forwarder.config import Destination
+    from forwarder.stow import StowSender
+
+WEB_AUTO = 2
+"""Parallel STOW-RS connections of ``--url`` with ``--associations auto`` (the default): the
+server parses and stores one request's instances in turn, and a second connection keeps it
+busy while the first one's answer travels (measured: bench/bench_stow.py)."""
 
 INTERMIXED_ARGS = True  # options may follow ADDR PORT PATH, as with DCMTK's storescu
 
@@ -101,22 +110,64 @@ class _Row:
     sent_as: str = ""  # "as is", "converted to ...", "decompressed to ..."; "" if nothing went
 
 
+def _destination(args: argparse.Namespace) -> Destination:
+    """The configured destination --destination names (TLS files checked)."""
+    from forwarder.config import load_settings  # pydantic: only with a config
+    from forwarder.preflight import check_tls
+
+    settings = load_settings(args.config, require_destinations=True)
+    source = str(args.config) if args.config else "environment"
+    try:
+        dest = settings.destination(args.destination)
+    except KeyError as exc:
+        raise ConfigError(source, [f"--destination: {exc.args[0]}"]) from exc
+    index = settings.destinations.index(dest)
+    errors = [e for e in check_tls(settings) if e.startswith(f"destinations.{index}.")]
+    if errors:
+        raise ConfigError(source, errors)
+    return dest
+
+
+def _stow(args: argparse.Namespace) -> tuple[StowSender, list[str]] | None:
+    """The STOW-RS sender of --url or of a dicomweb --destination, and the file arguments;
+    None for a C-STORE peer."""
+    from forwarder.stow import StowSender
+
+    if args.destination and not args.url:
+        dest = _destination(args)
+        if dest.type != "dicomweb":
+            return None
+        return StowSender.from_destination(dest), list(args.args)
+    if not args.url:
+        return None
+    from forwarder.config import AuthSettings
+    from forwarder.httpauth import Credentials
+
+    auth = AuthSettings()
+    if args.token_file is not None:
+        auth = AuthSettings(type="bearer", token_file=args.token_file)
+    if args.batch_size < 1:
+        raise SystemExit("forwarder send: error: --batch-size must be at least 1")
+    try:
+        verify = client_tls_context(
+            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, verify=not args.tls_no_verify
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"forwarder send: error: cannot load the TLS files: {exc}") from None
+    sender = StowSender(
+        args.url,
+        batch_size=args.batch_size,
+        timeout=float(args.network_timeout or 120),
+        credentials=Credentials(auth, "--token-file"),
+        verify=verify,
+    )
+    return sender, list(args.args)
+
+
 def _peer(args: argparse.Namespace) -> tuple[Peer, list[str]]:
     """Build the peer from ADDR PORT or --destination; returns it and the file arguments."""
     if args.destination:
-        from forwarder.config import load_settings  # pydantic: only with a config
-        from forwarder.preflight import check_tls
-
-        settings = load_settings(args.config, require_destinations=True)
-        source = str(args.config) if args.config else "environment"
-        try:
-            dest = settings.destination(args.destination)
-        except KeyError as exc:
-            raise ConfigError(source, [f"--destination: {exc.args[0]}"]) from exc
-        index = settings.destinations.index(dest)
-        errors = [e for e in check_tls(settings) if e.startswith(f"destinations.{index}.")]
-        if errors:
-            raise ConfigError(source, errors)
+        dest = _destination(args)
         base = Peer.from_destination(dest)
         files = list(args.args)
         if args.associations is None:  # the command line wins over the destination's
@@ -231,6 +282,53 @@ def _send_all(
     return results
 
 
+def _send_web(
+    sender: StowSender, infos: Sequence[DicomInfo], progress: _Progress, connections: int
+) -> dict[Path, Outcome]:
+    """Send with STOW-RS over `connections` parallel connections, each taking the next
+    request's worth of files; one outcome per file's path."""
+    results: dict[Path, Outcome] = {}
+    lock = threading.Lock()
+    step = sender.batch_size
+    chunks = [infos[i : i + step] for i in range(0, len(infos), step)]
+    failed: list[AssociationFailed] = []
+
+    def work(one: StowSender) -> None:
+        with one:
+            while not failed:
+                with lock:
+                    if not chunks:
+                        return
+                    chunk = chunks.pop(0)
+                try:
+                    for result in one.send(chunk):
+                        _log_result(result)
+                        with lock:
+                            results[result.info.path] = result
+                        progress.update(result.info.size)
+                except AssociationFailed as exc:  # the rest never went out
+                    with lock:
+                        if not failed:
+                            LOGGER.error(f"{one.url}: {exc.classification.meaning}")
+                        failed.append(exc)
+
+    n = max(1, min(connections, len(chunks)))
+    threads = [
+        threading.Thread(target=work, args=(sender if i == 0 else sender.twin(),), daemon=True)
+        for i in range(n)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for info in infos:
+        if info.path not in results:
+            results[info.path] = (
+                failed[0] if failed else AssociationFailed(Classification(Action.RETRY, "not sent"))
+            )
+    return results
+
+
 def _log_result(result: StoreResult) -> None:
     cls = result.classification
     info = result.info
@@ -267,8 +365,13 @@ def _write_report(path: Path, rows: Sequence[_Row]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``forwarder send``; returns the exit status."""
     _setup_logging(args)
+    stow: StowSender | None = None
     try:
-        peer, paths = _peer(args)
+        web = _stow(args)
+        if web is not None:
+            stow, paths = web
+        else:
+            peer, paths = _peer(args)
     except ConfigError as exc:
         for line in exc.lines():
             LOGGER.error(line)
@@ -309,7 +412,11 @@ def run(args: argparse.Namespace) -> int:
         scale = Autoscale(min(most, max(len(infos), 1)), auto=True)
     else:
         scale = Autoscale(min(args.associations, max(len(infos), 1)), auto=False)
-    results = _send_all(peer, infos, args.restrict, scale, progress) if infos else {}
+    if stow is not None:
+        connections = args.associations if isinstance(args.associations, int) else WEB_AUTO
+        results = _send_web(stow, infos, progress, connections) if infos else {}
+    else:
+        results = _send_all(peer, infos, args.restrict, scale, progress) if infos else {}
     progress.finish()
 
     assoc_failed = store_failed = False

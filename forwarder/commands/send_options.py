@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "args",
         nargs="+",
         metavar="ADDR PORT PATH",
-        help="peer address and port (unless --destination), then files/folders",
+        help="peer address and port (unless --destination or --url), then files/folders",
     )
     gen = parser.add_argument_group("General Options")
     gen.add_argument(
@@ -180,6 +180,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-no-verify",
         action="store_true",
         help="do not verify the peer's certificate chain or name (testing only)",
+    )
+    web = parser.add_argument_group("DICOMweb Options")
+    web.add_argument(
+        "--url",
+        metavar="URL",
+        help="send with STOW-RS to this DICOMweb base (POST URL/studies) instead of ADDR PORT; "
+        "the --tls-* options apply to an https URL",
+    )
+    web.add_argument(
+        "--token-file", metavar="FILE", type=Path, help="with --url: a bearer token in FILE"
+    )
+    web.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=int,
+        default=50,
+        help="with --url: instances per request (default: 50)",
     )
     cfg = parser.add_argument_group("Config Options")
     add_config_argument(cfg, help="forwarder config file (with --destination)")

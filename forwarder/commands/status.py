@@ -57,6 +57,7 @@ class DaemonStatus:
             "started_at": iso(beat.started_at if beat else None),
             "version": beat.info.get("version") if beat else None,
             "stats": beat.info.get("stats") if beat else None,
+            "receiver": beat.info.get("receiver") if beat else None,
         }
 
 
@@ -183,7 +184,7 @@ def collect(
         result.append(
             DestinationStatus(
                 name=name,
-                address=f"{dest.called_aet}@{dest.host}:{dest.port}" if dest else None,
+                address=dest.address if dest else None,
                 counts=counts.get(name, dict.fromkeys(State, 0)),
                 sent_last_hour=last_hour.get(name, 0),
                 sent_last_day=last_day.get(name, 0),
@@ -215,8 +216,31 @@ def _head(daemon: DaemonStatus, now: float) -> str:
     return line
 
 
-def render(daemon: DaemonStatus, dests: list[DestinationStatus], now: float) -> str:
-    """The human form: a line about the daemon, then one table row per destination."""
+def _receiver(daemon: DaemonStatus, settings: Settings | None) -> str | None:
+    """The receiver's line (from the heartbeat), or None when it is not configured."""
+    beat = daemon.beat
+    info = beat.info.get("receiver") if beat is not None and daemon.alive else None
+    if not isinstance(info, dict):
+        if settings is not None and settings.receive.enabled and daemon.alive:
+            return f"receiver: NOT LISTENING on {settings.receive.listen} (see the daemon's log)"
+        return None
+    return (
+        f"receiver: {info.get('ae_title')} listening on {info.get('listen')}, "
+        f"{info.get('associations', 0)} association(s) now, received "
+        f"{info.get('received_last_hour', 0)} in the last hour, "
+        f"{info.get('received_last_day', 0)} in the last day; "
+        f"{info.get('rejected_associations', 0)} association(s) rejected since start"
+    )
+
+
+def render(
+    daemon: DaemonStatus,
+    dests: list[DestinationStatus],
+    now: float,
+    settings: Settings | None = None,
+) -> str:
+    """The human form: a line about the daemon (and the receiver), then one table row per
+    destination."""
     headers = [
         "DESTINATION",
         "PENDING",
@@ -263,7 +287,9 @@ def render(daemon: DaemonStatus, dests: list[DestinationStatus], now: float) -> 
             )
             if d.commitment_error:  # the peer does not take the requests: say why
                 body += f"; request not taken: {common.short(d.commitment_error, 80)}"
-    return f"{_head(daemon, now)}\n{body}"
+    receiver = _receiver(daemon, settings)
+    head = _head(daemon, now) if receiver is None else f"{_head(daemon, now)}\n{receiver}"
+    return f"{head}\n{body}"
 
 
 @common.command("forwarder status")
@@ -282,5 +308,5 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(render(daemon, dests, now))
+        print(render(daemon, dests, now, settings))
     return 0

@@ -528,6 +528,11 @@ SQL_RECOVER_EXPIRED: Final = """
      WHERE state = 1 AND lease_until <= :now
 """
 
+SQL_RENEW_LEASE: Final = """
+    UPDATE deliveries SET lease_until = :until
+     WHERE id = :id AND state = 1 AND lease_until < :until
+"""
+
 SQL_RECOVER_ALL: Final = """
     UPDATE deliveries SET state = 0, lease_until = NULL, updated_at = :now
      WHERE state = 1

@@ -51,6 +51,7 @@ from forwarder.outbox.schema import (
     SQL_RELEASE,
     SQL_RENAME_COMMITMENT,
     SQL_RENAME_COMMITTING,
+    SQL_RENEW_LEASE,
     SQL_REQUEUE,
     SQL_RESUME,
     SQL_SET_PATH,
@@ -444,6 +445,18 @@ class Outbox(Pruning):
             return
         with self._write("release") as conn:
             conn.executemany(SQL_RELEASE, ({"id": i, "now": now} for i in delivery_ids))
+
+    def renew_leases(self, delivery_ids: Sequence[int], until: float) -> int:
+        """Extend to `until` the lease of those `delivery_ids` still in flight: a worker that
+        holds them is alive and still sending (a slow peer, a long transform). Returns the
+        rows renewed."""
+        if not delivery_ids:
+            return 0
+        with self._write("renew_leases") as conn:
+            cur = conn.executemany(
+                SQL_RENEW_LEASE, [{"id": i, "until": until} for i in delivery_ids]
+            )
+            return cur.rowcount
 
     def recover_leases(self, now: float, *, all_inflight: bool = False) -> int:
         """Return rows whose lease expired (``lease_until <= now``) to `State.PENDING`.

@@ -1,0 +1,761 @@
+"""The receiver: a C-STORE SCP that answers success only once an instance is durable and queued.
+
+Associations are accepted on a listening socket, one thread each, and served by
+``forwarder.acceptor`` (our own acceptor on ``forwarder.wire``: pynetdicom's took four to six
+times longer per instance). An instance's data set is written as it arrives, never decoded,
+behind a file meta made from the negotiated transfer syntax, into a spool file in
+``<dir>/.incoming`` (a `SpoolFile`: the same file system as `dir`, written in 1 MiB pieces, so
+memory stays flat whatever the instance's size). Then, in the association's thread:
+
+1. the spool file's header is inspected (`forwarder.dicomfile.inspect`, with the
+   attributes the routing rules name) and routed (`forwarder.routing.Router.route`, with the
+   reserved keys ``calling_aet``, ``called_aet`` and ``peer``);
+2. it is linked under its final name ``<dir>/<calling AE>/<SOP Instance UID>.dcm`` (never over
+   another file), its spool name removed, and its data fsynced;
+3. its folder is fsynced and its outbox rows committed, both by a `GroupCommit` shared by the
+   associations (one fsync and one transaction for every instance that arrived meanwhile);
+4. only then is 0x0000 answered, and the workers woken.
+
+A spool or folder that cannot be written (disk full), or an outbox that cannot be: 0xA700,
+and nothing is left behind. A data set that is not DICOM, is cut short or has no SOP Instance
+UID: 0xC000 with an error comment. An instance that no destination wants follows
+``routing.unmatched``, and is answered success.
+
+At start (`sweep`) spool files left by a crash are removed, and so is every file in `dir` that
+has no outbox row: it was renamed into place but its rows were never committed, so it was
+never acknowledged, and the modality, which saw no success, sends it again. A file whose rows
+are all final is handed to the disposer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from forwarder import filing
+from forwarder.acceptor import (
+    CALLED_AET_NOT_RECOGNISED,
+    CALLING_AET_NOT_RECOGNISED,
+    LOCAL_LIMIT_EXCEEDED,
+    Proposal,
+    Rejection,
+    accept,
+    decode_associate_rq,
+    encode_associate_ac,
+    encode_associate_rj,
+    file_meta,
+    is_storage,
+    serve,
+)
+from forwarder.config import ReceiveSettings, ReceiveTLSSettings, RetrySettings
+from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
+from forwarder.dispose import Disposer
+from forwarder.enqueue import Intake
+from forwarder.groupcommit import GroupCommit, fsync_dir
+from forwarder.logs import fields
+from forwarder.metrics import NO_METRICS, Metrics, parse_listen
+from forwarder.outbox import FINAL_STATES, Outbox, OutboxCorruptError, OutboxError
+from forwarder.policy import RetryLimits
+from forwarder.sidecar import Sidecar
+from forwarder.wire import (
+    ABORT,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    ASSOCIATE_RQ,
+    VERIFICATION,
+    Link,
+    Request,
+    WireError,
+)
+
+__all__ = [
+    "INCOMING",
+    "Receiver",
+    "SpoolFile",
+    "folder_name",
+    "server_context",
+    "sweep",
+]
+
+LOGGER = logging.getLogger("forwarder.receiver")
+
+INCOMING = ".incoming"
+"""The folder of `receive.dir` where instances are written while they arrive."""
+SPOOL_CHUNK = 1 << 20
+"""A spool file is written in pieces of this size (the data set arrives one PDV at a time)."""
+MAX_PDU = 1 << 20
+"""The largest PDU we accept: fewer, larger PDUs cost less Python per byte."""
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+NOT_THIS_SOP_CLASS = 0xA900
+LISTEN_BACKLOG = 64
+ACCEPT_POLL_SECONDS = 0.5
+"""How often the listening thread looks whether it is told to stop."""
+ACSE_TIMEOUT = 30.0
+"""Seconds for the TLS handshake and the A-ASSOCIATE-RQ after a connection opens."""
+NETWORK_TIMEOUT = 60.0
+"""An association silent for this long is aborted."""
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def folder_name(aet: str) -> str:
+    """A calling AE title as a folder name: letters, digits, ``-`` and ``_`` as they are,
+    anything else (``/``, ``.``, blanks) as ``%XX``; reversible, never ``.`` or ``..``."""
+    text = aet.strip() or "-"
+    return "".join(ch if ch in _SAFE else f"%{ord(ch):02X}" for ch in text)
+
+
+def server_context(tls: ReceiveTLSSettings) -> ssl.SSLContext:
+    """The TLS context of the receiver; raises ssl.SSLError or OSError for bad files."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    if tls.ca is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class SpoolFile:
+    """Where a received data set is written while it arrives: a file in ``<dir>/.incoming``.
+
+    A write error (a full disk) is kept, not raised: raised, it would end the association;
+    kept, the store is answered 0xA700 once the data set is complete (`finish` raises it
+    then), and the modality sends it again later.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        self.name = name
+        self.error: OSError | None = None
+        self.invalid: str | None = None  # the C-STORE itself is unusable (answered 0xC000)
+        self.size = 0
+        self._fd: int | None = fd
+        self._buf = bytearray()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.error is None:
+            self._buf += data
+            if len(self._buf) >= SPOOL_CHUNK:
+                self._drain()
+        return len(data)
+
+    def _drain(self) -> None:
+        if self._fd is None or self.error is not None:
+            return
+        view = memoryview(self._buf)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.error = exc
+        finally:
+            view.release()
+            self.size += len(self._buf)
+            self._buf.clear()
+
+    def complete(self) -> None:
+        """Write what is buffered; raises the first write error (OSError)."""
+        self._drain()
+        if self.error is not None:
+            raise self.error
+
+    def sync(self) -> None:
+        """fsync the data written (after `complete`); raises OSError."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._buf.clear()
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close and remove the spool file (a file already gone is fine)."""
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+
+class _Refused(Exception):
+    """A store answered with an error status (and the comment that goes with it)."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+
+@dataclass(frozen=True)
+class _Facts:
+    calling_aet: str
+    called_aet: str
+    peer: str
+
+    def mapping(self) -> dict[str, str]:
+        return {"calling_aet": self.calling_aet, "called_aet": self.called_aet, "peer": self.peer}
+
+
+class _Rate:
+    """Instances received per minute, for the last day (status: last hour and day)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._minutes: deque[tuple[int, int]] = deque()
+
+    def add(self, now: float) -> None:
+        minute = int(now // 60)
+        with self._lock:
+            if self._minutes and self._minutes[-1][0] == minute:
+                self._minutes[-1] = (minute, self._minutes[-1][1] + 1)
+            else:
+                self._minutes.append((minute, 1))
+            while self._minutes and self._minutes[0][0] <= minute - 1440:
+                self._minutes.popleft()
+
+    def since(self, now: float, seconds: float) -> int:
+        first = int((now - seconds) // 60) + 1
+        with self._lock:
+            return sum(n for m, n in self._minutes if m >= first)
+
+
+def sweep(directory: Path, outbox: Outbox, disposer: Disposer) -> tuple[int, int]:
+    """Clean `directory` at start: spool files left by a crash, and received files that have
+    no outbox row (never acknowledged), are removed; a file whose rows are all final is
+    disposed of. Returns (spool files removed, unacknowledged files removed).
+
+    Raises OutboxError when the outbox cannot be read: then nothing is removed.
+    """
+    spooled = 0
+    incoming = directory / INCOMING
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(incoming):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                spooled += 1
+    keys = list(_received_files(directory))
+    states = outbox.files_states(keys) if keys else {}
+    removed = 0
+    for key in keys:
+        found = states.get(key)
+        path = Path(key[0])
+        if not found:
+            LOGGER.warning(
+                f"{path}: received but never acknowledged (no outbox row: the daemon stopped "
+                "between writing it and queuing it); removed, the sender sends it again",
+                extra=fields(path=str(path), outcome="unacknowledged"),
+            )
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed += 1
+        elif all(s in FINAL_STATES for s in found.values()):
+            disposer.dispose(path, key[1], key[2], found)
+    if spooled or removed:
+        LOGGER.info(
+            f"{directory}: removed {spooled} partly received and {removed} unacknowledged "
+            "instance(s) left by the last run"
+        )
+    return spooled, removed
+
+
+def _received_files(directory: Path) -> Iterator[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the files under `directory` but its spool folder."""
+    for top, dirs, files in os.walk(directory):
+        if top == str(directory):
+            dirs[:] = [d for d in dirs if d != INCOMING]
+        for name in files:
+            path = os.path.join(top, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                if not os.path.islink(path):
+                    yield path, st.st_size, st.st_mtime_ns
+
+
+class Receiver:
+    """The C-STORE SCP of the daemon (see the module docstring); `start`, `stop`, `snapshot`."""
+
+    def __init__(
+        self,
+        settings: ReceiveSettings,
+        outbox: Outbox,
+        disposer: Disposer,
+        intake: Intake,
+        *,
+        queued: Callable[[], None],
+        damaged: Callable[[str, OutboxCorruptError], None],
+        metrics: Metrics = NO_METRICS,
+        retry: RetryLimits | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.retry: RetryLimits = retry or RetrySettings()  # commitment reports; reload sets it
+        self.dir = Path(os.path.abspath(settings.dir))
+        self.incoming = self.dir / INCOMING
+        self.outbox = outbox
+        self.disposer = disposer
+        self.intake = intake  # replaced on reload
+        self.queued = queued
+        self.damaged = damaged
+        self.metrics = metrics
+        self.clock = clock
+        self.commits = GroupCommit(outbox.enqueue_routed, clock)
+        self.rate = _Rate()
+        self.rejected = 0
+        self.address: tuple[str, int] | None = None
+        self._sock: socket.socket | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._stop = threading.Event()
+        self._acceptor: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._active: dict[threading.Thread, socket.socket] = {}  # established or negotiating
+        self._established = 0
+        self._folders: set[Path] = set()  # created (and fsynced into `dir`) by this run
+
+    # -- life -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Sweep `dir`, then listen.
+
+        Raises
+        ------
+        OSError
+            `dir` cannot be created, or the address cannot be bound.
+        OutboxError
+            The outbox cannot be read for the sweep.
+        """
+        rcv = self.settings
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        sweep(self.dir, self.outbox, self.disposer)
+        host, port = parse_listen(rcv.listen or "")
+        is_storage(VERIFICATION)  # loads pynetdicom's SOP class list now, not in the first store
+        self._tls = server_context(rcv.tls) if rcv.tls is not None else None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # "[::]" takes IPv4 too where the system can (modalities are mostly IPv4)
+        dual = host == "::" and socket.has_dualstack_ipv6()
+        sock = socket.create_server(
+            (host, port), family=family, backlog=LISTEN_BACKLOG, dualstack_ipv6=dual
+        )
+        sock.settimeout(ACCEPT_POLL_SECONDS)
+        self._sock = sock
+        bound = sock.getsockname()
+        self.address = (str(bound[0]), int(bound[1]))
+        self._stop.clear()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="receiver", daemon=True)
+        self._acceptor.start()
+        if not rcv.allowed_calling_aets:
+            LOGGER.warning(
+                "receive.allowed_calling_aets is empty: any calling AE title may store instances"
+            )
+        LOGGER.info(
+            f"receiving as {rcv.ae_title} on {_shown(self.address)}"
+            f"{' (TLS)' if self._tls else ''} into {self.dir}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening and abort the associations still open (an instance not yet answered
+        is not acknowledged: the modality sends it again)."""
+        self._stop.set()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout)
+            self._acceptor = None
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        with self._lock:
+            active = dict(self._active)
+        for conn in active.values():  # wakes a blocked read: the thread aborts and ends
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for thread in active:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def associations(self) -> int:
+        return self._established
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """What `forwarder status` shows (through the heartbeat)."""
+        return {
+            "listen": _shown(self.address) if self.address else self.settings.listen,
+            "ae_title": self.settings.ae_title,
+            "dir": str(self.dir),
+            "associations": self.associations(),
+            "received_last_hour": self.rate.since(now, 3600),
+            "received_last_day": self.rate.since(now, 86400),
+            "rejected_associations": self.rejected,
+        }
+
+    # -- associations ------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, addr = sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                LOGGER.error(f"receive: accept failed: {exc}; going on")
+                self._stop.wait(ACCEPT_POLL_SECONDS)
+                continue
+            thread = threading.Thread(
+                target=self._association, args=(conn, addr), name="receiver-assoc", daemon=True
+            )
+            with self._lock:
+                self._active[thread] = conn
+            thread.start()
+
+    def _association(self, conn: socket.socket, addr: Any) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        established = False
+        link: Link | None = None
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(ACSE_TIMEOUT)
+            if self._tls is not None:
+                try:
+                    conn = self._tls.wrap_socket(conn, server_side=True)
+                except (OSError, ssl.SSLError) as exc:
+                    LOGGER.warning(f"receive: TLS handshake with {peer} failed: {exc}")
+                    return
+                with self._lock:
+                    self._active[threading.current_thread()] = conn
+            link = Link(conn)
+            pdu_type, body = link.read_pdu("ACSE timeout")
+            if pdu_type != ASSOCIATE_RQ:
+                LOGGER.warning(
+                    f"receive: {peer} sent PDU type 0x{pdu_type:02X}, not an A-ASSOCIATE-RQ"
+                )
+                return
+            proposal = decode_associate_rq(body)
+            rejection = self._judge(proposal, peer)
+            if rejection is not None:
+                link.send_pdu(ASSOCIATE_RJ, encode_associate_rj(rejection))
+                return
+            results = accept(proposal)
+            link.send_pdu(ASSOCIATE_AC, encode_associate_ac(proposal, results, MAX_PDU))
+            accepted = {cx: ts for cx, (result, ts) in results.items() if result == 0}
+            with self._lock:
+                self._established += 1
+            established = True
+            link.settimeout(NETWORK_TIMEOUT)
+            host = str(addr[0]).removeprefix("::ffff:")  # an IPv4 modality on a dual socket
+            facts = _Facts(proposal.calling_aet, proposal.called_aet, host)
+            serve(link, accepted, _AssociationStore(self, facts), proposal.max_pdu)
+        except WireError as exc:
+            if not self._stop.is_set():
+                LOGGER.info(f"receive: association with {peer} ended: {exc}")
+            if link is not None and established:
+                with contextlib.suppress(WireError):
+                    link.send_pdu(ABORT, bytes((0, 0, 0, 0)))
+        except Exception:  # one association must not end the receiver: log it, close it
+            LOGGER.exception(f"receive: association with {peer} failed; closing it")
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+            with self._lock:
+                self._active.pop(threading.current_thread(), None)
+                if established:
+                    self._established -= 1
+
+    def _judge(self, proposal: Proposal, peer: str) -> Rejection | None:
+        """Why the association is rejected (logged, counted), or None to accept it."""
+        rcv = self.settings
+        calling, called = proposal.calling_aet, proposal.called_aet
+        allowed = rcv.allowed_calling_aets
+        if allowed and calling not in allowed:
+            rejection, why, reason = (
+                CALLING_AET_NOT_RECOGNISED,
+                "calling AE title not recognised",
+                "calling-aet",
+            )
+        elif called != rcv.ae_title:
+            rejection, why, reason = (
+                CALLED_AET_NOT_RECOGNISED,
+                f"called AE title {called!r} not recognised (we are {rcv.ae_title})",
+                "called-aet",
+            )
+        elif self._established >= rcv.max_associations:
+            rejection, why, reason = (
+                LOCAL_LIMIT_EXCEEDED,
+                "too many associations (receive.max_associations)",
+                "busy",
+            )
+        else:
+            return None
+        self.rejected += 1
+        self.metrics.rejected(reason)
+        LOGGER.warning(
+            f"association from {calling!r} at {peer} rejected: {why}",
+            extra=fields(outcome="rejected"),
+        )
+        return rejection
+
+    # -- one C-STORE ---------------------------------------------------------------------------
+
+    def begin(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> SpoolFile:
+        """A spool file for a data set about to arrive, its file meta written. A spool folder
+        that cannot be written gives a stand-in that keeps the error: the store is answered
+        0xA700 once its data set has arrived."""
+        try:
+            spool = SpoolFile(self.incoming)
+        except OSError as exc:
+            return _FailedSpool(exc)
+        try:
+            spool.write(file_meta(sop_class, sop_instance, transfer_syntax))
+        except (UnicodeEncodeError, struct.error) as exc:
+            spool.invalid = f"unusable UIDs in the C-STORE: {exc}"
+        return spool
+
+    def store(
+        self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts
+    ) -> tuple[int, str | None]:
+        """Keep the data set in `spool` (see the module docstring); the status to answer."""
+        try:
+            status = self._take(spool, sop_class, uid, facts)
+        except _Refused as exc:
+            spool.discard()
+            self.metrics.received(f"0x{exc.status:04X}")
+            return exc.status, exc.comment
+        except Exception:  # one instance must not end the association: answer it, say so
+            spool.discard()
+            LOGGER.exception(f"receiving {uid} failed; answered 0xA700")
+            self.metrics.received(f"0x{OUT_OF_RESOURCES:04X}")
+            return OUT_OF_RESOURCES, "internal error"
+        finally:
+            spool.close()  # kept under its final name, or removed: never left open
+        self.metrics.received("0x0000")
+        return status, None
+
+    def report(self, request: Request, transfer_syntax: str, facts: _Facts) -> bytes:
+        """A Storage Commitment N-EVENT-REPORT-RQ from a peer that reports on an association
+        of its own: `forwarder.commitment.answer_report` records it; the rows it made final
+        go to the disposer, rows to store again wake the workers. Returns the response."""
+        from forwarder.commitment import answer_report
+
+        response, settled = answer_report(
+            self.outbox, facts.calling_aet, request, transfer_syntax, retry=self.retry
+        )
+        if settled.finished:
+            try:
+                self.disposer.done(settled.finished)
+            except OutboxError as exc:  # disposed of at the next start, or by the next report
+                LOGGER.error(f"commitment report from {facts.calling_aet}: disposing: {exc}")
+        if settled.resent:
+            self.queued()
+        return response
+
+    # -- one instance ------------------------------------------------------------------------
+
+    def _take(self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts) -> int:
+        if spool.invalid is not None:
+            LOGGER.error(f"a C-STORE from {facts.calling_aet}: {spool.invalid}; answered 0xC000")
+            raise _Refused(CANNOT_UNDERSTAND, spool.invalid)
+        try:
+            spool.complete()
+        except OSError as exc:
+            LOGGER.error(
+                f"{uid} from {facts.calling_aet}: cannot write it to {self.incoming}: "
+                f"{exc.strerror or exc}; answered 0xA700",
+                extra=fields(outcome="out-of-resources"),
+            )
+            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+        intake = self.intake
+        router = intake.router
+        try:
+            info = inspect(spool.name, attributes=router.tags if router else frozenset())
+        except InvalidDicom as exc:
+            LOGGER.error(
+                f"{uid} from {facts.calling_aet} at {facts.peer}: {exc.reason}; answered 0xC000",
+                extra=fields(outcome="refused"),
+            )
+            raise _Refused(CANNOT_UNDERSTAND, exc.reason) from exc
+        except OSError as exc:
+            raise _Refused(OUT_OF_RESOURCES, _comment("cannot read back", exc)) from exc
+        if info.sop_instance_uid != uid:
+            why = f"SOP Instance UID {info.sop_instance_uid} differs from the C-STORE's {uid}"
+            LOGGER.error(f"{uid} from {facts.calling_aet}: {why}; answered 0xC000")
+            raise _Refused(CANNOT_UNDERSTAND, why)
+        if info.sop_class_uid != sop_class:
+            why = f"SOP Class UID {info.sop_class_uid} differs from the C-STORE's"
+            LOGGER.error(f"{uid} from {facts.calling_aet}: {why}; answered 0xA900")
+            raise _Refused(NOT_THIS_SOP_CLASS, why)
+        folder = self.dir / folder_name(facts.calling_aet)
+        relpath = f"{folder.name}/{uid}.dcm"
+        names = intake.destinations
+        if router is not None:
+            decision = router.route(info.attributes, relpath, facts.mapping())
+            if not decision.destinations:
+                return self._unmatched(spool, info, folder, facts, decision.why_not)
+            names = decision.destinations
+        final = self._place(spool, folder, uid)
+        info = replace(info, path=final)
+        try:
+            # the data after the link: on ext4 and XFS the journal commit this fsync forces
+            # carries the new name too, and the group's folder fsync then finds little to do
+            spool.sync()
+            self.commits.commit([(info, names)], [final.parent])
+        except (OutboxError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                final.unlink()
+            if isinstance(exc, OutboxCorruptError):
+                self.damaged("receiver", exc)
+            LOGGER.error(
+                f"{final} from {facts.calling_aet}: cannot be queued: {exc}; answered 0xA700",
+                extra=fields(path=str(final), outcome="out-of-resources"),
+            )
+            what = "outbox unavailable" if isinstance(exc, OutboxError) else "cannot write to disk"
+            raise _Refused(OUT_OF_RESOURCES, _comment(what, exc)) from exc
+        self.rate.add(self.clock())
+        self.queued()
+        if LOGGER.isEnabledFor(logging.DEBUG):
+            LOGGER.debug(
+                f"received {final} ({uid}) from {facts.calling_aet} at {facts.peer} for "
+                f"{', '.join(names)}",
+                extra=fields(path=str(final), sop_instance_uid=uid, outcome="received"),
+            )
+        return 0x0000
+
+    def _folder(self, folder: Path) -> None:
+        """Create `folder` (a calling AE's) durably, once per run."""
+        if folder in self._folders:
+            return
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
+        self._folders.add(folder)
+
+    def _place(self, spool: SpoolFile, folder: Path, uid: str) -> Path:
+        """Give the spool file its final name in `folder`, never replacing a file there (the
+        same instance sent again while the first is still queued gets ``<uid>.1.dcm``)."""
+        try:
+            self._folder(folder)
+            for n in range(100000):
+                final = folder / (f"{uid}.dcm" if n == 0 else f"{uid}.{n}.dcm")
+                try:
+                    os.link(spool.name, final)
+                except FileExistsError:
+                    continue
+                break
+            else:
+                raise OSError(errno.EEXIST, "no free name", str(folder / uid))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(spool.name)
+        except OSError as exc:
+            LOGGER.error(f"{uid}: cannot be put in {folder}: {exc}; answered 0xA700")
+            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+        return final
+
+    def _unmatched(
+        self,
+        spool: SpoolFile,
+        info: DicomInfo,
+        folder: Path,
+        facts: _Facts,
+        why_not: dict[str, str] | Any,
+    ) -> int:
+        """No destination wants it: ``routing.unmatched`` says what happens; answered success
+        once that is done (quarantined durably, archived durably, or deleted)."""
+        uid = info.sop_instance_uid
+        reason = "no destination matched: " + "; ".join(f"{d}: {w}" for d, w in why_not.items())
+        layout = self.disposer.layout
+        router = self.intake.router
+        how = "quarantine" if router is None else router.unmatched
+        if how == "dispose" and layout.on_success == "delete":
+            spool.discard()
+            LOGGER.info(
+                f"not queued: {uid} from {facts.calling_aet}: no destination wants it "
+                f"({reason}); disposition: delete",
+                extra=fields(sop_instance_uid=uid, outcome="unmatched"),
+            )
+            return 0x0000
+        final = self._place(spool, folder, uid)
+        try:
+            spool.sync()
+            fsync_dir(final.parent)
+            if how == "dispose":
+                if layout.on_success == "move":
+                    filing.archive(final, [self.dir], layout.archive_dir)
+                where = layout.on_success
+            else:
+                sidecar = Sidecar.invalid(reason, self.clock())
+                target = filing.quarantine(final, [self.dir], layout.quarantine_dir, sidecar)
+                where = f"quarantined as {target}"
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                final.unlink()
+            LOGGER.error(
+                f"{uid} from {facts.calling_aet}: no destination wants it and it cannot be "
+                f"put away: {exc}; answered 0xA700",
+                extra=fields(sop_instance_uid=uid, outcome="out-of-resources"),
+            )
+            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+        LOGGER.info(
+            f"not queued: {uid} from {facts.calling_aet}: no destination wants it ({reason}); "
+            f"{where}",
+            extra=fields(sop_instance_uid=uid, outcome="unmatched"),
+        )
+        return 0x0000
+
+
+class _AssociationStore:
+    """`forwarder.acceptor.Store` for one association: its facts go with every instance."""
+
+    def __init__(self, receiver: Receiver, facts: _Facts) -> None:
+        self.receiver = receiver
+        self.facts = facts
+
+    def begin(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> SpoolFile:
+        return self.receiver.begin(sop_class, sop_instance, transfer_syntax)
+
+    def store(self, sink: Any, sop_class: str, sop_instance: str) -> tuple[int, str | None]:
+        return self.receiver.store(sink, sop_class, sop_instance, self.facts)
+
+    def request(self, request: Request, transfer_syntax: str) -> bytes:
+        return self.receiver.report(request, transfer_syntax, self.facts)
+
+
+class _FailedSpool(SpoolFile):
+    """A spool file that could not be created: it swallows the data set, keeps the error."""
+
+    def __init__(self, error: OSError) -> None:  # no super().__init__: there is no file
+        # no path at all: a spool name is linked and unlinked, and /dev/null must never be
+        # (the daemon runs as root in a container); "" fails every file operation
+        self.name = ""
+        self.error = error
+        self.invalid = None
+        self.size = 0
+        self._fd = None
+        self._buf = bytearray()
+
+    def discard(self) -> None:
+        """Nothing to remove."""
+
+
+def _comment(what: str, exc: BaseException) -> str:
+    detail = getattr(exc, "strerror", None) or str(exc)
+    return f"{what}: {detail}"[:64]
+
+
+def _shown(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
