@@ -24,14 +24,17 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
+from forwarder.association import AssociationFailed
 from forwarder.commitmsg import (
     STORAGE_COMMITMENT,
     Report,
+    classify_action,
     decode_report,
     failure_reason,
+    new_transaction_uid,
     report_of,
 )
 from forwarder.events import Events
@@ -92,6 +95,8 @@ class Asked:
     given up)."""
     finished: tuple[Delivery, ...] = ()
     """Rows given up on (quarantined): hand them to the disposer."""
+    uid: str = ""
+    """The Transaction UID asked under: a new one when the last request was refused."""
 
 
 def handle_report(
@@ -293,20 +298,25 @@ def ask(
     requests were sent or the transaction is older than ``max_age_seconds``. The response:
     accepted, next ask in `timeout`; refused for good (permanent), rows quarantined; a peer
     that knows no Storage Commitment, asked again after ``retry.max_seconds`` without
-    counting (logged as an error); otherwise asked again after a backoff, counted.
+    counting (logged as an error), and no age limit while it never took one; otherwise asked
+    again after a backoff, counted.
 
     Raises
     ------
     AssociationFailed
-        From `request`: no association. Nothing is recorded; the lease of `claim_asks`
-        brings the transaction back.
+        From `request`: no association. The transaction is due again at `now`, not counted
+        (the caller pauses the destination).
     """
     events = events or Events()
     rows = outbox.commitment_rows(tx.uid)
     if not rows:  # every row settled (or requeued by an operator): nothing to ask
         outbox.settle_commitment(tx.uid, [], now)
         return Asked(None)
-    late = now - tx.created_at >= retry.max_age_seconds
+    # the peer refuses the service itself (no Storage Commitment context, no such SOP class
+    # or action: not counted, see below): a configuration error holds the instances, as a
+    # store's HOLD does, rather than letting their age quarantine them
+    held = tx.attempts == 0 and tx.asked_at is None and tx.last_error is not None
+    late = now - tx.created_at >= retry.max_age_seconds and not held
     if tx.attempts >= retry.max_attempts or late:
         last = f"; last: {tx.last_error}" if tx.last_error else ""
         why = (
@@ -314,9 +324,24 @@ def ask(
             f"{(now - tx.created_at) / 3600:.1f} h{last}"
         )
         return Asked(None, _give_up(outbox, tx, rows, why, now, events))
-    refs = [(d.sop_class_uid, d.stored_uid) for d in rows]
-    cls = request(tx.uid, refs)
     dest = rows[0].destination
+    if tx.last_status is not None and not classify_action(tx.last_status).delivered:
+        # the last request was answered with a failure status: that UID is no longer active
+        # and shall not be reused (PS3.4 J.3.2.1.2)
+        new_uid = new_transaction_uid()
+        outbox.renew_commitment(tx.uid, new_uid, now)
+        LOGGER.info(
+            f"commitment: transaction {tx.uid} of {dest} was refused (0x{tx.last_status:04X}): "
+            f"asked again as {new_uid}",
+            extra=fields(destination=dest, outcome="commitment-renewed"),
+        )
+        tx = replace(tx, uid=new_uid)
+    refs = [(d.sop_class_uid, d.stored_uid) for d in rows]
+    try:
+        cls = request(tx.uid, refs)
+    except AssociationFailed:  # not asked: due again when the destination's pause ends
+        outbox.asked(tx.uid, now, now, accepted=False, counted=False)
+        raise
     again = " again" if tx.asked_at is not None else ""
     if cls.delivered:
         outbox.asked(tx.uid, now, now + timeout, accepted=True, status=cls.status)
@@ -325,10 +350,10 @@ def ask(
             f"(transaction {tx.uid}): {cls.describe()}",
             extra=fields(destination=dest, outcome="commitment-asked"),
         )
-        return Asked(cls)
+        return Asked(cls, uid=tx.uid)
     if cls.action is Action.PERMANENT:
         why = f"Storage Commitment request refused: {cls.describe()}"
-        return Asked(cls, _give_up(outbox, tx, rows, why, now, events))
+        return Asked(cls, _give_up(outbox, tx, rows, why, now, events), tx.uid)
     counted = cls.action is not Action.DESTINATION
     wait = (
         backoff(tx.attempts + 1, retry.initial_seconds, retry.max_seconds, rand)
@@ -351,7 +376,7 @@ def ask(
         f"({len(refs)} instance(s)): {cls.describe()}; asking again in {wait:.0f} s",
         extra=fields(destination=dest, outcome="commitment-not-asked"),
     )
-    return Asked(cls)
+    return Asked(cls, uid=tx.uid)
 
 
 def _give_up(

@@ -62,6 +62,9 @@ _ACTION_STATUSES: Final[dict[int, tuple[Action, str]]] = {
     0x0117: (Action.RETRY_FEW, "invalid object instance"),
     0x0118: (Action.DESTINATION, "no such SOP class (Storage Commitment not supported)"),
     0x0119: (Action.RETRY_FEW, "class-instance conflict"),
+    # not an N-ACTION status of PS3.4 J.3.2.1.1, but what a peer that takes every context and
+    # has no Storage Commitment answers; as a C-STORE status it is permanent for the instance
+    0x0122: (Action.DESTINATION, "SOP class not supported (Storage Commitment not supported)"),
     0x0123: (Action.DESTINATION, "no such action (Storage Commitment not supported)"),
 }
 

@@ -119,8 +119,10 @@ class Worker(threading.Thread):
             self._sender.commitment = True
             self._sender.on_report = self._on_report
         self._tx_uid: str | None = None  # the transaction the batch being sent opens
+        self._tx_hold = 0.0  # ... not asked (by any worker) before then, unless the batch ends
         self._awaiting: set[str] = set()  # transactions asked on the open association
         self._awaiting_on = 0  # ... whose number (`Sender.associations`) is this
+        self._reported: set[str] = set()  # reported while `_ask_due` asks (before the RSP)
         self._fresh = False
         self._associations_counted = 0
         self._ran_dry = False  # the last claim found nothing (the scale's measurement paused)
@@ -236,7 +238,11 @@ class Worker(threading.Thread):
             scale.resumed(time.monotonic())
         self.trouble.clear()  # a claim that took rows wrote to the outbox
         self.busy_since = time.monotonic()
-        self._tx_uid = new_transaction_uid() if self._commitment.enabled else None
+        tx_uid = self._tx_uid = new_transaction_uid() if self._commitment.enabled else None
+        # held back while the batch goes on (its outcomes are committed as they come, which
+        # opens it): another worker of the destination asking meanwhile would name only the
+        # instances stored so far. A crash mid-batch: asked once the batch's lease is over.
+        self._tx_hold = now + self.rules.lease_seconds
         self.held = tuple(d.id for d in batch)
         try:
             self._send_batch(batch, now)
@@ -245,7 +251,9 @@ class Worker(threading.Thread):
             self.busy_since = None
             self._last_activity = time.monotonic()
             self._count_associations()
-        self._tx_uid = None
+            self._tx_uid = None
+        if tx_uid is not None:
+            self.outbox.commitment_due(tx_uid, self.clock())
         if self._sender.commitment and self._sender.is_open:
             self._ask_due(self.clock())  # the batch's transaction, and any due, on its association
         if self._fresh:
@@ -319,11 +327,13 @@ class Worker(threading.Thread):
         if due is None or due > now:
             return True
         asks = self.outbox.claim_asks(self.dest.name, ASKS_PER_LOOP, now, self.rules.lease_seconds)
-        self.busy_since = time.monotonic()  # a request waits for its response: work
+        self._reported.clear()
         try:
             for tx in asks:
                 if self.stop.is_set():
                     break  # the lease brings it back
+                # a request waits for its response: work, its own stall limit as a store's
+                self.busy_since = time.monotonic()
                 try:
                     asked = commitment.ask(
                         self.outbox,
@@ -336,19 +346,22 @@ class Worker(threading.Thread):
                         events=self.events,
                     )
                 except AssociationFailed as exc:
-                    # asked again once the destination's pause is over
-                    for t in asks[asks.index(tx) :]:
+                    # asked again once the destination's pause is over (`ask` recorded
+                    # this one, perhaps under a new Transaction UID)
+                    for t in asks[asks.index(tx) + 1 :]:
                         self.outbox.asked(t.uid, now, now, accepted=False, counted=False)
                     if not self.stop.is_set() and not self._at_capacity(exc):
                         self._trip(exc, self.clock())
                     return False
                 finally:
                     self._count_associations()
-                if asked.classification is not None and asked.classification.delivered:
+                uid = asked.uid or tx.uid
+                delivered = asked.classification is not None and asked.classification.delivered
+                if delivered and uid not in self._reported:  # a report may beat the response
                     if self._sender.associations != self._awaiting_on:
                         self._awaiting = set()
                         self._awaiting_on = self._sender.associations
-                    self._awaiting.add(tx.uid)
+                    self._awaiting.add(uid)
                 if asked.finished:
                     self.done(list(asked.finished))
         finally:
@@ -375,6 +388,7 @@ class Worker(threading.Thread):
             source=f"from {self.dest.name} on our association",
         )
         self._awaiting.discard(report.transaction_uid)
+        self._reported.add(report.transaction_uid)
         if settled.finished:
             self.done(list(settled.finished))
         if settled.resent:
@@ -584,7 +598,7 @@ class Worker(threading.Thread):
             self.crew.breaker.succeeded()  # "is back" before the line of the store that shows it
         judged = verdict.judged(d, result, decision, now)
         if decision.next is Next.SENT and self._tx_uid is not None:
-            judged = verdict.awaiting_commitment(judged, self._tx_uid)
+            judged = verdict.awaiting_commitment(judged, self._tx_uid, self._tx_hold)
         self._keep(d, judged, pending)
         self._fresh = self._fresh or decision.fresh_association
 

@@ -35,12 +35,13 @@ def status_line(outbox: Outbox, paused: Sequence[str]) -> str:
     pending = sum(c.get(State.PENDING, 0) for c in counts.values())
     inflight = sum(c.get(State.INFLIGHT, 0) for c in counts.values())
     quarantined = sum(c.get(State.QUARANTINED, 0) for c in counts.values())
+    committing = sum(c.get(State.COMMITTING, 0) for c in counts.values())
     infos = outbox.destination_info()
     last = max((i.last_success_at or 0 for i in infos.values()), default=0)
-    line = (
-        f"{pending} queued, {inflight} in flight, {quarantined} quarantined, "
-        f"last success {iso(last) if last else 'never'}"
-    )
+    line = f"{pending} queued, {inflight} in flight, "
+    if committing:  # stored, their files kept until the peer commits (Storage Commitment)
+        line += f"{committing} awaiting commitment, "
+    line += f"{quarantined} quarantined, last success {iso(last) if last else 'never'}"
     if paused:
         line += f", paused: {', '.join(paused)}"
     return line

@@ -155,6 +155,7 @@ class _QueueCollector:
             counts = self._outbox.counts()
             oldest = self._outbox.oldest_pending()
             infos = self._outbox.destination_info()
+            awaiting = self._outbox.awaiting_commitment()
         except OutboxError as exc:
             LOGGER.warning(f"metrics: cannot read the outbox: {exc}")
             up.add_metric([], 0.0)
@@ -173,6 +174,12 @@ class _QueueCollector:
             "Age of the oldest pending or in-flight delivery (0 when none).",
             labels=["destination"],
         )
+        committing = GaugeMetricFamily(
+            "forwarder_oldest_awaiting_commitment_age_seconds",
+            "Age of the oldest delivery stored and awaiting the peer's Storage Commitment "
+            "(its file is kept; 0 when none).",
+            labels=["destination"],
+        )
         paused = GaugeMetricFamily(
             "forwarder_destination_paused",
             "1 while the destination is paused by its circuit breaker.",
@@ -184,10 +191,13 @@ class _QueueCollector:
                 depth.add_metric([name, state.name.lower()], float(by_state.get(state, 0)))
             created = oldest.get(name)
             age.add_metric([name], 0.0 if created is None else max(0.0, now - created))
+            stored = awaiting.get(name)
+            committing.add_metric([name], 0.0 if stored is None else max(0.0, now - stored[1]))
             info = infos.get(name)
             paused.add_metric([name], 1.0 if info is not None and info.paused(now) else 0.0)
         yield depth
         yield age
+        yield committing
         yield paused
 
 

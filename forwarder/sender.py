@@ -199,7 +199,8 @@ class Sender:
         """An established association that proposed every context in `specs` (and
         Storage Commitment, with `commitment`)."""
         if self.commitment and _COMMITMENT not in specs:
-            specs = [*specs, _COMMITMENT]
+            # room for it: what was proposed lately (`open`) may have filled every context
+            specs = [*specs[: MAX_CONTEXTS - 1], _COMMITMENT]
         current = self._current
         wanted_set = {(s.sop_class, tuple(s.transfer_syntaxes)) for s in specs}
         if current is not None and wanted_set <= current.proposed:
@@ -328,15 +329,21 @@ class Sender:
         """
         items = list(items)
         pairs = [(i.sop_class_uid, i.transfer_syntax) for i in items]
-        groups = split_by_contexts(pairs, self.restrict)
+        groups = split_by_contexts(pairs, self.restrict, self.context_limit)
         for specs in groups:
             classes = {s.sop_class for s in specs}
             todo = [i for i in items if i.sop_class_uid in classes]
             yield from self.send_with(specs, todo)
 
+    @property
+    def context_limit(self) -> int:
+        """How many storage contexts one association may propose: 128, but one with
+        `commitment` (Storage Commitment takes the last one)."""
+        return MAX_CONTEXTS - 1 if self.commitment else MAX_CONTEXTS
+
     def recent_contexts(self) -> list[ContextSpec]:
-        """The contexts proposed lately, most recent first (at most 128)."""
-        return list(reversed(self._seen))[:MAX_CONTEXTS]
+        """The contexts proposed lately, most recent first (at most `context_limit`)."""
+        return list(reversed(self._seen))[: self.context_limit]
 
     def open(self, specs: Sequence[ContextSpec]) -> float:
         """Establish an association proposing `specs` now, before there is anything to send.

@@ -88,7 +88,7 @@ class TransformingSender(Sender):
         # the contexts of what the copies will be in (the fallbacks cover an instance
         # without pixel data, which goes out uncompressed)
         pairs = [(i.sop_class_uid, self._target or i.transfer_syntax) for i in items]
-        groups = split_by_contexts(pairs, self.restrict)
+        groups = split_by_contexts(pairs, self.restrict, self.context_limit)
         plan = [[i for i in items if i.sop_class_uid in {s.sop_class for s in g}] for g in groups]
         jobs = _Jobs(self.pool, self.spec, [i for todo in plan for i in todo], splice=self._splice)
         try:

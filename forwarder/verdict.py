@@ -132,10 +132,14 @@ def judged(d: Delivery, result: StoreResult, decision: Decision, now: float) -> 
     raise ValueError(f"a {decision.next.name} needs the end of the pause: see held()")
 
 
-def awaiting_commitment(v: Verdict, commit_uid: str) -> Verdict:
+def awaiting_commitment(v: Verdict, commit_uid: str, ask_at: float | None = None) -> Verdict:
     """A SENT verdict for a destination that asks for Storage Commitment: the row waits on
-    transaction `commit_uid` (COMMITTING) and its file stays until the peer commits."""
-    mark = replace(v.mark, state=State.COMMITTING, commit_uid=commit_uid)
+    transaction `commit_uid` (COMMITTING) and its file stays until the peer commits.
+
+    `ask_at`: when the transaction, if this mark opens it, is first due to be asked (the
+    batch's lease end: the worker makes it due itself once the batch is over); None: at once.
+    """
+    mark = replace(v.mark, state=State.COMMITTING, commit_uid=commit_uid, next_attempt_at=ask_at)
     detail = f"{v.detail}; awaiting commitment"
     return replace(v, mark=mark, outcome="stored", detail=detail, finished=False)
 

@@ -69,6 +69,12 @@ class CommitSCP:
     fail: dict[str, int] = field(default_factory=dict)
     report: bool = True
     early: bool = False  # report before answering the N-ACTION (inside its handler)
+    # stores of these SOP Instance UIDs are answered only once their event is set (10 s at most)
+    hold: dict[str, threading.Event] = field(default_factory=dict)
+    # statuses to answer the next N-ACTIONs with, in turn (then success); no report on a failure
+    refuse: list[int] = field(default_factory=list)
+    # set: N-ACTIONs are answered; cleared: the peer sits on them (10 s at most)
+    answer: threading.Event = field(default_factory=threading.Event)
     gate: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -82,6 +88,7 @@ class CommitSCP:
 def commit_scp() -> Iterator[CommitSCP]:
     peer = CommitSCP()
     peer.gate.set()
+    peer.answer.set()
     ae = AE(ae_title="ARCHIVE")
     ae.supported_contexts = [
         build_context(cx.abstract_syntax) for cx in AllStoragePresentationContexts
@@ -89,6 +96,9 @@ def commit_scp() -> Iterator[CommitSCP]:
     ae.add_supported_context(StorageCommitmentPushModel)
 
     def on_store(event: Any) -> int:
+        held = peer.hold.get(str(event.request.AffectedSOPInstanceUID))
+        if held is not None:
+            held.wait(10)
         with peer.lock:
             peer.stored.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
@@ -100,6 +110,11 @@ def commit_scp() -> Iterator[CommitSCP]:
         uid = str(info.TransactionUID)
         with peer.lock:
             peer.requests.append((uid, [r[1] for r in refs]))
+        peer.answer.wait(10)
+        with peer.lock:
+            status = peer.refuse.pop(0) if peer.refuse else 0x0000
+        if status != 0x0000:
+            return status, None
         if peer.report:
             assoc = event.assoc
 
@@ -140,6 +155,9 @@ def commit_scp() -> Iterator[CommitSCP]:
     peer.port = peer.server.server_address[1]
     yield peer
     peer.gate.set()
+    peer.answer.set()
+    for held in peer.hold.values():
+        held.set()
     for t in peer.threads:
         t.join(15)
     peer.server.shutdown()
@@ -191,9 +209,13 @@ class Rig:
         return w
 
     def until(self, w: Worker, done: Callable[[], Any], timeout: float = 15.0) -> Any:
-        """Run `w.loop` at the current clock until `done()` (a deadline, not a blind sleep)."""
+        """Run `w.loop` at the current clock until `done()` (a deadline, not a blind sleep).
+
+        Its idle waits are cut short (the clock the test moves says when work is due); a
+        wait on its association for a report is not."""
 
         def step() -> Any:
+            w.wake.set()
             w.loop(self.clock[0])
             return done()
 
@@ -279,6 +301,9 @@ def test_a_report_that_comes_before_the_n_action_response_is_taken(
     rig.until(w, lambda: not any(p.exists() for p in files))
     assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
     assert commit_scp.reported == [0x0000] and len(commit_scp.requests) == 1
+    w.wake.set()
+    w.loop(rig.clock[0])  # nothing awaited any more: released at once (linger 0), not held
+    assert not w.holds_association
 
 
 def test_failed_references_are_stored_again_then_quarantined_with_the_reason(
@@ -358,6 +383,122 @@ def test_no_report_after_the_retry_limit_quarantines(
     assert "no Storage Commitment report after 4 request(s)" in (row.last_error or "")
     assert commit_scp.stored == [UIDS[0]] and len(commit_scp.requests) == 4
     assert rig.outbox.commitments() == []
+
+
+def _loop_until(
+    workers: list[Worker], done: Callable[[], Any], now: float, timeout: float = 5.0
+) -> Any:
+    """Run each worker's `loop(now)` in turn (their idle waits cut short) until `done()`."""
+
+    def step() -> Any:
+        for w in workers:
+            w.wake.set()  # no real idle wait between iterations: the clock does not move
+            w.loop(now)
+        return done()
+
+    return wait_for(step, timeout=timeout, interval=0)
+
+
+def test_a_batch_transaction_is_not_asked_by_another_worker_before_the_batch_ends(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes are committed every 50 ms while a batch goes on, which opens its transaction
+    in the outbox mid-batch. A second association's worker of the destination ("auto") must
+    not ask for it then: its N-ACTION would name only the instances stored so far, be
+    accepted, and the rest of the batch would wait out timeout_seconds (an hour by default)
+    before anyone asks for them."""
+    from forwarder.verdict import Pending
+
+    monkeypatch.setattr(Pending, "MAX_AGE", 0.0)  # each outcome committed as it comes
+    queue_files(rig.outbox, files, ["pacs"])
+    commit_scp.hold = {UIDS[2]: threading.Event()}  # the batch's last store is slow
+    commit_scp.gate.clear()  # and the peer reports once the batch is over
+    first, second = rig.worker(), rig.worker()
+    batch = threading.Thread(target=first.loop, args=(rig.clock[0],), name="first-batch")
+    batch.start()
+    try:
+        tx = wait_for(lambda: rig.outbox.commitments())[0]
+        wait_for(lambda: len(rig.outbox.commitment_rows(tx.uid)) == 2)  # two stored so far
+        second.wake.set()
+        second.loop(rig.clock[0])  # nothing to send: only the transaction could be asked
+    finally:
+        commit_scp.hold[UIDS[2]].set()
+        batch.join(15)
+    assert not batch.is_alive()
+    commit_scp.gate.set()
+    _loop_until([first, second], lambda: not any(p.exists() for p in files), rig.clock[0])
+    assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
+    assert commit_scp.requests == [(tx.uid, UIDS)]  # one request, for the whole batch
+
+
+def test_a_peer_that_never_answers_the_n_action_is_not_a_hung_worker(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path]
+) -> None:
+    """Each request waits its own DIMSE timeout, as each store does: a peer sitting on its
+    N-ACTIONs while several transactions are due must not make the worker look hung to the
+    watchdog (the stall limit is about one request, not ASKS_PER_LOOP of them)."""
+    rig.dest = destination(
+        commit_scp.port, called_aet="ARCHIVE", dimse_timeout=1,
+        commitment={"enabled": True, "timeout_seconds": 60},
+    )  # fmt: skip
+    queue_files(rig.outbox, files[:2], ["pacs"])
+    for i in range(2):  # two batches stored earlier, each its own transaction
+        (d,) = rig.outbox.claim("pacs", 1, T0, 300)
+        rig.outbox.mark_many([Mark(d.id, State.COMMITTING, 0, commit_uid=f"1.2.{i}")], T0)
+    commit_scp.answer.clear()  # the peer takes the requests and never answers
+    w = rig.worker()
+    asking = threading.Thread(target=w.loop, args=(rig.clock[0],), name="asking")
+    asking.start()
+    busy = 0.0  # the longest the worker went without progress (the watchdog's measure)
+    while asking.is_alive():
+        since = w.busy_since
+        if since is not None:
+            busy = max(busy, time.monotonic() - since)
+        asking.join(0.05)
+    assert len(commit_scp.requests) == 2
+    assert 0.9 < busy < 1.6  # one request's DIMSE timeout (1 s), not two (2 s)
+    for tx in rig.outbox.commitments():  # each asked once, without an answer: counted
+        assert tx.attempts == 1 and tx.asked_at is None
+        assert "no response" in (tx.last_error or "")
+
+
+def test_a_batch_needing_128_contexts_leaves_room_for_storage_commitment(
+    rig: Rig, commit_scp: CommitSCP, tmp_path: Path
+) -> None:
+    """64 SOP classes need 128 contexts (each its own syntax and the implicit VR fallback):
+    the most one association may propose, before Storage Commitment is added to it. The
+    batch must be split so that it fits, not fail with "129 presentation contexts"."""
+    from test_send import make_file
+
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts][:64]
+    paths = [make_file(tmp_path / "in" / f"{i}.dcm", sop_class=c) for i, c in enumerate(classes)]
+    queue_files(rig.outbox, paths, ["pacs"])
+    w = rig.worker()
+    rig.until(w, lambda: not any(p.exists() for p in paths))
+    assert len(commit_scp.stored) == 64
+    assert {d.state for d in rig.outbox.list(limit=100)} == {State.SENT}
+    assert len(w.crew.contexts) < 128  # what the next association proposes, with room for it
+
+
+def test_a_request_refused_is_asked_again_under_a_new_transaction_uid(
+    rig: Rig, commit_scp: CommitSCP, files: list[Path]
+) -> None:
+    """PS3.4 J.3.2.1.2: once the N-ACTION is answered with a failure status, its Transaction
+    UID "is no longer active and shall not be reused": the next request names a new one (the
+    rows move to it), and the report on that one commits them."""
+    queue_files(rig.outbox, files, ["pacs"])
+    commit_scp.refuse = [0x0213]  # resource limitation: asked again after a backoff
+    w = rig.worker()
+    w.loop(rig.clock[0])
+    (first,) = rig.outbox.commitments()
+    assert first.attempts == 1 and first.last_status == 0x0213 and first.asked_at is None
+    rig.clock[0] += 10  # past the backoff
+    rig.until(w, lambda: not any(p.exists() for p in files))
+    (refused, uids), (asked, again) = commit_scp.requests
+    assert refused == first.uid and asked != first.uid and uids == again == UIDS
+    assert {d.state for d in by_uid(rig.outbox).values()} == {State.SENT}
+    assert rig.outbox.commitments() == []
+    assert sorted(commit_scp.stored) == sorted(UIDS)  # asked again, not stored again
 
 
 def test_a_destination_without_commitment_is_unchanged(
@@ -633,6 +774,29 @@ def test_the_outbox_keeps_transactions_and_leases_their_requests(
         assert all(d.commit_uid is None for d in box.list())
 
 
+def test_a_transaction_held_by_a_batch_cut_short_is_asked_at_start_up(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """kill -9 mid-batch: the stored rows' transaction was held back until the batch's lease
+    end; the next start-up makes it due at once, as it queues the in-flight rows again."""
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as box:
+        queue_files(box, files, ["pacs"])
+        (asked,) = box.claim("pacs", 1, T0, 300)  # a batch stored, asked and answered
+        box.mark_many([Mark(asked.id, State.COMMITTING, 0, commit_uid="1.3")], T0)
+        box.claim_asks("pacs", 10, T0, 300)
+        box.asked("1.3", T0, T0 + 3600, accepted=True, status=0)
+        first, _cut = box.claim("pacs", 2, T0, 300)  # a batch the stop cuts short
+        box.mark_many([Mark(first.id, State.COMMITTING, 0, None, T0 + 300, commit_uid="1.2")], T0)
+        assert box.next_ask("pacs") == T0 + 300  # held: the batch goes on
+    with Outbox(path) as box:  # the next start-up
+        assert box.recover_leases(T0 + 10, all_inflight=True) == 1  # `_cut` is queued again
+        assert box.next_ask("pacs") == T0 + 10
+        held, done = box.commitment("1.2"), box.commitment("1.3")
+        assert held is not None and held.next_ask_at == T0 + 10
+        assert done is not None and done.next_ask_at == T0 + 3600  # its timeout: not touched
+
+
 # ------------------------------------------------------------------ the messages (pure)
 
 
@@ -666,6 +830,7 @@ def test_the_request_data_set_names_the_transaction_and_the_instances() -> None:
         (0x0112, Action.RETRY_FEW),  # no such SOP instance: not "SOP class not supported"
         (0x0118, Action.DESTINATION),  # no such SOP class: Storage Commitment not supported
         (0x0123, Action.DESTINATION),  # no such action
+        (0x0122, Action.DESTINATION),  # SOP class not supported: the service, not the instances
         (0x0124, Action.DESTINATION),  # not authorised
         (0x0210, Action.RETRY_FRESH),
         (None, Action.RETRY),  # no response
@@ -720,8 +885,19 @@ def test_status_find_and_queue_show_stored_awaiting_commitment(
     status = cli("status", "--config", str(config))
     assert status.status == 0, status.err
     assert "pacs: 3 stored, awaiting commitment since " in status.out and "2m" in status.out
+    from forwarder.health import status_line
+
+    with Outbox(box_path, readonly=True) as box:  # systemd's STATUS= line counts them too
+        assert status_line(box, []).startswith("0 queued, 0 in flight, 3 awaiting commitment, ")
     (pacs,) = cli("status", "--config", str(config), "--json").json()["destinations"]
     assert pacs["awaiting_commitment"] == 3 and pacs["awaiting_commitment_since"]
+    with Outbox(box_path) as box:  # the peer does not take the request: status says why
+        box.asked("2.25.42", now, now + 600, accepted=False, counted=False,
+                  error="the peer did not accept the Storage Commitment Push Model")  # fmt: skip
+    status = cli("status", "--config", str(config))
+    assert "request not taken: the peer did not accept the Storage Commitment" in status.out
+    (pacs,) = cli("status", "--config", str(config), "--json").json()["destinations"]
+    assert pacs["commitment_error"] == "the peer did not accept the Storage Commitment Push Model"
     found = cli("find", UIDS[0], "--config", str(config))
     assert found.status == 0, found.err
     assert "stored, awaiting commitment" in found.out and "transaction 2.25.42" in found.out
@@ -730,6 +906,34 @@ def test_status_find_and_queue_show_stored_awaiting_commitment(
     assert {(d["state"], d["commit_uid"]) for d in rows} == {("committing", "2.25.42")}
     text = cli("queue", "list", "--state", "committing", "--config", str(config)).out
     assert "stored, awaiting commitment since" in text
+
+
+def test_metrics_show_how_long_deliveries_have_awaited_commitment(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """An alert on the backlog's age must see a pile-up awaiting commitment too (a peer
+    reporting to a receiver that is not listening): its own gauge, by destination."""
+    from conftest import free_port
+    from test_metrics import scrape, value
+
+    from forwarder.metrics import start_metrics
+
+    with Outbox(tmp_path / "m.sqlite3") as box:
+        queue_files(box, files, ["pacs"])
+        _stored(box, "2.25.7", time.time() - 600)
+        port = free_port()
+        m = start_metrics(
+            f"127.0.0.1:{port}", box, destinations=lambda: ["pacs", "plain"], stats=lambda: {}
+        )
+        try:
+            s = scrape(f"http://127.0.0.1:{port}/metrics")
+        finally:
+            m.close()
+    age = value(s, "forwarder_oldest_awaiting_commitment_age_seconds", destination="pacs")
+    assert 600 <= age < 700
+    assert value(s, "forwarder_oldest_awaiting_commitment_age_seconds", destination="plain") == 0
+    assert value(s, "forwarder_queue_depth", destination="pacs", state="committing") == 3
+    assert value(s, "forwarder_oldest_pending_age_seconds", destination="pacs") == 0
 
 
 def test_daemon_keeps_the_sources_until_the_peer_commits(
@@ -787,6 +991,29 @@ def test_a_peer_without_storage_commitment_keeps_the_files_and_says_why(
     assert "did not accept the Storage Commitment Push Model" in caplog.text
     assert all(p.exists() for p in files)
     assert {d.state for d in rig.outbox.list()} == {State.COMMITTING}
+
+
+def test_a_peer_without_storage_commitment_never_gets_the_files_quarantined_by_age(
+    make_rig: Callable[..., Rig], scp: Any, files: list[Path]
+) -> None:
+    """A configuration error, as a store's HOLD: the request is asked again every
+    retry.max_seconds and never counted, and retry.max_age_seconds does not quarantine the
+    instances meanwhile (they were stored; nothing says the peer refuses them)."""
+    rig = make_rig(scp.port, "ANY-SCP")
+    rig.retry = RetrySettings(initial_seconds=1, max_seconds=5, max_attempts=4,
+                              max_age_seconds=60)  # fmt: skip
+    queue_files(rig.outbox, files, ["pacs"])
+    w = rig.worker()
+    w.loop(rig.clock[0])
+    for _ in range(3):  # well past max_age_seconds, asked again at each max_seconds
+        rig.clock[0] += 61
+        w.wake.set()
+        w.loop(rig.clock[0])
+    assert all(p.exists() for p in files)
+    assert {d.state for d in rig.outbox.list()} == {State.COMMITTING}
+    (tx,) = rig.outbox.commitments()
+    assert tx.attempts == 0 and tx.next_ask_at == rig.clock[0] + 5
+    assert "did not accept the Storage Commitment Push Model" in (tx.last_error or "")
 
 
 def test_transactions_open_when_commitment_is_turned_off_are_still_settled(

@@ -278,3 +278,44 @@ def test_a_request_of_the_peer_is_answered_while_a_response_is_awaited() -> None
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_request_fragmented_over_several_pdus_is_answered_and_the_response_read() -> None:
+    """The peer's N-EVENT-REPORT-RQ cut into PDUs of a few bytes (its command in two
+    fragments, its data set in three), then the C-STORE-RSP awaited: both read whole."""
+    import socket
+
+    from forwarder.wire import N_EVENT_REPORT_RQ, Link, Request, encode_event_report_response
+
+    report = _command(cls=b"1.2.840.10008.1.20.1", field=N_EVENT_REPORT_RQ, rq_id=9, dstype=0,
+                      inst=b"1.2.840.10008.1.20.1.1", event=2)  # fmt: skip
+    data_set = b"\x08\x00\x95\x11\x08\x00\x31\x2e\x32\x2e\x33\x2e\x34\x00"  # "1.2.3.4"
+    store_rsp = _command(cls=CT.encode(), field=0x8001, rsp_id=4, dstype=0x0101, status=0,
+                         inst=b"1.2.3")  # fmt: skip
+    cut = len(report) // 2
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(
+            _pdu(_pdv(5, 0x01, report[:cut]))
+            + _pdu(_pdv(5, 0x03, report[cut:]))
+            + _pdu(_pdv(5, 0x00, data_set[:4]))
+            + _pdu(_pdv(5, 0x00, data_set[4:8]))
+            + _pdu(_pdv(5, 0x02, data_set[8:]), _pdv(1, 0x03, store_rsp))
+        )
+        link = Link(ours)
+        link.settimeout(2)
+        seen: list[Request] = []
+
+        def answer(request: Request) -> bytes:
+            seen.append(request)
+            return encode_event_report_response(request, 0x0000)
+
+        link.on_request = answer
+        rsp = link.read_response()
+        assert (rsp.status, rsp.message_id) == (0, 4)
+        (req,) = seen
+        assert (req.message_id, req.data_set) == (9, data_set)
+        assert not link.pending()  # nothing left over in the buffers
+    finally:
+        ours.close()
+        theirs.close()

@@ -85,6 +85,8 @@ class DestinationStatus:
     pause_reason: str | None
     awaiting_since: float | None = None
     """When the oldest delivery stored and awaiting Storage Commitment was stored."""
+    commitment_error: str | None = None
+    """Why the peer did not take a Storage Commitment request still open (the latest)."""
 
     def to_json(self, now: float) -> dict[str, Any]:
         oldest = self.oldest_pending_at
@@ -100,6 +102,7 @@ class DestinationStatus:
             "gone": self.counts[State.GONE],
             "awaiting_commitment": self.counts[State.COMMITTING],
             "awaiting_commitment_since": iso(self.awaiting_since),
+            "commitment_error": self.commitment_error,
             "sent_last_hour": self.sent_last_hour,
             "sent_last_day": self.sent_last_day,
             "oldest_pending_at": iso(oldest),
@@ -167,6 +170,10 @@ def collect(
     infos = outbox.destination_info()
     refusals = outbox.last_failures()
     awaiting = outbox.awaiting_commitment()
+    refused: dict[str, str] = {}  # the newest open transaction's error, by destination
+    for tx in outbox.commitments():
+        if tx.last_error:
+            refused[tx.destination] = tx.last_error
     configured = {d.name: d for d in settings.destinations}
     others = sorted((set(counts) | set(infos)) - set(configured))
     result = []
@@ -191,6 +198,7 @@ def collect(
                 paused_at=info.paused_at if info and paused else None,
                 pause_reason=info.pause_reason if info and paused else None,
                 awaiting_since=awaiting[name][1] if name in awaiting else None,
+                commitment_error=refused.get(name),
             )
         )
     return _daemon(outbox.read_heartbeat(), settings, now), result
@@ -277,6 +285,8 @@ def render(
                 f"\n{d.name}: {n} stored, awaiting commitment since "
                 f"{common.local_time(since, now)} ({common.ago(since, now)})"
             )
+            if d.commitment_error:  # the peer does not take the requests: say why
+                body += f"; request not taken: {common.short(d.commitment_error, 80)}"
     receiver = _receiver(daemon, settings)
     head = _head(daemon, now) if receiver is None else f"{_head(daemon, now)}\n{receiver}"
     return f"{head}\n{body}"

@@ -85,7 +85,8 @@ class Mark:
     delivery_id: int
     state: State
     """SENT, PENDING (a retry, due at `next_attempt_at`), QUARANTINED, GONE, or COMMITTING
-    (stored; awaiting the commitment of transaction `commit_uid`)."""
+    (stored; awaiting the commitment of transaction `commit_uid`, which a batch still being
+    sent holds back until `next_attempt_at`)."""
     status: int | None = None
     error: str | None = None
     """The reason; for SENT, the warning (or None)."""
@@ -99,7 +100,8 @@ class Mark:
     sent_uid: str | None = None
     """For SENT: the SOP Instance UID that went out, when a transform changed it."""
     commit_uid: str | None = None
-    """For COMMITTING: the Transaction UID the row waits on (opened if new)."""
+    """For COMMITTING: the Transaction UID the row waits on (opened if new: first due at
+    `next_attempt_at`, or at once without it)."""
 
 
 @dataclass(frozen=True)

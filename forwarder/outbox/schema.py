@@ -397,8 +397,14 @@ SQL_MARK_STORED: Final = """
 
 SQL_OPEN_COMMITMENT: Final = """
     INSERT INTO commitments (uid, destination, created_at, next_ask_at)
-    VALUES (:uid, :destination, :now, :now)
+    VALUES (:uid, :destination, :now, :ask_at)
     ON CONFLICT (uid) DO NOTHING
+"""
+
+# the batch that opened a transaction is over: it may be asked now (unless asked already)
+SQL_COMMITMENT_DUE: Final = """
+    UPDATE commitments SET next_ask_at = :now
+     WHERE uid = :uid AND asked_at IS NULL AND attempts = 0 AND next_ask_at > :now
 """
 
 COMMITMENT_COLUMNS: Final = (
@@ -427,6 +433,13 @@ SQL_ASKED: Final = """
            last_error = CASE WHEN :asked_at IS NOT NULL THEN NULL
                              ELSE coalesce(:error, last_error) END
      WHERE uid = :uid
+"""
+
+# a request refused with a failure status: its UID must not be reused (PS3.4 J.3.2.1.2)
+SQL_RENAME_COMMITMENT: Final = "UPDATE commitments SET uid = :new WHERE uid = :old"
+SQL_RENAME_COMMITTING: Final = """
+    UPDATE deliveries SET commit_uid = :new, updated_at = :now
+     WHERE commit_uid = :old AND state = 5
 """
 
 SQL_NEXT_ASK: Final = "SELECT min(next_ask_at) FROM commitments WHERE destination = ?"
@@ -523,6 +536,13 @@ SQL_RENEW_LEASE: Final = """
 SQL_RECOVER_ALL: Final = """
     UPDATE deliveries SET state = 0, lease_until = NULL, updated_at = :now
      WHERE state = 1
+"""
+
+# start-up: transactions never asked yet, held back by a batch or leased by a request that the
+# last stop cut short, are due at once (as in-flight rows are queued again)
+SQL_RECOVER_ASKS: Final = """
+    UPDATE commitments SET next_ask_at = :now
+     WHERE next_ask_at > :now AND asked_at IS NULL AND attempts = 0 AND last_error IS NULL
 """
 
 SQL_FILE_ROWS: Final = SELECT + " WHERE path = ? AND size = ? AND mtime_ns = ? ORDER BY id"

@@ -29,6 +29,7 @@ from forwarder.outbox.schema import (
     SQL_CLOSE_COMMITMENT,
     SQL_COMMIT_QUARANTINED,
     SQL_COMMIT_RETRY,
+    SQL_COMMITMENT_DUE,
     SQL_COUNT_DUE,
     SQL_DEST_ERROR,
     SQL_DEST_SUCCESS,
@@ -45,8 +46,11 @@ from forwarder.outbox.schema import (
     SQL_PAUSE,
     SQL_PAUSED_UNTIL,
     SQL_RECOVER_ALL,
+    SQL_RECOVER_ASKS,
     SQL_RECOVER_EXPIRED,
     SQL_RELEASE,
+    SQL_RENAME_COMMITMENT,
+    SQL_RENAME_COMMITTING,
     SQL_RENEW_LEASE,
     SQL_REQUEUE,
     SQL_RESUME,
@@ -228,9 +232,15 @@ class Outbox(Pruning):
                         sent["commit_uid"] = m.commit_uid
                         row = conn.execute(SQL_MARK_STORED, sent).fetchone()
                         if row is not None:
+                            ask_at = now if m.next_attempt_at is None else m.next_attempt_at
                             conn.execute(
                                 SQL_OPEN_COMMITMENT,
-                                {"uid": m.commit_uid, "destination": row[0], "now": now},
+                                {
+                                    "uid": m.commit_uid,
+                                    "destination": row[0],
+                                    "now": now,
+                                    "ask_at": ask_at,
+                                },
                             )
                     if row is None:
                         ignored.append((m, "unknown, not in flight or already sent"))
@@ -283,6 +293,26 @@ class Outbox(Pruning):
         with self._write("claim_asks") as conn:
             rows = conn.execute(SQL_CLAIM_ASKS, params).fetchall()
         return sorted((commitment(r) for r in rows), key=lambda c: (c.next_ask_at, c.uid))
+
+    def commitment_due(self, uid: str, now: float) -> None:
+        """The batch that opened transaction `uid` is over: it is due to be asked at `now`.
+
+        A batch opens its transaction held back (its marks' ``next_attempt_at``, the end of
+        its lease) as soon as its first outcome is committed, so that no other worker of the
+        destination asks for a part of the batch meanwhile. A transaction asked already, or
+        unknown, is left alone.
+        """
+        with self._write("commitment_due") as conn:
+            conn.execute(SQL_COMMITMENT_DUE, {"uid": uid, "now": now})
+
+    def renew_commitment(self, uid: str, new_uid: str, now: float) -> None:
+        """Give transaction `uid` a new Transaction UID, with the rows waiting on it, in one
+        transaction (a request answered with a failure status ends a UID: PS3.4 J.3.2.1.2).
+        Its attempts and times are kept. An unknown `uid` is left alone."""
+        params = {"old": uid, "new": new_uid, "now": now}
+        with self._write("renew_commitment") as conn:
+            if conn.execute(SQL_RENAME_COMMITMENT, params).rowcount:
+                conn.execute(SQL_RENAME_COMMITTING, params)
 
     def asked(
         self,
@@ -432,10 +462,14 @@ class Outbox(Pruning):
         """Return rows whose lease expired (``lease_until <= now``) to `State.PENDING`.
 
         With `all_inflight` every in-flight row is returned, expired or not: for daemon
-        start-up, when no worker of ours can still hold one. Returns the rows recovered.
+        start-up, when no worker of ours can still hold one; so are Storage Commitment
+        transactions never asked yet (held back by a batch, or leased by a request the stop
+        cut short): due at `now`. Returns the rows recovered.
         """
         sql = SQL_RECOVER_ALL if all_inflight else SQL_RECOVER_EXPIRED
         with self._write("recover_leases") as conn:
+            if all_inflight:
+                conn.execute(SQL_RECOVER_ASKS, {"now": now})
             return conn.execute(sql, {"now": now}).rowcount
 
     def set_path(self, old_path: str, new_path: str, *, now: float | None = None) -> int:
