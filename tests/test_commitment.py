@@ -797,6 +797,28 @@ def test_a_transaction_held_by_a_batch_cut_short_is_asked_at_start_up(
         assert done is not None and done.next_ask_at == T0 + 3600  # its timeout: not touched
 
 
+def test_a_batch_longer_than_its_lease_keeps_its_transaction_held(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    """The upkeep renews the leases of a batch a live worker is still sending (a slow peer):
+    the transaction its stored rows opened stays held back with them, so that no other
+    worker asks for a part of the batch when the first lease would have ended."""
+    path = tmp_path / "o.sqlite3"
+    with Outbox(path) as box:
+        queue_files(box, files, ["pacs"])
+        first, rest = box.claim("pacs", 2, T0, 300)
+        box.mark_many([Mark(first.id, State.COMMITTING, 0, None, T0 + 300, commit_uid="1.2")], T0)
+        assert box.next_ask("pacs") == T0 + 300
+        assert box.renew_leases([first.id, rest.id], T0 + 550) == 1  # `rest` is in flight
+        assert box.next_ask("pacs") == T0 + 550
+        box.commitment_due("1.2", T0 + 400)  # the batch ends: asked at once
+        assert box.next_ask("pacs") == T0 + 400
+        box.claim_asks("pacs", 10, T0 + 400, 300)
+        box.asked("1.2", T0 + 400, T0 + 4000, accepted=True, status=0)
+        box.renew_leases([first.id], T0 + 900)  # asked already: its timeout stands
+        assert box.next_ask("pacs") == T0 + 4000
+
+
 # ------------------------------------------------------------------ the messages (pure)
 
 

@@ -533,6 +533,13 @@ SQL_RENEW_LEASE: Final = """
      WHERE id = :id AND state = 1 AND lease_until < :until
 """
 
+# the transaction a batch opened (held back until its lease end) is held as long as the batch
+SQL_RENEW_HELD_COMMITMENT: Final = """
+    UPDATE commitments SET next_ask_at = :until
+     WHERE uid = (SELECT commit_uid FROM deliveries WHERE id = :id AND state = 5)
+       AND asked_at IS NULL AND attempts = 0 AND next_ask_at < :until
+"""
+
 SQL_RECOVER_ALL: Final = """
     UPDATE deliveries SET state = 0, lease_until = NULL, updated_at = :now
      WHERE state = 1

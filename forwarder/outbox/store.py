@@ -51,6 +51,7 @@ from forwarder.outbox.schema import (
     SQL_RELEASE,
     SQL_RENAME_COMMITMENT,
     SQL_RENAME_COMMITTING,
+    SQL_RENEW_HELD_COMMITMENT,
     SQL_RENEW_LEASE,
     SQL_REQUEUE,
     SQL_RESUME,
@@ -448,15 +449,17 @@ class Outbox(Pruning):
 
     def renew_leases(self, delivery_ids: Sequence[int], until: float) -> int:
         """Extend to `until` the lease of those `delivery_ids` still in flight: a worker that
-        holds them is alive and still sending (a slow peer, a long transform). Returns the
-        rows renewed."""
+        holds them is alive and still sending (a slow peer, a long transform); and hold the
+        Storage Commitment transaction its stored ones opened as long. Returns the rows
+        renewed."""
         if not delivery_ids:
             return 0
+        params = [{"id": i, "until": until} for i in delivery_ids]
         with self._write("renew_leases") as conn:
-            cur = conn.executemany(
-                SQL_RENEW_LEASE, [{"id": i, "until": until} for i in delivery_ids]
-            )
-            return cur.rowcount
+            renewed = conn.executemany(SQL_RENEW_LEASE, params).rowcount
+            # the batch's transaction, held back until the batch ends (`commitment_due`)
+            conn.executemany(SQL_RENEW_HELD_COMMITMENT, params)
+            return renewed
 
     def recover_leases(self, now: float, *, all_inflight: bool = False) -> int:
         """Return rows whose lease expired (``lease_until <= now``) to `State.PENDING`.
