@@ -26,6 +26,7 @@ from forwarder.association import (
     IMPLEMENTATION_VERSION_NAME,
 )
 from forwarder.commitmsg import STORAGE_COMMITMENT
+from forwarder.filemeta import file_meta
 from forwarder.wire import (
     ABORT,
     ASSOCIATE_AC,
@@ -37,6 +38,8 @@ from forwarder.wire import (
     Link,
     Request,
     WireError,
+    _element,
+    _us,
     decode_command,
 )
 
@@ -216,16 +219,6 @@ def encode_associate_rj(rejection: Rejection) -> bytes:
     return bytes((0, rejection.result, rejection.source, rejection.reason))
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\x00"
-    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _us(tag: int, value: int) -> bytes:
-    return _element(tag, struct.pack("<H", value))
-
-
 def encode_response(
     field: int,
     sop_class: str,
@@ -249,33 +242,6 @@ def encode_response(
         elements.append(_element(0x00001000, sop_instance.encode("ascii", "replace")))
     body = b"".join(elements)
     return _element(0x00000000, struct.pack("<L", len(body))) + body
-
-
-def _explicit(tag: int, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":
-        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and a group 0002 (explicit VR little endian, PS3.10 7.1) naming the
-    instance and the transfer syntax its data set came in."""
-    version = IMPLEMENTATION_VERSION_NAME.encode("ascii")
-    body = (
-        _explicit(0x00020001, b"OB", b"\x00\x01")
-        + _explicit(0x00020002, b"UI", _ui(sop_class))
-        + _explicit(0x00020003, b"UI", _ui(sop_instance))
-        + _explicit(0x00020010, b"UI", _ui(transfer_syntax))
-        + _explicit(0x00020012, b"UI", _ui(IMPLEMENTATION_CLASS_UID))
-        + _explicit(0x00020013, b"SH", version + (b" " if len(version) % 2 else b""))
-    )
-    length = _explicit(0x00020000, b"UL", struct.pack("<L", len(body)))
-    return bytes(128) + b"DICM" + length + body
 
 
 class Sink(Protocol):

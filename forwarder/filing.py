@@ -18,6 +18,7 @@ __all__ = [
     "SIDECAR_SUFFIX",
     "archive",
     "delete",
+    "fsync_dir",
     "move_durably",
     "quarantine",
     "relative_path",
@@ -49,7 +50,8 @@ def unique_target(directory: Path, rel: Path) -> Path:
     raise OSError(errno.EEXIST, "no free name for the file", str(target))
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the names created in `directory` durable (a rename is not, until this)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -72,7 +74,7 @@ def move_durably(src: Path, dst: Path) -> None:
             raise
     else:
         os.unlink(src)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         return
     tmp = dst.with_name(f".{dst.name}.forwarder-tmp")
     try:
@@ -88,7 +90,7 @@ def move_durably(src: Path, dst: Path) -> None:
         if os.path.lexists(dst):
             raise OSError(errno.EEXIST, "target appeared while copying", str(dst))
         os.rename(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

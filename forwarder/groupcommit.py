@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder.dicomfile import DicomInfo
+from forwarder.filing import fsync_dir
 
-__all__ = ["GroupCommit", "fsync_dir"]
+__all__ = ["GroupCommit"]
 
 Routed = tuple[DicomInfo, Sequence[str]]
 Enqueue = Callable[[Sequence[Routed], float], int]
 
 MAX_GROUP = 512
 """Instances committed in one transaction at most; the rest wait for the next."""
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the names created in `directory` durable (a rename is not, until this)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

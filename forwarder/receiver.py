@@ -64,7 +64,8 @@ from forwarder.config import ReceiveSettings, ReceiveTLSSettings, RetrySettings
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
 from forwarder.dispose import Disposer
 from forwarder.enqueue import Intake
-from forwarder.groupcommit import GroupCommit, fsync_dir
+from forwarder.filing import fsync_dir
+from forwarder.groupcommit import GroupCommit
 from forwarder.logs import fields
 from forwarder.metrics import NO_METRICS, Metrics, parse_listen
 from forwarder.outbox import FINAL_STATES, Outbox, OutboxCorruptError, OutboxError

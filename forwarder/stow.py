@@ -588,19 +588,9 @@ def _open_entry(info: DicomInfo) -> Entry | StoreResult:
 
 def file_meta(info: DicomInfo) -> bytes:
     """Preamble, ``DICM`` and a file meta group for a file that has none."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import UID
+    from forwarder import filemeta
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(info.sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(info.sop_instance_uid)
-    meta.TransferSyntaxUID = UID(info.transfer_syntax)
-    fp = DicomBytesIO()
-    fp.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)
-    return bytes(fp.getvalue())
+    return filemeta.file_meta(info.sop_class_uid, info.sop_instance_uid, info.transfer_syntax)
 
 
 def _body(bound: str, entries: Sequence[Entry]) -> Iterator[bytes]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.dicomfile import DicomInfo
+from forwarder.filing import fsync_dir
 from forwarder.transformspec import TransformSpec
 
 if TYPE_CHECKING:
@@ -98,19 +99,11 @@ def load_secret(state_dir: Path, *, create: bool = True) -> bytes | None:
         except FileExistsError:
             pass  # another process created it first: both use its key
         else:
-            _fsync_dir(path.parent)  # losing the key would change every de-identified UID
+            fsync_dir(path.parent)  # losing the key would change every de-identified UID
             LOGGER.info(f"created the de-identification secret {path}")
     finally:
         tmp.unlink()
     return _read_secret(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_secret(path: Path) -> bytes:
