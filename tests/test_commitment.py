@@ -130,12 +130,15 @@ def commit_scp() -> Iterator[CommitSCP]:
                 if bad:
                     ds.FailedSOPSequence = [_item(c, i, peer.fail[i]) for c, i in bad]
                 with peer.sending:
-                    rsp, _ = assoc.send_n_event_report(
-                        ds,
-                        2 if bad else 1,
-                        StorageCommitmentPushModel,
-                        STORAGE_COMMITMENT_INSTANCE,
-                    )
+                    try:
+                        rsp, _ = assoc.send_n_event_report(
+                            ds,
+                            2 if bad else 1,
+                            StorageCommitmentPushModel,
+                            STORAGE_COMMITMENT_INSTANCE,
+                        )
+                    except RuntimeError:  # the forwarder aborted it meanwhile (a timeout)
+                        return
                 with peer.lock:
                     peer.reported.append(int(rsp.Status) if "Status" in rsp else -1)
 
