@@ -306,7 +306,7 @@ def serve(
     message: _Message | None = None
     try:
         while True:
-            pdu_type, body = link.read_pdu("network timeout")
+            pdu_type, body = link.read_pdu_into("network timeout")
             if pdu_type == RELEASE_RQ:
                 link.send_pdu(RELEASE_RP, bytes(4))
                 released()

@@ -191,51 +191,59 @@ def inspect(
     flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     with os.fdopen(os.open(path, flags), "rb") as fp:
         st = os.fstat(fp.fileno())
-        size = st.st_size
-        reader = Reader(fp, path, size)
-        head = reader.peek(132)
-        meta: dict[int, bytes] = {}
-        has_meta = False
-        if len(head) == 132 and head[128:132] == b"DICM":
-            has_meta = True
-            reader.pos = 132
-        if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in ALL_VRS):
-            meta = read_meta(reader)
-            ts = _uid(path, _META_TS, meta.get(_META_TS))
-            # The sender may take the file meta's copies for the C-STORE (a chunked send)
-            for tag in (_META_SOP_CLASS, _META_SOP_INSTANCE):
-                _uid(path, tag, meta.get(tag))
-            if ts is None:
-                raise NotDicom(path, "file meta has no Transfer Syntax UID (0002,0010)")
-        else:
-            guess = guess_encoding(head)
-            if guess is None:
-                if size == 0:
-                    raise Truncated(path, "empty file")
-                if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):
-                    # a zero preamble (the usual one) with the DICM marker still to come
-                    raise Truncated(path, "the file ends inside the 128-byte preamble")
-                raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
-            explicit, little = guess
-            ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
-        offset = reader.pos
-        explicit, little, deflated = _ts_encoding(ts)
-        # the same walk reads the attributes routing rules name: no cost without rules
-        wanted = _WANTED | attributes if attributes else _WANTED
-        stop_after = max(_STUDY, *attributes) if attributes else _STUDY
-        walked = True  # the data set was read past where its SOP UIDs belong
-        if deflated:
-            fp.seek(offset)
-            prefix = _inflate_check(fp, path)
-            sub = Reader(io.BytesIO(prefix), path, len(prefix))
-            try:
-                found = sub.dataset(True, True, wanted=wanted, stop_after=stop_after)
-            except Truncated:  # the prefix is only the first part of the data set
-                found, walked = {}, False
-        else:
-            found = reader.dataset(explicit, little, wanted=wanted)
-            if offset == size:
-                raise Truncated(path, "file meta only, no data set")
+        return inspect_stream(fp, path, st.st_size, st.st_mtime_ns, attributes=attributes)
+
+
+def inspect_stream(
+    fp: BinaryIO, path: Path, size: int, mtime_ns: int, *, attributes: frozenset[int] = frozenset()
+) -> DicomInfo:
+    """`inspect` of the `size` bytes of an open, seekable stream (`path` names it in errors
+    and in the result): a received instance checked where it was written, before it has a
+    file of its own."""
+    reader = Reader(fp, path, size)
+    head = reader.peek(132)
+    meta: dict[int, bytes] = {}
+    has_meta = False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        has_meta = True
+        reader.pos = 132
+    if has_meta or (len(head) >= 8 and head[:2] == b"\x02\x00" and head[4:6] in ALL_VRS):
+        meta = read_meta(reader)
+        ts = _uid(path, _META_TS, meta.get(_META_TS))
+        # The sender may take the file meta's copies for the C-STORE (a chunked send)
+        for tag in (_META_SOP_CLASS, _META_SOP_INSTANCE):
+            _uid(path, tag, meta.get(tag))
+        if ts is None:
+            raise NotDicom(path, "file meta has no Transfer Syntax UID (0002,0010)")
+    else:
+        guess = guess_encoding(head)
+        if guess is None:
+            if size == 0:
+                raise Truncated(path, "empty file")
+            if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):
+                # a zero preamble (the usual one) with the DICM marker still to come
+                raise Truncated(path, "the file ends inside the 128-byte preamble")
+            raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
+        explicit, little = guess
+        ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
+    offset = reader.pos
+    explicit, little, deflated = _ts_encoding(ts)
+    # the same walk reads the attributes routing rules name: no cost without rules
+    wanted = _WANTED | attributes if attributes else _WANTED
+    stop_after = max(_STUDY, *attributes) if attributes else _STUDY
+    walked = True  # the data set was read past where its SOP UIDs belong
+    if deflated:
+        fp.seek(offset)
+        prefix = _inflate_check(fp, path)
+        sub = Reader(io.BytesIO(prefix), path, len(prefix))
+        try:
+            found = sub.dataset(True, True, wanted=wanted, stop_after=stop_after)
+        except Truncated:  # the prefix is only the first part of the data set
+            found, walked = {}, False
+    else:
+        found = reader.dataset(explicit, little, wanted=wanted)
+        if offset == size:
+            raise Truncated(path, "file meta only, no data set")
     sop_class = _uid(path, _SOP_CLASS, found.get(_SOP_CLASS))
     sop_instance = _uid(path, _SOP_INSTANCE, found.get(_SOP_INSTANCE))
     if not walked:
@@ -251,7 +259,7 @@ def inspect(
     return DicomInfo(
         path=path,
         size=size,
-        mtime_ns=st.st_mtime_ns,
+        mtime_ns=mtime_ns,
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
         transfer_syntax=ts,

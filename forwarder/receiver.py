@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,9 @@ from forwarder.acceptor import (
     is_storage,
     serve,
 )
+from forwarder.acklog import FOLDER, ROOM, AckLog, AckSink, Lander, Segment
 from forwarder.config import ReceiveSettings, ReceiveTLSSettings, RetrySettings
-from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect
+from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, inspect_stream
 from forwarder.dispose import Disposer
 from forwarder.enqueue import Intake
 from forwarder.filing import fsync_dir
@@ -275,10 +276,10 @@ def sweep(directory: Path, outbox: Outbox, disposer: Disposer) -> tuple[int, int
 
 
 def _received_files(directory: Path) -> Iterator[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of the files under `directory` but its spool folder."""
+    """(path, size, mtime_ns) of the files under `directory` but its spool and ack log."""
     for top, dirs, files in os.walk(directory):
         if top == str(directory):
-            dirs[:] = [d for d in dirs if d != INCOMING]
+            dirs[:] = [d for d in dirs if d not in (INCOMING, FOLDER)]
         for name in files:
             path = os.path.join(top, name)
             with contextlib.suppress(FileNotFoundError):
@@ -315,6 +316,15 @@ class Receiver:
         self.metrics = metrics
         self.clock = clock
         self.commits = GroupCommit(outbox.enqueue_routed, clock)
+        self.acklog = AckLog(self.dir / FOLDER, wanted=lambda: self.lander.wake())
+        self.lander = Lander(
+            self.acklog,
+            enqueue=outbox.enqueue_routed,
+            folder=lambda name: self._folder(self.dir / name),
+            queued=queued,
+            damaged=damaged,
+            clock=clock,
+        )
         self.rate = _Rate()
         self.rejected = 0
         self.address: tuple[str, int] | None = None
@@ -341,6 +351,8 @@ class Receiver:
         """
         rcv = self.settings
         self.incoming.mkdir(parents=True, exist_ok=True)
+        # records first: the sweep then removes the files their landing had begun
+        records = self.acklog.open(self.outbox.acklog_marks())
         sweep(self.dir, self.outbox, self.disposer)
         host, port = parse_listen(rcv.listen or "")
         is_storage(VERIFICATION)  # loads pynetdicom's SOP class list now, not in the first store
@@ -356,6 +368,9 @@ class Receiver:
         bound = sock.getsockname()
         self.address = (str(bound[0]), int(bound[1]))
         self._stop.clear()
+        self.lander.start(records)
+        if records:
+            LOGGER.info(f"{len(records)} instance(s) acknowledged by the last run are being queued")
         self._acceptor = threading.Thread(target=self._accept_loop, name="receiver", daemon=True)
         self._acceptor.start()
         if not rcv.allowed_calling_aets:
@@ -386,6 +401,9 @@ class Receiver:
         deadline = time.monotonic() + timeout
         for thread in active:
             thread.join(max(0.0, deadline - time.monotonic()))
+        # what was acknowledged is queued now, or at the next start
+        self.lander.stop(max(1.0, deadline - time.monotonic()))
+        self.acklog.close()
 
     def associations(self) -> int:
         return self._established
@@ -400,6 +418,8 @@ class Receiver:
             "received_last_hour": self.rate.since(now, 3600),
             "received_last_day": self.rate.since(now, 86400),
             "rejected_associations": self.rejected,
+            "queueing": self.lander.pending(),
+            "queue_error": self.lander.failing,
         }
 
     # -- associations ------------------------------------------------------------------------
@@ -461,7 +481,11 @@ class Receiver:
             link.settimeout(NETWORK_TIMEOUT)
             host = str(addr[0]).removeprefix("::ffff:")  # an IPv4 modality on a dual socket
             facts = _Facts(proposal.calling_aet, proposal.called_aet, host)
-            serve(link, accepted, _AssociationStore(self, facts), proposal.max_pdu)
+            store = _AssociationStore(self, facts)
+            try:
+                serve(link, accepted, store, proposal.max_pdu)
+            finally:
+                self.release(store)
         except WireError as exc:
             if not self._stop.is_set():
                 LOGGER.info(f"receive: association with {peer} ended: {exc}")
@@ -513,22 +537,46 @@ class Receiver:
 
     # -- one C-STORE ---------------------------------------------------------------------------
 
-    def begin(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> SpoolFile:
-        """A spool file for a data set about to arrive, its file meta written. A spool folder
-        that cannot be written gives a stand-in that keeps the error: the store is answered
-        0xA700 once its data set has arrived."""
-        try:
-            spool = SpoolFile(self.incoming)
-        except OSError as exc:
-            return _FailedSpool(exc)
+    def begin(
+        self, sop_class: str, sop_instance: str, transfer_syntax: str, lane: _Lane | None = None
+    ) -> SpoolFile | AckSink:
+        """Where a data set about to arrive is written, its file meta first: the ack log
+        segment the association (`lane`) holds, or a spool file. A spool folder that cannot
+        be written gives a stand-in that keeps the error: the store is answered 0xA700 once
+        its data set has arrived."""
+        sink = self._ack_sink(lane) if lane is not None else None
+        spool = sink if sink is not None else self._spool()
         try:
             spool.write(file_meta(sop_class, sop_instance, transfer_syntax))
         except (UnicodeEncodeError, struct.error) as exc:
             spool.invalid = f"unusable UIDs in the C-STORE: {exc}"
         return spool
 
+    def _ack_sink(self, lane: _Lane) -> AckSink | None:
+        """An `AckSink` in the segment `lane` holds (taken, or changed for one with room),
+        or None: no segment free, or landing fails (then the direct way answers as it can)."""
+        seg = lane.segment
+        if seg is not None and (seg.broken or seg.room() < ROOM or self.lander.failing):
+            self.acklog.give_back(seg)
+            lane.segment = seg = None
+        if seg is None and self.lander.failing is None:
+            seg = lane.segment = self.acklog.take()
+        return AckSink(self.acklog, seg, self._spool) if seg is not None else None
+
+    def _spool(self) -> SpoolFile:
+        try:
+            return SpoolFile(self.incoming)
+        except OSError as exc:
+            return _FailedSpool(exc)
+
+    def release(self, lane: _Lane) -> None:
+        """The association of `lane` ended: its segment goes back."""
+        if lane.segment is not None:
+            self.acklog.give_back(lane.segment)
+            lane.segment = None
+
     def store(
-        self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts
+        self, spool: SpoolFile | AckSink, sop_class: str, uid: str, facts: _Facts
     ) -> tuple[int, str | None]:
         """Keep the data set in `spool` (see the module docstring); the status to answer."""
         try:
@@ -567,12 +615,12 @@ class Receiver:
 
     # -- one instance ------------------------------------------------------------------------
 
-    def _take(self, spool: SpoolFile, sop_class: str, uid: str, facts: _Facts) -> int:
-        if spool.invalid is not None:
-            LOGGER.error(f"a C-STORE from {facts.calling_aet}: {spool.invalid}; answered 0xC000")
-            raise _Refused(CANNOT_UNDERSTAND, spool.invalid)
+    def _take(self, sink: SpoolFile | AckSink, sop_class: str, uid: str, facts: _Facts) -> int:
+        if sink.invalid is not None:
+            LOGGER.error(f"a C-STORE from {facts.calling_aet}: {sink.invalid}; answered 0xC000")
+            raise _Refused(CANNOT_UNDERSTAND, sink.invalid)
         try:
-            spool.complete()
+            sink.complete()
         except OSError as exc:
             LOGGER.error(
                 f"{uid} from {facts.calling_aet}: cannot write it to {self.incoming}: "
@@ -582,8 +630,13 @@ class Receiver:
             raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
         intake = self.intake
         router = intake.router
+        tags = router.tags if router else frozenset()
+        logged = isinstance(sink, AckSink) and sink.spilled is None
         try:
-            info = inspect(spool.name, attributes=router.tags if router else frozenset())
+            if isinstance(sink, AckSink) and sink.spilled is None:
+                info = inspect_stream(sink.stream(), Path(sink.name), sink.size, 0, attributes=tags)
+            else:
+                info = inspect(sink.name, attributes=tags)
         except InvalidDicom as exc:
             LOGGER.error(
                 f"{uid} from {facts.calling_aet} at {facts.peer}: {exc.reason}; answered 0xC000",
@@ -606,8 +659,14 @@ class Receiver:
         if router is not None:
             decision = router.route(info.attributes, relpath, facts.mapping())
             if not decision.destinations:
-                return self._unmatched(spool, info, folder, facts, decision.why_not)
+                return self._unmatched(self._direct(sink), info, folder, facts, decision.why_not)
             names = decision.destinations
+        if logged:
+            assert isinstance(sink, AckSink)
+            status = self._acknowledge(sink, info, folder, names, facts)
+            if status is not None:
+                return status
+        spool = self._direct(sink)
         final = self._place(spool, folder, uid)
         info = replace(info, path=final)
         try:
@@ -636,14 +695,67 @@ class Receiver:
             )
         return 0x0000
 
-    def _folder(self, folder: Path) -> None:
-        """Create `folder` (a calling AE's) durably, once per run."""
+    def _acknowledge(
+        self, sink: AckSink, info: DicomInfo, folder: Path, names: Sequence[str], facts: _Facts
+    ) -> int | None:
+        """Commit the instance in `sink` to the ack log and hand it to the lander: 0x0000.
+        None when its record does not fit (then it goes the direct way)."""
+        uid = info.sop_instance_uid
+        meta = {
+            "folder": folder.name,
+            "uid": uid,
+            "sop_class": info.sop_class_uid,
+            "ts": info.transfer_syntax,
+            "study": info.study_uid,
+            "offset": info.dataset_offset,
+            "to": list(names),
+            "calling_aet": facts.calling_aet,
+            "peer": facts.peer,
+        }
+        try:
+            record = sink.commit(meta)
+        except OSError as exc:
+            LOGGER.error(
+                f"{uid} from {facts.calling_aet}: cannot write it to {self.acklog.dir}: "
+                f"{exc.strerror or exc}; answered 0xA700",
+                extra=fields(outcome="out-of-resources"),
+            )
+            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+        if record is None:
+            return None
+        self.lander.add(record)
+        self.rate.add(self.clock())
+        if LOGGER.isEnabledFor(logging.DEBUG):
+            LOGGER.debug(
+                f"received {uid} from {facts.calling_aet} at {facts.peer} for "
+                f"{', '.join(names)} (ack log record {record.seq})",
+                extra=fields(sop_instance_uid=uid, outcome="received"),
+            )
+        return 0x0000
+
+    def _direct(self, sink: SpoolFile | AckSink) -> SpoolFile:
+        """The spool file of an instance that goes the direct way (moved out of its segment
+        when it was there); raises _Refused when it cannot be written."""
+        if not isinstance(sink, AckSink):
+            return sink
+        spool = sink.spill()
+        try:
+            spool.complete()
+        except OSError as exc:
+            LOGGER.error(f"cannot write to {self.incoming}: {exc}; answered 0xA700")
+            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+        assert isinstance(spool, SpoolFile)
+        return spool
+
+    def _folder(self, folder: Path) -> Path:
+        """Create `folder` (a calling AE's) durably, once per run; returns it."""
         if folder in self._folders:
-            return
+            return folder
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             fsync_dir(folder.parent)
         self._folders.add(folder)
+        return folder
 
     def _place(self, spool: SpoolFile, folder: Path, uid: str) -> Path:
         """Give the spool file its final name in `folder`, never replacing a file there (the
@@ -718,15 +830,21 @@ class Receiver:
         return 0x0000
 
 
-class _AssociationStore:
+class _Lane:
+    """What one association holds: the ack log segment it writes into."""
+
+    segment: Segment | None = None
+
+
+class _AssociationStore(_Lane):
     """`forwarder.acceptor.Store` for one association: its facts go with every instance."""
 
     def __init__(self, receiver: Receiver, facts: _Facts) -> None:
         self.receiver = receiver
         self.facts = facts
 
-    def begin(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> SpoolFile:
-        return self.receiver.begin(sop_class, sop_instance, transfer_syntax)
+    def begin(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> SpoolFile | AckSink:
+        return self.receiver.begin(sop_class, sop_instance, transfer_syntax, self)
 
     def store(self, sink: Any, sop_class: str, sop_instance: str) -> tuple[int, str | None]:
         return self.receiver.store(sink, sop_class, sop_instance, self.facts)

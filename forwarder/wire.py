@@ -381,6 +381,35 @@ class Link:
             raise WireError(f"PDU of {length} bytes from the peer")
         return pdu_type, self._take(length, what)
 
+    def read_pdu_into(self, what: str = "DIMSE timeout") -> tuple[int, bytes | bytearray]:
+        """`read_pdu` for an acceptor's data phase: a large body is received straight into a
+        buffer of its own (no copy through the read buffer)."""
+        pdu_type, length = _PDU_HEADER.unpack(self._take(6, what))
+        if length > MAX_PDU_IN:
+            raise WireError(f"PDU of {length} bytes from the peer")
+        have = len(self._inbuf)
+        if length <= have or length < _RECV_SIZE:
+            return pdu_type, self._take(length, what)
+        body = bytearray(length)
+        body[:have] = self._inbuf
+        self._inbuf.clear()
+        view = memoryview(body)
+        pos = have
+        try:
+            while pos < length:
+                self._quickack()
+                n = self.sock.recv_into(view[pos:], length - pos)
+                if not n:
+                    raise WireError("the peer closed the connection")
+                pos += n
+        except TimeoutError as exc:
+            raise WireError(f"{what}: no answer from the peer within {self._timeout:g} s") from exc
+        except OSError as exc:  # reset, TLS error
+            raise WireError(f"connection lost: {exc.strerror or exc}") from exc
+        finally:
+            view.release()
+        return pdu_type, body
+
     # -- the data phase ---------------------------------------------------------------
 
     @staticmethod

@@ -152,9 +152,16 @@ class Receiving(Forwarder):
     def received_files(self) -> list[Path]:
         if not self.received_dir.exists():
             return []
+        hidden = {".incoming", ".acklog"}  # spool files and ack log segments
         return sorted(
-            p for p in self.received_dir.rglob("*") if p.is_file() and ".incoming" not in p.parts
+            p for p in self.received_dir.rglob("*") if p.is_file() and not hidden & set(p.parts)
         )
+
+    def landed(self, n: int, timeout: float = 15) -> list[Path]:
+        """The received files once there are `n` (an acknowledged instance gets its file
+        from the ack log a moment after its answer)."""
+        self.wait(lambda: len(self.received_files()) >= n, timeout, f"{n} received file(s)")
+        return self.received_files()
 
     def spooled(self) -> list[Path]:
         incoming = self.received_dir / ".incoming"
@@ -210,7 +217,7 @@ def test_received_file_is_the_data_set_as_sent_under_the_calling_aet(
     ).start()
     ds = ct()
     Modality(rcv.port, aet="MR02").push([ds], syntaxes=["1.2.840.10008.1.2"])
-    (path,) = rcv.received_files()
+    (path,) = rcv.landed(1)
     assert path == rcv.received_dir / "MR02" / f"{ds.SOPInstanceUID}.dcm"
     got = dcmread(path)
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"  # the negotiated syntax
@@ -483,7 +490,7 @@ def test_full_disk_answers_a700_and_recovers_by_itself(
     assert all(s in (0x0000, 0xA700) for s in modality.answers.values())
     assert not rcv.spooled()
     stored = modality.acked()
-    assert len(rcv.received_files()) == len(stored)
+    assert len(rcv.landed(len(stored))) == len(stored)
     pacs.statuses.clear()  # the destination takes them: the disk empties
     rcv.wait(lambda: stored <= set(pacs.uids()), 30, "stored ones delivered")
     rcv.wait(lambda: not rcv.received_files(), 15, "disk emptied")
@@ -622,7 +629,7 @@ def test_a_100_mb_instance_is_received_with_flat_memory(rcv: Receiving, corpus: 
     modality.push([ds])
     assert modality.acked() == {str(ds.SOPInstanceUID)}
     grown_mb = (proc_status_kb(rcv.pid, "VmHWM") - before) / 1024
-    (path,) = [p for p in rcv.received_files() if p.name.startswith(str(ds.SOPInstanceUID))]
+    (path,) = [p for p in rcv.landed(2) if p.name.startswith(str(ds.SOPInstanceUID))]
     assert path.stat().st_size > 100 * 2**20
     assert grown_mb < 25, f"the daemon's peak memory grew by {grown_mb:.0f} MB"
     assert rcv.stop() == 0

@@ -14,6 +14,7 @@ from forwarder.outbox.schema import (
     LIST_ORDER,
     MANY,
     SELECT,
+    SQL_ACKLOG_MARKS,
     SQL_AWAITING,
     SQL_COMMITMENT,
     SQL_COMMITMENT_ROWS,
@@ -60,6 +61,10 @@ class Queries(Database):
     ) -> builtins.set[tuple[str, int, int]]:
         """The ``(path, size, mtime_ns)`` of `keys` that have rows: `is_known` for a batch."""
         return set(self._rows_of_paths("known_files", set(keys)))
+
+    def acklog_marks(self) -> dict[str, int]:
+        """Ack log segment name -> the last of its records queued (see forwarder.acklog)."""
+        return {str(name): int(seq) for name, seq in self._query("acklog", SQL_ACKLOG_MARKS)}
 
     def files_states(
         self, keys: Iterable[tuple[str, int, int]]

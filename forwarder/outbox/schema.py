@@ -295,6 +295,20 @@ _SCHEMA_V7_COMMITMENT: Final[tuple[str, ...]] = (
     "PRAGMA user_version = 7",
 )
 
+# Version 8: the receiver's ack log (forwarder.acklog). An instance is acknowledged once it is
+# in an ack log segment; it is queued (its file made, its rows added) later, and ``acklog``
+# says, per segment, the last record queued: committed in the same transaction as its rows, so
+# that after a crash a record is queued again exactly when its rows are not there.
+_SCHEMA_V8_ACKLOG: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE IF NOT EXISTS acklog (
+        segment TEXT    PRIMARY KEY,
+        seq     INTEGER NOT NULL
+    ) STRICT
+    """,
+    "PRAGMA user_version = 8",
+)
+
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (1, _SCHEMA_V1),
     (2, _SCHEMA_V2),
@@ -303,6 +317,7 @@ MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (5, _SCHEMA_V5_RETENTION),
     (6, _SCHEMA_V6_SENT_UID),
     (7, _SCHEMA_V7_COMMITMENT),
+    (8, _SCHEMA_V8_ACKLOG),
 )
 """(version reached, statements) in order; version 0 is an empty database."""
 
@@ -348,6 +363,12 @@ SQL_ENQUEUE: Final = """
             :now, :now, :now, :dataset_offset)
     ON CONFLICT (path, size, mtime_ns, destination) DO NOTHING
 """
+
+SQL_ACKLOG_MARK: Final = """
+    INSERT INTO acklog (segment, seq) VALUES (?, ?)
+    ON CONFLICT (segment) DO UPDATE SET seq = max(seq, excluded.seq)
+"""
+SQL_ACKLOG_MARKS: Final = "SELECT segment, seq FROM acklog"
 
 SQL_PAUSED_UNTIL: Final = """
     SELECT paused_until FROM destinations WHERE name = ? AND paused_until > ?

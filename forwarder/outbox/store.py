@@ -23,6 +23,7 @@ from forwarder.outbox.records import (
 from forwarder.outbox.schema import (
     RETRY_NOW_BASE,
     RETRY_NOW_FILTERS,
+    SQL_ACKLOG_MARK,
     SQL_ASKED,
     SQL_CLAIM,
     SQL_CLAIM_ASKS,
@@ -125,9 +126,16 @@ class Outbox(Pruning):
         """`enqueue` for many files in one transaction (all or none); returns rows added."""
         return self.enqueue_routed([(rec, destinations) for rec in recs], now)
 
-    def enqueue_routed(self, routed: Sequence[tuple[DicomInfo, Sequence[str]]], now: float) -> int:
+    def enqueue_routed(
+        self,
+        routed: Sequence[tuple[DicomInfo, Sequence[str]]],
+        now: float,
+        marks: Mapping[str, int] | None = None,
+    ) -> int:
         """Queue each file for its own destinations, all in one transaction (all or none);
-        returns rows added. A file with no destination gets no row."""
+        returns rows added. A file with no destination gets no row. `marks` (ack log segment
+        name -> the last record these rows come from, see forwarder.acklog) are recorded in
+        the same transaction."""
         for rec, _ in routed:
             check_absolute(rec.path)
         params = (
@@ -146,12 +154,15 @@ class Outbox(Pruning):
             for rec, destinations in routed
             for dest in destinations
         )
-        if not any(destinations for _, destinations in routed):
+        if not marks and not any(destinations for _, destinations in routed):
             return 0
         with self._write("enqueue") as conn:
             before = conn.total_changes
             conn.executemany(SQL_ENQUEUE, params)
-            return conn.total_changes - before
+            added = conn.total_changes - before
+            if marks:
+                conn.executemany(SQL_ACKLOG_MARK, marks.items())
+            return added
 
     # ---------------------------------------------------------------------------- workers
 

@@ -1,0 +1,742 @@
+"""The ack log: a received instance is made durable with one write before it is acknowledged.
+
+One association is strictly serial: the modality waits for each answer before it sends the
+next instance, so every durable write before the answer is paid by every instance. Writing an
+instance to a file of its own, linking it into place and committing its outbox rows costs
+three (the file's fsync, its folder's, SQLite's WAL), each a journal commit of the file system.
+The ack log costs one ``fdatasync`` over blocks that are already allocated, which does not
+need the file system's journal at all.
+
+- **Segments.** ``<receive.dir>/.acklog/NNNNNNNN.ack``: files of `SEGMENT_SIZE` bytes, filled
+  with zeros once when they are made (the `Lander` thread makes them ahead of need), then
+  written over again and again. An association takes a free segment and is its only writer
+  until it gives it back (the association ends, or the segment has under `ROOM` bytes left).
+- **Records.** An instance's bytes (file meta and data set, exactly the file it becomes) are
+  written into the segment as they arrive, then a small JSON record of what the receiver
+  decided (its folder, UIDs, destinations); ``fdatasync``; then the header before them (magic,
+  sequence number, the segment's epoch, lengths, a CRC-32 of the header and the JSON) and a
+  second ``fdatasync`` of that one block; then the instance is answered 0x0000. A header is
+  only ever written over bytes already durable, so a valid header means a whole record; a
+  record the daemon did not finish (a crash) has no valid header, and a record from the
+  segment's earlier use has another epoch: a scan stops at either. (A CRC over the bytes
+  instead of the first ``fdatasync`` costs more: 0.3 ms per 512 KB in this thread.)
+- **Landing.** The `Lander` thread then does what the receiver used to do before the answer,
+  for many records at once: it makes each record's file in ``<dir>/<calling AE>/`` (never
+  over another file), fsyncs the files and their folders, and commits their outbox rows
+  together with the segment's mark (table ``acklog``: the last record landed) in one
+  transaction. A segment given back with every record landed is free again.
+- **Restart.** `AckLog.open` scans every segment for records after its mark; the lander lands
+  them before anything else. A file made but not committed has no outbox row: the receiver's
+  sweep removes it first, and its record makes it again.
+
+An instance that does not fit (larger than what its segment has left), or that arrives while
+no segment is free or landing fails (a full disk, an outbox that cannot be written), is
+written the direct way, to a file of its own committed before the answer: slower, never
+wrong. The log is bounded: at most `MAX_SEGMENTS` segments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from forwarder.dicomfile import DicomInfo
+from forwarder.filing import fsync_dir
+from forwarder.outbox import OutboxCorruptError, OutboxError
+
+__all__ = [
+    "FOLDER",
+    "AckLog",
+    "AckSink",
+    "Lander",
+    "Record",
+    "Segment",
+]
+
+LOGGER = logging.getLogger("forwarder.receiver")
+
+FOLDER = ".acklog"
+"""The folder of `receive.dir` that holds the segments."""
+SUFFIX = ".ack"
+SEGMENT_SIZE = 16 << 20
+ROOM = 4 << 20
+"""A segment with less room than this left is given back before the next instance starts."""
+MAX_SEGMENTS = 64
+"""At most this many segments (1 GiB): with none free, instances are written the direct way."""
+KEEP_FREE = 4
+"""Free segments kept beyond those the associations hold now; the others are removed."""
+MAGIC = b"FWDACK01"
+_FIELDS = struct.Struct("<8sQQQI")  # magic, seq, epoch, data length, meta length
+_CRC = struct.Struct("<I")
+HEADER_SIZE = 64
+ALIGN = 4096
+META_ROOM = 1 << 16
+"""Room kept after an instance's bytes for its record (a larger record goes the direct way)."""
+CHUNK = 1 << 20
+WRITEBACK_MIN = 1 << 16
+"""A fragment this large has its writeback started as soon as it is written."""
+MAX_BATCH = 256
+"""Records landed in one transaction at most."""
+MAX_BATCH_BYTES = 64 << 20
+PREPARE_BACKOFF = 30.0
+"""Seconds before a segment that could not be made (a full disk) is tried again."""
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+"""Seconds before landing is tried again after a failure, doubling up to the second."""
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(eq=False)
+class Segment:
+    """One segment file, open for reading and writing while the daemon runs."""
+
+    path: Path
+    fd: int
+    size: int
+    epoch: int = 0  # the sequence number taken when its current use began
+    offset: int = 0  # where its next record goes (its owner's)
+    pending: int = 0  # records acknowledged and not landed yet (under the log's lock)
+    owned: bool = False
+    broken: bool = False  # a write or fdatasync failed: never written again
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def room(self) -> int:
+        return self.size - self.offset
+
+
+@dataclass(frozen=True, eq=False)
+class Record:
+    """An acknowledged instance in a segment: its bytes start at ``start + HEADER_SIZE``."""
+
+    segment: Segment
+    start: int
+    seq: int
+    size: int
+    meta: Mapping[str, Any]
+
+    @property
+    def data_offset(self) -> int:
+        return self.start + HEADER_SIZE
+
+
+class _Window(io.RawIOBase):
+    """`size` bytes of a file descriptor from `base`, as a seekable read-only stream."""
+
+    def __init__(self, fd: int, base: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._base, self._size, self._pos = fd, base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, start + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._fd, n, self._base + self._pos)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+class AckLog:
+    """The segments under `directory`: who writes where, and which are free."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        segment_size: int = SEGMENT_SIZE,
+        max_segments: int = MAX_SEGMENTS,
+        wanted: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.dir = directory
+        self.segment_size = segment_size
+        self.max_segments = max_segments
+        self._wanted = wanted  # asks the lander to make a segment
+        self._lock = threading.Lock()
+        self._segments: dict[str, Segment] = {}
+        self._free: list[Segment] = []
+        self._seq = 0
+        self._serial = 0
+        self._want = False
+        self._unable_until = 0.0  # a segment could not be made: not before then again
+        self.unable: str | None = None
+
+    # -- start and end -------------------------------------------------------------------
+
+    def open(self, marks: Mapping[str, int]) -> list[Record]:
+        """Open the segments the last run left (`marks`: the outbox's ``acklog_marks``);
+        returns their records not landed yet, oldest first. Raises OSError."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        found: list[Record] = []
+        top = max(marks.values(), default=0)
+        for entry in sorted(os.scandir(self.dir), key=lambda e: e.name):
+            if not entry.name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
+                if entry.name.endswith(".tmp"):  # being made when the daemon stopped
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                continue
+            with contextlib.suppress(ValueError):
+                self._serial = max(self._serial, int(entry.name.removesuffix(SUFFIX)))
+            fd = os.open(entry.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            seg = Segment(Path(entry.path), fd, os.fstat(fd).st_size)
+            records, highest = scan(seg, marks.get(seg.name, 0))
+            top = max(top, highest)
+            self._segments[seg.name] = seg
+            seg.pending = len(records)
+            found += records
+            if not records:
+                self._release(seg)
+        self._seq = top
+        self._want = not self._free  # the lander makes one before the first association
+        found.sort(key=lambda r: r.seq)
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            for seg in self._segments.values():
+                with contextlib.suppress(OSError):
+                    os.close(seg.fd)
+            self._segments.clear()
+            self._free.clear()
+
+    # -- associations --------------------------------------------------------------------
+
+    def take(self) -> Segment | None:
+        """A free segment for an association to write into, or None (none free: the lander is
+        asked for one, and the instance is written the direct way)."""
+        with self._lock:
+            seg = self._free.pop() if self._free else None
+            if seg is not None:
+                self._seq += 1
+                seg.epoch, seg.offset, seg.owned = self._seq, 0, True
+            want = not self._free and time.monotonic() >= self._unable_until
+            if want and len(self._segments) < self.max_segments:
+                self._want = True
+            else:
+                want = False
+        if want:
+            self._wanted()
+        return seg
+
+    def give_back(self, seg: Segment) -> None:
+        """The association is done with `seg`: free once its records are landed."""
+        with self._lock:
+            seg.owned = False
+            if seg.pending == 0:
+                self._release(seg)
+
+    def next_seq(self) -> int:
+        with self._lock:
+            self._seq += 1
+            return self._seq
+
+    def added(self, seg: Segment) -> None:
+        with self._lock:
+            seg.pending += 1
+
+    def landed(self, records: Iterable[Record]) -> None:
+        with self._lock:
+            for rec in records:
+                seg = rec.segment
+                seg.pending -= 1
+                if seg.pending == 0 and not seg.owned:
+                    self._release(seg)
+
+    def _release(self, seg: Segment) -> None:
+        """`seg` holds nothing to land: free it, or remove it (under the lock, or at open).
+
+        Its first header is zeroed (not synced: the outbox's mark is what counts), so that an
+        outbox made anew never sees the old records."""
+        if seg.name not in self._segments:
+            return
+        owned = sum(1 for s in self._segments.values() if s.owned)
+        if not seg.broken:
+            try:
+                os.pwrite(seg.fd, bytes(HEADER_SIZE), 0)
+            except OSError:
+                seg.broken = True
+        if seg.broken or len(self._free) >= KEEP_FREE + owned:
+            del self._segments[seg.name]
+            with contextlib.suppress(OSError):
+                os.close(seg.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(seg.path)
+            return
+        seg.offset = 0
+        self._free.append(seg)
+
+    # -- the lander's side ---------------------------------------------------------------
+
+    def wants(self) -> bool:
+        with self._lock:
+            return self._want
+
+    def prepare(self) -> None:
+        """Make one segment (zeros written and synced, then renamed into place), when one was
+        asked for. A failure (a full disk) is logged once and not tried again for a while."""
+        with self._lock:
+            self._want = False
+            if self._free or len(self._segments) >= self.max_segments:
+                return
+            self._serial += 1
+            name = f"{self._serial:08d}{SUFFIX}"
+        final = self.dir / name
+        tmp = final.with_name(name + ".tmp")
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            zeros = bytes(CHUNK)
+            for at in range(0, self.segment_size, CHUNK):
+                _pwrite_all(fd, zeros[: min(CHUNK, self.segment_size - at)], at)
+            os.fsync(fd)
+            os.rename(tmp, final)
+            fsync_dir(self.dir)
+        except OSError as exc:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            with self._lock:
+                self._unable_until = time.monotonic() + PREPARE_BACKOFF
+                first = self.unable is None
+                self.unable = f"cannot make an ack log segment in {self.dir}: {exc.strerror or exc}"
+            if first:
+                LOGGER.warning(
+                    f"receive: {self.unable}; instances are written one file each (slower) "
+                    f"until there is room"
+                )
+            return
+        with self._lock:
+            seg = Segment(final, fd, self.segment_size)
+            self._segments[name] = seg
+            self._free.append(seg)
+            if self.unable is not None:
+                LOGGER.info(f"receive: ack log segments can be made again in {self.dir}")
+            self.unable = None
+
+    def counts(self) -> tuple[int, int]:
+        """(segments, records acknowledged and not landed)."""
+        with self._lock:
+            return len(self._segments), sum(s.pending for s in self._segments.values())
+
+
+def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
+    """The records of `seg` after `mark`, and the highest sequence number of its current use.
+
+    Reads from the start: the first record gives the epoch; the scan stops at the first header
+    that is not a record, whose CRC fails, or that belongs to another epoch.
+    """
+    out: list[Record] = []
+    pos, epoch, last, highest = 0, -1, -1, 0
+    while pos + HEADER_SIZE <= seg.size:
+        head = os.pread(seg.fd, HEADER_SIZE, pos)
+        if len(head) < HEADER_SIZE:
+            break
+        magic, seq, ep, size, meta_len = _FIELDS.unpack_from(head)
+        (crc,) = _CRC.unpack_from(head, _FIELDS.size)
+        end = pos + HEADER_SIZE + size + meta_len
+        if magic != MAGIC or end > seg.size or meta_len > META_ROOM or seq <= ep:
+            break
+        if epoch < 0:
+            epoch = ep
+        if ep != epoch or seq <= last:
+            break
+        body = os.pread(seg.fd, meta_len, end - meta_len)
+        if zlib.crc32(head[: _FIELDS.size], zlib.crc32(body)) != crc:
+            break
+        try:
+            meta = json.loads(body)
+        except ValueError:
+            break
+        if not isinstance(meta, dict):
+            break
+        last, highest = seq, max(highest, seq)
+        if seq > mark:
+            out.append(Record(seg, pos, seq, size, meta))
+        pos = _aligned(end)
+    return out, highest
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.pwrite(fd, view, at)
+            view, at = view[n:], at + n
+    finally:
+        view.release()
+
+
+class _Spool(Protocol):
+    """What `AckSink` hands an instance to when it does not fit: a `receiver.SpoolFile`."""
+
+    name: str
+    error: OSError | None
+    invalid: str | None
+    size: int
+
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+    def complete(self) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+    def discard(self) -> None: ...
+
+
+class AckSink:
+    """Where a data set is written while it arrives, when its association holds a segment.
+
+    Like `receiver.SpoolFile` (``write``, ``complete``, ``close``, ``discard``; a write error
+    is kept, not raised), plus `commit`. Each fragment is written as it comes (a PDU's
+    worth). When the instance outgrows the segment's room it is
+    moved to a spool file made by `spill` (`spilled` is then that file) and goes on there.
+    """
+
+    def __init__(self, log: AckLog, segment: Segment, spill: Callable[[], _Spool]) -> None:
+        self.log = log
+        self.segment = segment
+        self.start = segment.offset
+        self.error: OSError | None = None
+        self.invalid: str | None = None
+        self.size = 0
+        self.spilled: _Spool | None = None
+        self._spill = spill
+        self._limit = segment.size - self.start - HEADER_SIZE - META_ROOM  # bytes that fit
+
+    @property
+    def name(self) -> str:
+        return self.spilled.name if self.spilled is not None else str(self.segment.path)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.spilled is None and self.error is None and self.size + len(data) > self._limit:
+            self.spill()
+        if self.spilled is not None:
+            return self.spilled.write(data)
+        if self.error is None:
+            at = self.start + HEADER_SIZE + self.size
+            try:
+                _pwrite_all(self.segment.fd, data, at)
+                if len(data) >= WRITEBACK_MIN:
+                    # start writing it to the disk now, while the next fragment arrives: the
+                    # fdatasync before the answer then waits for the last one only (dirty
+                    # pages are not dropped by this advice, only clean ones)
+                    os.posix_fadvise(self.segment.fd, at, len(data), os.POSIX_FADV_DONTNEED)
+            except OSError as exc:
+                self.error = exc
+                self.segment.broken = True
+            self.size += len(data)
+        return len(data)
+
+    def spill(self) -> _Spool:
+        """Move what has arrived to a spool file (`spill`), and write the rest there."""
+        if self.spilled is not None:
+            return self.spilled
+        spool = self._spill()
+        if self.error is not None:
+            spool.error = self.error
+        fd, base = self.segment.fd, self.start + HEADER_SIZE
+        try:
+            for at in range(0, self.size, CHUNK):
+                spool.write(os.pread(fd, min(CHUNK, self.size - at), base + at))
+        except OSError as exc:
+            spool.error = spool.error or exc
+        spool.invalid = self.invalid
+        self.spilled = spool
+        return spool
+
+    def complete(self) -> None:
+        """Raises the first write error (OSError)."""
+        if self.spilled is not None:
+            self.spilled.complete()
+        elif self.error is not None:
+            raise self.error
+
+    def stream(self) -> BinaryIO:
+        """The instance's bytes, to read (after `complete`)."""
+        window = _Window(self.segment.fd, self.start + HEADER_SIZE, self.size)
+        return io.BufferedReader(window, 1 << 16)
+
+    def commit(self, meta: Mapping[str, Any]) -> Record | None:
+        """Write `meta` and the header, ``fdatasync``: the instance is durable and may be
+        answered. Returns its record, or None when `meta` does not fit (then `spill` it).
+
+        Raises OSError (the segment is not written again)."""
+        self.complete()
+        body = json.dumps(meta, separators=(",", ":")).encode()
+        if len(body) > META_ROOM:
+            return None
+        seg = self.segment
+        seq = self.log.next_seq()
+        data_end = self.start + HEADER_SIZE + self.size
+        fields = _FIELDS.pack(MAGIC, seq, seg.epoch, self.size, len(body))
+        header = fields + _CRC.pack(zlib.crc32(fields, zlib.crc32(body)))
+        try:
+            _pwrite_all(seg.fd, body, data_end)
+            os.fdatasync(seg.fd)  # the bytes, before the header that says they are there
+            _pwrite_all(seg.fd, header + bytes(HEADER_SIZE - len(header)), self.start)
+            os.fdatasync(seg.fd)
+        except OSError:
+            seg.broken = True
+            raise
+        seg.offset = _aligned(data_end + len(body))
+        self.log.added(seg)
+        return Record(seg, self.start, seq, self.size, dict(meta))
+
+    def sync(self) -> None:
+        if self.spilled is not None:
+            self.spilled.sync()
+
+    def close(self) -> None:
+        if self.spilled is not None:
+            self.spilled.close()
+
+    def discard(self) -> None:
+        """Forget the instance: its room in the segment is written over by the next one."""
+        if self.spilled is not None:
+            self.spilled.discard()
+
+
+Routed = tuple[DicomInfo, Sequence[str]]
+
+
+@dataclass
+class _Made:
+    record: Record
+    path: Path
+    fd: int
+
+
+class Lander:
+    """The thread that lands acknowledged records (see the module docstring).
+
+    `enqueue` is the outbox's ``enqueue_routed``; `folder` makes (once, durably) and returns
+    a calling AE's folder; `queued` wakes the workers. Landing that fails (a full disk, an
+    outbox that cannot be written) is tried again after 1 s, 2 s ... 30 s; meanwhile
+    `failing` says why, and the receiver writes new instances the direct way.
+    """
+
+    def __init__(
+        self,
+        log: AckLog,
+        *,
+        enqueue: Callable[[Sequence[Routed], float, Mapping[str, int]], int],
+        folder: Callable[[str], Path],
+        queued: Callable[[], None],
+        damaged: Callable[[str, OutboxCorruptError], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.log = log
+        self._enqueue = enqueue
+        self._folder = folder
+        self._queued = queued
+        self._damaged = damaged
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._todo: deque[Record] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self.failing: str | None = None
+        self.landed = 0  # records landed by this run (tests and status)
+
+    def start(self, records: Iterable[Record] = ()) -> None:
+        with self._cond:
+            self._todo.extend(records)
+        self._thread = threading.Thread(target=self._run, name="receiver-lander", daemon=True)
+        self._thread.start()
+
+    def add(self, record: Record) -> None:
+        with self._cond:
+            self._todo.append(record)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._todo)
+
+    def stop(self, timeout: float) -> None:
+        """Land what is waiting (one try), then end. What is left is landed at the next
+        start."""
+        with self._cond:
+            self._stopping = True
+            self._retry_at = 0.0
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    due = self._todo and now >= self._retry_at
+                    if due or self._stopping or self.log.wants():
+                        break
+                    self._cond.wait(self._retry_at - now if self._todo else None)
+                stopping = self._stopping
+                batch = self._batch() if due or stopping else []
+            if self.log.wants() and not stopping:
+                self.log.prepare()
+            if batch:
+                self._try(batch)
+            if stopping:
+                with self._cond:
+                    if not self._todo or self.failing is not None:
+                        return
+
+    def _batch(self) -> list[Record]:
+        batch: list[Record] = []
+        size = 0
+        while self._todo and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
+            rec = self._todo.popleft()
+            batch.append(rec)
+            size += rec.size
+        return batch
+
+    def _try(self, batch: list[Record]) -> None:
+        try:
+            self._land(batch)
+        except Exception as exc:  # put back and tried again, whatever it was: never ends the thread
+            with self._cond:
+                self._todo.extendleft(reversed(batch))
+                self._backoff = min(RETRY_MAX, max(RETRY_FIRST, self._backoff * 2))
+                self._retry_at = time.monotonic() + self._backoff
+                why = _why(exc)
+                first = self.failing != why
+                self.failing = why
+            if isinstance(exc, OutboxCorruptError):
+                self._damaged("receiver", exc)
+            if first:
+                expected = isinstance(exc, OSError | OutboxError)
+                (LOGGER.error if expected else LOGGER.exception)(
+                    f"receive: {len(batch)} acknowledged instance(s) cannot be queued yet: {why}; "
+                    f"trying again in {self._backoff:g} s (new instances are written the "
+                    "direct way meanwhile)"
+                )
+            return
+        self.log.landed(batch)
+        with self._cond:
+            if self.failing is not None:
+                LOGGER.info("receive: acknowledged instances are queued again")
+            self.failing, self._backoff = None, 0.0
+            self.landed += len(batch)
+        self._queued()
+
+    def _land(self, batch: list[Record]) -> None:
+        """Make the batch's files, sync them, commit their rows and marks: all or none."""
+        made: list[_Made] = []
+        try:
+            for rec in batch:
+                folder = self._folder(str(rec.meta["folder"]))
+                fd, path = _create(folder, str(rec.meta["uid"]))
+                made.append(_Made(rec, path, fd))
+                _copy(rec.segment.fd, rec.data_offset, fd, rec.size)
+                # start its writeback now: the fsyncs below then find it done, and the first
+                # one's journal commit carries every file's blocks
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            for m in made:
+                os.fsync(m.fd)
+            for folder in dict.fromkeys(m.path.parent for m in made):
+                fsync_dir(folder)
+            routed: list[Routed] = []
+            marks: dict[str, int] = {}
+            for m in made:
+                meta, st = m.record.meta, os.fstat(m.fd)
+                info = DicomInfo(
+                    path=m.path,
+                    size=st.st_size,
+                    mtime_ns=st.st_mtime_ns,
+                    sop_class_uid=str(meta["sop_class"]),
+                    sop_instance_uid=str(meta["uid"]),
+                    transfer_syntax=str(meta["ts"]),
+                    study_uid=meta.get("study"),
+                    dataset_offset=int(meta["offset"]),
+                )
+                routed.append((info, [str(d) for d in meta["to"]]))
+                seg = m.record.segment.name
+                marks[seg] = max(marks.get(seg, 0), m.record.seq)
+            self._enqueue(routed, self._clock(), marks)
+        except BaseException:
+            for m in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(m.path)
+            raise
+        finally:
+            for m in made:
+                with contextlib.suppress(OSError):
+                    os.close(m.fd)
+
+
+def _create(folder: Path, uid: str) -> tuple[int, Path]:
+    """A new file ``<uid>.dcm`` in `folder`, or ``<uid>.1.dcm`` ... when taken: never another's."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for n in range(100000):
+        path = folder / (f"{uid}.dcm" if n == 0 else f"{uid}.{n}.dcm")
+        try:
+            return os.open(path, flags, 0o644), path
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, "no free name", str(folder / uid))
+
+
+def _copy(src: int, offset: int, dst: int, size: int) -> None:
+    """`size` bytes of `src` from `offset` to `dst` (at its start), in the kernel."""
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, size - done, offset + done, done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = 0
+        if n == 0:  # not supported here, or a short source: copy it ourselves
+            data = os.pread(src, min(CHUNK, size - done), offset + done)
+            if not data:
+                raise OSError(errno.EIO, "ack log record shorter than its header says")
+            _pwrite_all(dst, data, done)
+            n = len(data)
+        done += n
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot write to disk: {exc.strerror or exc}"
+    if isinstance(exc, OutboxError):
+        return f"outbox unavailable: {exc}"
+    return f"internal error: {exc!r}"
