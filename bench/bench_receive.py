@@ -5,16 +5,19 @@ as ``bench_send.py``'s tuned mode; PDU 131072):
 
 * **throughput**: dcmsend pushes a whole corpus (``ct``: 1000 x 0.5 MB; ``small``: 2000 x 9.5 KB,
   see ``corpus.py``) on one association to (a) ``storescp -od DIR`` (writes each file, no fsync)
-  and (b) ``forwarder run`` receiving into DIR (temporary file, fsync, rename, folder fsync,
-  outbox commit before every 0x0000). Both write under ``bench/results/`` on the real disk of
-  /work, never tmpfs. The figure is files / dcmsend's wall time (it exits after the last
-  response). The forwarder's one destination is a closed port, so what is timed is the
-  receiving alone (the workers back off; nothing is sent). Each round runs both receivers in
-  rotating order, each after a wait for a quiet machine (no pytest, < 30 % CPU busy, as
-  ``bench_daemon.py`` does); the receiver's own CPU seconds are read from /proc.
+  and (b) ``forwarder run`` receiving into DIR (the ack log: the instance and its record
+  written into a preallocated segment, fdatasync, header, fdatasync, before every 0x0000; the
+  file, its fsyncs and the outbox commit follow behind the answer, see forwarder/acklog.py).
+  Both write under ``bench/results/`` on the real disk of /work, never tmpfs. The figure is
+  files / dcmsend's wall time (it exits after the last response); for the forwarder the time
+  until every file is queued is reported too ("all queued"), and its CPU seconds include it.
+  The forwarder's one destination is a closed port, so what is timed is the receiving alone
+  (the workers back off; nothing is sent). Each round runs both receivers in rotating order,
+  each after a wait for a quiet machine (no pytest, < 30 % CPU busy, as ``bench_daemon.py``
+  does); the receiver's own CPU seconds are read from /proc.
 * **latency** (end to end): dcmsend -> forwarder -> storescp, one dcmsend per instance (a
   modality sending each image as it is made) at a trickle (5 inst/s by default). Per
-  instance: ``ack`` = dcmsend's exit (the receiver's 0x0000: durable and queued) minus its
+  instance: ``ack`` = dcmsend's exit (the receiver's 0x0000: durable) minus its
   launch; ``e2e`` = the instance's file appearing in storescp's folder (polled every 2 ms)
   minus the launch. p50 / p99 / max.
 
@@ -41,6 +44,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,7 @@ class Run:
     busy_before: float
     pytest_seen: bool
     loadavg: float
+    queued_s: float | None = None  # the forwarder: launch until every file is queued
 
     @property
     def rate(self) -> float:
@@ -187,7 +192,15 @@ class Receiving:
         return self.proc.pid
 
     def stored(self) -> int:
-        return bd.count_files(self.dir) if self.dir.exists() else 0
+        """Files in the calling AE folders (acknowledged instances land there from the ack
+        log a moment after their answer; spool files and ack log segments are not counted)."""
+        if not self.dir.exists():
+            return 0
+        return sum(
+            bd.count_files(p)
+            for p in self.dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".")
+        )
 
     def stop(self) -> None:
         bs.kill_group(self.proc.pid, signal.SIGTERM)
@@ -229,6 +242,10 @@ def dcmsend_parallel(port: int, sources: list[Path], logs: Path) -> tuple[float,
     return wall, None if any(r is None for _, r in results) else rc
 
 
+def _all_in(receiver: Receiving, n: int) -> bool:
+    return receiver.stored() >= n
+
+
 def throughput(
     exe: Path,
     work: Path,
@@ -266,6 +283,10 @@ def throughput(
                     wall, rc = dcmsend_parallel(receiver.port, series, log_to)
                 else:
                     wall, rc = dcmsend(receiver.port, corpus_dir, log_to)
+                queued_s = None
+                if isinstance(receiver, Receiving):  # until every acknowledged one has its file
+                    ok, _ = bd.wait_for(partial(_all_in, receiver, len(files)), 120, 0.02)
+                    queued_s = round(time.monotonic() - t0, 3) if ok else None
                 ticks1 = bd.proc_cpu_ticks(receiver.pid)
                 seen = monitor.seen_between(t0, time.monotonic())
                 stored = receiver.stored()
@@ -274,11 +295,12 @@ def throughput(
             cpu = None if ticks0 is None or ticks1 is None else _ticks_s(ticks1 - ticks0)
             run = Run(label, key, rnd, len(files), round(wall, 3), rc, stored,
                       None if cpu is None else round(cpu, 2), quiet.busy, seen,
-                      round(os.getloadavg()[0], 2))  # fmt: skip
+                      round(os.getloadavg()[0], 2), queued_s)  # fmt: skip
             runs.append(run)
             print(
                 f"  {label:8} {key:9} r{rnd}: {run.rate:7.1f} inst/s ({wall:.2f} s, rc {rc}, "
-                f"stored {stored}, receiver CPU {cpu if cpu is None else round(cpu, 2)} s, "
+                f"stored {stored}{'' if queued_s is None else f' (all queued at {queued_s} s)'}, "
+                f"receiver CPU {cpu if cpu is None else round(cpu, 2)} s, "
                 f"busy before {quiet.busy:.0%}{', PYTEST SEEN' if seen else ''})",
                 file=sys.stderr,
             )
@@ -377,8 +399,8 @@ def markdown(runs: list[Run], lat: Latency | None, meta: dict[str, Any]) -> str:
            f"{meta['loadavg_end']} at the end. Receivers write under {meta['work']} "
            f"(real disk: {meta['fs']}).", "",
            "| corpus | round | storescp inst/s | forwarder inst/s | ratio | storescp CPU s "
-           "| forwarder CPU s | busy before | pytest seen |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "| forwarder CPU s | forwarder all queued s | busy before | pytest seen |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     ok = True
     for name in dict.fromkeys(r.corpus for r in runs):
         ratios = []
@@ -394,7 +416,7 @@ def markdown(runs: list[Run], lat: Latency | None, meta: dict[str, Any]) -> str:
             shown = "n/a" if busy != busy else f"{busy:.0%}"  # NaN: pytest ran, not measured
             out.append(
                 f"| {name} | {rnd} | {s.rate:.1f} | {f.rate:.1f} | {ratio:.2f}x | "
-                f"{s.receiver_cpu_s} | {f.receiver_cpu_s} | {shown} "
+                f"{s.receiver_cpu_s} | {f.receiver_cpu_s} | {f.queued_s} | {shown} "
                 f"| {'yes' if s.pytest_seen or f.pytest_seen else 'no'} |"
             )
         if ratios:
@@ -405,7 +427,7 @@ def markdown(runs: list[Run], lat: Latency | None, meta: dict[str, Any]) -> str:
                 if target
                 else " (no target: several modalities at once)"
             )
-            out.append(f"| **{name}** | median | | | **{med:.2f}x**{verdict} | | | | |")
+            out.append(f"| **{name}** | median | | | **{med:.2f}x**{verdict} | | | | | |")
     if lat is not None:
         ok &= lat.missing == 0
         out += ["", f"End to end at {lat.rate:g} inst/s, {lat.files} instances, one dcmsend "

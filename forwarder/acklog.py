@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from forwarder.dicomfile import DicomInfo
 from forwarder.filing import fsync_dir
@@ -483,8 +483,8 @@ class AckSink:
 
     def stream(self) -> BinaryIO:
         """The instance's bytes, to read (after `complete`)."""
-        window = _Window(self.segment.fd, self.start + HEADER_SIZE, self.size)
-        return io.BufferedReader(window, 1 << 16)
+        # unbuffered: `dicomfile.Reader` reads in chunks of its own
+        return cast(BinaryIO, _Window(self.segment.fd, self.start + HEADER_SIZE, self.size))
 
     def commit(self, meta: Mapping[str, Any]) -> Record | None:
         """Write `meta` and the header, ``fdatasync``: the instance is durable and may be

@@ -1,30 +1,34 @@
-"""The receiver: a C-STORE SCP that answers success only once an instance is durable and queued.
+"""The receiver: a C-STORE SCP that answers success only once an instance is durable.
 
 Associations are accepted on a listening socket, one thread each, and served by
 ``forwarder.acceptor`` (our own acceptor on ``forwarder.wire``: pynetdicom's took four to six
 times longer per instance). An instance's data set is written as it arrives, never decoded,
-behind a file meta made from the negotiated transfer syntax, into a spool file in
-``<dir>/.incoming`` (a `SpoolFile`: the same file system as `dir`, written in 1 MiB pieces, so
-memory stays flat whatever the instance's size). Then, in the association's thread:
+behind a file meta made from the negotiated transfer syntax (memory stays flat whatever its
+size). Where it is written, and what happens before the answer:
 
-1. the spool file's header is inspected (`forwarder.dicomfile.inspect`, with the
-   attributes the routing rules name) and routed (`forwarder.routing.Router.route`, with the
-   reserved keys ``calling_aet``, ``called_aet`` and ``peer``);
-2. it is linked under its final name ``<dir>/<calling AE>/<SOP Instance UID>.dcm`` (never over
-   another file), its spool name removed, and its data fsynced;
-3. its folder is fsynced and its outbox rows committed, both by a `GroupCommit` shared by the
-   associations (one fsync and one transaction for every instance that arrived meanwhile);
-4. only then is 0x0000 answered, and the workers woken.
+- **The ack log** (`forwarder.acklog`; the usual way): into the segment the association
+  holds. Once complete it is inspected in place (`forwarder.dicomfile.inspect_stream`, with
+  the attributes the routing rules name) and routed (`forwarder.routing.Router.route`, with
+  the reserved keys ``calling_aet``, ``called_aet`` and ``peer``); its record (folder, UIDs,
+  destinations) and header are written and synced; 0x0000 is answered. The lander thread then
+  gives it its file ``<dir>/<calling AE>/<SOP Instance UID>.dcm`` and its outbox rows, and
+  wakes the workers.
+- **The direct way** (an instance larger than its segment's room, no segment free, or the
+  lander failing): into a spool file in ``<dir>/.incoming`` (a `SpoolFile`, written in 1 MiB
+  pieces); inspected and routed as above; linked under its final name (never over another
+  file), its spool name removed, its data fsynced; its folder fsynced and its outbox rows
+  committed by a `GroupCommit` shared by the associations; then 0x0000.
 
-A spool or folder that cannot be written (disk full), or an outbox that cannot be: 0xA700,
+A spool or segment that cannot be written (disk full), or an outbox that cannot be: 0xA700,
 and nothing is left behind. A data set that is not DICOM, is cut short or has no SOP Instance
 UID: 0xC000 with an error comment. An instance that no destination wants follows
-``routing.unmatched``, and is answered success.
+``routing.unmatched`` (the direct way), and is answered success.
 
-At start (`sweep`) spool files left by a crash are removed, and so is every file in `dir` that
-has no outbox row: it was renamed into place but its rows were never committed, so it was
-never acknowledged, and the modality, which saw no success, sends it again. A file whose rows
-are all final is handed to the disposer.
+At start the ack log's records not yet queued are found (`AckLog.open`), then (`sweep`) spool
+files left by a crash are removed, and so is every file in `dir` that has no outbox row: its
+record makes it again, or it came the direct way and was never acknowledged (the modality,
+which saw no success, sends it again). A file whose rows are all final is handed to the
+disposer. Then the lander queues the records found, and the receiver listens.
 """
 
 from __future__ import annotations

@@ -230,6 +230,8 @@ def _receiver(daemon: DaemonStatus, settings: Settings | None) -> str | None:
         f"{info.get('received_last_hour', 0)} in the last hour, "
         f"{info.get('received_last_day', 0)} in the last day; "
         f"{info.get('rejected_associations', 0)} association(s) rejected since start"
+        + (f"; {info['queueing']} acknowledged, being queued" if info.get("queueing") else "")
+        + (f"; QUEUEING FAILS: {info['queue_error']}" if info.get("queue_error") else "")
     )
 
 
