@@ -51,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, cast
+from typing import Any, BinaryIO, Final, Protocol, cast
 
 from forwarder.dicomfile import DicomInfo
 from forwarder.filing import fsync_dir
@@ -379,13 +379,35 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
             meta = json.loads(body)
         except ValueError:
             break
-        if not isinstance(meta, dict):
+        if not _meta_ok(meta):  # written by this module: only another version could do this
+            LOGGER.error(f"{seg.path}: record {seq} is not one this version can queue; left there")
             break
         last, highest = seq, max(highest, seq)
         if seq > mark:
             out.append(Record(seg, pos, seq, size, meta))
         pos = _aligned(end)
     return out, highest
+
+
+_META_TYPES: Final = {
+    "folder": str,
+    "uid": str,
+    "sop_class": str,
+    "ts": str,
+    "offset": int,
+    "to": list,
+}
+
+
+def _meta_ok(meta: object) -> bool:
+    """Is `meta` a record the lander can land (its folder a plain name of `dir`)?"""
+    if not isinstance(meta, dict):
+        return False
+    if not all(isinstance(meta.get(k), t) for k, t in _META_TYPES.items()):
+        return False
+    folder, uid = meta["folder"], meta["uid"]
+    names_ok = "/" not in folder + uid and folder not in ("", ".", "..") and uid
+    return bool(meta["to"] and names_ok)
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, at: int) -> None:
@@ -589,16 +611,19 @@ class Lander:
         with self._cond:
             return len(self._todo)
 
-    def stop(self, timeout: float) -> None:
-        """Land what is waiting (one try), then end. What is left is landed at the next
-        start."""
+    def stop(self, timeout: float) -> bool:
+        """Land what is waiting (one try), then end; False when the thread has not ended
+        within `timeout` (a disk that hangs). What is left is landed at the next start."""
         with self._cond:
             self._stopping = True
             self._retry_at = 0.0
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
 
     def _run(self) -> None:
         while True:

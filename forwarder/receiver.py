@@ -406,8 +406,9 @@ class Receiver:
         for thread in active:
             thread.join(max(0.0, deadline - time.monotonic()))
         # what was acknowledged is queued now, or at the next start
-        self.lander.stop(max(1.0, deadline - time.monotonic()))
-        self.acklog.close()
+        landed = self.lander.stop(max(1.0, deadline - time.monotonic()))
+        if landed and not any(t.is_alive() for t in active):
+            self.acklog.close()  # else a thread that hangs may still use the segments' fds
 
     def associations(self) -> int:
         return self._established
