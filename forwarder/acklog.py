@@ -79,6 +79,10 @@ MAX_SEGMENTS = 64
 KEEP_FREE = 4
 """Free segments kept beyond those the associations hold now; the others are removed."""
 MAGIC = b"FWDACK01"
+FREE = b"FWDFREE1"
+"""The first header of a free segment: it carries the sequence number reached when it was
+freed, so that a run that finds no marks (an outbox made anew) still never gives a new use of
+the segment the epoch of a record left further on from an earlier use."""
 _FIELDS = struct.Struct("<8sQQQI")  # magic, seq, epoch, data length, meta length
 _CRC = struct.Struct("<I")
 HEADER_SIZE = 64
@@ -276,14 +280,16 @@ class AckLog:
     def _release(self, seg: Segment) -> None:
         """`seg` holds nothing to land: free it, or remove it (under the lock, or at open).
 
-        Its first header is zeroed (not synced: the outbox's mark is what counts), so that an
-        outbox made anew never sees the old records."""
+        Its first header becomes a `FREE` one (not synced: the outbox's mark is what counts),
+        so that an outbox made anew never sees the old records."""
         if seg.name not in self._segments:
             return
         owned = sum(1 for s in self._segments.values() if s.owned)
         if not seg.broken:
+            fields = _FIELDS.pack(FREE, self._seq, 0, 0, 0)
+            header = fields + _CRC.pack(zlib.crc32(fields))
             try:
-                os.pwrite(seg.fd, bytes(HEADER_SIZE), 0)
+                os.pwrite(seg.fd, header + bytes(HEADER_SIZE - len(header)), 0)
             except OSError:
                 seg.broken = True
         if seg.broken or len(self._free) >= KEEP_FREE + owned:
@@ -352,7 +358,8 @@ class AckLog:
 
 
 def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
-    """The records of `seg` after `mark`, and the highest sequence number of its current use.
+    """The records of `seg` after `mark`, and the highest sequence number it shows (of its
+    current use, or the one it was freed at).
 
     Reads from the start: the first record gives the epoch; the scan stops at the first header
     that is not a record, whose CRC fails, or that belongs to another epoch.
@@ -365,6 +372,8 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
             break
         magic, seq, ep, size, meta_len = _FIELDS.unpack_from(head)
         (crc,) = _CRC.unpack_from(head, _FIELDS.size)
+        if pos == 0 and magic == FREE and zlib.crc32(head[: _FIELDS.size]) == crc:
+            return [], seq  # freed at that number: nothing to land
         end = pos + HEADER_SIZE + size + meta_len
         if magic != MAGIC or end > seg.size or meta_len > META_ROOM or seq <= ep:
             break

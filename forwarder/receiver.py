@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ from forwarder.acceptor import (
     is_storage,
     serve,
 )
-from forwarder.acklog import FOLDER, ROOM, AckLog, AckSink, Lander, Segment
+from forwarder.acklog import FOLDER, ROOM, AckLog, AckSink, Lander, Record, Segment
 from forwarder.config import ReceiveSettings, ReceiveTLSSettings, RetrySettings
 from forwarder.dicomfile import DicomInfo, InvalidDicom, inspect, inspect_stream
 from forwarder.dispose import Disposer
@@ -240,10 +240,17 @@ class _Rate:
             return sum(n for m, n in self._minutes if m >= first)
 
 
-def sweep(directory: Path, outbox: Outbox, disposer: Disposer) -> tuple[int, int]:
+def sweep(
+    directory: Path,
+    outbox: Outbox,
+    disposer: Disposer,
+    records: Iterable[Record] = (),
+) -> tuple[int, int]:
     """Clean `directory` at start: spool files left by a crash, and received files that have
-    no outbox row (never acknowledged), are removed; a file whose rows are all final is
-    disposed of. Returns (spool files removed, unacknowledged files removed).
+    no outbox row, are removed; a file whose rows are all final is disposed of. A file with no
+    row whose ack log record is among `records` was being landed (the record makes it again);
+    any other was never acknowledged. Returns (spool files removed, unacknowledged files
+    removed).
 
     Raises OutboxError when the outbox cannot be read: then nothing is removed.
     """
@@ -256,11 +263,16 @@ def sweep(directory: Path, outbox: Outbox, disposer: Disposer) -> tuple[int, int
                 spooled += 1
     keys = list(_received_files(directory))
     states = outbox.files_states(keys) if keys else {}
-    removed = 0
+    landing = {(str(r.meta["folder"]), str(r.meta["uid"])) for r in records}
+    removed = remade = 0
     for key in keys:
         found = states.get(key)
         path = Path(key[0])
-        if not found:
+        if not found and _landing(path, landing):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            remade += 1
+        elif not found:
             LOGGER.warning(
                 f"{path}: received but never acknowledged (no outbox row: the daemon stopped "
                 "between writing it and queuing it); removed, the sender sends it again",
@@ -271,12 +283,21 @@ def sweep(directory: Path, outbox: Outbox, disposer: Disposer) -> tuple[int, int
             removed += 1
         elif all(s in FINAL_STATES for s in found.values()):
             disposer.dispose(path, key[1], key[2], found)
-    if spooled or removed:
+    if spooled or removed or remade:
         LOGGER.info(
             f"{directory}: removed {spooled} partly received and {removed} unacknowledged "
-            "instance(s) left by the last run"
+            f"instance(s) left by the last run"
+            + (f", and {remade} partly queued (made again from the ack log)" if remade else "")
         )
     return spooled, removed
+
+
+def _landing(path: Path, landing: set[tuple[str, str]]) -> bool:
+    """Is `path` (``<folder>/<uid>.dcm`` or ``<uid>.<n>.dcm``) the file of a record in
+    `landing` ((folder, uid) pairs)?"""
+    stem = path.name.removesuffix(".dcm")
+    folder = path.parent.name
+    return (folder, stem) in landing or (folder, stem.rpartition(".")[0]) in landing
 
 
 def _received_files(directory: Path) -> Iterator[tuple[str, int, int]]:
@@ -357,7 +378,7 @@ class Receiver:
         self.incoming.mkdir(parents=True, exist_ok=True)
         # records first: the sweep then removes the files their landing had begun
         records = self.acklog.open(self.outbox.acklog_marks())
-        sweep(self.dir, self.outbox, self.disposer)
+        sweep(self.dir, self.outbox, self.disposer, records)
         host, port = parse_listen(rcv.listen or "")
         is_storage(VERIFICATION)  # loads pynetdicom's SOP class list now, not in the first store
         self._tls = server_context(rcv.tls) if rcv.tls is not None else None

@@ -1,0 +1,734 @@
+"""The receiver's ack log (``forwarder.acklog``): what was acknowledged is found again after a
+crash, landed into files and outbox rows once, and nothing else ever is.
+
+The first tests drive `AckLog`, `AckSink`, `scan` and `Lander` directly, on real segment files
+(1 MiB each), real spool files and a real outbox; the last run ``forwarder run`` with
+``[receive]``, a pynetdicom modality and a pynetdicom destination, and kill it with SIGKILL
+between the answers and the landing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SCP, free_port, wait_for
+from pydicom.filewriter import dcmwrite
+from test_daemon import Corpus, dest
+from test_receive import Modality, Receiving, ct, instances
+from test_receive import corpus as corpus
+from test_receive import rcv as rcv
+from test_receive import small_disk as small_disk
+
+from forwarder.acklog import (
+    FOLDER,
+    HEADER_SIZE,
+    MAGIC,
+    META_ROOM,
+    AckLog,
+    AckSink,
+    Lander,
+    Record,
+    Segment,
+    scan,
+)
+from forwarder.dicomfile import inspect_stream
+from forwarder.outbox import Outbox, OutboxCorruptError, State
+from forwarder.receiver import SpoolFile
+
+SEGMENT = 1 << 20
+"""Segments of the unit tests: small, so that an instance can outgrow one."""
+PIECE = 64 << 10
+"""Bytes per `AckSink.write` (a PDU's worth, as the receiver writes them)."""
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Instance:
+    """A DICOM file as the receiver would hold it, and the record it would write for it."""
+
+    uid: str
+    data: bytes
+    meta: dict[str, Any]
+
+
+def instance(corpus: Corpus, folder: str = "CT01", to: tuple[str, ...] = ("a",)) -> Instance:
+    """A small real DICOM file and the meta `Receiver._acknowledge` writes for it."""
+    uid, data = corpus.encode()
+    return Instance(uid, data, meta_for(data, folder, to))
+
+
+def meta_for(data: bytes, folder: str, to: tuple[str, ...]) -> dict[str, Any]:
+    info = inspect_stream(BytesIO(data), Path("x.dcm"), len(data), 0)
+    return {
+        "folder": folder,
+        "uid": info.sop_instance_uid,
+        "sop_class": info.sop_class_uid,
+        "ts": info.transfer_syntax,
+        "study": info.study_uid,
+        "offset": info.dataset_offset,
+        "to": list(to),
+        "calling_aet": folder,
+        "peer": "127.0.0.1",
+    }
+
+
+FILLER: dict[str, Any] = {
+    "folder": "CT01",
+    "uid": "1.2.3.4",
+    "sop_class": "1.2.840.10008.5.1.4.1.1.7",
+    "ts": "1.2.840.10008.1.2.1",
+    "study": None,
+    "offset": 0,
+    "to": ["a"],
+}
+"""The keys a record must have for the lander (`acklog._meta_ok`), for records of random bytes."""
+
+
+class Logs:
+    """AckLogs on one directory, each as a run of the daemon would open it; closed at the end."""
+
+    def __init__(self, directory: Path, spool: Path) -> None:
+        self.dir = directory
+        self.spool = spool
+        self.opened: list[AckLog] = []
+
+    def open(
+        self, marks: dict[str, int] | None = None, segment_size: int = SEGMENT
+    ) -> tuple[AckLog, list[Record]]:
+        log = AckLog(self.dir, segment_size=segment_size)
+        self.opened.append(log)
+        return log, log.open(marks or {})
+
+    def segment(self, log: AckLog) -> Segment:
+        """A segment taken as an association takes one (made first, as the lander would)."""
+        if log.wants():
+            log.prepare()
+        seg = log.take()
+        assert seg is not None, log.unable
+        return seg
+
+    def sink(self, log: AckLog, seg: Segment) -> AckSink:
+        return AckSink(log, seg, lambda: SpoolFile(self.spool))
+
+    def put(self, log: AckLog, seg: Segment, data: bytes, meta: dict[str, Any]) -> Record:
+        """Write `data` in pieces, then commit it with `meta` (completed with what the lander
+        needs where it has not got it): acknowledged."""
+        sink = self.sink(log, seg)
+        for at in range(0, len(data), PIECE):
+            sink.write(data[at : at + PIECE])
+        rec = sink.commit({**FILLER, **meta})
+        assert rec is not None and sink.spilled is None
+        return rec
+
+    def close(self) -> None:
+        for log in self.opened:
+            log.close()
+
+
+@pytest.fixture
+def logs(tmp_path: Path) -> Iterator[Logs]:
+    spool = tmp_path / "incoming"
+    spool.mkdir()
+    made = Logs(tmp_path / "received" / FOLDER, spool)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def data_of(rec: Record) -> bytes:
+    return os.pread(rec.segment.fd, rec.size, rec.data_offset)
+
+
+def found(records: list[Record]) -> list[tuple[str, int, int]]:
+    """(segment, seq, start) of each record: what identifies it across AckLogs."""
+    return [(r.segment.name, r.seq, r.start) for r in records]
+
+
+def folder_maker(root: Path) -> Callable[[str], Path]:
+    """`Lander`'s `folder`: a calling AE's folder under `root`, made when missing (as
+    `Receiver._folder` does: a regular file in its place is an OSError)."""
+
+    def folder(name: str) -> Path:
+        path = root / name
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    return folder
+
+
+class Landing:
+    """A `Lander` on a real outbox, making files under `root`; stopped at the end."""
+
+    def __init__(
+        self, log: AckLog, root: Path, enqueue: Callable[..., int], records: list[Record]
+    ) -> None:
+        self.queued = threading.Event()
+        self.damaged: list[OutboxCorruptError] = []
+        self.lander = Lander(
+            log,
+            enqueue=enqueue,
+            folder=folder_maker(root),
+            queued=self.queued.set,
+            damaged=lambda _where, exc: self.damaged.append(exc),
+        )
+        self.lander.start(records)
+
+    def wait_landed(self, n: int, timeout: float = 5) -> None:
+        wait_for(lambda: self.lander.landed >= n, timeout)
+        assert self.lander.landed == n
+
+    def stop(self) -> None:
+        self.lander.stop(5)
+        assert not self.damaged
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    with Outbox(tmp_path / "state" / "outbox.sqlite3") as ob:
+        yield ob
+
+
+def assert_landed(ob: Outbox, root: Path, inst: Instance) -> None:
+    """`inst` has its file (exactly its bytes) under its folder, and a PENDING row per
+    destination naming that file."""
+    path = root / str(inst.meta["folder"]) / f"{inst.uid}.dcm"
+    assert path.read_bytes() == inst.data
+    rows = ob.find(inst.uid)
+    assert sorted(r.destination for r in rows) == sorted(inst.meta["to"])
+    for row in rows:
+        assert row.path == str(path)
+        assert row.size == len(inst.data)
+        assert row.state is State.PENDING
+        assert row.sop_class_uid == inst.meta["sop_class"]
+        assert row.transfer_syntax == inst.meta["ts"]
+        assert row.study_uid == inst.meta["study"]
+        assert row.dataset_offset == inst.meta["offset"]
+        assert row.mtime_ns == path.stat().st_mtime_ns
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and FOLDER not in p.parts)
+
+
+# -- segments, records and the scan -------------------------------------------------------------
+
+
+def test_committed_records_are_found_again_in_order_with_their_exact_bytes(logs: Logs) -> None:
+    log, left = logs.open()
+    assert left == []
+    a = logs.segment(log)
+    b = logs.segment(log)  # two associations at once: their records interleave
+    assert a.name != b.name
+    sizes = [1, 5000, 3 * PIECE + 7, 4096 - HEADER_SIZE, 200_000, 17]
+    written: list[tuple[Record, bytes, dict[str, Any]]] = []
+    for n, size in enumerate(sizes):
+        data = os.urandom(size)  # no pattern: a record read one byte off is seen
+        meta = {"n": n, "uid": f"1.2.3.{n}", "to": ["a", "b"]}
+        written.append((logs.put(log, a if n % 2 == 0 else b, data, meta), data, meta))
+    (logs.dir / "00000099.ack.tmp").write_bytes(b"half made")  # a segment being made
+    (logs.dir / "notes.txt").write_bytes(MAGIC * 10)  # not a segment
+
+    again, records = logs.open()  # the daemon started again: no mark yet
+    assert found(records) == [(r.segment.name, r.seq, r.start) for r, _, _ in written]
+    assert [r.seq for r in records] == sorted(r.seq for r in records)
+    for rec, (_, data, meta) in zip(records, written, strict=True):
+        assert rec.size == len(data)
+        assert data_of(rec) == data
+        assert meta.items() <= rec.meta.items()
+    assert not (logs.dir / "00000099.ack.tmp").exists()
+    assert again.counts() == (2, len(sizes))
+
+
+def test_records_at_or_before_their_mark_are_not_returned(logs: Logs) -> None:
+    log, _ = logs.open()
+    a, b = logs.segment(log), logs.segment(log)
+    ra = [logs.put(log, a, os.urandom(3000 + n), {"n": n}) for n in range(4)]
+    rb = [logs.put(log, b, os.urandom(100), {"n": 10 + n}) for n in range(2)]
+    marks = {a.name: ra[1].seq, b.name: rb[1].seq}  # two of a landed, all of b
+
+    again, records = logs.open(marks)
+    assert found(records) == found(ra[2:])
+    assert again.counts() == (2, 2)
+    # b has nothing to land: it is free, and a record written into it now comes after every
+    # mark (else the next start would take it for landed)
+    seg = again.take()
+    assert seg is not None and seg.name == b.name
+    new = logs.put(again, seg, b"new", {"n": 99})
+    assert new.seq > max(marks.values()) and new.seq > ra[-1].seq
+
+    _, records = logs.open({a.name: ra[-1].seq, b.name: rb[1].seq})
+    assert found(records) == found([new])
+
+
+def _zero_header(rec: Record) -> None:
+    os.pwrite(rec.segment.fd, bytes(HEADER_SIZE), rec.start)
+
+
+def _flip_meta(rec: Record) -> None:
+    at = rec.data_offset + rec.size + 3  # inside the JSON record: the CRC no longer holds
+    (byte,) = os.pread(rec.segment.fd, 1, at)
+    os.pwrite(rec.segment.fd, bytes((byte ^ 0x20,)), at)
+
+
+def _flip_length(rec: Record) -> None:
+    at = rec.start + 8 + 8 + 8  # magic, seq, epoch: the data length (covered by the CRC)
+    (byte,) = os.pread(rec.segment.fd, 1, at)
+    os.pwrite(rec.segment.fd, bytes((byte ^ 0x01,)), at)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_zero_header, _flip_meta, _flip_length],
+    ids=["header-never-written", "meta-damaged", "header-damaged"],
+)
+def test_a_record_whose_header_does_not_hold_is_not_returned_and_ends_the_scan(
+    logs: Logs, damage: Callable[[Record], None]
+) -> None:
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    recs = [logs.put(log, seg, os.urandom(2000 + n), {"n": n}) for n in range(3)]
+    damage(recs[1])
+    _, records = logs.open()
+    assert found(records) == found(recs[:1])  # the third is whole but beyond the scan
+    assert scan(records[0].segment, 0)[1] == recs[0].seq
+
+
+def test_an_instance_written_but_never_committed_is_not_returned(logs: Logs) -> None:
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    done = [logs.put(log, seg, os.urandom(5000), {"n": n}) for n in range(2)]
+    sink = logs.sink(log, seg)  # the daemon died while this one arrived, or before its header
+    sink.write(os.urandom(300_000))
+    sink.complete()
+    _, records = logs.open()
+    assert found(records) == found(done)
+
+
+def test_a_reused_segment_never_yields_the_records_of_its_earlier_use(logs: Logs) -> None:
+    """Even with no marks at all (the outbox made anew): a freed segment's first header is
+    no record, and a stale record further on belongs to its earlier use, whatever its CRC.
+
+    With no marks and every segment freed, nothing tells the next run which sequence numbers
+    were used: its first segment's epoch must still differ from the one its stale records
+    carry."""
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    old = [logs.put(log, seg, os.urandom(6000), {"use": 1, "n": n}) for n in range(3)]
+    log.landed(old)
+    log.give_back(seg)  # every record landed: free again, its first header no record
+    assert os.pread(seg.fd, len(MAGIC), 0) != MAGIC  # no record starts there now
+    assert os.pread(seg.fd, len(MAGIC), old[1].start) == MAGIC  # the stale ones are there
+    log.close()
+
+    # the daemon stops; the outbox is made anew (no marks); the daemon starts again
+    log, records = logs.open()
+    assert records == []
+    seg = logs.segment(log)
+    assert seg.path == old[0].segment.path
+    # the new use's first record ends where the old first did: the scan's next header is
+    # the old second record's, whole and with a valid CRC
+    new = logs.put(log, seg, os.urandom(6000), {"use": 2, "n": 0})
+    assert (new.start, new.size) == (old[0].start, old[0].size)
+    assert seg.offset == old[1].start
+    log.close()  # and dies (kill -9) with it acknowledged, not landed
+
+    _, records = logs.open()
+    assert found(records) == found([new]), (
+        f"stale records of the segment's earlier use came back: {[r.meta for r in records]}"
+    )
+    assert (records[0].meta["use"], records[0].meta["n"]) == (2, 0)
+
+
+def test_an_instance_larger_than_the_room_left_moves_to_a_spool_file(logs: Logs) -> None:
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    first = logs.put(log, seg, os.urandom(1000), {"n": 0})
+    offset = seg.offset
+    big = os.urandom(SEGMENT + SEGMENT // 2 + 13)
+    sink = logs.sink(log, seg)
+    for at in range(0, len(big), 100_003):  # pieces not aligned to anything
+        sink.write(big[at : at + 100_003])
+    assert sink.spilled is not None
+    assert Path(sink.name).parent == logs.spool and sink.name == sink.spilled.name
+    sink.complete()
+    sink.close()
+    assert Path(sink.name).read_bytes() == big
+    assert seg.offset == offset and log.counts()[1] == 1  # the segment is as it was
+    sink.discard()
+    assert not Path(sink.name).exists()
+
+    # a record that does not fit its room: not committed, spilled whole (the direct way)
+    data = os.urandom(3000)
+    sink = logs.sink(log, seg)
+    sink.write(data)
+    assert sink.commit({"uid": "1.2.3", "padding": "x" * META_ROOM}) is None
+    assert seg.offset == offset and log.counts()[1] == 1
+    spool = sink.spill()
+    assert sink.spilled is spool
+    spool.complete()
+    sink.close()
+    assert Path(spool.name).read_bytes() == data
+    sink.discard()
+
+    _, records = logs.open()
+    assert found(records) == found([first])
+
+
+# -- the lander -------------------------------------------------------------------------------
+
+
+def test_the_lander_makes_the_files_rows_and_marks_of_acknowledged_records(
+    logs: Logs, outbox: Outbox, corpus: Corpus, tmp_path: Path
+) -> None:
+    root = tmp_path / "received"
+    log, records = logs.open(outbox.acklog_marks())
+    landing = Landing(log, root, outbox.enqueue_routed, records)
+    try:
+        wait_for(lambda: log.counts()[0] >= 1, 5)  # the lander makes a segment ahead of need
+        seg = log.take()
+        assert seg is not None
+        insts = [
+            instance(corpus, "CT01", ("a",)),
+            instance(corpus, "MR02", ("a", "b")),
+            instance(corpus, "CT01", ("b",)),
+        ]
+        recs = [logs.put(log, seg, inst.data, inst.meta) for inst in insts]
+        for rec in recs:
+            landing.lander.add(rec)
+        landing.wait_landed(3)
+        assert landing.queued.is_set()
+        for inst in insts:
+            assert_landed(outbox, root, inst)
+        assert len(outbox.list()) == 4
+        assert outbox.acklog_marks() == {seg.name: recs[-1].seq}
+        assert log.counts()[1] == 0
+        log.give_back(seg)  # landed and given back: free, its first header no record
+        assert os.pread(seg.fd, len(MAGIC), 0) != MAGIC  # no record starts there now
+    finally:
+        landing.stop()
+    log.close()
+    _, records = logs.open(outbox.acklog_marks())
+    assert records == []
+
+
+def test_records_left_by_a_crash_are_landed_once_at_the_next_start(
+    logs: Logs, outbox: Outbox, corpus: Corpus, tmp_path: Path
+) -> None:
+    root = tmp_path / "received"
+    log, records = logs.open(outbox.acklog_marks())
+    landing = Landing(log, root, outbox.enqueue_routed, records)
+    try:
+        wait_for(lambda: log.counts()[0] >= 1, 5)
+        seg = log.take()
+        assert seg is not None
+        insts = [instance(corpus) for _ in range(4)]
+        landing.lander.add(logs.put(log, seg, insts[0].data, insts[0].meta))
+        landing.wait_landed(1)
+    finally:
+        landing.stop()
+    # acknowledged, and the daemon died before landing them
+    left = [logs.put(log, seg, inst.data, inst.meta) for inst in insts[1:]]
+    log.close()
+
+    log, records = logs.open(outbox.acklog_marks())
+    assert found(records) == found(left)
+    landing = Landing(log, root, outbox.enqueue_routed, records)
+    try:
+        landing.wait_landed(3)
+    finally:
+        landing.stop()
+    for inst in insts:
+        assert_landed(outbox, root, inst)
+    assert len(files_under(root)) == 4 and len(outbox.list()) == 4
+    assert outbox.acklog_marks() == {seg.name: left[-1].seq}
+    log.close()
+    _, records = logs.open(outbox.acklog_marks())
+    assert records == []
+
+
+class _Switch:
+    """The lander's `enqueue`: the outbox it writes to, which the test changes."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    def enqueue(self, *args: Any) -> int:
+        return self.outbox.enqueue_routed(*args)
+
+
+@pytest.mark.parametrize("cause", ["folder", "outbox"])
+def test_landing_that_fails_keeps_the_records_and_lands_them_once_it_can(
+    logs: Logs,
+    outbox: Outbox,
+    corpus: Corpus,
+    tmp_path: Path,
+    cause: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="forwarder.receiver")
+    root = tmp_path / "received"
+    root.mkdir()
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    # CT01's file is made first in the batch: it must not stay when MR02's fails
+    insts = [instance(corpus, "CT01", ("a", "b")), instance(corpus, "MR02", ("a",))]
+    recs = [logs.put(log, seg, inst.data, inst.meta) for inst in insts]
+    switch = _Switch(outbox)
+    readonly: Outbox | None = None
+    if cause == "folder":
+        (root / "MR02").write_bytes(b"a regular file where the folder goes")
+    else:
+        readonly = Outbox(outbox.path, readonly=True)
+        switch.outbox = readonly
+    landing = Landing(log, root, switch.enqueue, recs)
+    try:
+        wait_for(lambda: landing.lander.failing, 5)
+        failing = landing.lander.failing
+        assert failing is not None
+        assert ("cannot write to disk" if cause == "folder" else "outbox unavailable") in failing
+        assert files_under(root) == ([root / "MR02"] if cause == "folder" else [])
+        assert outbox.list() == [] and outbox.acklog_marks() == {}
+        assert landing.lander.pending() == 2 and log.counts()[1] == 2
+        assert "2 acknowledged instance(s) cannot be queued yet" in caplog.text
+        # the cause goes away: the next try (RETRY_FIRST, 1 s) lands both
+        if cause == "folder":
+            (root / "MR02").unlink()
+        else:
+            switch.outbox = outbox
+        landing.wait_landed(2, timeout=8)
+        assert landing.lander.failing is None
+    finally:
+        landing.stop()
+        if readonly is not None:
+            readonly.close()
+    for inst in insts:
+        assert_landed(outbox, root, inst)
+    assert len(files_under(root)) == 2
+    assert outbox.acklog_marks() == {seg.name: recs[-1].seq}
+    assert "acknowledged instances are queued again" in caplog.text
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+def _store(assoc: Any, modality: Modality, ds: Any) -> int | None:
+    """One C-STORE, its answer recorded as `Modality.push` records it."""
+    rsp = assoc.send_c_store(ds)
+    status = rsp.get("Status") if rsp else None
+    uid = str(ds.SOPInstanceUID)
+    modality.answers[uid] = None if status is None else int(status)
+    if status is None:
+        modality.lost += 1
+    return modality.answers[uid]
+
+
+def _push_then_kill(rcv: Receiving, datasets: list[Any]) -> Modality:
+    """Store `datasets` on one association and SIGKILL the daemon right after the last answer
+    (before the association is released)."""
+    modality = Modality(rcv.port)
+    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            _store(assoc, modality, ds)
+        rcv.kill()
+    finally:
+        assoc.abort()
+    return modality
+
+
+def _counts(scp: SCP) -> Counter[str]:
+    return Counter(scp.uids())
+
+
+def test_kill_9_right_after_the_answers_delivers_each_acknowledged_instance_once(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    rcv.configure_receiving([dest("a", free_port())]).start()  # the destination is down
+    datasets = instances(corpus, 20)
+    modality = _push_then_kill(rcv, datasets)
+    acked = modality.acked()
+    assert set(modality.answers.values()) <= {0x0000, None}, modality.answers
+    assert len(acked) == 20 - modality.lost, modality.answers
+
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)]).start()
+    rcv.wait(lambda: acked <= set(pacs.uids()), 20, "every acknowledged instance")
+    rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
+    assert rcv.stop() == 0
+    counts = _counts(pacs)
+    assert {uid: n for uid, n in counts.items() if n != 1} == {}, "sent twice"
+    assert set(counts) <= {str(ds.SOPInstanceUID) for ds in datasets}
+    assert not rcv.spooled()
+    with Outbox(rcv.outbox_path, readonly=True) as ob:
+        marks = ob.acklog_marks()
+        assert {r.sop_instance_uid for r in ob.list(limit=1000)} == set(counts)
+    log = AckLog(rcv.received_dir / FOLDER)
+    try:
+        assert log.open(marks) == []  # every record landed
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("end", ["kill", "stop"])
+def test_acknowledged_instances_that_could_not_be_landed_are_sent_after_a_restart(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus, end: str
+) -> None:
+    """The window made certain: the calling AE's folder cannot be made (a regular file in its
+    place), so what the ack log acknowledged stays in it until the daemon is killed (or
+    stopped: its last try to land fails as well)."""
+    rcv.configure_receiving([dest("a", free_port())]).start()
+    segments = rcv.received_dir / FOLDER
+    rcv.wait(lambda: list(segments.glob("*.ack")), 10, "a segment made ahead of need")
+    blocker = rcv.received_dir / "CT01"
+    blocker.write_bytes(b"not a folder")
+    datasets = instances(corpus, 8)
+    modality = Modality(rcv.port)
+    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
+    assert assoc.is_established
+    try:
+        # until the segment is free to take (made a moment ago) an instance goes the direct
+        # way, which cannot make the folder either: 0xA700; then one is acknowledged
+        todo = iter(datasets)
+        for ds in todo:
+            if _store(assoc, modality, ds) == 0x0000:
+                break
+        rcv.wait_log("1 acknowledged instance(s) cannot be queued yet: cannot write to disk")
+        # landing fails: every new instance goes the direct way, and is refused
+        for ds in todo:
+            assert _store(assoc, modality, ds) in (0xA700, None)
+        if end == "kill":
+            rcv.kill()
+    finally:
+        assoc.abort()
+    if end == "stop":
+        assert rcv.stop() == 0
+    acked = modality.acked()
+    assert len(acked) == 1, modality.answers
+    refused = {uid for uid, s in modality.answers.items() if s == 0xA700}
+    assert len(refused) >= 4, modality.answers
+
+    blocker.unlink()
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)]).start()
+    text = rcv.text(since_start=True)
+    assert "1 instance(s) acknowledged by the last run are being queued" in text
+    rcv.wait(lambda: acked <= set(pacs.uids()), 20, "the acknowledged instance")
+    rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
+    assert rcv.stop() == 0
+    assert _counts(pacs) == Counter(acked)  # once, and none of the refused
+
+
+def _write_record(directory: Path, data: bytes, meta: dict[str, Any]) -> Record:
+    """A segment as a crash would leave it: one acknowledged record, not landed."""
+    log = AckLog(directory)
+    try:
+        assert log.open({}) == []
+        log.prepare()
+        seg = log.take()
+        assert seg is not None, log.unable
+        sink = AckSink(log, seg, lambda: pytest.fail("an instance this small never spills"))
+        sink.write(data)
+        rec = sink.commit(meta)
+        assert rec is not None
+        return rec
+    finally:
+        log.close()
+
+
+def test_a_record_left_in_the_ack_log_is_sent_once_and_never_again(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)])
+    buf = BytesIO()
+    dcmwrite(buf, ct(), enforce_file_format=True)
+    data = buf.getvalue()
+    meta = meta_for(data, "CT01", ("a",))
+    uid = meta["uid"]
+    rec = _write_record(rcv.received_dir / FOLDER, data, meta)
+    # and the file its landing had begun, never committed: the sweep removes it first
+    half = rcv.received_dir / "CT01" / f"{uid}.dcm"
+    half.parent.mkdir()
+    half.write_bytes(data[:1000])
+
+    rcv.start()
+    text = rcv.text(since_start=True)
+    assert "1 instance(s) acknowledged by the last run are being queued" in text
+    rcv.wait(lambda: uid in pacs.uids(), 15, "the acknowledged instance")
+    (got,) = [r for r in pacs.received if r.sop_instance_uid == uid]
+    assert got.encoded == data[meta["offset"] :]  # the record's bytes, not the half file's
+    rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
+    with Outbox(rcv.outbox_path, readonly=True) as ob:
+        assert ob.acklog_marks() == {rec.segment.name: rec.seq}
+        (row,) = ob.find(uid)
+        assert row.state is State.SENT and row.path == str(half)
+    assert rcv.stop() == 0
+
+    rcv.start()  # the record is still in its segment's bytes: the mark says it is landed
+    assert "acknowledged by the last run" not in rcv.text(since_start=True)
+    (later,) = instances(corpus, 1)
+    Modality(rcv.port).push([later])
+    rcv.wait(lambda: str(later.SOPInstanceUID) in pacs.uids(), 15, "an instance after it")
+    assert rcv.stop() == 0
+    assert _counts(pacs) == Counter([uid, str(later.SOPInstanceUID)])
+    # the half-made file was acknowledged (its record makes it again): the sweep that removed
+    # it must not tell the operator it never was, nor that the modality sends it again
+    said = [ln for ln in rcv.text().splitlines() if str(half) in ln and "never acknow" in ln]
+    assert not said, said[0]
+
+
+def test_without_room_for_a_segment_instances_go_the_direct_way(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus, small_disk: Path
+) -> None:
+    pacs = make_scp()
+    rcv.received_dir = small_disk / "received"  # 2 MiB: a 16 MiB segment cannot be made
+    rcv.configure_receiving([dest("a", pacs.port)]).start()
+    rcv.wait_log("cannot make an ack log segment")
+    datasets = instances(corpus, 10)
+    modality = Modality(rcv.port)
+    modality.push(datasets)
+    uids = {str(ds.SOPInstanceUID) for ds in datasets}
+    assert modality.acked() == uids, modality.answers
+    rcv.wait(lambda: uids <= set(pacs.uids()), 15, "every instance")
+    rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
+    assert rcv.stop() == 0
+    assert _counts(pacs) == Counter(uids)
+    assert not [p for p in (rcv.received_dir / FOLDER).iterdir()]  # no segment, no .tmp
+    assert re.search(r"cannot make an ack log segment in .*: No space left", rcv.text())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"to": []}, {"folder": ".."}, {"uid": "../../etc/x"}, {"offset": "12"}],
+    ids=["no-destination", "folder-dotdot", "uid-path", "offset-text"],
+)
+def test_a_record_the_lander_cannot_land_is_left_with_an_error_not_queued(
+    logs: Logs, bad: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only another version of the daemon could write one; it must neither block the lander
+    (tried again for ever) nor make a file outside `receive.dir`."""
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    good = logs.put(log, seg, os.urandom(500), {"n": 0})
+    sink = logs.sink(log, seg)
+    sink.write(os.urandom(500))
+    assert sink.commit({**FILLER, **bad}) is not None
+    with caplog.at_level(logging.ERROR, logger="forwarder.receiver"):
+        _, records = logs.open()
+    assert found(records) == found([good])
+    assert "is not one this version can queue" in caplog.text
