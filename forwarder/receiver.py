@@ -428,6 +428,12 @@ class Receiver:
             thread.join(max(0.0, deadline - time.monotonic()))
         # what was acknowledged is queued now, or at the next start
         landed = self.lander.stop(max(1.0, deadline - time.monotonic()))
+        if left := self.lander.pending():
+            LOGGER.error(
+                f"receive: {left} acknowledged instance(s) are still only in {self.acklog.dir} "
+                f"({self.lander.failing or 'stopped before they were queued'}); they are queued "
+                "at the next start: keep receive.dir as it is until then"
+            )
         if landed and not any(t.is_alive() for t in active):
             self.acklog.close()  # else a thread that hangs may still use the segments' fds
 

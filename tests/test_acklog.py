@@ -617,6 +617,7 @@ def test_acknowledged_instances_that_could_not_be_landed_are_sent_after_a_restar
         assoc.abort()
     if end == "stop":
         assert rcv.stop() == 0
+        assert "1 acknowledged instance(s) are still only in" in rcv.text()  # told, with why
     acked = modality.acked()
     assert len(acked) == 1, modality.answers
     refused = {uid for uid, s in modality.answers.items() if s == 0xA700}
