@@ -94,10 +94,11 @@ def test_migrating_version_2_keeps_rows_paths_and_never_reuses_an_id(db_path: Pa
         (new,) = ob.list(path=LATIN1)
         assert new.id > 3  # 3 was used, then pruned: never given out again
     with raw(db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         assert "deliveries_v3" not in names and "deliveries_v7" not in names
+        assert "acklog" in names  # version 8: the receiver's ack log marks
         # every index survives the rebuilds of versions 3 and 7
         assert {
             "deliveries_claim",

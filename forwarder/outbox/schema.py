@@ -300,12 +300,13 @@ _SCHEMA_V7_COMMITMENT: Final[tuple[str, ...]] = (
 # says, per segment, the last record queued: committed in the same transaction as its rows, so
 # that after a crash a record is queued again exactly when its rows are not there.
 _SCHEMA_V8_ACKLOG: Final[tuple[str, ...]] = (
-    """
+    # compact: sqlite_master keeps the text, and must stay within its first page (version 7)
+    _compact("""
     CREATE TABLE IF NOT EXISTS acklog (
         segment TEXT    PRIMARY KEY,
         seq     INTEGER NOT NULL
     ) STRICT
-    """,
+    """),
     "PRAGMA user_version = 8",
 )
 
