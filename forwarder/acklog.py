@@ -203,6 +203,7 @@ class AckLog:
         returns their records not landed yet, oldest first. Raises OSError."""
         self.dir.mkdir(parents=True, exist_ok=True)
         found: list[Record] = []
+        empty: list[Segment] = []
         top = max(marks.values(), default=0)
         for entry in sorted(os.scandir(self.dir), key=lambda e: e.name):
             if not entry.name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
@@ -220,8 +221,10 @@ class AckLog:
             seg.pending = len(records)
             found += records
             if not records:
-                self._release(seg)
+                empty.append(seg)
         self._seq = top
+        for seg in empty:  # once `_seq` is known: their free headers carry it
+            self._release(seg)
         self._want = not self._free  # the lander makes one before the first association
         found.sort(key=lambda r: r.seq)
         return found

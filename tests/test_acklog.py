@@ -353,6 +353,39 @@ def test_a_reused_segment_never_yields_the_records_of_its_earlier_use(logs: Logs
     assert (records[0].meta["use"], records[0].meta["n"]) == (2, 0)
 
 
+def test_a_segment_freed_at_start_keeps_the_sequence_reached_for_an_outbox_made_anew(
+    logs: Logs,
+) -> None:
+    """A segment whose records were all landed but not given back (kill -9 after landing) is
+    freed by the next `open`: its free header must carry the sequence number that run
+    reached, not 0, else a later run with no marks reuses the old epoch and its scan walks
+    on into the stale records."""
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    old = [logs.put(log, seg, os.urandom(6000), {"use": 1, "n": n}) for n in range(3)]
+    marks = {seg.name: old[-1].seq}  # landed and committed; killed before the give-back
+    log.close()
+
+    log, records = logs.open(marks)  # frees it
+    assert records == []
+    log.close()
+
+    # the outbox is made anew (no marks); the daemon starts again
+    log, records = logs.open()
+    assert records == []
+    seg = logs.segment(log)
+    assert seg.path == old[0].segment.path
+    assert seg.epoch > old[-1].seq, f"epoch {seg.epoch} may be one the stale records carry"
+    new = logs.put(log, seg, os.urandom(6000), {"use": 2, "n": 0})
+    assert seg.offset == old[1].start  # the next header the scan reads is a stale one
+    log.close()  # and dies with it acknowledged, not landed
+
+    _, records = logs.open()
+    assert found(records) == found([new]), (
+        f"stale records of the segment's earlier use came back: {[r.meta for r in records]}"
+    )
+
+
 def test_an_instance_larger_than_the_room_left_moves_to_a_spool_file(logs: Logs) -> None:
     log, _ = logs.open()
     seg = logs.segment(log)
