@@ -100,8 +100,9 @@ LOGGER = logging.getLogger("forwarder.receiver")
 
 INCOMING = ".incoming"
 """The folder of `receive.dir` where instances are written while they arrive."""
-ACKLOG_WAIT = 10.0
-"""Seconds a start waits for the ack log while a receiver stopped just before (a reload) ends."""
+ACKLOG_WAIT = 5.0
+"""Seconds a start waits for the ack log while a receiver stopped just before (a reload) ends
+(with `stop`'s 5 s, within half of the unit's WatchdogSec=30)."""
 SPOOL_CHUNK = 1 << 20
 """A spool file is written in pieces of this size (the data set arrives one PDV at a time)."""
 MAX_PDU = 1 << 20
