@@ -651,6 +651,11 @@ def _push_then_kill(rcv: Receiving, datasets: list[Any]) -> Modality:
     assert assoc.is_established
     try:
         for ds in datasets:
+            if not assoc.is_established:  # pynetdicom lost a fast response and aborted (see
+                uid = str(ds.SOPInstanceUID)  # `Modality`): the rest is never answered
+                modality.answers[uid] = None
+                modality.lost += 1
+                continue
             _store(assoc, modality, ds)
         rcv.kill()
     finally:
