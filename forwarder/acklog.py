@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import json
 import logging
@@ -71,6 +72,7 @@ LOGGER = logging.getLogger("forwarder.receiver")
 FOLDER = ".acklog"
 """The folder of `receive.dir` that holds the segments."""
 SUFFIX = ".ack"
+CLAIM_POLL = 0.05
 SEGMENT_SIZE = 16 << 20
 ROOM = 4 << 20
 """A segment with less room than this left is given back before the next instance starts."""
@@ -194,15 +196,45 @@ class AckLog:
         self._serial = 0
         self._want = False
         self._unable_until = 0.0  # a segment could not be made: not before then again
+        self._claimed: int | None = None  # the fd of `dir` that holds its flock
         self.unable: str | None = None
 
     # -- start and end -------------------------------------------------------------------
+
+    def claim(self, wait: float = 0.0) -> None:
+        """Own the segments until `close` (an ``flock`` on `dir` itself: no file to make on a
+        full disk), before the marks they are opened with are read: another AckLog on them
+        (a receiver still stopping after a reload, its lander or an association not ended
+        yet; another daemon) would land their records a second time, or free a segment it
+        still writes. Waits up to `wait` seconds for the other one to close; raises OSError
+        (EBUSY when it has not)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OSError(
+                            errno.EBUSY,
+                            "still used by a receiver that is stopping, or by another daemon",
+                            str(self.dir),
+                        ) from None
+                time.sleep(CLAIM_POLL)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._claimed = fd
 
     def open(self, marks: Mapping[str, int]) -> list[Record]:
         """Open the segments the last run left (`marks`: the outbox's ``acklog_marks``);
         returns their records not landed yet, oldest first. Raises OSError."""
         self.dir.mkdir(parents=True, exist_ok=True)
         found: list[Record] = []
+        empty: list[Segment] = []
         top = max(marks.values(), default=0)
         for entry in sorted(os.scandir(self.dir), key=lambda e: e.name):
             if not entry.name.endswith(SUFFIX) or not entry.is_file(follow_symlinks=False):
@@ -220,8 +252,10 @@ class AckLog:
             seg.pending = len(records)
             found += records
             if not records:
-                self._release(seg)
+                empty.append(seg)
         self._seq = top
+        for seg in empty:  # once `_seq` is known: their free headers carry it
+            self._release(seg)
         self._want = not self._free  # the lander makes one before the first association
         found.sort(key=lambda r: r.seq)
         return found
@@ -233,6 +267,9 @@ class AckLog:
                     os.close(seg.fd)
             self._segments.clear()
             self._free.clear()
+            if self._claimed is not None:
+                os.close(self._claimed)  # lets the flock go
+                self._claimed = None
 
     # -- associations --------------------------------------------------------------------
 
@@ -622,7 +659,8 @@ class Lander:
 
     def stop(self, timeout: float) -> bool:
         """Land what is waiting (one try), then end; False when the thread has not ended
-        within `timeout` (a disk that hangs). What is left is landed at the next start."""
+        within `timeout` (a disk that hangs, a long backlog): it goes on landing then, and
+        `join` waits for it. What is left is landed at the next start."""
         with self._cond:
             self._stopping = True
             self._retry_at = 0.0
@@ -633,6 +671,11 @@ class Lander:
                 return False
             self._thread = None
         return True
+
+    def join(self) -> None:
+        """Wait for the thread to end (after `stop`), however long that takes."""
+        if self._thread is not None:
+            self._thread.join()
 
     def _run(self) -> None:
         while True:

@@ -100,6 +100,9 @@ LOGGER = logging.getLogger("forwarder.receiver")
 
 INCOMING = ".incoming"
 """The folder of `receive.dir` where instances are written while they arrive."""
+ACKLOG_WAIT = 5.0
+"""Seconds a start waits for the ack log while a receiver stopped just before (a reload) ends
+(with `stop`'s 5 s, within half of the unit's WatchdogSec=30)."""
 SPOOL_CHUNK = 1 << 20
 """A spool file is written in pieces of this size (the data set arrives one PDV at a time)."""
 MAX_PDU = 1 << 20
@@ -376,7 +379,10 @@ class Receiver:
         """
         rcv = self.settings
         self.incoming.mkdir(parents=True, exist_ok=True)
-        # records first: the sweep then removes the files their landing had begun
+        # the segments are ours before their marks are read (a receiver stopped by a reload
+        # may still be landing them); records first: the sweep then removes the files their
+        # landing had begun
+        self.acklog.claim(ACKLOG_WAIT)
         records = self.acklog.open(self.outbox.acklog_marks())
         sweep(self.dir, self.outbox, self.disposer, records)
         host, port = parse_listen(rcv.listen or "")
@@ -428,14 +434,34 @@ class Receiver:
             thread.join(max(0.0, deadline - time.monotonic()))
         # what was acknowledged is queued now, or at the next start
         landed = self.lander.stop(max(1.0, deadline - time.monotonic()))
-        if left := self.lander.pending():
+        if landed and (left := self.lander.pending()):
             LOGGER.error(
                 f"receive: {left} acknowledged instance(s) are still only in {self.acklog.dir} "
                 f"({self.lander.failing or 'stopped before they were queued'}); they are queued "
                 "at the next start: keep receive.dir as it is until then"
             )
-        if landed and not any(t.is_alive() for t in active):
-            self.acklog.close()  # else a thread that hangs may still use the segments' fds
+        alive = [t for t in active if t.is_alive()]
+        if landed and not alive:
+            self.acklog.close()
+            return
+        # a thread still running may use the segments' fds: they are closed, and the ack log
+        # let go for the next start (a reload's), once every one has ended
+        running = ([f"{len(alive)} association(s)"] if alive else []) + (
+            [] if landed else ["the lander"]
+        )
+        LOGGER.warning(
+            f"receive: {' and '.join(running)} still running {timeout:g} s after the stop; "
+            f"the ack log in {self.acklog.dir} is let go once they end"
+        )
+        threading.Thread(
+            target=self._close_after, args=(alive,), name="receiver-closer", daemon=True
+        ).start()
+
+    def _close_after(self, threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            thread.join()
+        self.lander.join()
+        self.acklog.close()
 
     def associations(self) -> int:
         return self._established

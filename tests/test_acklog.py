@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import SCP, free_port, wait_for
 from pydicom.filewriter import dcmwrite
+from stages import Calls, disposer
 from test_daemon import Corpus, dest
 from test_receive import Modality, Receiving, ct, instances
 from test_receive import corpus as corpus
@@ -41,9 +43,11 @@ from forwarder.acklog import (
     Segment,
     scan,
 )
+from forwarder.config import ReceiveSettings
 from forwarder.dicomfile import inspect_stream
+from forwarder.enqueue import Intake
 from forwarder.outbox import Outbox, OutboxCorruptError, State
-from forwarder.receiver import SpoolFile
+from forwarder.receiver import Receiver, SpoolFile
 
 SEGMENT = 1 << 20
 """Segments of the unit tests: small, so that an instance can outgrow one."""
@@ -353,6 +357,39 @@ def test_a_reused_segment_never_yields_the_records_of_its_earlier_use(logs: Logs
     assert (records[0].meta["use"], records[0].meta["n"]) == (2, 0)
 
 
+def test_a_segment_freed_at_start_keeps_the_sequence_reached_for_an_outbox_made_anew(
+    logs: Logs,
+) -> None:
+    """A segment whose records were all landed but not given back (kill -9 after landing) is
+    freed by the next `open`: its free header must carry the sequence number that run
+    reached, not 0, else a later run with no marks reuses the old epoch and its scan walks
+    on into the stale records."""
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    old = [logs.put(log, seg, os.urandom(6000), {"use": 1, "n": n}) for n in range(3)]
+    marks = {seg.name: old[-1].seq}  # landed and committed; killed before the give-back
+    log.close()
+
+    log, records = logs.open(marks)  # frees it
+    assert records == []
+    log.close()
+
+    # the outbox is made anew (no marks); the daemon starts again
+    log, records = logs.open()
+    assert records == []
+    seg = logs.segment(log)
+    assert seg.path == old[0].segment.path
+    assert seg.epoch > old[-1].seq, f"epoch {seg.epoch} may be one the stale records carry"
+    new = logs.put(log, seg, os.urandom(6000), {"use": 2, "n": 0})
+    assert seg.offset == old[1].start  # the next header the scan reads is a stale one
+    log.close()  # and dies with it acknowledged, not landed
+
+    _, records = logs.open()
+    assert found(records) == found([new]), (
+        f"stale records of the segment's earlier use came back: {[r.meta for r in records]}"
+    )
+
+
 def test_an_instance_larger_than_the_room_left_moves_to_a_spool_file(logs: Logs) -> None:
     log, _ = logs.open()
     seg = logs.segment(log)
@@ -522,6 +559,76 @@ def test_landing_that_fails_keeps_the_records_and_lands_them_once_it_can(
     assert "acknowledged instances are queued again" in caplog.text
 
 
+def _receiver(tmp_path: Path, outbox: Outbox) -> Receiver:
+    """A receiver in this process (as the daemon makes one at start and at each reload of
+    ``[receive]``) into ``tmp/received``, on a port of its own, for destination "a"."""
+    settings = ReceiveSettings(listen=f"127.0.0.1:{free_port()}", dir=tmp_path / "received")
+    intake = Intake(
+        destinations=("a",), follow_symlinks=False, invalid_grace_seconds=0, keeps_delivered=False
+    )
+    return Receiver(
+        settings,
+        outbox,
+        disposer(outbox, tmp_path, Calls()),
+        intake,
+        queued=lambda: None,
+        damaged=lambda where, exc: pytest.fail(f"outbox damaged in {where}: {exc}"),
+    )
+
+
+def test_a_receiver_started_while_the_last_one_still_lands_never_lands_a_record_twice(
+    outbox: Outbox, corpus: Corpus, tmp_path: Path
+) -> None:
+    """A reload of ``[receive]`` stops the receiver and starts a new one on the same folder.
+    When the old lander is still in a batch (here: the outbox is locked by another writer),
+    the new receiver must not scan, land or reuse the same records and segments meanwhile."""
+    old = _receiver(tmp_path, outbox)
+    old.start()
+    new: Receiver | None = None
+    starting: threading.Thread | None = None
+    blocker = sqlite3.connect(outbox.path, isolation_level=None, timeout=0)
+    try:
+        wait_for(lambda: old.acklog.counts()[0] >= 1, 10)  # a segment: the ack log way
+        blocker.execute("BEGIN IMMEDIATE")  # the lander's commit waits (up to 10 s)
+        datasets = instances(corpus, 5)
+        uids = {str(ds.SOPInstanceUID) for ds in datasets}
+        assert old.address is not None
+        modality = Modality(old.address[1])
+        modality.push(datasets)
+        assert modality.acked() == uids, modality.answers
+        wait_for(lambda: old.lander.pending() < len(uids), 5)  # a batch in the lander's hands
+        old.stop(timeout=0.2)  # its lander does not end in time
+
+        new = _receiver(tmp_path, outbox)
+        starting = threading.Thread(target=new.start, name="test-start")
+        starting.start()
+        starting.join(1.0)  # (the fixed receiver waits here for the old lander to end)
+        blocker.execute("ROLLBACK")
+        starting.join(15)
+        assert not starting.is_alive()
+        assert new.address is not None
+        wait_for(lambda: new.lander.pending() == 0 and new.acklog.counts()[1] == 0, 10)
+        wait_for(lambda: old.lander.landed + new.lander.landed >= len(uids), 10)
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        if starting is not None:
+            starting.join(15)
+        if new is not None:
+            new.stop()
+        old.stop()
+    rows = outbox.list()
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(uids), (
+        "an acknowledged instance was queued twice (or not at all)"
+    )
+    received = tmp_path / "received"
+    files = [p for p in received.rglob("*.dcm") if p.parent.name == "CT01"]
+    assert sorted(p.name for p in files) == sorted(f"{u}.dcm" for u in uids)
+    assert {r.path for r in rows} == {str(p) for p in files}
+    assert old.acklog.counts() == (0, 0)  # closed once its lander ended
+
+
 # -- the daemon ---------------------------------------------------------------------------------
 
 
@@ -544,6 +651,11 @@ def _push_then_kill(rcv: Receiving, datasets: list[Any]) -> Modality:
     assert assoc.is_established
     try:
         for ds in datasets:
+            if not assoc.is_established:  # pynetdicom lost a fast response and aborted (see
+                uid = str(ds.SOPInstanceUID)  # `Modality`): the rest is never answered
+                modality.answers[uid] = None
+                modality.lost += 1
+                continue
             _store(assoc, modality, ds)
         rcv.kill()
     finally:

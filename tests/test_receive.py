@@ -158,9 +158,18 @@ class Receiving(Forwarder):
         )
 
     def landed(self, n: int, timeout: float = 15) -> list[Path]:
-        """The received files once there are `n` (an acknowledged instance gets its file
-        from the ack log a moment after its answer)."""
-        self.wait(lambda: len(self.received_files()) >= n, timeout, f"{n} received file(s)")
+        """The received files once there are `n`, each with its outbox rows (an acknowledged
+        instance gets its file from the ack log a moment after its answer, and its rows a
+        moment after its file)."""
+
+        def queued() -> bool:
+            files = self.received_files()
+            if len(files) < n or not self.outbox_path.exists():
+                return False
+            with Outbox(self.outbox_path, readonly=True) as ob:
+                return all(ob.list(path=str(p), limit=1) for p in files)
+
+        self.wait(queued, timeout, f"{n} received and queued file(s)")
         return self.received_files()
 
     def spooled(self) -> list[Path]:
