@@ -13,9 +13,10 @@ need the file system's journal at all.
   until it gives it back (the association ends, or the segment has under `ROOM` bytes left).
 - **Records.** An instance's bytes (file meta and data set, exactly the file it becomes) are
   written into the segment as they arrive, then a small JSON record of what the receiver
-  decided (its folder, UIDs, destinations); ``fdatasync``; then the header before them (magic,
-  sequence number, the segment's epoch, lengths, a CRC-32 of the header and the JSON) and a
-  second ``fdatasync`` of that one block; then the instance is answered 0x0000. A header is
+  decided (its folder, UIDs, destinations); ``fdatasync``; then the header before them
+  (magic, sequence number, the segment's epoch: a random number drawn for each use of it,
+  lengths, a CRC-32 of the header and the JSON) and a second ``fdatasync`` of that one block;
+  then the instance is answered 0x0000. A header is
   only ever written over bytes already durable, so a valid header means a whole record; a
   record the daemon did not finish (a crash) has no valid header, and a record from the
   segment's earlier use has another epoch: a scan stops at either. (A CRC over the bytes
@@ -44,6 +45,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import struct
 import threading
 import time
@@ -82,9 +84,9 @@ KEEP_FREE = 4
 """Free segments kept beyond those the associations hold now; the others are removed."""
 MAGIC = b"FWDACK01"
 FREE = b"FWDFREE1"
-"""The first header of a free segment: it carries the sequence number reached when it was
-freed, so that a run that finds no marks (an outbox made anew) still never gives a new use of
-the segment the epoch of a record left further on from an earlier use."""
+"""The first header of a free segment: no record starts there, and it carries the sequence
+number reached when the segment was freed, so that numbering goes on from there even when the
+outbox's marks are gone (an outbox made anew)."""
 _FIELDS = struct.Struct("<8sQQQI")  # magic, seq, epoch, data length, meta length
 _CRC = struct.Struct("<I")
 HEADER_SIZE = 64
@@ -114,7 +116,7 @@ class Segment:
     path: Path
     fd: int
     size: int
-    epoch: int = 0  # the sequence number taken when its current use began
+    epoch: int = 0  # a random number drawn when its current use began
     offset: int = 0  # where its next record goes (its owner's)
     pending: int = 0  # records acknowledged and not landed yet (under the log's lock)
     owned: bool = False
@@ -279,8 +281,9 @@ class AckLog:
         with self._lock:
             seg = self._free.pop() if self._free else None
             if seg is not None:
-                self._seq += 1
-                seg.epoch, seg.offset, seg.owned = self._seq, 0, True
+                # random, not counted: bytes a modality sent, left in the segment by an earlier
+                # use, can then never hold a header of this use (they would have to foresee it)
+                seg.epoch, seg.offset, seg.owned = secrets.randbits(63), 0, True
             want = not self._free and time.monotonic() >= self._unable_until
             if want and len(self._segments) < self.max_segments:
                 self._want = True
@@ -412,7 +415,7 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
         if pos == 0 and magic == FREE and zlib.crc32(head[: _FIELDS.size]) == crc:
             return [], seq  # freed at that number: nothing to land
         end = pos + HEADER_SIZE + size + meta_len
-        if magic != MAGIC or end > seg.size or meta_len > META_ROOM or seq <= ep:
+        if magic != MAGIC or end > seg.size or meta_len > META_ROOM:
             break
         if epoch < 0:
             epoch = ep

@@ -9,11 +9,14 @@ between the answers and the landing.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sqlite3
+import struct
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -853,3 +856,33 @@ def test_a_record_the_lander_cannot_land_is_left_with_an_error_not_queued(
         _, records = logs.open()
     assert found(records) == found([good])
     assert "is not one this version can queue" in caplog.text
+
+
+def test_a_header_forged_inside_an_earlier_instance_is_never_taken_for_a_record(
+    logs: Logs,
+) -> None:
+    """A modality controls the bytes of its instances. Left in a segment from an earlier use,
+    they could hold, at an offset a later use's records reach, a header with a valid CRC for
+    the epoch that later use will have: after a crash the scan would take it for a record,
+    with the destinations and folder it names. Epochs are random: there is none to foresee."""
+    log, _ = logs.open()
+    seg = logs.segment(log)  # use 1
+    guess = log._seq + 2  # use 2's epoch, were epochs counted: one seq for use 1's record
+    at = 2 * 4096  # where use 2's third record starts after two of 3000 bytes
+    body = json.dumps({**FILLER, "to": ["elsewhere"]}, separators=(",", ":")).encode()
+    fields = struct.pack("<8sQQQI", MAGIC, 10**6, guess, 0, len(body))
+    header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
+    forged = bytearray(os.urandom(40_000))  # its bytes start at 64 in the segment
+    forged[at - HEADER_SIZE : at - HEADER_SIZE + len(header)] = header  # segment offset `at`
+    forged[at : at + len(body)] = body  # its JSON, right after its header (no bytes)
+    old = logs.put(log, seg, bytes(forged), {"n": 0})
+    log.landed([old])
+    log.give_back(seg)
+    seg2 = log.take()  # use 2
+    assert seg2 is seg
+    new = [logs.put(log, seg, os.urandom(3000), {"n": n}) for n in range(2)]
+    assert seg.offset == at
+    log.close()  # the daemon dies
+
+    _, records = logs.open()
+    assert found(records) == found(new), [r.meta for r in records]
