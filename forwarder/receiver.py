@@ -680,12 +680,7 @@ class Receiver:
         try:
             sink.complete()
         except OSError as exc:
-            LOGGER.error(
-                f"{uid} from {facts.calling_aet}: cannot write it to {self.incoming}: "
-                f"{exc.strerror or exc}; answered 0xA700",
-                extra=fields(outcome="out-of-resources"),
-            )
-            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+            raise _unwritable(uid, facts, self.incoming, exc) from exc
         intake = self.intake
         router = intake.router
         tags = router.tags if router else frozenset()
@@ -773,12 +768,7 @@ class Receiver:
         try:
             record = sink.commit(meta)
         except OSError as exc:
-            LOGGER.error(
-                f"{uid} from {facts.calling_aet}: cannot write it to {self.acklog.dir}: "
-                f"{exc.strerror or exc}; answered 0xA700",
-                extra=fields(outcome="out-of-resources"),
-            )
-            raise _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc)) from exc
+            raise _unwritable(uid, facts, self.acklog.dir, exc) from exc
         if record is None:
             return None
         self.lander.add(record)
@@ -926,6 +916,16 @@ class _FailedSpool(SpoolFile):
 
     def discard(self) -> None:
         """Nothing to remove."""
+
+
+def _unwritable(uid: str, facts: _Facts, where: Path, exc: OSError) -> _Refused:
+    """Logged: `uid` cannot be written to `where`; the 0xA700 to answer."""
+    LOGGER.error(
+        f"{uid} from {facts.calling_aet}: cannot write it to {where}: "
+        f"{exc.strerror or exc}; answered 0xA700",
+        extra=fields(outcome="out-of-resources"),
+    )
+    return _Refused(OUT_OF_RESOURCES, _comment("cannot write to disk", exc))
 
 
 def _comment(what: str, exc: BaseException) -> str:

@@ -356,13 +356,19 @@ class Link:
         """
         sock = self.sock
         data = self._inbuf
-        try:
+        with self._receiving(what):
             while len(data) < n:
                 self._quickack()
                 chunk = sock.recv(max(n - len(data), _RECV_SIZE))
                 if not chunk:
                     raise WireError("the peer closed the connection")
                 data += chunk
+
+    @contextlib.contextmanager
+    def _receiving(self, what: str) -> Iterator[None]:
+        """Socket errors while receiving as WireErrors; `what` names a timeout."""
+        try:
+            yield
         except TimeoutError as exc:
             raise WireError(f"{what}: no answer from the peer within {self._timeout:g} s") from exc
         except OSError as exc:  # reset, TLS error
@@ -393,21 +399,14 @@ class Link:
         body = bytearray(length)
         body[:have] = self._inbuf
         self._inbuf.clear()
-        view = memoryview(body)
         pos = have
-        try:
+        with memoryview(body) as view, self._receiving(what):
             while pos < length:
                 self._quickack()
                 n = self.sock.recv_into(view[pos:], length - pos)
                 if not n:
                     raise WireError("the peer closed the connection")
                 pos += n
-        except TimeoutError as exc:
-            raise WireError(f"{what}: no answer from the peer within {self._timeout:g} s") from exc
-        except OSError as exc:  # reset, TLS error
-            raise WireError(f"connection lost: {exc.strerror or exc}") from exc
-        finally:
-            view.release()
         return pdu_type, body
 
     # -- the data phase ---------------------------------------------------------------
