@@ -202,6 +202,13 @@ class Landing:
         self.lander.stop(5)
         assert not self.damaged
 
+    def segment(self, log: AckLog) -> Segment:
+        """The segment the lander made ahead of need, taken as an association takes it."""
+        wait_for(lambda: log.counts()[0] >= 1, 5)
+        seg = log.take()
+        assert seg is not None
+        return seg
+
 
 @pytest.fixture
 def outbox(tmp_path: Path) -> Iterator[Outbox]:
@@ -438,9 +445,7 @@ def test_the_lander_makes_the_files_rows_and_marks_of_acknowledged_records(
     log, records = logs.open(outbox.acklog_marks())
     landing = Landing(log, root, outbox.enqueue_routed, records)
     try:
-        wait_for(lambda: log.counts()[0] >= 1, 5)  # the lander makes a segment ahead of need
-        seg = log.take()
-        assert seg is not None
+        seg = landing.segment(log)
         insts = [
             instance(corpus, "CT01", ("a",)),
             instance(corpus, "MR02", ("a", "b")),
@@ -472,9 +477,7 @@ def test_records_left_by_a_crash_are_landed_once_at_the_next_start(
     log, records = logs.open(outbox.acklog_marks())
     landing = Landing(log, root, outbox.enqueue_routed, records)
     try:
-        wait_for(lambda: log.counts()[0] >= 1, 5)
-        seg = log.take()
-        assert seg is not None
+        seg = landing.segment(log)
         insts = [instance(corpus) for _ in range(4)]
         landing.lander.add(logs.put(log, seg, insts[0].data, insts[0].meta))
         landing.wait_landed(1)
