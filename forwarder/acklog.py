@@ -105,6 +105,14 @@ RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 """Seconds before landing is tried again after a failure, doubling up to the second."""
 
 
+def _header(magic: bytes, seq: int, epoch: int, size: int, body: bytes = b"") -> bytes:
+    """A header of `HEADER_SIZE` bytes: its fields and the CRC-32 of them and of `body` (the
+    record's JSON; none for a `FREE` header)."""
+    fields = _FIELDS.pack(magic, seq, epoch, size, len(body))
+    header = fields + _CRC.pack(zlib.crc32(fields, zlib.crc32(body)))
+    return header + bytes(HEADER_SIZE - len(header))
+
+
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -326,10 +334,8 @@ class AckLog:
             return
         owned = sum(1 for s in self._segments.values() if s.owned)
         if not seg.broken:
-            fields = _FIELDS.pack(FREE, self._seq, 0, 0, 0)
-            header = fields + _CRC.pack(zlib.crc32(fields))
             try:
-                os.pwrite(seg.fd, header + bytes(HEADER_SIZE - len(header)), 0)
+                os.pwrite(seg.fd, _header(FREE, self._seq, 0, 0), 0)
             except OSError:
                 seg.broken = True
         if seg.broken or len(self._free) >= KEEP_FREE + owned:
@@ -339,8 +345,7 @@ class AckLog:
             with contextlib.suppress(OSError):
                 os.unlink(seg.path)
             return
-        seg.offset = 0
-        self._free.append(seg)
+        self._free.append(seg)  # `take` starts its next use at offset 0
 
     # -- the lander's side ---------------------------------------------------------------
 
@@ -411,8 +416,8 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
         if len(head) < HEADER_SIZE:
             break
         magic, seq, ep, size, meta_len = _FIELDS.unpack_from(head)
-        (crc,) = _CRC.unpack_from(head, _FIELDS.size)
-        if pos == 0 and magic == FREE and zlib.crc32(head[: _FIELDS.size]) == crc:
+        # a header is valid when it is the one `_header` makes of its fields (CRC included)
+        if pos == 0 and head == _header(FREE, seq, 0, 0):
             return [], seq  # freed at that number: nothing to land
         end = pos + HEADER_SIZE + size + meta_len
         if magic != MAGIC or end > seg.size or meta_len > META_ROOM:
@@ -422,7 +427,7 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
         if ep != epoch or seq <= last:
             break
         body = os.pread(seg.fd, meta_len, end - meta_len)
-        if zlib.crc32(head[: _FIELDS.size], zlib.crc32(body)) != crc:
+        if head != _header(MAGIC, seq, ep, size, body):
             break
         try:
             meta = json.loads(body)
@@ -569,12 +574,11 @@ class AckSink:
         seg = self.segment
         seq = self.log.next_seq()
         data_end = self.start + HEADER_SIZE + self.size
-        fields = _FIELDS.pack(MAGIC, seq, seg.epoch, self.size, len(body))
-        header = fields + _CRC.pack(zlib.crc32(fields, zlib.crc32(body)))
+        header = _header(MAGIC, seq, seg.epoch, self.size, body)
         try:
             _pwrite_all(seg.fd, body, data_end)
             os.fdatasync(seg.fd)  # the bytes, before the header that says they are there
-            _pwrite_all(seg.fd, header + bytes(HEADER_SIZE - len(header)), self.start)
+            _pwrite_all(seg.fd, header, self.start)
             os.fdatasync(seg.fd)
         except OSError:
             seg.broken = True
@@ -724,10 +728,12 @@ class Lander:
                 self._damaged("receiver", exc)
             if first:
                 expected = isinstance(exc, OSError | OutboxError)
+                head = batch[0]
                 (LOGGER.error if expected else LOGGER.exception)(
-                    f"receive: {len(batch)} acknowledged instance(s) cannot be queued yet: {why}; "
-                    f"trying again in {self._backoff:g} s (new instances are written the "
-                    "direct way meanwhile)"
+                    f"receive: {len(batch)} acknowledged instance(s) cannot be queued yet: {why} "
+                    f"(the first: {head.meta['uid']} from {head.meta.get('calling_aet', '?')}, "
+                    f"record {head.seq} of {head.segment.path}); trying again in "
+                    f"{self._backoff:g} s (new instances are written the direct way meanwhile)"
                 )
             return
         self.log.landed(batch)

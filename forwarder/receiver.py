@@ -684,10 +684,13 @@ class Receiver:
         intake = self.intake
         router = intake.router
         tags = router.tags if router else frozenset()
-        logged = isinstance(sink, AckSink) and sink.spilled is None
+        # the instance is in its association's segment: acknowledged through the ack log
+        logged = sink if isinstance(sink, AckSink) and sink.spilled is None else None
         try:
-            if isinstance(sink, AckSink) and sink.spilled is None:
-                info = inspect_stream(sink.stream(), Path(sink.name), sink.size, 0, attributes=tags)
+            if logged is not None:
+                info = inspect_stream(
+                    logged.stream(), Path(logged.name), logged.size, 0, attributes=tags
+                )
             else:
                 info = inspect(sink.name, attributes=tags)
         except InvalidDicom as exc:
@@ -714,9 +717,8 @@ class Receiver:
             if not decision.destinations:
                 return self._unmatched(self._direct(sink), info, folder, facts, decision.why_not)
             names = decision.destinations
-        if logged:
-            assert isinstance(sink, AckSink)
-            status = self._acknowledge(sink, info, folder, names, facts)
+        if logged is not None:
+            status = self._acknowledge(logged, info, folder, names, facts)
             if status is not None:
                 return status
         spool = self._direct(sink)

@@ -875,6 +875,7 @@ def test_a_header_forged_inside_an_earlier_instance_is_never_taken_for_a_record(
     body = json.dumps({**FILLER, "to": ["elsewhere"]}, separators=(",", ":")).encode()
     fields = struct.pack("<8sQQQI", MAGIC, 10**6, guess, 0, len(body))
     header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
+    header += bytes(HEADER_SIZE - len(header))  # exactly as the daemon writes one
     forged = bytearray(os.urandom(40_000))  # its bytes start at 64 in the segment
     forged[at - HEADER_SIZE : at - HEADER_SIZE + len(header)] = header  # segment offset `at`
     forged[at : at + len(body)] = body  # its JSON, right after its header (no bytes)
