@@ -19,9 +19,12 @@ from forwarder.wire import (
     C_ECHO_RSP,
     VERIFICATION,
     FileData,
+    Link,
+    Request,
     WireError,
     decode_command,
     encode_echo_command,
+    encode_event_report_response,
     encode_store_command,
 )
 
@@ -234,12 +237,24 @@ def _command(**elements: int | bytes) -> bytes:
     return _group(*parts)
 
 
+def _answering(link: Link) -> list[Request]:
+    """The peer's requests, as `link` takes them, each answered 0x0000 (an N-EVENT-REPORT)."""
+    seen: list[Request] = []
+
+    def answer(request: Request) -> bytes:
+        seen.append(request)
+        return encode_event_report_response(request, 0x0000)
+
+    link.on_request = answer
+    return seen
+
+
 def test_a_request_of_the_peer_is_answered_while_a_response_is_awaited() -> None:
     """An N-EVENT-REPORT-RQ (its command and data set in one P-DATA-TF) arriving before the
     response we wait for is handed to `on_request`, answered, and the wait goes on."""
     import socket
 
-    from forwarder.wire import N_EVENT_REPORT_RQ, Link, Request, encode_event_report_response
+    from forwarder.wire import N_EVENT_REPORT_RQ
 
     report = _command(cls=b"1.2.840.10008.1.20.1", field=N_EVENT_REPORT_RQ, rq_id=7, dstype=0,
                       inst=b"1.2.840.10008.1.20.1.1", event=1)  # fmt: skip
@@ -252,13 +267,7 @@ def test_a_request_of_the_peer_is_answered_while_a_response_is_awaited() -> None
             _pdu(_pdv(5, 0x03, report), _pdv(5, 0x02, data_set)) + _pdu(_pdv(1, 0x03, store_rsp))
         )
         link = Link(ours)
-        seen: list[Request] = []
-
-        def answer(request: Request) -> bytes:
-            seen.append(request)
-            return encode_event_report_response(request, 0x0000)
-
-        link.on_request = answer
+        seen = _answering(link)
         rsp = link.read_response()
         assert (rsp.status, rsp.message_id) == (0, 3)
         (req,) = seen
@@ -285,7 +294,7 @@ def test_a_request_fragmented_over_several_pdus_is_answered_and_the_response_rea
     fragments, its data set in three), then the C-STORE-RSP awaited: both read whole."""
     import socket
 
-    from forwarder.wire import N_EVENT_REPORT_RQ, Link, Request, encode_event_report_response
+    from forwarder.wire import N_EVENT_REPORT_RQ
 
     report = _command(cls=b"1.2.840.10008.1.20.1", field=N_EVENT_REPORT_RQ, rq_id=9, dstype=0,
                       inst=b"1.2.840.10008.1.20.1.1", event=2)  # fmt: skip
@@ -304,13 +313,7 @@ def test_a_request_fragmented_over_several_pdus_is_answered_and_the_response_rea
         )
         link = Link(ours)
         link.settimeout(2)
-        seen: list[Request] = []
-
-        def answer(request: Request) -> bytes:
-            seen.append(request)
-            return encode_event_report_response(request, 0x0000)
-
-        link.on_request = answer
+        seen = _answering(link)
         rsp = link.read_response()
         assert (rsp.status, rsp.message_id) == (0, 4)
         (req,) = seen
