@@ -25,7 +25,10 @@ need the file system's journal at all.
   for many records at once: it makes each record's file in ``<dir>/<calling AE>/`` (never
   over another file), fsyncs the files and their folders, and commits their outbox rows
   together with the segment's mark (table ``acklog``: the last record landed) in one
-  transaction. A segment given back with every record landed is free again.
+  transaction. A segment given back with every record landed is free again. In a burst a
+  batch gathers for `GATHER` seconds after the last one ended: every fsync of the lander is a
+  journal commit and a flush of the disk's cache, which the associations' own flushes wait
+  behind. It also keeps `SPARE` free segments made ahead of need.
 - **Restart.** `AckLog.open` scans every segment for records after its mark; the lander lands
   them before anything else. A file made but not committed has no outbox row: the receiver's
   sweep removes it first, and its record makes it again.
@@ -82,6 +85,9 @@ MAX_SEGMENTS = 64
 """At most this many segments (1 GiB): with none free, instances are written the direct way."""
 KEEP_FREE = 4
 """Free segments kept beyond those the associations hold now; the others are removed."""
+SPARE = 2
+"""Free segments the lander keeps made ahead: an association that fills its segment takes
+the next at once, instead of writing instances the direct way while one is made."""
 MAGIC = b"FWDACK01"
 FREE = b"FWDFREE1"
 """The first header of a free segment: no record starts there, and it carries the sequence
@@ -101,6 +107,10 @@ MAX_BATCH = 256
 MAX_BATCH_BYTES = 64 << 20
 PREPARE_BACKOFF = 30.0
 """Seconds before a segment that could not be made (a full disk) is tried again."""
+GATHER = 0.05
+"""Seconds a batch gathers records after the last one ended (a burst). The lander's fsyncs
+are journal commits and device flushes; fewer of them keep the flushes an association waits
+for before each answer short (1000 CT over one association: 2.5 -> 2.1 s)."""
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0
 """Seconds before landing is tried again after a failure, doubling up to the second."""
 
@@ -266,7 +276,7 @@ class AckLog:
         self._seq = top
         for seg in empty:  # once `_seq` is known: their free headers carry it
             self._release(seg)
-        self._want = not self._free  # the lander makes one before the first association
+        self._want = len(self._free) < SPARE  # the lander makes them before the first association
         found.sort(key=lambda r: r.seq)
         return found
 
@@ -292,7 +302,7 @@ class AckLog:
                 # random, not counted: bytes a modality sent, left in the segment by an earlier
                 # use, can then never hold a header of this use (they would have to foresee it)
                 seg.epoch, seg.offset, seg.owned = secrets.randbits(63), 0, True
-            want = not self._free and time.monotonic() >= self._unable_until
+            want = len(self._free) < SPARE and time.monotonic() >= self._unable_until
             if want and len(self._segments) < self.max_segments:
                 self._want = True
             else:
@@ -355,10 +365,11 @@ class AckLog:
 
     def prepare(self) -> None:
         """Make one segment (zeros written and synced, then renamed into place), when one was
-        asked for. A failure (a full disk) is logged once and not tried again for a while."""
+        asked for (fewer than `SPARE` free; asked again while still fewer). A failure (a full
+        disk) is logged once and not tried again for a while."""
         with self._lock:
             self._want = False
-            if self._free or len(self._segments) >= self.max_segments:
+            if len(self._free) >= SPARE or len(self._segments) >= self.max_segments:
                 return
             self._serial += 1
             name = f"{self._serial:08d}{SUFFIX}"
@@ -392,6 +403,7 @@ class AckLog:
             seg = Segment(final, fd, self.segment_size)
             self._segments[name] = seg
             self._free.append(seg)
+            self._want = len(self._free) < SPARE and len(self._segments) < self.max_segments
             if self.unable is not None:
                 LOGGER.info(f"receive: ack log segments can be made again in {self.dir}")
             self.unable = None
@@ -642,6 +654,7 @@ class Lander:
         self._thread: threading.Thread | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._last_end = -GATHER  # monotonic time the last batch ended
         self.failing: str | None = None
         self.landed = 0  # records landed by this run (tests and status)
 
@@ -689,20 +702,30 @@ class Lander:
             with self._cond:
                 while True:
                     now = time.monotonic()
-                    due = self._todo and now >= self._retry_at
+                    start = self._start()
+                    due = self._todo and now >= start
                     if due or self._stopping or self.log.wants():
                         break
-                    self._cond.wait(self._retry_at - now if self._todo else None)
+                    self._cond.wait(start - now if self._todo else None)
                 stopping = self._stopping
                 batch = self._batch() if due or stopping else []
             if self.log.wants() and not stopping:
                 self.log.prepare()
             if batch:
                 self._try(batch)
+                self._last_end = time.monotonic()
             if stopping:
                 with self._cond:
                     if not self._todo or self.failing is not None:
                         return
+
+    def _start(self) -> float:
+        """When the records waiting are to be landed: after a failure, its retry time; in a
+        burst (the last batch ended moments ago), once the batch has gathered (`GATHER`);
+        else now. Under the condition's lock."""
+        if len(self._todo) >= MAX_BATCH:
+            return self._retry_at
+        return max(self._retry_at, self._last_end + GATHER)
 
     def _batch(self) -> list[Record]:
         batch: list[Record] = []

@@ -39,6 +39,7 @@ from forwarder.acklog import (
     HEADER_SIZE,
     MAGIC,
     META_ROOM,
+    SPARE,
     AckLog,
     AckSink,
     Lander,
@@ -124,6 +125,13 @@ class Logs:
             log.prepare()
         seg = log.take()
         assert seg is not None, log.unable
+        return seg
+
+    def retake(self, log: AckLog, path: Path) -> Segment:
+        """The free segment at `path`, taken as an association takes one (with the lander's
+        spares taken first when they come before it)."""
+        seg = next((s for s in iter(log.take, None) if s.path == path), None)
+        assert seg is not None, f"{path} is not free"
         return seg
 
     def sink(self, log: AckLog, seg: Segment) -> AckSink:
@@ -351,8 +359,7 @@ def test_a_reused_segment_never_yields_the_records_of_its_earlier_use(logs: Logs
     # the daemon stops; the outbox is made anew (no marks); the daemon starts again
     log, records = logs.open()
     assert records == []
-    seg = logs.segment(log)
-    assert seg.path == old[0].segment.path
+    seg = logs.retake(log, old[0].segment.path)
     # the new use's first record ends where the old first did: the scan's next header is
     # the old second record's, whole and with a valid CRC
     new = logs.put(log, seg, os.urandom(6000), {"use": 2, "n": 0})
@@ -387,8 +394,7 @@ def test_a_segment_freed_at_start_keeps_the_sequence_reached_for_an_outbox_made_
     # the outbox is made anew (no marks); the daemon starts again
     log, records = logs.open()
     assert records == []
-    seg = logs.segment(log)
-    assert seg.path == old[0].segment.path
+    seg = logs.retake(log, old[0].segment.path)
     assert seg.epoch > old[-1].seq, f"epoch {seg.epoch} may be one the stale records carry"
     new = logs.put(log, seg, os.urandom(6000), {"use": 2, "n": 0})
     assert seg.offset == old[1].start  # the next header the scan reads is a stale one
@@ -468,6 +474,25 @@ def test_the_lander_makes_the_files_rows_and_marks_of_acknowledged_records(
     log.close()
     _, records = logs.open(outbox.acklog_marks())
     assert records == []
+
+
+def test_the_lander_keeps_spare_segments_made_ahead_of_need(
+    logs: Logs, outbox: Outbox, tmp_path: Path
+) -> None:
+    """An association that fills its segment takes the next at once: one made only when the
+    last free one was taken leaves the instances meanwhile to the direct way (slow)."""
+    log, records = logs.open(outbox.acklog_marks())
+    landing = Landing(log, tmp_path / "received", outbox.enqueue_routed, records)
+    try:
+        wait_for(lambda: log.counts()[0] >= SPARE, 5)
+        first = log.take()
+        assert first is not None
+        landing.lander.wake()  # as the receiver's `wanted` does when a segment is taken
+        wait_for(lambda: log.counts()[0] >= SPARE + 1, 5)  # made again before it is needed
+        second = log.take()
+        assert second is not None and second is not first
+    finally:
+        landing.stop()
 
 
 def test_records_left_by_a_crash_are_landed_once_at_the_next_start(
