@@ -667,7 +667,11 @@ class Lander:
     def add(self, record: Record) -> None:
         with self._cond:
             self._todo.append(record)
-            self._cond.notify()
+            # with records waiting already, the lander is landing, or waits for a batch to
+            # gather: it looks again by itself (waking it for each record costs the
+            # association its thread switch and the GIL)
+            if len(self._todo) == 1 or len(self._todo) == MAX_BATCH:
+                self._cond.notify()
 
     def wake(self) -> None:
         with self._cond:
