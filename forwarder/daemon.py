@@ -201,10 +201,13 @@ class Daemon:
             return
         self.receiver = receiver
 
-    def _stop_receiver(self) -> None:
+    def _stop_receiver(self) -> int:
+        """Stop the receiver; how many acknowledged instances it left in its ack log."""
+        left = 0
         if self.receiver is not None:
-            self.receiver.stop()
+            left = self.receiver.stop()
             self.receiver = None
+        return left
 
     def _keepalive(self) -> None:
         self._heartbeat()
@@ -329,7 +332,16 @@ class Daemon:
             self.receiver.intake = self.enqueuer.intake
             self.receiver.retry = new.retry
         if new.receive != old.receive:
-            self._stop_receiver()
+            left = self._stop_receiver()
+            if left and (not new.receive.enabled or new.receive.dir != old.receive.dir):
+                # they are queued by a receiver on that ack log only: keep it until they are
+                LOGGER.error(
+                    f"receive: reload keeps the running [receive]: {left} acknowledged "
+                    f"instance(s) in {old.receive.dir} are not queued yet, and no receiver "
+                    "would look there again; reload once they are (forwarder status shows "
+                    "them)"
+                )
+                self.settings = new = new.model_copy(update={"receive": old.receive})
             self._start_receiver()
         touched = sorted({*changed, *(d.name for d in started)})
         LOGGER.info(

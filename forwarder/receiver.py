@@ -413,9 +413,10 @@ class Receiver:
             f"{' (TLS)' if self._tls else ''} into {self.dir}"
         )
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> int:
         """Stop listening and abort the associations still open (an instance not yet answered
-        is not acknowledged: the modality sends it again)."""
+        is not acknowledged: the modality sends it again). Returns how many acknowledged
+        instances are left in the ack log, not queued (queued at the next start on it)."""
         self._stop.set()
         if self._acceptor is not None:
             self._acceptor.join(timeout)
@@ -434,7 +435,8 @@ class Receiver:
             thread.join(max(0.0, deadline - time.monotonic()))
         # what was acknowledged is queued now, or at the next start
         landed = self.lander.stop(max(1.0, deadline - time.monotonic()))
-        if landed and (left := self.lander.pending()):
+        left = self.lander.pending()
+        if landed and left:
             LOGGER.error(
                 f"receive: {left} acknowledged instance(s) are still only in {self.acklog.dir} "
                 f"({self.lander.failing or 'stopped before they were queued'}); they are queued "
@@ -443,7 +445,7 @@ class Receiver:
         alive = [t for t in active if t.is_alive()]
         if landed and not alive:
             self.acklog.close()
-            return
+            return left
         # a thread still running may use the segments' fds: they are closed, and the ack log
         # let go for the next start (a reload's), once every one has ended
         running = ([f"{len(alive)} association(s)"] if alive else []) + (
@@ -456,6 +458,7 @@ class Receiver:
         threading.Thread(
             target=self._close_after, args=(alive,), name="receiver-closer", daemon=True
         ).start()
+        return left
 
     def _close_after(self, threads: list[threading.Thread]) -> None:
         for thread in threads:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sqlite3
 import struct
 import threading
@@ -28,7 +29,7 @@ import pytest
 from conftest import SCP, free_port, wait_for
 from pydicom.filewriter import dcmwrite
 from stages import Calls, disposer
-from test_daemon import Corpus, dest
+from test_daemon import Corpus, dest, to_toml
 from test_receive import Modality, Receiving, ct, instances
 from test_receive import corpus as corpus
 from test_receive import rcv as rcv
@@ -777,6 +778,58 @@ def test_acknowledged_instances_that_could_not_be_landed_are_sent_after_a_restar
     assert rcv.stop() == 0
     counts = _counts(pacs)  # each once, none of the refused (a lost answer may have been 0x0000)
     assert acked <= set(counts) <= acked | lost and set(counts.values()) == {1}, counts
+
+
+@pytest.mark.parametrize("change", ["dir", "off"])
+def test_a_reload_never_strands_acknowledged_instances_in_the_old_ack_log(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus, change: str
+) -> None:
+    """An instance acknowledged and not queued yet (landing fails: the calling AE's folder
+    cannot be made) lives only in ``receive.dir/.acklog``. A reload that points receive.dir
+    elsewhere, or turns receiving off, would leave it where no run looks again: the running
+    [receive] is kept instead, said in one line, and the instance arrives once it can."""
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)]).start()
+    segments = rcv.received_dir / FOLDER
+    rcv.wait(lambda: list(segments.glob("*.ack")), 10, "a segment made ahead of need")
+    blocker = rcv.received_dir / "CT01"
+    blocker.write_bytes(b"not a folder")
+    datasets = instances(corpus, 4)
+    modality = Modality(rcv.port)
+    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
+    assert assoc.is_established
+    try:
+        for ds in datasets:  # the direct way (0xA700) until the segment is free to take
+            if _store(assoc, modality, ds) == 0x0000:
+                break
+        rcv.wait_log("1 acknowledged instance(s) cannot be queued yet")
+    finally:
+        assoc.release()
+    acked = modality.acked()
+    assert len(acked) == 1, modality.answers
+
+    cfg = rcv.config
+    if change == "dir":
+        cfg["receive"]["dir"] = str(rcv.tmp / "elsewhere")
+    else:
+        del cfg["receive"]["listen"]
+    rcv.cfg.write_text(to_toml(cfg))
+    rcv.signal(signal.SIGHUP)
+    rcv.wait_log("reloaded")
+    assert "reload keeps the running [receive]" in rcv.text(since_start=True)
+    if not blocker.is_dir():  # the restarted receiver's start sweep may have removed it
+        blocker.unlink(missing_ok=True)
+    rcv.wait(lambda: acked <= set(pacs.uids()), 30, "the acknowledged instance")
+    rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
+    # queued: the next reload applies the change
+    rcv.signal(signal.SIGHUP)
+    rcv.wait_log("reloaded", count=2)
+    if change == "dir":
+        rcv.wait_log(f"into {rcv.tmp / 'elsewhere'}")
+    else:
+        assert not Modality(rcv.port).associate([str(datasets[0].SOPClassUID)]).is_established
+    assert rcv.stop() == 0
+    assert _counts(pacs)[next(iter(acked))] == 1
 
 
 def _write_record(directory: Path, data: bytes, meta: dict[str, Any]) -> Record:
