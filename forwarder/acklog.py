@@ -655,6 +655,7 @@ class Lander:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._last_end = -GATHER  # monotonic time the last batch ended
+        self._landing = 0  # records in the batch being landed (`landing`)
         self.failing: str | None = None
         self.landed = 0  # records landed by this run (tests and status)
 
@@ -677,9 +678,16 @@ class Lander:
         with self._cond:
             self._cond.notify()
 
-    def pending(self) -> int:
+    @property
+    def landing(self) -> int:
+        """Records in the batch being landed now."""
         with self._cond:
-            return len(self._todo)
+            return self._landing
+
+    def pending(self) -> int:
+        """Records acknowledged and not queued yet: waiting, or in the batch being landed."""
+        with self._cond:
+            return len(self._todo) + self._landing
 
     def stop(self, timeout: float) -> bool:
         """Land what is waiting (one try), then end; False when the thread has not ended
@@ -713,6 +721,7 @@ class Lander:
                     self._cond.wait(start - now if self._todo else None)
                 stopping = self._stopping
                 batch = self._batch() if due or stopping else []
+                self._landing = len(batch)
             if self.log.wants() and not stopping:
                 self.log.prepare()
             if batch:
@@ -746,6 +755,7 @@ class Lander:
         except Exception as exc:  # put back and tried again, whatever it was: never ends the thread
             with self._cond:
                 self._todo.extendleft(reversed(batch))
+                self._landing = 0
                 self._backoff = min(RETRY_MAX, max(RETRY_FIRST, self._backoff * 2))
                 self._retry_at = time.monotonic() + self._backoff
                 why = _why(exc)
@@ -765,6 +775,7 @@ class Lander:
             return
         self.log.landed(batch)
         with self._cond:
+            self._landing = 0
             if self.failing is not None:
                 LOGGER.info("receive: acknowledged instances are queued again")
             self.failing, self._backoff = None, 0.0
