@@ -692,6 +692,16 @@ def test_a_receiver_started_while_the_last_one_still_lands_never_lands_a_record_
 # -- the daemon ---------------------------------------------------------------------------------
 
 
+def _block_landing(rcv: Receiving) -> Path:
+    """Make landing fail once the receiver has a segment to acknowledge into: a regular file
+    where the calling AE's folder goes (CT01). Returns that file."""
+    segments = rcv.received_dir / FOLDER
+    rcv.wait(lambda: list(segments.glob("*.ack")), 10, "a segment made ahead of need")
+    blocker = rcv.received_dir / "CT01"
+    blocker.write_bytes(b"not a folder")
+    return blocker
+
+
 def _store(assoc: Any, modality: Modality, ds: Any) -> int | None:
     """One C-STORE, its answer recorded as `Modality.push` records it."""
     rsp = assoc.send_c_store(ds)
@@ -764,10 +774,7 @@ def test_acknowledged_instances_that_could_not_be_landed_are_sent_after_a_restar
     place), so what the ack log acknowledged stays in it until the daemon is killed (or
     stopped: its last try to land fails as well)."""
     rcv.configure_receiving([dest("a", free_port())]).start()
-    segments = rcv.received_dir / FOLDER
-    rcv.wait(lambda: list(segments.glob("*.ack")), 10, "a segment made ahead of need")
-    blocker = rcv.received_dir / "CT01"
-    blocker.write_bytes(b"not a folder")
+    blocker = _block_landing(rcv)
     datasets = instances(corpus, 8)
     modality = Modality(rcv.port)
     assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
@@ -818,10 +825,7 @@ def test_a_reload_never_strands_acknowledged_instances_in_the_old_ack_log(
     [receive] is kept instead, said in one line, and the instance arrives once it can."""
     pacs = make_scp()
     rcv.configure_receiving([dest("a", pacs.port)]).start()
-    segments = rcv.received_dir / FOLDER
-    rcv.wait(lambda: list(segments.glob("*.ack")), 10, "a segment made ahead of need")
-    blocker = rcv.received_dir / "CT01"
-    blocker.write_bytes(b"not a folder")
+    blocker = _block_landing(rcv)
     datasets = instances(corpus, 4)
     modality = Modality(rcv.port)
     assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
