@@ -100,6 +100,9 @@ ALIGN = 4096
 META_ROOM = 1 << 16
 """Room kept after an instance's bytes for its record (a larger record goes the direct way)."""
 CHUNK = 1 << 20
+HEAD = 1 << 16
+"""The first bytes of an instance kept in memory as they are written: the header walk before
+the answer reads them there (the UIDs and the attributes routing names come early)."""
 WRITEBACK_MIN = 1 << 16
 """A fragment this large has its writeback started as soon as it is written."""
 MAX_BATCH = 256
@@ -164,11 +167,26 @@ class Record:
 
 
 class _Window(io.RawIOBase):
-    """`size` bytes of a file descriptor from `base`, as a seekable read-only stream."""
+    """`size` bytes of a file descriptor from `base`, as a seekable read-only stream; the
+    first bytes are served from `head` (the same bytes, kept in memory) when it has them."""
 
-    def __init__(self, fd: int, base: int, size: int) -> None:
+    def __init__(self, fd: int, base: int, size: int, head: bytes = b"") -> None:
         super().__init__()
         self._fd, self._base, self._size, self._pos = fd, base, size, 0
+        self._head = head
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._pos
+        n = left if n < 0 else min(n, left)
+        if n <= 0:
+            return b""
+        pos = self._pos
+        if pos + n <= len(self._head):
+            data = self._head[pos : pos + n]
+        else:
+            data = os.pread(self._fd, n, self._base + pos)
+        self._pos += len(data)
+        return data
 
     def readable(self) -> bool:
         return True
@@ -185,12 +203,8 @@ class _Window(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self._size - self._pos)
-        if n <= 0:
-            return 0
-        data = os.pread(self._fd, n, self._base + self._pos)
+        data = self.read(len(buffer))
         buffer[: len(data)] = data
-        self._pos += len(data)
         return len(data)
 
 
@@ -520,6 +534,7 @@ class AckSink:
         self.spilled: _Spool | None = None
         self._spill = spill
         self._limit = segment.size - self.start - HEADER_SIZE - META_ROOM  # bytes that fit
+        self._head = bytearray()  # the first `HEAD` bytes, for `stream`
 
     @property
     def name(self) -> str:
@@ -532,6 +547,8 @@ class AckSink:
             return self.spilled.write(data)
         if self.error is None:
             at = self.start + HEADER_SIZE + self.size
+            if self.size < HEAD:
+                self._head += data[: HEAD - self.size]
             try:
                 _pwrite_all(self.segment.fd, data, at)
                 if len(data) >= WRITEBACK_MIN:
@@ -572,7 +589,8 @@ class AckSink:
     def stream(self) -> BinaryIO:
         """The instance's bytes, to read (after `complete`)."""
         # unbuffered: `dicomfile.Reader` reads in chunks of its own
-        return cast(BinaryIO, _Window(self.segment.fd, self.start + HEADER_SIZE, self.size))
+        base = self.start + HEADER_SIZE
+        return cast(BinaryIO, _Window(self.segment.fd, base, self.size, bytes(self._head)))
 
     def commit(self, meta: Mapping[str, Any]) -> Record | None:
         """Write `meta` and the header, ``fdatasync``: the instance is durable and may be
