@@ -740,11 +740,11 @@ class Lander:
                 stopping = self._stopping
                 batch = self._batch() if due or stopping else []
                 self._landing = len(batch)
-            if self.log.wants() and not stopping:
-                self.log.prepare()
-            if batch:
+            if batch:  # before a spare segment: landing is what a destination waits for
                 self._try(batch)
                 self._last_end = time.monotonic()
+            if self.log.wants() and not stopping:
+                self.log.prepare()
             if stopping:
                 with self._cond:
                     if not self._todo or self.failing is not None:
