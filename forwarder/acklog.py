@@ -535,6 +535,7 @@ class AckSink:
         self._spill = spill
         self._limit = segment.size - self.start - HEADER_SIZE - META_ROOM  # bytes that fit
         self._head = bytearray()  # the first `HEAD` bytes, for `stream`
+        self.dataset_at: tuple[int, str] | None = None  # set by whoever writes the file meta
 
     @property
     def name(self) -> str:

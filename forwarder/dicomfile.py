@@ -194,13 +194,9 @@ def inspect(
         return inspect_stream(fp, path, st.st_size, st.st_mtime_ns, attributes=attributes)
 
 
-def inspect_stream(
-    fp: BinaryIO, path: Path, size: int, mtime_ns: int, *, attributes: frozenset[int] = frozenset()
-) -> DicomInfo:
-    """`inspect` of the `size` bytes of an open, seekable stream (`path` names it in errors
-    and in the result): a received instance checked where it was written, before it has a
-    file of its own."""
-    reader = Reader(fp, path, size)
+def _find_dataset(reader: Reader, path: Path, size: int) -> tuple[str, dict[int, bytes]]:
+    """The transfer syntax and the file meta (empty without one), from the file meta or from
+    a data set with none; `reader` is left at the start of the data set."""
     head = reader.peek(132)
     meta: dict[int, bytes] = {}
     has_meta = False
@@ -215,17 +211,39 @@ def inspect_stream(
             _uid(path, tag, meta.get(tag))
         if ts is None:
             raise NotDicom(path, "file meta has no Transfer Syntax UID (0002,0010)")
+        return ts, meta
+    guess = guess_encoding(head)
+    if guess is None:
+        if size == 0:
+            raise Truncated(path, "empty file")
+        if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):
+            # a zero preamble (the usual one) with the DICM marker still to come
+            raise Truncated(path, "the file ends inside the 128-byte preamble")
+        raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
+    explicit, little = guess
+    return IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE), meta
+
+
+def inspect_stream(
+    fp: BinaryIO,
+    path: Path,
+    size: int,
+    mtime_ns: int,
+    *,
+    attributes: frozenset[int] = frozenset(),
+    dataset_at: tuple[int, str] | None = None,
+) -> DicomInfo:
+    """`inspect` of the `size` bytes of an open, seekable stream (`path` names it in errors
+    and in the result): a received instance checked where it was written, before it has a
+    file of its own. `dataset_at` (the data set's offset and transfer syntax) skips the file
+    meta, for a caller that wrote it itself (not for a deflated syntax: its walk may need the
+    meta's UIDs)."""
+    reader = Reader(fp, path, size)
+    meta: dict[int, bytes] = {}
+    if dataset_at is not None and not _ts_encoding(dataset_at[1])[2]:
+        reader.pos, ts = dataset_at
     else:
-        guess = guess_encoding(head)
-        if guess is None:
-            if size == 0:
-                raise Truncated(path, "empty file")
-            if size < 132 and not head[:128].strip(b"\x00") and b"DICM".startswith(head[128:]):
-                # a zero preamble (the usual one) with the DICM marker still to come
-                raise Truncated(path, "the file ends inside the 128-byte preamble")
-            raise NotDicom(path, "no DICM marker and no recognisable DICOM data set")
-        explicit, little = guess
-        ts = IMPLICIT_LE if not explicit else (EXPLICIT_LE if little else EXPLICIT_BE)
+        ts, meta = _find_dataset(reader, path, size)
     offset = reader.pos
     explicit, little, deflated = _ts_encoding(ts)
     # the same walk reads the attributes routing rules name: no cost without rules

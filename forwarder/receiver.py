@@ -608,9 +608,13 @@ class Receiver:
         sink = self._ack_sink(lane) if lane is not None else None
         spool = sink if sink is not None else self._spool()
         try:
-            spool.write(file_meta(sop_class, sop_instance, transfer_syntax))
+            meta = file_meta(sop_class, sop_instance, transfer_syntax)
         except (UnicodeEncodeError, struct.error) as exc:
             spool.invalid = f"unusable UIDs in the C-STORE: {exc}"
+        else:
+            spool.write(meta)
+            if isinstance(spool, AckSink):
+                spool.dataset_at = (len(meta), transfer_syntax)
         return spool
 
     def _ack_sink(self, lane: _Lane) -> AckSink | None:
@@ -692,7 +696,12 @@ class Receiver:
         try:
             if logged is not None:
                 info = inspect_stream(
-                    logged.stream(), Path(logged.name), logged.size, 0, attributes=tags
+                    logged.stream(),
+                    Path(logged.name),
+                    logged.size,
+                    0,
+                    attributes=tags,
+                    dataset_at=logged.dataset_at,  # its file meta is ours
                 )
             else:
                 info = inspect(sink.name, attributes=tags)
