@@ -29,7 +29,7 @@ import pytest
 from conftest import SCP, free_port, wait_for
 from pydicom.filewriter import dcmwrite
 from stages import Calls, disposer
-from test_daemon import Corpus, dest, to_toml
+from test_daemon import Corpus, Forwarder, dest, to_toml
 from test_receive import Modality, Receiving, ct, instances
 from test_receive import corpus as corpus
 from test_receive import rcv as rcv
@@ -1000,3 +1000,262 @@ def test_a_header_forged_inside_an_earlier_instance_is_never_taken_for_a_record(
 
     _, records = logs.open()
     assert found(records) == found(new), [r.meta for r in records]
+
+
+# -- review s8: the change's edges ----------------------------------------------------------------
+
+
+def test_a_window_serves_every_read_and_seek_with_the_bytes_of_its_file(tmp_path: Path) -> None:
+    """`_Window` with a head (the first bytes in memory) returns exactly the file's bytes for
+    reads inside the head, straddling its end, past it, after seeks past the end, of every
+    size, through `read` and `readinto`."""
+    import random
+
+    from forwarder.acklog import _Window
+
+    rng = random.Random(8)
+    data = os.urandom(200_000)
+    path = tmp_path / "w"
+    path.write_bytes(b"x" * 100 + data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for head_len in (0, 1, 4095, 65536, len(data)):
+            w = _Window(fd, 100, len(data), data[:head_len])
+            for _ in range(2000):
+                pos = rng.choice(
+                    [
+                        0,
+                        head_len - 1,
+                        head_len,
+                        head_len + 1,
+                        len(data) + 5,
+                        rng.randrange(len(data)),
+                    ]
+                )
+                pos = max(0, pos)
+                n = rng.choice([-1, 0, 1, 16384, head_len, rng.randrange(1, 70_000)])
+                assert w.seek(pos) == pos
+                if n < 0 or rng.random() < 0.5:
+                    got = w.read(n)
+                else:
+                    buf = bytearray(max(n, 0))
+                    got = bytes(buf[: w.readinto(buf)])
+                want = data[pos:] if n < 0 else data[pos : pos + n]
+                assert got == want, (head_len, pos, n)
+                assert w.tell() == pos + len(want)
+    finally:
+        os.close(fd)
+
+
+def _file_with_syntax(path: Path, ds: Any, syntax: str) -> Path:
+    """A Part 10 file whose file meta names `syntax` (what pynetdicom's chunked send proposes
+    and sends under) and whose data set is `ds` in explicit VR little endian."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from forwarder.filemeta import file_meta
+
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)  # the data set alone, no file meta
+    meta = file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax)
+    path.write_bytes(meta + body.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("way", ["acklog", "direct"])
+def test_an_invalid_negotiated_transfer_syntax_gets_c000_on_either_way(
+    rcv: Receiving,
+    make_scp: Callable[..., SCP],
+    corpus: Corpus,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    way: str,
+) -> None:
+    """A peer proposes (and sends under) a transfer syntax UID that `uid_problem` refuses
+    ("not only digits and dots"; pynetdicom only checks its length). Before this change the
+    header walk read it back from the file meta the receiver wrote and refused it (BadUID:
+    0xC000, "never reaches an association"); the direct way still does. With `dataset_at`
+    the ack log way walks from the offset it knows and never checks the syntax: 0x0000, a
+    record whose "ts" is that string, and the sender then quarantines the acknowledged
+    instance ("invalid Transfer Syntax UID ... not only digits and dots"): the modality
+    believes it delivered, no destination ever gets it. FAILS on [acklog] (answered 0x0000)."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    bad = "1.2.840.10008.1.2.1.x"
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)]).start()
+    segments = rcv.received_dir / FOLDER
+    rcv.wait(lambda: list(segments.glob("*.ack")), 10, "a segment made ahead of need")
+    (ds,) = instances(corpus, 1)
+    if way == "direct":  # larger than a segment: spilled, inspected from its spool file
+        ds.add_new(0x7FE00010, "OB", bytes(17 << 20))
+    path = _file_with_syntax(tmp_path / "bad-ts.dcm", ds, bad)
+    modality = Modality(rcv.port)
+    assoc = modality.associate([str(ds.SOPClassUID)], [bad])
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(path)
+        status = int(rsp.Status) if rsp else None
+    finally:
+        assoc.release()
+    assert status == 0xC000, f"answered {status if status is None else hex(status)}"
+    assert rcv.stop() == 0
+
+
+def test_a_reload_that_keeps_the_running_receive_keeps_its_disposal_layout_too(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    """`Daemon.reload` puts the old [receive] back into `self.settings` after it has already
+    built the disposer's `Layout` (its roots: the received folder) and the upkeep's kept
+    folders from the new one. The instances the kept receiver lands in the old receive.dir
+    then lie under no root: archived as ``archive/<uid>.dcm`` instead of
+    ``archive/<calling AE>/<uid>.dcm`` like every other received instance (and, by the same
+    code path, the upkeep's `still_in` folders lack the old receive.dir: with
+    ``on_success = "keep"`` their rows are pruned while the files are still there).
+    FAILS (archived at the top of the archive)."""
+    pacs = make_scp()
+    rcv.configure_receiving(
+        [dest("a", pacs.port)], disposition={"on_success": "move", "archive_dir": str(rcv.archive)}
+    ).start()
+    blocker = _block_landing(rcv)
+    datasets = instances(corpus, 4)
+    modality = Modality(rcv.port)
+    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
+    assert assoc.is_established
+    try:
+        for ds in datasets:
+            if _store(assoc, modality, ds) == 0x0000:
+                break
+        rcv.wait_log("1 acknowledged instance(s) cannot be queued yet")
+    finally:
+        assoc.release()
+    (uid,) = modality.acked()
+    cfg = rcv.config
+    cfg["receive"]["dir"] = str(rcv.tmp / "elsewhere")
+    rcv.cfg.write_text(to_toml(cfg))
+    rcv.signal(signal.SIGHUP)
+    rcv.wait_log("reloaded")
+    assert "reload keeps the running [receive]" in rcv.text(since_start=True)
+    if not blocker.is_dir():
+        blocker.unlink(missing_ok=True)
+    rcv.wait(lambda: uid in pacs.uids(), 30, "the acknowledged instance")
+    rcv.wait(lambda: list(rcv.archive.rglob(f"{uid}*.dcm")), 15, "the instance archived")
+    assert rcv.stop() == 0
+    assert list(rcv.archive.rglob(f"{uid}*.dcm")) == [rcv.archive / "CT01" / f"{uid}.dcm"]
+
+
+def test_a_reload_never_strands_what_a_receiver_that_could_not_start_left_in_its_ack_log(
+    rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
+) -> None:
+    """The last run acknowledged an instance and stopped before it was queued (its ack log
+    holds the record: "keep receive.dir as it is until the next start"). This run's receiver
+    cannot start (the port is taken): `Daemon.receiver` is None, so `_stop_receiver` returns
+    0 and a reload that turns receiving off (or moves receive.dir) is applied: the record is
+    never queued, nothing says so. FAILS (the instance never reaches the destination)."""
+    import socket
+
+    pacs = make_scp()
+    rcv.configure_receiving([dest("a", pacs.port)])
+    buf = BytesIO()
+    dcmwrite(buf, ct(), enforce_file_format=True)
+    data = buf.getvalue()
+    meta = meta_for(data, "CT01", ("a",))
+    uid = meta["uid"]
+    _write_record(rcv.received_dir / FOLDER, data, meta)
+    with socket.create_server(("127.0.0.1", rcv.port)):  # someone else has the port
+        Forwarder.start(rcv)
+        rcv.wait_log("cannot start the receiver")
+    # the operator gives up on receiving here (the port is free again by now)
+    cfg = rcv.config
+    del cfg["receive"]["listen"]
+    rcv.cfg.write_text(to_toml(cfg))
+    rcv.signal(signal.SIGHUP)
+    rcv.wait_log("reloaded")
+    text = rcv.text(since_start=True)
+    kept = "reload keeps the running [receive]" in text
+    try:
+        rcv.wait(lambda: uid in pacs.uids(), 8, "the acknowledged instance")
+        arrived = True
+    except AssertionError:
+        arrived = False
+    assert rcv.stop() == 0
+    assert kept or arrived, "the acknowledged record is stranded in the old ack log, silently"
+
+
+def test_records_added_from_many_threads_in_bursts_and_pauses_all_land_promptly(
+    logs: Logs, outbox: Outbox, tmp_path: Path
+) -> None:
+    """The lander is notified only for the first record waiting (and at `MAX_BATCH`): records
+    added while it lands, while it gathers (`GATHER`), while it makes a spare segment, or
+    just before it waits, must still land, each within a short while."""
+    import random
+    import time
+
+    log, records = logs.open(outbox.acklog_marks())
+    landing = Landing(log, tmp_path / "received", outbox.enqueue_routed, records)
+    added = [0]
+    lock = threading.Lock()
+    late: list[float] = []
+
+    def take() -> Segment:  # as the receiver's `wanted` does: the lander is woken to make one
+        def got() -> Segment | None:
+            seg = log.take()
+            landing.lander.wake()
+            return seg
+
+        return wait_for(got, 10)  # type: ignore[no-any-return]
+
+    segs = [take() for _ in range(4)]
+
+    def association(n: int) -> None:
+        rng = random.Random(n)
+        seg = segs[n]
+        for i in range(30):
+            rec = logs.put(log, seg, os.urandom(300), {"uid": f"1.2.3.{n}.{i}", "folder": f"A{n}"})
+            landing.lander.add(rec)
+            with lock:
+                added[0] += 1
+            if rng.random() < 0.3:  # a pause: what was added lands meanwhile
+                want = time.monotonic() + 1.0
+                while landing.lander.pending() and time.monotonic() < want:
+                    time.sleep(0.005)
+                if landing.lander.pending():
+                    late.append(time.monotonic())
+            else:
+                time.sleep(rng.random() * 0.02)
+        log.give_back(seg)
+
+    threads = [threading.Thread(target=association, args=(n,)) for n in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        landing.wait_landed(120, timeout=5)
+        assert landing.lander.pending() == 0 and log.counts()[1] == 0
+    finally:
+        landing.stop()
+    # pending() waits for the other threads' records too; a pause that saw none land in 1 s
+    # is a record waiting for a wake-up that never came
+    assert not late, f"{len(late)} pause(s) with records not landed within 1 s"
+    assert len(outbox.list(limit=1000)) == 120
+
+
+def test_a_stop_while_a_batch_gathers_lands_it_and_leaves_nothing_pending(
+    logs: Logs, outbox: Outbox, corpus: Corpus, tmp_path: Path
+) -> None:
+    log, records = logs.open(outbox.acklog_marks())
+    landing = Landing(log, tmp_path / "received", outbox.enqueue_routed, records)
+    seg = landing.segment(log)
+    first = instance(corpus)
+    landing.lander.add(logs.put(log, seg, first.data, first.meta))
+    landing.wait_landed(1)
+    rest = [instance(corpus) for _ in range(3)]
+    for inst in rest:  # within GATHER of the last batch: they wait for it to gather
+        landing.lander.add(logs.put(log, seg, inst.data, inst.meta))
+    assert landing.lander.stop(5)
+    assert landing.lander.pending() == 0 and landing.lander.landed == 4
+    for inst in [first, *rest]:
+        assert_landed(outbox, tmp_path / "received", inst)
