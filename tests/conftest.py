@@ -3,6 +3,7 @@ test data."""
 
 from __future__ import annotations
 
+import compileall
 import os
 import shutil
 import signal
@@ -374,6 +375,15 @@ def make_storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
 def storescp(make_storescp: Callable[..., StoreSCP]) -> StoreSCP:
     """DCMTK storescp with Nagle off, accepting all transfer syntaxes (+xa)."""
     return make_storescp("+xa", env={"TCP_NODELAY": "1"})
+
+
+@pytest.fixture(autouse=True, scope="session")
+def compiled_forwarder() -> None:
+    """Byte-compile the package once: with PYTHONDONTWRITEBYTECODE=1 in the environment (as
+    here) no process writes its .pyc, and every daemon and CLI process the tests start compiled
+    the package's modules again (0.23 s of its 0.85 s start-up). Stale files are recompiled;
+    Python checks each .pyc against its source's mtime anyway."""
+    assert compileall.compile_dir(REPO / "forwarder", quiet=1), "forwarder does not compile"
 
 
 @pytest.fixture(autouse=True, scope="session")
