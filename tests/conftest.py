@@ -4,7 +4,9 @@ test data."""
 from __future__ import annotations
 
 import compileall
+import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +96,52 @@ def data_file(name: str) -> Path:
     return Path(str(path))
 
 
-def make_instance(path: Path, uid: str, study: str | None = None) -> int:
-    """A real CT image (CT_small) with our UIDs, written beside and renamed into place.
-
-    Returns its size. The rename is the atomic drop a modality's export would do.
-    """
+def _encode_ct(uid: str, study: str | None) -> bytes:
+    """CT_small with these UIDs, as pydicom writes it."""
     ds = dcmread(data_file("CT_small.dcm"))
     ds.SOPInstanceUID = uid
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     if study is not None:
         ds.StudyInstanceUID = study
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@functools.cache
+def _ct_template(uid_len: int, study_len: int | None) -> tuple[bytes, re.Pattern[bytes]] | None:
+    """CT_small encoded once with placeholder UIDs of these lengths, and a pattern finding
+    them; None when a placeholder is not found exactly where the UIDs go."""
+    if uid_len < 3 or (study_len is not None and study_len < 3):
+        return None
+    uid = "1." + "8" * (uid_len - 2)
+    study = None if study_len is None else "1." + "9" * (study_len - 2)
+    data = _encode_ct(uid, study)
+    if data.count(uid.encode()) != 2 or (study and data.count(study.encode()) != 1):
+        return None
+    found = [uid.encode()] + ([study.encode()] if study else [])
+    return data, re.compile(b"|".join(re.escape(f) for f in found))
+
+
+def make_instance(path: Path, uid: str, study: str | None = None) -> int:
+    """A real CT image (CT_small) with our UIDs, written beside and renamed into place.
+
+    Returns its size. The rename is the atomic drop a modality's export would do. The bytes
+    are pydicom's encoding with these UIDs; made by patching a template encoded once per UID
+    length (equal lengths leave every element length and padding as they were): 0.1 ms
+    instead of 10 ms a file.
+    """
+    template = _ct_template(len(uid), None if study is None else len(study))
+    if template is None:
+        data = _encode_ct(uid, study)
+    else:
+        encoded, pattern = template
+        data = pattern.sub(
+            lambda m: (uid if m.group().startswith(b"1.8") else str(study)).encode(), encoded
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
-    ds.save_as(tmp, enforce_file_format=True)
+    tmp.write_bytes(data)
     os.rename(tmp, path)
     return path.stat().st_size
 
