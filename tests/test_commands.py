@@ -31,6 +31,7 @@ from conftest import (
     make_instance,
     pynetdicom_file,
     start_daemon,
+    start_server,
     stop_daemon,
     wait_for,
 )
@@ -70,9 +71,7 @@ class Peer:
         ae = AE(ae_title="ANY-SCP")
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
         ae.add_supported_context(Verification)
-        self.server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
+        self.server = start_server(ae, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         self.port = self.server.server_address[1]
         return self
 
@@ -631,7 +630,7 @@ def tls_echo_scp() -> Iterator[int]:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ae = AE(ae_title="TLS-SCP")
     ae.add_supported_context(Verification)
-    server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ctx)
+    server = start_server(ae, ssl_context=ctx)
     try:
         yield int(server.server_address[1])
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, make_instance, wait_for
+from conftest import free_port, make_instance, start_server, wait_for
 from orthanc import Orthanc
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, build_role, evt
@@ -150,9 +150,8 @@ def commit_scp() -> Iterator[CommitSCP]:
                 thread.start()
         return 0x0000, None
 
-    peer.server = ae.start_server(
-        ("127.0.0.1", 0),
-        block=False,
+    peer.server = start_server(
+        ae,
         evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)],
     )
     peer.port = peer.server.server_address[1]
@@ -555,9 +554,7 @@ def report_scp(tmp_path: Path) -> Iterator[Callable[[Rig], ReportSCP]]:
             settled.append(result)
             return result.status, None
 
-        server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)]
-        )
+        server = start_server(ae, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
         servers.append(server)
         return ReportSCP(server.server_address[1], settled)
 

@@ -1033,23 +1033,23 @@ def test_kill_9_mid_backlog_loses_nothing(fwd: Forwarder, scp: SCP, corpus: Corp
         time.sleep(0.002)
 
     scp.on_store = slowish
-    sent = corpus.many(fwd.inbox / "backlog", 2000)
+    sent = corpus.many(fwd.inbox / "backlog", 1000)
     fwd.configure([dest("pacs", scp.port)]).start()
     fwd.wait(lambda: len(scp.uids()) >= 300, timeout=60, what="300 instances before the kill")
     fwd.kill()
     got = set(scp.uids())
     left = {p for p in fwd.inbox_files()}
     removed = {uid for uid, p in sent.items() if p not in left}
-    assert len(got) < 2000, "the backlog drained before the kill: slow the SCP down"
+    assert len(got) < 1000, "the backlog drained before the kill: slow the SCP down"
     assert removed <= got, f"{len(removed - got)} files left the inbox without an ack"
     fwd.start()
-    fwd.wait(has_all(scp, sent), timeout=90, what="all 2,000 instances after the restart")
+    fwd.wait(has_all(scp, sent), timeout=90, what="all 1,000 instances after the restart")
     fwd.wait(lambda: not fwd.inbox_files(), timeout=30, what="an empty inbox")
     assert fwd.stop() == 0
     counts = received(scp)
     assert set(counts) == set(sent)
     dupes = sum(n - 1 for n in counts.values())
-    print(f"\nkill -9 after {len(got)} of 2,000 acked; {dupes} sent twice after the restart")
+    print(f"\nkill -9 after {len(got)} of 1,000 acked; {dupes} sent twice after the restart")
     assert dupes <= 64, f"{dupes} duplicates: more than one batch resent"
     assert not fwd.quarantined()
 

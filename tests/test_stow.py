@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
-from conftest import data_file, make_instance
+from conftest import SERVER_POLL_SECONDS, data_file, make_instance
 from orthanc import Orthanc
 from pydicom import dcmread
 from test_daemon import Forwarder, dest
@@ -169,7 +169,12 @@ def stow_server() -> Iterator[StowServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, name="stow-server", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": SERVER_POLL_SECONDS},  # shutdown() at once, not within 0.5 s
+        name="stow-server",
+        daemon=True,
+    )
     thread.start()
     try:
         yield state
