@@ -27,7 +27,7 @@ from forwarder.logs import fields
 from forwarder.metrics import NO_METRICS, Metrics, start_metrics
 from forwarder.notify import Notifier
 from forwarder.outbox import Outbox, OutboxCorruptError, OutboxError, State
-from forwarder.preflight import load_for_daemon
+from forwarder.preflight import check_layout, check_receive, load_for_daemon
 from forwarder.receiver import Receiver
 from forwarder.transforming import Transforms
 from forwarder.trouble import OutboxTrouble, damaged
@@ -99,6 +99,7 @@ class Daemon:
         self.crews: dict[str, Crew] = {}
         self.breakers: dict[str, Breaker] = {}  # kept across reloads, as the outbox keeps them
         self._retired: list[Worker] = []  # stopped by a reload while still in a store
+        self._unstarted_left = 0  # acknowledged instances a receiver that could not start left
 
     @property
     def workers(self) -> list[Worker]:
@@ -193,7 +194,7 @@ class Daemon:
             self.damaged("receiver", exc)
             return
         except (OSError, OutboxError) as exc:
-            receiver.stop()
+            self._unstarted_left = receiver.stop()
             LOGGER.error(
                 f"receive: cannot start the receiver on {self.settings.receive.listen}: "
                 f"{exc}; not receiving (a reload tries again)"
@@ -202,8 +203,9 @@ class Daemon:
         self.receiver = receiver
 
     def _stop_receiver(self) -> int:
-        """Stop the receiver; how many acknowledged instances it left in its ack log."""
-        left = 0
+        """Stop the receiver; how many acknowledged instances it left in its ack log (or the
+        one that could not start left: it queues them before it listens)."""
+        left, self._unstarted_left = self._unstarted_left, 0
         if self.receiver is not None:
             left = self.receiver.stop()
             self.receiver = None
@@ -290,6 +292,26 @@ class Daemon:
         if new.outbox.path != old.outbox.path:
             LOGGER.warning("outbox.path changed: it takes effect at the next restart only")
             new = new.model_copy(update={"outbox": old.outbox})
+        receive_changed = new.receive != old.receive
+        if receive_changed:
+            # stopped first: what it leaves in its ack log decides which [receive] applies
+            left = self._stop_receiver()
+            if left and (not new.receive.enabled or new.receive.dir != old.receive.dir):
+                # they are queued by a receiver on that ack log only: keep it until they are
+                LOGGER.error(
+                    f"receive: reload keeps the running [receive]: {left} acknowledged "
+                    f"instance(s) in {old.receive.dir} are not queued yet, and no receiver "
+                    "would look there again; reload once they are (forwarder status shows "
+                    "them)"
+                )
+                new = new.model_copy(update={"receive": old.receive})
+                errors = check_layout(new) + check_receive(new)
+                if errors:  # the new folders clash with the kept receive.dir
+                    for line in errors:
+                        LOGGER.error(f"reload refused, keeping the running config: {line}")
+                    self._start_receiver()
+                    self.notifier.ready(self.status_line())
+                    return
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
         changed = [n for n in old_dests if _sending(old_dests[n]) != _sending(new_dests.get(n))]
@@ -331,17 +353,7 @@ class Daemon:
         if self.receiver is not None:
             self.receiver.intake = self.enqueuer.intake
             self.receiver.retry = new.retry
-        if new.receive != old.receive:
-            left = self._stop_receiver()
-            if left and (not new.receive.enabled or new.receive.dir != old.receive.dir):
-                # they are queued by a receiver on that ack log only: keep it until they are
-                LOGGER.error(
-                    f"receive: reload keeps the running [receive]: {left} acknowledged "
-                    f"instance(s) in {old.receive.dir} are not queued yet, and no receiver "
-                    "would look there again; reload once they are (forwarder status shows "
-                    "them)"
-                )
-                self.settings = new = new.model_copy(update={"receive": old.receive})
+        if receive_changed:
             self._start_receiver()
         touched = sorted({*changed, *(d.name for d in started)})
         LOGGER.info(

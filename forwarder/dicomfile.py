@@ -240,9 +240,15 @@ def inspect_stream(
     meta's UIDs)."""
     reader = Reader(fp, path, size)
     meta: dict[int, bytes] = {}
-    if dataset_at is not None and not _ts_encoding(dataset_at[1])[2]:
-        reader.pos, ts = dataset_at
-    else:
+    ts = None
+    if dataset_at is not None:
+        # checked and stripped as it reads back from the file meta it stands for
+        ts = _uid(path, _META_TS, dataset_at[1].encode("ascii", "replace"))
+        if ts is not None and not _ts_encoding(ts)[2]:
+            reader.pos = dataset_at[0]
+        else:
+            ts = None
+    if ts is None:
         ts, meta = _find_dataset(reader, path, size)
     offset = reader.pos
     explicit, little, deflated = _ts_encoding(ts)

@@ -385,6 +385,10 @@ class Receiver:
         self.acklog.claim(ACKLOG_WAIT)
         records = self.acklog.open(self.outbox.acklog_marks())
         sweep(self.dir, self.outbox, self.disposer, records)
+        # queued whether or not the address can be bound (a failed start's `stop` lands them)
+        self.lander.start(records)
+        if records:
+            LOGGER.info(f"{len(records)} instance(s) acknowledged by the last run are being queued")
         host, port = parse_listen(rcv.listen or "")
         is_storage(VERIFICATION)  # loads pynetdicom's SOP class list now, not in the first store
         self._tls = server_context(rcv.tls) if rcv.tls is not None else None
@@ -399,9 +403,6 @@ class Receiver:
         bound = sock.getsockname()
         self.address = (str(bound[0]), int(bound[1]))
         self._stop.clear()
-        self.lander.start(records)
-        if records:
-            LOGGER.info(f"{len(records)} instance(s) acknowledged by the last run are being queued")
         self._acceptor = threading.Thread(target=self._accept_loop, name="receiver", daemon=True)
         self._acceptor.start()
         if not rcv.allowed_calling_aets:
