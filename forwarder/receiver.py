@@ -419,6 +419,9 @@ class Receiver:
         is not acknowledged: the modality sends it again). Returns how many acknowledged
         instances are left in the ack log, not queued (queued at the next start on it)."""
         self._stop.set()
+        if self._sock is not None:  # wakes the accept at once (not at its next poll)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
         if self._acceptor is not None:
             self._acceptor.join(timeout)
             self._acceptor = None
