@@ -702,6 +702,26 @@ def _block_landing(rcv: Receiving) -> Path:
     return blocker
 
 
+def _one_stuck(rcv: Receiving, corpus: Corpus) -> tuple[Path, str]:
+    """One instance acknowledged through the ack log that cannot be landed (`_block_landing`):
+    the blocking file and the instance's UID."""
+    blocker = _block_landing(rcv)
+    datasets = instances(corpus, 4)
+    modality = Modality(rcv.port)
+    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
+    assert assoc.is_established
+    try:
+        for ds in datasets:  # the direct way (0xA700) until the segment is free to take
+            if _store(assoc, modality, ds) == 0x0000:
+                break
+        rcv.wait_log("1 acknowledged instance(s) cannot be queued yet")
+    finally:
+        assoc.release()
+    acked = modality.acked()
+    assert len(acked) == 1, modality.answers
+    return blocker, next(iter(acked))
+
+
 def _store(assoc: Any, modality: Modality, ds: Any) -> int | None:
     """One C-STORE, its answer recorded as `Modality.push` records it."""
     rsp = assoc.send_c_store(ds)
@@ -825,20 +845,7 @@ def test_a_reload_never_strands_acknowledged_instances_in_the_old_ack_log(
     [receive] is kept instead, said in one line, and the instance arrives once it can."""
     pacs = make_scp()
     rcv.configure_receiving([dest("a", pacs.port)]).start()
-    blocker = _block_landing(rcv)
-    datasets = instances(corpus, 4)
-    modality = Modality(rcv.port)
-    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
-    assert assoc.is_established
-    try:
-        for ds in datasets:  # the direct way (0xA700) until the segment is free to take
-            if _store(assoc, modality, ds) == 0x0000:
-                break
-        rcv.wait_log("1 acknowledged instance(s) cannot be queued yet")
-    finally:
-        assoc.release()
-    acked = modality.acked()
-    assert len(acked) == 1, modality.answers
+    blocker, uid = _one_stuck(rcv, corpus)
 
     cfg = rcv.config
     if change == "dir":
@@ -851,7 +858,7 @@ def test_a_reload_never_strands_acknowledged_instances_in_the_old_ack_log(
     assert "reload keeps the running [receive]" in rcv.text(since_start=True)
     if not blocker.is_dir():  # the restarted receiver's start sweep may have removed it
         blocker.unlink(missing_ok=True)
-    rcv.wait(lambda: acked <= set(pacs.uids()), 30, "the acknowledged instance")
+    rcv.wait(lambda: uid in pacs.uids(), 30, "the acknowledged instance")
     rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
     # queued: the next reload applies the change
     rcv.signal(signal.SIGHUP)
@@ -859,9 +866,9 @@ def test_a_reload_never_strands_acknowledged_instances_in_the_old_ack_log(
     if change == "dir":
         rcv.wait_log(f"into {rcv.tmp / 'elsewhere'}")
     else:
-        assert not Modality(rcv.port).associate([str(datasets[0].SOPClassUID)]).is_established
+        assert not Modality(rcv.port).associate([str(ct().SOPClassUID)]).is_established
     assert rcv.stop() == 0
-    assert _counts(pacs)[next(iter(acked))] == 1
+    assert _counts(pacs)[uid] == 1
 
 
 def _write_record(directory: Path, data: bytes, meta: dict[str, Any]) -> Record:
@@ -881,17 +888,22 @@ def _write_record(directory: Path, data: bytes, meta: dict[str, Any]) -> Record:
         log.close()
 
 
+def _left_ct(rcv: Receiving) -> tuple[bytes, Record]:
+    """A CT from CT01 for destination "a" that the last run acknowledged and never queued:
+    its bytes, and its record left in `rcv`'s ack log."""
+    buf = BytesIO()
+    dcmwrite(buf, ct(), enforce_file_format=True)
+    data = buf.getvalue()
+    return data, _write_record(rcv.received_dir / FOLDER, data, meta_for(data, "CT01", ("a",)))
+
+
 def test_a_record_left_in_the_ack_log_is_sent_once_and_never_again(
     rcv: Receiving, make_scp: Callable[..., SCP], corpus: Corpus
 ) -> None:
     pacs = make_scp()
     rcv.configure_receiving([dest("a", pacs.port)])
-    buf = BytesIO()
-    dcmwrite(buf, ct(), enforce_file_format=True)
-    data = buf.getvalue()
-    meta = meta_for(data, "CT01", ("a",))
-    uid = meta["uid"]
-    rec = _write_record(rcv.received_dir / FOLDER, data, meta)
+    data, rec = _left_ct(rcv)
+    uid = rec.meta["uid"]
     # and the file its landing had begun, never committed: the sweep removes it first
     half = rcv.received_dir / "CT01" / f"{uid}.dcm"
     half.parent.mkdir()
@@ -902,7 +914,7 @@ def test_a_record_left_in_the_ack_log_is_sent_once_and_never_again(
     assert "1 instance(s) acknowledged by the last run are being queued" in text
     rcv.wait(lambda: uid in pacs.uids(), 15, "the acknowledged instance")
     (got,) = [r for r in pacs.received if r.sop_instance_uid == uid]
-    assert got.encoded == data[meta["offset"] :]  # the record's bytes, not the half file's
+    assert got.encoded == data[rec.meta["offset"] :]  # the record's bytes, not the half file's
     rcv.wait(lambda: not rcv.received_files(), 15, "received folder emptied")
     with Outbox(rcv.outbox_path, readonly=True) as ob:
         assert ob.acklog_marks() == {rec.segment.name: rec.seq}
@@ -1113,19 +1125,7 @@ def test_a_reload_that_keeps_the_running_receive_keeps_its_disposal_layout_too(
     rcv.configure_receiving(
         [dest("a", pacs.port)], disposition={"on_success": "move", "archive_dir": str(rcv.archive)}
     ).start()
-    blocker = _block_landing(rcv)
-    datasets = instances(corpus, 4)
-    modality = Modality(rcv.port)
-    assoc = modality.associate([str(ds.SOPClassUID) for ds in datasets])
-    assert assoc.is_established
-    try:
-        for ds in datasets:
-            if _store(assoc, modality, ds) == 0x0000:
-                break
-        rcv.wait_log("1 acknowledged instance(s) cannot be queued yet")
-    finally:
-        assoc.release()
-    (uid,) = modality.acked()
+    blocker, uid = _one_stuck(rcv, corpus)
     cfg = rcv.config
     cfg["receive"]["dir"] = str(rcv.tmp / "elsewhere")
     rcv.cfg.write_text(to_toml(cfg))
@@ -1151,12 +1151,7 @@ def test_a_reload_never_strands_what_a_receiver_that_could_not_start_left_in_its
 
     pacs = make_scp()
     rcv.configure_receiving([dest("a", pacs.port)])
-    buf = BytesIO()
-    dcmwrite(buf, ct(), enforce_file_format=True)
-    data = buf.getvalue()
-    meta = meta_for(data, "CT01", ("a",))
-    uid = meta["uid"]
-    _write_record(rcv.received_dir / FOLDER, data, meta)
+    uid = _left_ct(rcv)[1].meta["uid"]
     with socket.create_server(("127.0.0.1", rcv.port)):  # someone else has the port
         Forwarder.start(rcv)
         rcv.wait_log("cannot start the receiver")
