@@ -288,7 +288,6 @@ class Daemon:
             self.notifier.ready(self.status_line())
             return
         old = self.settings
-        os.umask(new.umask_bits)
         if new.outbox.path != old.outbox.path:
             LOGGER.warning("outbox.path changed: it takes effect at the next restart only")
             new = new.model_copy(update={"outbox": old.outbox})
@@ -312,6 +311,7 @@ class Daemon:
                     self._start_receiver()
                     self.notifier.ready(self.status_line())
                     return
+        os.umask(new.umask_bits)  # not before: a refused reload leaves the running one
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
         changed = [n for n in old_dests if _sending(old_dests[n]) != _sending(new_dests.get(n))]
