@@ -5,9 +5,10 @@ as ``bench_send.py``'s tuned mode; PDU 131072):
 
 * **throughput**: dcmsend pushes a whole corpus (``ct``: 1000 x 0.5 MB; ``small``: 2000 x 9.5 KB,
   see ``corpus.py``) on one association to (a) ``storescp -od DIR`` (writes each file, no fsync)
-  and (b) ``forwarder run`` receiving into DIR (the ack log: the instance and its record
-  written into a preallocated segment, fdatasync, header, fdatasync, before every 0x0000; the
-  file, its fsyncs and the outbox commit follow behind the answer, see forwarder/acklog.py).
+  and (b) ``forwarder run`` receiving into DIR (the ack log: the instance, its record and
+  their header with a CRC-32C of the bytes written into a preallocated segment, one fdatasync,
+  before every 0x0000; the file, its fsyncs and the outbox commit follow behind the answer,
+  see forwarder/acklog.py).
   Both write under ``bench/results/`` on the real disk of /work, never tmpfs. The figure is
   files / dcmsend's wall time (it exits after the last response); for the forwarder the time
   until every file is queued is reported too ("all queued"), and its CPU seconds include it.

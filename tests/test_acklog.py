@@ -39,6 +39,7 @@ from forwarder.acklog import (
     FOLDER,
     HEADER_SIZE,
     MAGIC,
+    MAGIC_V1,
     META_ROOM,
     SPARE,
     AckLog,
@@ -313,21 +314,62 @@ def _flip_length(rec: Record) -> None:
     os.pwrite(rec.segment.fd, bytes((byte ^ 0x01,)), at)
 
 
+def _flip_data(rec: Record) -> None:
+    at = rec.data_offset + rec.size // 2  # one byte of the instance itself
+    (byte,) = os.pread(rec.segment.fd, 1, at)
+    os.pwrite(rec.segment.fd, bytes((byte ^ 0x01,)), at)
+
+
+def _old_block(rec: Record) -> None:
+    """A crash during the record's one fdatasync: its header reached the disk, one block of
+    its bytes did not (what the block held before is read back: here the zeros the segment
+    was made of)."""
+    os.pwrite(rec.segment.fd, bytes(4096), rec.data_offset + 4096)
+
+
 @pytest.mark.parametrize(
     "damage",
-    [_zero_header, _flip_meta, _flip_length],
-    ids=["header-never-written", "meta-damaged", "header-damaged"],
+    [_zero_header, _flip_meta, _flip_length, _flip_data, _old_block],
+    ids=["header-never-written", "meta-damaged", "header-damaged", "bytes-damaged", "torn"],
 )
 def test_a_record_whose_header_does_not_hold_is_not_returned_and_ends_the_scan(
     logs: Logs, damage: Callable[[Record], None]
 ) -> None:
     log, _ = logs.open()
     seg = logs.segment(log)
-    recs = [logs.put(log, seg, os.urandom(2000 + n), {"n": n}) for n in range(3)]
+    recs = [logs.put(log, seg, os.urandom(20_000 + n), {"n": n}) for n in range(3)]
     damage(recs[1])
     _, records = logs.open()
     assert found(records) == found(recs[:1])  # the third is whole but beyond the scan
     assert scan(records[0].segment, 0)[1] == recs[0].seq
+
+
+def _put_v1(seg: Segment, data: bytes, meta: dict[str, Any], seq: int) -> Record:
+    """A record as earlier versions wrote it (`MAGIC_V1`: bytes synced, then a header without
+    their CRC), at the segment's next place."""
+    body = json.dumps({**FILLER, **meta}, separators=(",", ":")).encode()
+    fields = struct.pack("<8sQQQI", MAGIC_V1, seq, seg.epoch, len(data), len(body))
+    header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
+    start = seg.offset
+    os.pwrite(seg.fd, data + body, start + HEADER_SIZE)
+    os.pwrite(seg.fd, header + bytes(HEADER_SIZE - len(header)), start)
+    seg.offset = (start + HEADER_SIZE + len(data) + len(body) + 4095) // 4096 * 4096
+    return Record(seg, start, seq, len(data), {**FILLER, **meta})
+
+
+def test_records_an_earlier_version_left_are_still_found_after_an_upgrade(logs: Logs) -> None:
+    """Earlier versions wrote no CRC of the bytes (they synced them before the header): a
+    daemon upgraded while its ack log still held such records must land them."""
+    log, _ = logs.open()
+    seg = logs.segment(log)
+    data = [os.urandom(5000 + n) for n in range(3)]
+    old = [_put_v1(seg, d, {"n": n}, log.next_seq()) for n, d in enumerate(data)]
+    log.close()  # the old daemon stops; the new one starts
+
+    again, records = logs.open()
+    assert found(records) == found(old)
+    assert [data_of(r) for r in records] == data
+    assert again.counts() == (1, 3)
 
 
 def test_an_instance_written_but_never_committed_is_not_returned(logs: Logs) -> None:
@@ -983,8 +1025,9 @@ def test_a_record_the_lander_cannot_land_is_left_with_an_error_not_queued(
     assert "is not one this version can queue" in caplog.text
 
 
+@pytest.mark.parametrize("magic", [MAGIC, MAGIC_V1], ids=["header", "header-v1"])
 def test_a_header_forged_inside_an_earlier_instance_is_never_taken_for_a_record(
-    logs: Logs,
+    logs: Logs, magic: bytes
 ) -> None:
     """A modality controls the bytes of its instances. Left in a segment from an earlier use,
     they could hold, at an offset a later use's records reach, a header with a valid CRC for
@@ -995,7 +1038,9 @@ def test_a_header_forged_inside_an_earlier_instance_is_never_taken_for_a_record(
     guess = log._seq + 2  # use 2's epoch, were epochs counted: one seq for use 1's record
     at = 2 * 4096  # where use 2's third record starts after two of 3000 bytes
     body = json.dumps({**FILLER, "to": ["elsewhere"]}, separators=(",", ":")).encode()
-    fields = struct.pack("<8sQQQI", MAGIC, 10**6, guess, 0, len(body))
+    fields = struct.pack("<8sQQQI", magic, 10**6, guess, 0, len(body))
+    if magic == MAGIC:  # with the CRC-32C of its bytes (none)
+        fields += struct.pack("<I", 0)
     header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
     header += bytes(HEADER_SIZE - len(header))  # exactly as the daemon writes one
     forged = bytearray(os.urandom(40_000))  # its bytes start at 64 in the segment

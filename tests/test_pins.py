@@ -30,7 +30,13 @@ def _dependencies() -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("name", "upper"),
-    [("pynetdicom", "<3.1"), ("watchdog", "<8"), ("pydicom", "<3.1"), ("httpx", "<0.29")],
+    [
+        ("pynetdicom", "<3.1"),
+        ("watchdog", "<8"),
+        ("pydicom", "<3.1"),
+        ("httpx", "<0.29"),
+        ("crc32c", "<3"),
+    ],
 )
 def test_dependencies_have_an_upper_bound(name: str, upper: str) -> None:
     deps = _dependencies()
@@ -44,7 +50,13 @@ def _major_minor(text: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize(
     ("name", "tested"),
-    [("pynetdicom", (3, 0)), ("watchdog", (7, 1)), ("pydicom", (3, 0)), ("httpx", (0, 28))],
+    [
+        ("pynetdicom", (3, 0)),
+        ("watchdog", (7, 1)),
+        ("pydicom", (3, 0)),
+        ("httpx", (0, 28)),
+        ("crc32c", (2, 3)),
+    ],
 )
 def test_installed_versions_are_the_tested_ones(name: str, tested: tuple[int, int]) -> None:
     got = _major_minor(version(name))
@@ -152,3 +164,14 @@ def test_the_send_path_imports_no_pynetdicom() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_crc32c_is_the_castagnoli_crc_and_goes_on_from_a_value() -> None:
+    """Ack log records written by one version are checked by the next: the same CRC, and the
+    same CRC when the bytes come in pieces (`forwarder.acklog.AckSink.write`)."""
+    import crc32c
+
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # the check value of CRC-32C
+    data = bytes(range(256)) * 700
+    first = crc32c.crc32c(data[:1000])
+    assert crc32c.crc32c(memoryview(bytearray(data))[1000:], first) == crc32c.crc32c(data)
