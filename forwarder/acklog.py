@@ -472,7 +472,12 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
         data_crc = _FIELDS.unpack_from(head)[5] if magic == MAGIC else None
         if head != _header(magic, seq, ep, size, body, data_crc):
             break
-        if data_crc is not None and _crc(seg.fd, pos + HEADER_SIZE, size) != data_crc:
+        # records up to the mark were landed whole: their bytes are not read again
+        if (
+            data_crc is not None
+            and seq > mark
+            and _crc(seg.fd, pos + HEADER_SIZE, size) != data_crc
+        ):
             break
         try:
             meta = json.loads(body)
