@@ -18,8 +18,9 @@ need the file system's journal at all.
   use of it, lengths, the bytes' CRC-32C, a CRC-32 of the header and the JSON); one
   ``fdatasync``; then the instance is answered 0x0000. A crash during that ``fdatasync`` may
   leave the header on the disk and not all the bytes: the bytes' CRC tells (such a record was
-  never answered). A record the daemon did not finish has no valid header, and a record from
-  the segment's earlier use has another epoch: a scan stops at either. (The CRC-32C is
+  never answered; one the disk damaged after its answer is passed over the same way, with an
+  error naming the instance). A record the daemon did not finish has no valid header, and a
+  record from the segment's earlier use has another epoch: a scan stops at either. (The CRC-32C is
   computed in hardware, ~0.03 ms per 512 KB, while the next fragment arrives; a second
   ``fdatasync`` before the header, as earlier versions did, costs ~0.2 ms before every
   answer, and zlib's CRC-32 ~0.17 ms.)
@@ -448,16 +449,19 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
     current use, or the one it was freed at).
 
     Reads from the start: the first record gives the epoch; the scan stops at the first header
-    that is not a record, whose CRCs fail (its own, or its bytes': a record whose one
-    ``fdatasync`` a crash cut short, never answered), or that belongs to another epoch.
+    that is not a record, whose CRC fails, or that belongs to another epoch. A record whose
+    header holds and whose bytes fail their CRC is passed over with a line in the log: either
+    a crash cut its one ``fdatasync`` short (it was never answered, and nothing of its use
+    follows it), or the disk damaged it after it was answered (whole records follow it).
     """
     out: list[Record] = []
+    failed: list[tuple[int, Mapping[str, Any]]] = []  # bytes that fail their CRC
     pos, epoch, last, highest = 0, -1, -1, 0
     while pos + HEADER_SIZE <= seg.size:
         head = os.pread(seg.fd, HEADER_SIZE, pos)
         if len(head) < HEADER_SIZE:
             break
-        magic, seq, ep, size, meta_len = _FIELDS_V1.unpack_from(head)
+        start, (magic, seq, ep, size, meta_len) = pos, _FIELDS_V1.unpack_from(head)
         # a header is valid when it is the one `_header` makes of its fields (CRC included)
         if pos == 0 and head == _header(FREE, seq, 0, 0):
             return [], seq  # freed at that number: nothing to land
@@ -472,13 +476,6 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
         data_crc = _FIELDS.unpack_from(head)[5] if magic == MAGIC else None
         if head != _header(magic, seq, ep, size, body, data_crc):
             break
-        # records up to the mark were landed whole: their bytes are not read again
-        if (
-            data_crc is not None
-            and seq > mark
-            and _crc(seg.fd, pos + HEADER_SIZE, size) != data_crc
-        ):
-            break
         try:
             meta = json.loads(body)
         except ValueError:
@@ -487,9 +484,25 @@ def scan(seg: Segment, mark: int) -> tuple[list[Record], int]:
             LOGGER.error(f"{seg.path}: record {seq} is not one this version can queue; left there")
             break
         last, highest = seq, max(highest, seq)
-        if seq > mark:
-            out.append(Record(seg, pos, seq, size, meta))
         pos = _aligned(end)
+        if seq <= mark:  # landed whole: its bytes are not read again
+            continue
+        if data_crc is not None and _crc(seg.fd, start + HEADER_SIZE, size) != data_crc:
+            failed.append((seq, meta))
+            continue
+        out.append(Record(seg, start, seq, size, meta))
+    for seq, meta in failed:
+        what = f"{seg.path}: record {seq} ({meta['uid']} from {meta.get('calling_aet', '?')})"
+        if any(r.seq > seq for r in out):
+            LOGGER.error(
+                f"{what} was acknowledged and its bytes are damaged on the disk (their CRC "
+                f"fails); not queued: that instance must be sent again"
+            )
+        else:
+            LOGGER.warning(
+                f"{what}: its bytes fail their CRC (a crash cut its write short before it was "
+                f"acknowledged, or the disk damaged it); not queued"
+            )
     return out, highest
 
 
