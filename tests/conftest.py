@@ -6,6 +6,7 @@ from __future__ import annotations
 import compileall
 import functools
 import os
+import random
 import re
 import shutil
 import signal
@@ -287,10 +288,40 @@ def scp(make_scp: Callable[..., SCP]) -> SCP:
     return make_scp()
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for port 0 and outgoing connections (ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_PORTS_GIVEN: set[int] = set()
+_PORT_PICKER = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port nobody listens on now, for a server a test starts later (a daemon, storescp).
+
+    Below the kernel's ephemeral range: a port from there (a bind to port 0, closed again)
+    could be handed to an SCP started on port 0, or to an outgoing connection, before the
+    server binds it. Under load that happened: the daemon's receiver got "Address already in
+    use" from the test's own SCP. Never the same port twice in one run."""
+    low, _ = ephemeral_ports()
+    first = max(1024, low - 12000)
+    for _ in range(1000):
+        port = _PORT_PICKER.randrange(first, low)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in {first}-{low - 1}")
 
 
 @pytest.fixture
