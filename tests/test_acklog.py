@@ -302,22 +302,35 @@ def _zero_header(rec: Record) -> None:
     os.pwrite(rec.segment.fd, bytes(HEADER_SIZE), rec.start)
 
 
-def _flip_meta(rec: Record) -> None:
-    at = rec.data_offset + rec.size + 3  # inside the JSON record: the CRC no longer holds
+def _flip(rec: Record, at: int, mask: int) -> None:
+    """XOR the byte at `at` of `rec`'s segment with `mask`."""
     (byte,) = os.pread(rec.segment.fd, 1, at)
-    os.pwrite(rec.segment.fd, bytes((byte ^ 0x20,)), at)
+    os.pwrite(rec.segment.fd, bytes((byte ^ mask,)), at)
+
+
+def _flip_meta(rec: Record) -> None:
+    _flip(rec, rec.data_offset + rec.size + 3, 0x20)  # inside the JSON: its CRC fails
 
 
 def _flip_length(rec: Record) -> None:
-    at = rec.start + 8 + 8 + 8  # magic, seq, epoch: the data length (covered by the CRC)
-    (byte,) = os.pread(rec.segment.fd, 1, at)
-    os.pwrite(rec.segment.fd, bytes((byte ^ 0x01,)), at)
+    _flip(rec, rec.start + 8 + 8 + 8, 0x01)  # after magic, seq, epoch: the data length
 
 
 def _flip_data(rec: Record) -> None:
-    at = rec.data_offset + rec.size // 2  # one byte of the instance itself
-    (byte,) = os.pread(rec.segment.fd, 1, at)
-    os.pwrite(rec.segment.fd, bytes((byte ^ 0x01,)), at)
+    _flip(rec, rec.data_offset + rec.size // 2, 0x01)  # one byte of the instance itself
+
+
+def _raw_header(
+    magic: bytes, seq: int, epoch: int, size: int, body: bytes, data_crc: int | None = None
+) -> bytes:
+    """A record header built here, not by the module under test: magic, seq, epoch, data
+    length, JSON length, the bytes' CRC-32C (none for `MAGIC_V1`), then the CRC-32 of those
+    fields and the JSON; `HEADER_SIZE` bytes."""
+    fields = struct.pack("<8sQQQI", magic, seq, epoch, size, len(body))
+    if data_crc is not None:
+        fields += struct.pack("<I", data_crc)
+    header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
+    return header + bytes(HEADER_SIZE - len(header))
 
 
 def _old_block(rec: Record) -> None:
@@ -366,11 +379,10 @@ def _put_v1(seg: Segment, data: bytes, meta: dict[str, Any], seq: int) -> Record
     """A record as earlier versions wrote it (`MAGIC_V1`: bytes synced, then a header without
     their CRC), at the segment's next place."""
     body = json.dumps({**FILLER, **meta}, separators=(",", ":")).encode()
-    fields = struct.pack("<8sQQQI", MAGIC_V1, seq, seg.epoch, len(data), len(body))
-    header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
+    header = _raw_header(MAGIC_V1, seq, seg.epoch, len(data), body)
     start = seg.offset
     os.pwrite(seg.fd, data + body, start + HEADER_SIZE)
-    os.pwrite(seg.fd, header + bytes(HEADER_SIZE - len(header)), start)
+    os.pwrite(seg.fd, header, start)
     seg.offset = (start + HEADER_SIZE + len(data) + len(body) + 4095) // 4096 * 4096
     return Record(seg, start, seq, len(data), {**FILLER, **meta})
 
@@ -1056,11 +1068,8 @@ def test_a_header_forged_inside_an_earlier_instance_is_never_taken_for_a_record(
     guess = log._seq + 2  # use 2's epoch, were epochs counted: one seq for use 1's record
     at = 2 * 4096  # where use 2's third record starts after two of 3000 bytes
     body = json.dumps({**FILLER, "to": ["elsewhere"]}, separators=(",", ":")).encode()
-    fields = struct.pack("<8sQQQI", magic, 10**6, guess, 0, len(body))
-    if magic == MAGIC:  # with the CRC-32C of its bytes (none)
-        fields += struct.pack("<I", 0)
-    header = fields + struct.pack("<I", zlib.crc32(fields, zlib.crc32(body)))
-    header += bytes(HEADER_SIZE - len(header))  # exactly as the daemon writes one
+    # exactly as the daemon writes one (with the CRC-32C of its bytes, none, for `MAGIC`)
+    header = _raw_header(magic, 10**6, guess, 0, body, 0 if magic == MAGIC else None)
     forged = bytearray(os.urandom(40_000))  # its bytes start at 64 in the segment
     forged[at - HEADER_SIZE : at - HEADER_SIZE + len(header)] = header  # segment offset `at`
     forged[at : at + len(body)] = body  # its JSON, right after its header (no bytes)
